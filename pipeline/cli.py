@@ -1,0 +1,211 @@
+"""`nemo-pipe`: run stages, inspect the cache, make demo data.
+
+Heavy libraries (torch, open_clip, faiss, transformers, pyarrow) load only inside the stages and
+commands that use them, so `--help`, `status` and `path` answer quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import NemoError
+
+app = typer.Typer(
+    name="nemo-pipe",
+    help="Offline, cached preprocessing for referring image segmentation datasets "
+         "(RefCOCO, RefCOCO+, G-Ref, gRefCOCO): ingest, CLIP embeddings, NeMo negatives and "
+         "mosaics, multi-view expressions, text hard negatives, training shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DATASET = typer.Option(..., "--dataset", "-d",
+                       help="refcoco, refcoco+, refcocog-umd, refcocog-google, grefcoco, or the "
+                            "path of a data-manifest YAML file.")
+WORK_DIR = typer.Option(None, "--work-dir", "-w",
+                        help="Artifact root [env NEMO_WORK_DIR; default ./artifacts].")
+DATA_ROOT = typer.Option(None, "--data-root",
+                         help="REFER data root holding <dataset dir>/refs(...).p and "
+                              "instances.json [env NEMO_DATA_ROOT; remembered per dataset].")
+IMAGES = typer.Option(None, "--images",
+                      help="COCO train2014 images dir [env NEMO_IMAGES; default "
+                           "<data-root>/images/train2014 or <data-root>/../images/train2014].")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config file (sections per stage).")
+SETS = typer.Option([], "--set", "-s", help="Override a config key, e.g. --set mosaic_tables.k=200 "
+                                            "(repeatable; the value is parsed as YAML).")
+
+
+def _open(dataset, work_dir, config, sets, data_root=None, images=None, progress=True):
+    from pipeline.api import open_pipeline
+
+    return open_pipeline(dataset, work_dir, config, sets, data_root, images, progress=progress)
+
+
+def _fail(exc: NemoError) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@app.command()
+def run(
+    stage: str = typer.Option(..., "--stage", help="Stage to build (see list-stages)."),
+    dataset: str = DATASET,
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+    force: bool = typer.Option(False, "--force", help="Rebuild STAGE even if it is cached "
+                                                      "(upstream stays cached)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; "
+                                                          "change nothing."),
+    wait: bool = typer.Option(True, "--wait/--no-wait",
+                              help="If another run holds the artifact's lock: wait for it "
+                                   "(default) or exit with status 3."),
+) -> None:
+    """Build STAGE and whatever upstream is missing or stale; cached stages do no work."""
+    try:
+        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        plan = pipe.plan(stage, force)
+        for item in plan:
+            line = f"{item.name:<16} {item.state:<8} {item.key}"
+            typer.echo(line + (f"  ({item.reason})" if item.reason else ""))
+        if dry_run:
+            return
+        if any(i.needs_run for i in plan):
+            from pipeline.api import remember_locations
+
+            remember_locations(pipe.env.work_dir, dataset, pipe.env.locations)
+        pipe.run(stage, force=force, wait=wait)
+        typer.echo(str(pipe.artifact_dir(stage)))
+    except NemoError as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(
+    dataset: str = DATASET,
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Every stage under the current config: done / stale / missing, key, rows, bytes, seconds."""
+    try:
+        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        rows = pipe.status()
+    except NemoError as exc:
+        _fail(exc)
+    typer.echo(f"{'stage':<16} {'state':<10} {'key':<16} {'rows':>10} {'bytes':>10} "
+               f"{'seconds':>8}")
+    for r in rows:
+        secs = f"{r.seconds:.1f}" if r.seconds is not None else "-"
+        rows_s = str(r.rows) if r.rows is not None else "-"
+        typer.echo(f"{r.name:<16} {r.state:<10} {r.key:<16} {rows_s:>10} "
+                   f"{_human_bytes(r.bytes):>10} {secs:>8}" + (f"  {r.note}" if r.note else ""))
+
+
+@app.command("list-stages")
+def list_stages() -> None:
+    """The stages, their inputs, config section and tables."""
+    from pipeline.registry import load_registry
+
+    reg = load_registry()
+    for name in reg.topological():
+        cls = reg.get(name)
+        typer.echo(f"{name} (v{cls.version}): {cls.describe()}")
+        typer.echo(f"    inputs: {', '.join(cls.inputs) or '-'}; config section: "
+                   f"{cls.config_section()}; tables: {', '.join(cls.tables) or '-'}")
+
+
+@app.command()
+def path(
+    stage: str = typer.Option(..., "--stage"),
+    dataset: str = DATASET,
+    table: str = typer.Option(None, "--table", help="Print the table's directory instead."),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Print the artifact dir (or table dir) the current config resolves to; exit 1 if unbuilt."""
+    try:
+        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        cls = pipe.registry.get(stage)
+        if table is not None and table not in cls.tables:
+            raise NemoError(f"stage {stage!r} has no table {table!r}; it writes "
+                            f"{', '.join(cls.tables)}")
+        out = pipe.artifact_dir(stage)
+        published = pipe.store.is_published(dataset, stage, pipe.resolve(stage).key)
+    except NemoError as exc:
+        _fail(exc)
+    typer.echo(str(out / table) if table else str(out))
+    if not published:
+        typer.secho(f"not published: run `nemo-pipe run --stage {stage} --dataset {dataset}`",
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Only this dataset."),
+    work_dir: Path = WORK_DIR,
+) -> None:
+    """Re-check every published artifact's files against its manifest (sha256, rows)."""
+    from pipeline.api import default_work_dir
+    from pipeline.cache import ArtifactStore
+    from pipeline.verify import verify_store
+
+    store = ArtifactStore((work_dir or default_work_dir()).absolute())
+    checked, problems = verify_store(store, dataset)
+    for p in problems:
+        typer.secho(str(p), fg=typer.colors.RED, err=True)
+    typer.echo(f"checked {checked} artifact(s): {len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Path = typer.Argument(..., help="Output folder (must not exist or be empty)."),
+    n_images: int = typer.Option(40, "--n-images", min=12, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+) -> None:
+    """Write a synthetic REFER-format dataset (all five layouts, real JPEGs, broken cases)."""
+    from stages.synthetic_refer import write_demo_data
+
+    try:
+        summary = write_demo_data(out, n_images=n_images, seed=seed)
+    except FileExistsError as exc:
+        _fail(NemoError(str(exc)))
+    for name, counts in summary.datasets.items():
+        typer.echo(f"{name:<16} " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    typer.echo(f"REFER data root: {summary.refer_root}\nimages: {summary.images_dir}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

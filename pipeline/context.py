@@ -1,0 +1,188 @@
+"""What a running stage sees: its params, upstream artifacts, and a sharded writer.
+
+Shards are the unit of resume. Each shard writes into a private staging dir; when it finishes,
+the driver moves its files into the artifact's tmp dir and writes a marker. On a rerun, shards
+with a marker are skipped, so a killed run loses at most the shards in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.io import part_name, read_json, read_table_dir, write_json, write_parquet
+from pipeline.stage import Params, RunEnv, Stage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.cache import ArtifactStore
+    from pipeline.executor import Executor
+
+SHARD_MARKERS = "_shards"
+STAGING = "_staging"
+KILL_HOOK_ENV = "NEMO_PIPE_TEST_KILL_AFTER_SHARDS"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One deterministic slice of a stage's work; `payload` must be small and picklable."""
+
+    index: int
+    payload: Any
+
+
+class ShardWriter:
+    """Writes one shard's tables as `<table>/part-<index>.parquet` in a staging dir."""
+
+    def __init__(self, staging: Path, index: int, schema_version: str) -> None:
+        self.staging = staging
+        self.index = index
+        self.schema_version = schema_version
+
+    def write_table(self, table: str, data: pa.Table) -> None:
+        write_parquet(data, self.staging / table / part_name(self.index), self.schema_version)
+
+
+@dataclass
+class _ShardJob:
+    fn: Callable[[Any, ShardWriter], dict[str, Any] | None]
+    task: ShardTask
+    staging: Path
+    schema_version: str
+
+
+@dataclass
+class _ShardDone:
+    index: int
+    staging: Path
+    stats: dict[str, Any]
+
+
+def _run_shard_job(job: _ShardJob) -> _ShardDone:
+    writer = ShardWriter(job.staging, job.task.index, job.schema_version)
+    stats = job.fn(job.task.payload, writer) or {}
+    return _ShardDone(job.task.index, job.staging, stats)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and finished children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 1024, 1)
+
+
+@dataclass
+class StageContext:
+    stage: Stage
+    params: Params
+    env: RunEnv
+    key: str
+    tmp_dir: Path
+    store: ArtifactStore
+    upstream_keys: dict[str, str]
+    fingerprint: dict[str, Any]
+    executor: Executor
+    progress: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _shards_done_here: int = 0
+
+    # -- reading upstream ---------------------------------------------------------------
+    def upstream_dir(self, stage: str) -> Path:
+        if stage not in self.upstream_keys:
+            raise KeyError(
+                f"stage {self.stage.name!r} reads {stage!r} without declaring it in `inputs`"
+            )
+        return self.store.artifact_dir(self.env.dataset, stage, self.upstream_keys[stage])
+
+    def read_table(self, stage: str, table: str) -> pa.Table:
+        return read_table_dir(self.upstream_dir(stage) / table)
+
+    def upstream_manifest(self, stage: str) -> dict[str, Any]:
+        return read_json(self.upstream_dir(stage) / "_manifest.json")
+
+    # -- writing ------------------------------------------------------------------------
+    def write_table(self, table: str, data: pa.Table, part: int = 0) -> None:
+        """Write a whole (small) table, or one part of it, outside of shards."""
+        write_parquet(data, self.tmp_dir / table / part_name(part), self.stage.version)
+
+    def record(self, **stats: Any) -> None:
+        """Add stage statistics to the manifest (`nemo-pipe status` shows some)."""
+        self.stats.update(stats)
+
+    # -- shards -------------------------------------------------------------------------
+    def run_shards(
+        self,
+        fn: Callable[[Any, ShardWriter], dict[str, Any] | None],
+        tasks: Sequence[ShardTask],
+        desc: str = "shards",
+    ) -> list[dict[str, Any]]:
+        """Run `fn(payload, writer)` for each task not finished by an earlier attempt.
+
+        `fn` must be a module-level function (it may run in another process). Returns each
+        shard's stats dict in task order, including those recorded by earlier attempts.
+        """
+        markers = self.tmp_dir / SHARD_MARKERS
+        markers.mkdir(parents=True, exist_ok=True)
+        staging_root = self.tmp_dir / STAGING
+        shutil.rmtree(staging_root, ignore_errors=True)
+        indices = [t.index for t in tasks]
+        if len(set(indices)) != len(indices):
+            raise ValueError("shard indices must be unique")
+
+        results: dict[int, dict[str, Any]] = {}
+        todo: list[_ShardJob] = []
+        for task in tasks:
+            marker = markers / f"{task.index:05d}.json"
+            done = read_json(marker) if marker.is_file() else None
+            if done is not None and all((self.tmp_dir / f).is_file() for f in done["files"]):
+                results[task.index] = done["stats"]
+                continue
+            staging = staging_root / f"{task.index:05d}-{uuid.uuid4().hex[:8]}"
+            todo.append(_ShardJob(fn, task, staging, self.stage.version))
+
+        resumed = len(tasks) - len(todo)
+        self.stats["shards_total"] = self.stats.get("shards_total", 0) + len(tasks)
+        self.stats["shards_resumed"] = self.stats.get("shards_resumed", 0) + resumed
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(tasks),
+            initial=resumed,
+            desc=f"{self.stage.name}: {desc}",
+            unit="shard",
+            disable=None if self.progress else True,
+        )
+        with bar:
+            for done_job in self.executor.map_unordered(_run_shard_job, todo):
+                results[done_job.index] = done_job.stats
+                self._commit_shard(done_job)
+                bar.update(1)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        return [results[i] for i in indices]
+
+    def _commit_shard(self, done: _ShardDone) -> None:
+        files: list[str] = []
+        if done.staging.is_dir():
+            for src in sorted(p for p in done.staging.rglob("*") if p.is_file()):
+                rel = src.relative_to(done.staging)
+                dst = self.tmp_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+                files.append(rel.as_posix())
+        marker = self.tmp_dir / SHARD_MARKERS / f"{done.index:05d}.json"
+        write_json(marker, {"files": files, "stats": done.stats})
+        self._shards_done_here += 1
+        kill_after = os.environ.get(KILL_HOOK_ENV)
+        if kill_after and self._shards_done_here >= int(kill_after):
+            # Test hook for crash drills: die like an OOM kill, with no cleanup at all.
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,99 @@
+"""Fast content hashes of input files, cached by (path, size, mtime).
+
+Input fingerprints must change when a file's content changes, yet a rerun must not re-read tens
+of thousands of images. A small SQLite table in the work dir remembers each file's digest for
+its (size, mtime_ns); only new or touched files are read again, in parallel threads.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    digest: str
+
+
+def hash_file(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FileHashCache:
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db_path = db_path
+        with self._connect() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                "mtime_ns INTEGER, digest TEXT)"
+            )
+            con.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.db_path, timeout=60)
+
+    def get_memo(self, key: str) -> str | None:
+        with self._connect() as con:
+            row = con.execute("SELECT value FROM memo WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_memo(self, key: str, value: str) -> None:
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, value))
+
+    def digests(
+        self,
+        paths: Iterable[Path],
+        threads: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> dict[Path, FileDigest | None]:
+        """Digest of each path, `None` for a missing file; reads only files the cache lacks."""
+        paths = [Path(p).absolute() for p in paths]
+        with self._connect() as con:
+            known = {
+                row[0]: (row[1], row[2], row[3])
+                for row in con.execute("SELECT path, size, mtime_ns, digest FROM hashes")
+            }
+        out: dict[Path, FileDigest | None] = {}
+        stale: list[tuple[Path, int, int]] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except (FileNotFoundError, NotADirectoryError):
+                out[p] = None
+                continue
+            hit = known.get(str(p))
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                out[p] = FileDigest(st.st_size, hit[2])
+            else:
+                stale.append((p, st.st_size, st.st_mtime_ns))
+        if on_progress:
+            on_progress(len(paths) - len(stale))
+        if stale:
+            rows = []
+            with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1) * 2)) as pool:
+                for (p, size, mtime), digest in zip(
+                    stale, pool.map(lambda s: hash_file(s[0]), stale), strict=True
+                ):
+                    out[p] = FileDigest(size, digest)
+                    rows.append((str(p), size, mtime, digest))
+                    if on_progress:
+                        on_progress(1)
+            with self._connect() as con:
+                con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+        return out

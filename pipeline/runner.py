@@ -1,0 +1,202 @@
+"""Resolve keys, plan, and run a stage with whatever upstream is missing or stale.
+
+A stage's key depends only on its params, version, external-input fingerprint and upstream
+keys, never on upstream outputs, so the whole DAG's keys are known before anything runs: that is
+what makes `status`, `path` and `run --dry-run` cheap and exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import ArtifactStore, artifact_key
+from pipeline.config import Config
+from pipeline.context import SHARD_MARKERS, STAGING, StageContext, peak_rss_mb
+from pipeline.errors import NemoError
+from pipeline.executor import Executor, LocalExecutor
+from pipeline.io import MANIFEST, SUCCESS, describe_file, library_versions, write_json
+from pipeline.registry import Registry
+from pipeline.stage import Params, RunEnv, Stage, key_params
+
+
+@dataclass
+class Resolved:
+    """A stage bound to its params and key under the current config."""
+
+    name: str
+    stage: Stage
+    params: Params
+    key: str
+    upstream: dict[str, str]
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class PlanItem:
+    name: str
+    key: str
+    state: str  # cached | missing | stale | forced
+    reason: str = ""
+
+    @property
+    def needs_run(self) -> bool:
+        return self.state != "cached"
+
+
+@dataclass
+class StatusRow:
+    name: str
+    state: str  # done | stale | missing | unresolved
+    key: str = ""
+    rows: int | None = None
+    bytes: int | None = None
+    seconds: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Pipeline:
+    registry: Registry
+    config: Config
+    env: RunEnv
+    executor: Executor = field(default_factory=LocalExecutor)
+    progress: bool = True
+    _resolved: dict[str, Resolved] = field(default_factory=dict)
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.env.work_dir)
+
+    # -- keys ----------------------------------------------------------------------------
+    def resolve(self, name: str) -> Resolved:
+        if name in self._resolved:
+            return self._resolved[name]
+        cls = self.registry.get(name)
+        upstream = {dep: self.resolve(dep).key for dep in cls.inputs}
+        stage = cls()
+        params = self.config.params_for(cls.config_section())
+        fingerprint = stage.fingerprint(self.env, params)
+        key = artifact_key(cls.name, cls.version, key_params(params), upstream, fingerprint)
+        r = Resolved(cls.name, stage, params, key, upstream, fingerprint)
+        self._resolved[name] = r
+        return r
+
+    def artifact_dir(self, name: str) -> Path:
+        r = self.resolve(name)
+        return self.store.artifact_dir(self.env.dataset, name, r.key)
+
+    # -- planning ------------------------------------------------------------------------
+    def plan(self, target: str, force: bool = False) -> list[PlanItem]:
+        items: list[PlanItem] = []
+        for name in self.registry.upstream_order(target):
+            r = self.resolve(name)
+            published = self.store.is_published(self.env.dataset, name, r.key)
+            if force and name == target:
+                items.append(PlanItem(name, r.key, "forced", "--force"))
+            elif published:
+                items.append(PlanItem(name, r.key, "cached"))
+            else:
+                others = self.store.published_keys(self.env.dataset, name)
+                rerun = [i.name for i in items if i.needs_run]
+                if others:
+                    why = (f"upstream {', '.join(rerun)} will change" if rerun
+                           else "params, code version or inputs changed")
+                    items.append(PlanItem(name, r.key, "stale", why))
+                else:
+                    items.append(PlanItem(name, r.key, "missing", "never built"))
+        return items
+
+    def status(self) -> list[StatusRow]:
+        rows: list[StatusRow] = []
+        for name in self.registry.topological():
+            try:
+                r = self.resolve(name)
+            except NemoError as exc:
+                rows.append(StatusRow(name, "unresolved", note=str(exc).splitlines()[0]))
+                continue
+            if self.store.is_published(self.env.dataset, name, r.key):
+                m = self.store.manifest(self.env.dataset, name, r.key)
+                files = m.get("files", {}).values()
+                rows.append(StatusRow(
+                    name, "done", r.key,
+                    rows=sum(f.get("rows", 0) for f in files),
+                    bytes=sum(f["bytes"] for f in files),
+                    seconds=m.get("stats", {}).get("seconds"),
+                ))
+            elif self.store.published_keys(self.env.dataset, name):
+                rows.append(StatusRow(name, "stale", r.key, note="published under another key"))
+            else:
+                rows.append(StatusRow(name, "missing", r.key))
+        return rows
+
+    # -- running -------------------------------------------------------------------------
+    def run(self, target: str, force: bool = False, wait: bool = True) -> list[PlanItem]:
+        plan = self.plan(target, force)
+        for item in plan:
+            if item.needs_run:
+                self._execute(self.resolve(item.name), force=item.state == "forced", wait=wait)
+        return plan
+
+    def _execute(self, r: Resolved, force: bool, wait: bool) -> None:
+        store, dataset = self.store, self.env.dataset
+        with store.lock(dataset, r.name, r.key, wait=wait):
+            if store.is_published(dataset, r.name, r.key) and not force:
+                return  # a concurrent run finished it while we waited for the lock
+            tmp = store.tmp_dir(dataset, r.name, r.key)
+            if force:
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(
+                stage=r.stage, params=r.params, env=self.env, key=r.key, tmp_dir=tmp,
+                store=store, upstream_keys=r.upstream, fingerprint=r.fingerprint,
+                executor=self.executor, progress=self.progress,
+            )
+            started = time.perf_counter()
+            try:
+                r.stage.run(ctx)
+            except NemoError:
+                # Bad input or config: nothing worth resuming, and nothing is published.
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            ctx.stats["seconds"] = round(time.perf_counter() - started, 3)
+            ctx.stats["peak_rss_mb"] = peak_rss_mb()
+            self._finalize(r, ctx, tmp)
+            store.publish(tmp, store.artifact_dir(dataset, r.name, r.key))
+
+    def _finalize(self, r: Resolved, ctx: StageContext, tmp: Path) -> None:
+        shutil.rmtree(tmp / SHARD_MARKERS, ignore_errors=True)
+        shutil.rmtree(tmp / STAGING, ignore_errors=True)
+        files = {
+            p.relative_to(tmp).as_posix(): describe_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and not p.name.startswith(("_", "."))
+        }
+        tables: dict[str, int] = {}
+        for rel, info in files.items():
+            if "/" in rel and "rows" in info:
+                t = rel.split("/", 1)[0]
+                tables[t] = tables.get(t, 0) + info["rows"]
+        manifest = {
+            "stage": r.name,
+            "version": r.stage.version,
+            "dataset": self.env.dataset,
+            "key": r.key,
+            "params": r.params.model_dump(mode="json"),
+            "key_params": key_params(r.params),
+            "upstream": r.upstream,
+            "fingerprint": r.fingerprint,
+            "files": files,
+            "tables": tables,
+            "libraries": library_versions(r.stage.libraries),
+            "executor": self.executor.name,
+            "stats": ctx.stats,
+            **ctx.extra,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        (tmp / SUCCESS).write_text("")

@@ -1,0 +1,91 @@
+"""Data manifests: which files make up a dataset layout, its splits and published counts.
+
+`--dataset NAME` looks up `data_manifests/NAME.yaml` shipped with the package; a path to a YAML
+file of the same schema works too, for a custom REFER-format dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import InputError
+
+
+class SplitCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    refs: int
+    images: int | None = None
+    sentences: int | None = None
+
+
+class PaperDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int
+    tau: float
+    gamma: float
+
+
+class DataManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    format: Literal["refer", "grefer"]
+    dir: str
+    refs_file: str
+    instances_file: str = "instances.json"
+    split_by: str
+    splits: list[str]
+    train_split: str = "train"
+    positional_words_allowed: bool = True
+    expected: dict[str, SplitCounts] = {}
+    defaults: PaperDefaults
+    citation: str = ""
+    source_path: str = ""
+    digest: str = ""
+
+    def refs_path(self, data_root: Path) -> Path:
+        return data_root / self.dir / self.refs_file
+
+    def instances_path(self, data_root: Path) -> Path:
+        return data_root / self.dir / self.instances_file
+
+
+def known_datasets() -> list[str]:
+    files = resources.files("data_manifests")
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+@lru_cache(maxsize=32)
+def load_data_manifest(dataset: str) -> DataManifest:
+    """The manifest of a known dataset name, or of a YAML file path."""
+    if dataset.endswith((".yaml", ".yml")):
+        path = Path(dataset)
+        if not path.is_file():
+            raise InputError(f"data manifest {path} does not exist")
+        text = path.read_text()
+        source = str(path)
+    else:
+        res = resources.files("data_manifests") / f"{dataset}.yaml"
+        if not res.is_file():
+            raise InputError(
+                f"unknown dataset {dataset!r}; known: {', '.join(known_datasets())} "
+                "(or pass the path of a data-manifest YAML file)"
+            )
+        text = res.read_text()
+        source = f"data_manifests/{dataset}.yaml"
+    try:
+        data = yaml.safe_load(text)
+        manifest = DataManifest(**data, source_path=source,
+                                digest=hashlib.sha256(text.encode()).hexdigest())
+    except (yaml.YAMLError, TypeError, ValidationError) as exc:
+        raise InputError(f"data manifest {source} is invalid: {exc}") from None
+    if manifest.train_split not in manifest.splits:
+        raise InputError(f"data manifest {source}: train_split {manifest.train_split!r} "
+                         f"is not one of its splits {manifest.splits}")
+    return manifest
