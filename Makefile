@@ -1,0 +1,62 @@
+# nemo-pipe: every target runs inside .venv (made by `make setup`).
+# Point the stage targets at real data with DATASET=, DATA_ROOT=, IMAGES=, WORK= (and SET= for
+# extra --set overrides); they default to the synthetic demo data made by `make demo-data`.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+NEMO      := $(BIN)/nemo-pipe
+DEMO_DIR  ?= demo_data
+DATASET   ?= refcoco
+DATA_ROOT ?= $(DEMO_DIR)/refer
+IMAGES    ?= $(DEMO_DIR)/images/train2014
+WORK      ?= artifacts
+SET       ?=
+# CPU-only defaults for the demo (no weights can be downloaded; tiny models are built in code).
+DEMO_SETS ?=
+DEMO_DATASETS ?= refcoco refcoco+ refcocog-umd refcocog-google grefcoco
+PYTEST_ARGS ?= -n 2
+
+RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
+      --work-dir $(WORK) $(DEMO_SETS) $(SET)
+
+.PHONY: setup demo demo-data test lint ingest status bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo-data: setup
+	@if [ -d "$(DEMO_DIR)/refer" ]; then echo "demo data already in $(DEMO_DIR)"; \
+	else $(NEMO) demo-data $(DEMO_DIR); fi
+
+# The main job on the embedded demo: every stage that exists, on every layout, CPU only.
+demo: demo-data
+	@for ds in $(DEMO_DATASETS); do \
+	  $(MAKE) --no-print-directory ingest DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
+	    IMAGES=$(DEMO_DIR)/images/train2014 || exit 1; \
+	done
+	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK)
+
+ingest: setup
+	$(RUN) --stage ingest
+
+status: setup
+	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(SET)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests benchmarks
+
+bench: setup
+	@ls benchmarks/*.py >/dev/null 2>&1 && for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done \
+	  || echo "no benchmarks yet"
+
+clean:
+	rm -rf $(WORK) $(DEMO_DIR)

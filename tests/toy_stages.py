@@ -1,0 +1,89 @@
+"""Two tiny stages that exercise the engine without any dataset or model.
+
+`numbers` writes the integers [0, n) in shards; `squares` reads them and squares them. Each shard
+call appends a line to the file named by TOY_LOG, so tests can count what was (re)computed, and
+TOY_FAIL_AT=i makes shard i raise, to simulate a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import InputError
+from pipeline.stage import Params, Stage, runtime_field
+
+
+class NumbersParams(Params):
+    n: int = Field(20, ge=0)
+    per_shard: int = Field(5, ge=1)
+    offset: int = 0
+    workers: int = runtime_field(1, "not part of the key")
+    bad_input: bool = False
+
+
+def _numbers_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    log = os.environ.get("TOY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"numbers {payload['index']}\n")
+    if os.environ.get("TOY_FAIL_AT") == str(payload["index"]):
+        raise RuntimeError(f"simulated crash in shard {payload['index']}")
+    values = list(range(payload["start"], payload["stop"]))
+    writer.write_table("numbers", pa.table({"value": pa.array(values, pa.int64())}))
+    return {"count": len(values)}
+
+
+class Numbers(Stage):
+    """Integers in shards."""
+
+    name = "numbers"
+    version = "1"
+    params_model = NumbersParams
+    tables = ("numbers",)
+
+    def run(self, ctx: StageContext) -> None:
+        p: NumbersParams = ctx.params  # type: ignore[assignment]
+        if p.bad_input:
+            ctx.write_table("numbers", __import__("pyarrow").table({"value": [1]}))
+            raise InputError("toy input is bad")
+        tasks = [
+            ShardTask(i, {"index": i, "start": p.offset + s,
+                          "stop": p.offset + min(s + p.per_shard, p.n)})
+            for i, s in enumerate(range(0, p.n, p.per_shard))
+        ]
+        stats = ctx.run_shards(_numbers_shard, tasks)
+        ctx.record(total=sum(s["count"] for s in stats))
+
+
+class SquaresParams(Params):
+    power: int = 2
+
+
+class Squares(Stage):
+    """Powers of the numbers."""
+
+    name = "squares"
+    version = "1"
+    inputs = ("numbers",)
+    params_model = SquaresParams
+    tables = ("squares",)
+
+    def run(self, ctx: StageContext) -> None:
+        import pyarrow as pa
+
+        log = os.environ.get("TOY_LOG")
+        if log:
+            Path(log).open("a").write("squares\n")
+        values = ctx.read_table("numbers", "numbers").column("value").to_pylist()
+        p: SquaresParams = ctx.params  # type: ignore[assignment]
+        ctx.write_table("squares", pa.table({"value": [v ** p.power for v in values]}))
+
+
+STAGES = [Numbers, Squares]
