@@ -40,10 +40,10 @@ SETS = typer.Option([], "--set", "-s", help="Override a config key, e.g. --set m
                                             "(repeatable; the value is parsed as YAML).")
 
 
-def _open(dataset, work_dir, config, sets, data_root=None, images=None, progress=True):
+def _open(dataset, work_dir, config, sets, data_root=None, images=None, executor=None):
     from pipeline.api import open_pipeline
 
-    return open_pipeline(dataset, work_dir, config, sets, data_root, images, progress=progress)
+    return open_pipeline(dataset, work_dir, config, sets, data_root, images, executor=executor)
 
 
 def _fail(exc: NemoError) -> None:
@@ -78,10 +78,22 @@ def run(
     wait: bool = typer.Option(True, "--wait/--no-wait",
                               help="If another run holds the artifact's lock: wait for it "
                                    "(default) or exit with status 3."),
+    executor: str = typer.Option("local", "--executor",
+                                 help="Where shards run: 'local' (this machine) or 'dask' "
+                                      "(a dask.distributed cluster)."),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="local: processes for shards (1 = in this process); "
+                                     "dask: LocalCluster workers (default 2)."),
+    scheduler: str = typer.Option(None, "--scheduler",
+                                  help="dask: address of an existing scheduler "
+                                       "(tcp://host:8786) instead of a LocalCluster."),
 ) -> None:
     """Build STAGE and whatever upstream is missing or stale; cached stages do no work."""
     try:
-        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        from pipeline.executor import make_executor
+
+        pipe = _open(dataset, work_dir, config, sets, data_root, images,
+                     make_executor(executor, workers, scheduler))
         plan = pipe.plan(stage, force)
         for item in plan:
             line = f"{item.name:<16} {item.state:<8} {item.key}"

@@ -41,3 +41,58 @@ class LocalExecutor:
             futures = [pool.submit(fn, t) for t in tasks]
             for fut in as_completed(futures):
                 yield fut.result()
+
+
+class DaskExecutor:
+    """Shards on a dask.distributed cluster: a LocalCluster of `workers` processes by default,
+    or an existing scheduler. Workers must see the work dir (a shared filesystem on a real
+    cluster) and have nemo-pipe installed; results come back in completion order and the driver
+    publishes, so output is identical to the local executor's.
+    """
+
+    name = "dask"
+
+    def __init__(self, scheduler: str | None = None, workers: int = 2) -> None:
+        self.scheduler = scheduler
+        self.workers = max(1, int(workers))
+
+    def _cluster(self) -> Any:
+        from dask.distributed import LocalCluster
+
+        try:  # one worker per GPU when dask-cuda and GPUs are there
+            import torch
+            from dask_cuda import LocalCUDACluster
+
+            if torch.cuda.device_count() > 0:
+                return LocalCUDACluster(dashboard_address=None)
+        except ImportError:
+            pass
+        return LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                            dashboard_address=None)
+
+    def map_unordered(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        from dask.distributed import Client, as_completed
+
+        tasks = list(tasks)
+        if not tasks:
+            return
+        cluster = None if self.scheduler else self._cluster()
+        client = Client(self.scheduler) if self.scheduler else Client(cluster)
+        try:
+            futures = client.map(fn, tasks, pure=False)
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def make_executor(kind: str = "local", workers: int = 1, scheduler: str | None = None) -> Executor:
+    if kind == "local":
+        return LocalExecutor(workers)
+    if kind == "dask":
+        return DaskExecutor(scheduler, workers if workers > 1 else 2)
+    from pipeline.errors import ConfigError
+
+    raise ConfigError(f"--executor {kind!r}: expected 'local' or 'dask'")

@@ -270,3 +270,19 @@ def test_config_errors_name_the_key(tmp_path):
     cfg_file.write_text("numbers: {n: 1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(reg, cfg_file)
+
+
+def test_dask_executor_output_equals_local(tmp_path, monkeypatch):
+    from pipeline.executor import DaskExecutor
+
+    # spawned dask workers import the toy stages from the tests dir
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIR),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    local = make_pipe(tmp_path / "local")
+    local.run("numbers")
+    distributed = make_pipe(tmp_path / "dask")
+    distributed.executor = DaskExecutor(workers=2)
+    distributed.run("numbers")
+    assert artifact_bytes(distributed, "numbers") == artifact_bytes(local, "numbers")
+    manifest = json.loads((distributed.artifact_dir("numbers") / "_manifest.json").read_text())
+    assert manifest["executor"] == "dask"
