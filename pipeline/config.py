@@ -32,11 +32,11 @@ class Config:
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML (`true`, `null`, `[a, b]`)."""
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML (`true`, `[a, b]`)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set embed.model=ViT-B-16")
     key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".")]
+    path = key.strip().split(".")
     if len(path) < 2 or any(not p for p in path):
         raise ConfigError(
             f"--set {item!r}: the key must be SECTION.NAME, e.g. mosaic_tables.k=200"

@@ -114,8 +114,8 @@ def canonical_json(data: Any) -> str:
 
 
 def library_versions(names: Iterable[str]) -> dict[str, str]:
-    from importlib import metadata
     import platform
+    from importlib import metadata
 
     out = {"python": platform.python_version()}
     for name in ("nemo-pipe", *names):

@@ -137,6 +137,10 @@ class Pipeline:
     # -- running -------------------------------------------------------------------------
     def run(self, target: str, force: bool = False, wait: bool = True) -> list[PlanItem]:
         plan = self.plan(target, force)
+        for item in plan:  # every check before any work
+            if item.needs_run:
+                r = self.resolve(item.name)
+                r.stage.preflight(self.env, r.params)
         for item in plan:
             if item.needs_run:
                 self._execute(self.resolve(item.name), force=item.state == "forced", wait=wait)

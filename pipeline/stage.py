@@ -94,6 +94,10 @@ class Stage(ABC):
         """
         return {}
 
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        """Check, before any stage of the run starts, what would otherwise fail mid-run
+        (unknown model, missing weights file, not enough memory)."""
+
     @abstractmethod
     def run(self, ctx: StageContext) -> None:
         """Compute the stage's tables and write them through `ctx`."""

@@ -80,7 +80,8 @@ class Squares(Stage):
 
         log = os.environ.get("TOY_LOG")
         if log:
-            Path(log).open("a").write("squares\n")
+            with Path(log).open("a") as f:
+                f.write("squares\n")
         values = ctx.read_table("numbers", "numbers").column("value").to_pylist()
         p: SquaresParams = ctx.params  # type: ignore[assignment]
         ctx.write_table("squares", pa.table({"value": [v ** p.power for v in values]}))

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATASETS = ["refcoco", "refcoco+", "refcocog-umd", "refcocog-google", "grefcoco"]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The synthetic REFER-format data, written once per test session (read-only for tests)."""
+    from stages.synthetic_refer import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "data", n_images=40, seed=0)
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    return tmp_path / "work"

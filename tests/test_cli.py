@@ -1,0 +1,103 @@
+"""The CLI as a user drives it: run, dry-run, status, path, verify, list-stages, demo-data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def common(demo, work):
+    return ["--dataset", "refcoco", "--work-dir", str(work), "--data-root", str(demo.refer_root),
+            "--images", str(demo.images_dir)]
+
+
+def test_run_status_path_verify_round_trip(demo, work):
+    dry = runner.invoke(app, ["run", "--stage", "ingest", "--dry-run", *common(demo, work)])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.split()[:2] == ["ingest", "missing"]
+    assert not (work / "refcoco" / "ingest").exists()  # a dry run changes nothing
+
+    path = runner.invoke(app, ["path", "--stage", "ingest", *common(demo, work)])
+    assert path.exit_code == 1
+
+    res = runner.invoke(app, ["run", "--stage", "ingest", *common(demo, work)])
+    assert res.exit_code == 0, res.output
+    artifact = res.output.strip().splitlines()[-1]
+    assert (work / "refcoco" / "ingest").as_posix() in artifact
+
+    # locations are remembered: status and path work without --data-root/--images
+    short = ["--dataset", "refcoco", "--work-dir", str(work)]
+    path = runner.invoke(app, ["path", "--stage", "ingest", "--table", "refs", *short])
+    assert path.exit_code == 0, path.output
+    assert path.output.strip() == f"{artifact}/refs"
+    status = runner.invoke(app, ["status", *short])
+    line = next(ln for ln in status.output.splitlines() if ln.startswith("ingest"))
+    fields = line.split()
+    assert fields[1] == "done" and artifact.endswith(fields[2])
+    manifest = json.loads(Path(artifact, "_manifest.json").read_text())
+    assert int(fields[3]) == sum(f["rows"] for f in manifest["files"].values())
+
+    again = runner.invoke(app, ["run", "--stage", "ingest", *short])
+    assert again.output.split()[:2] == ["ingest", "cached"]
+
+    ok = runner.invoke(app, ["verify", "--work-dir", str(work)])
+    assert ok.exit_code == 0 and "1 artifact(s): 0 problem(s)" in ok.output
+    part = next((work / "refcoco" / "ingest").glob("*/sentences/part-00000.parquet"))
+    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
+    bad = runner.invoke(app, ["verify", "--work-dir", str(work)])
+    assert bad.exit_code == 1 and "sentences/part-00000.parquet" in bad.output
+
+
+def test_bad_set_is_a_clear_error(demo, work):
+    res = runner.invoke(app, ["run", "--stage", "ingest", *common(demo, work),
+                              "--set", "ingest.strickt=true"])
+    assert res.exit_code == 2
+    assert "unknown config key 'ingest.strickt'" in res.output
+
+
+def test_unknown_stage(demo, work):
+    res = runner.invoke(app, ["run", "--stage", "ingst", *common(demo, work)])
+    assert res.exit_code == 2 and "unknown stage 'ingst'" in res.output
+
+
+def test_list_stages_and_help():
+    res = runner.invoke(app, ["list-stages"])
+    assert res.exit_code == 0 and res.output.startswith("ingest (v1)")
+    for cmd in ("run", "status", "path", "verify", "demo-data", "list-stages"):
+        assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
+
+
+def test_status_and_help_do_not_import_heavy_libraries(demo, work):
+    """`status`, `path` and `--help` must stay fast: no torch/pyarrow/faiss/transformers."""
+    code = (
+        "import sys\n"
+        "from pipeline.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(app, sys.argv[1:])\n"
+        "heavy = [m for m in ('torch', 'pyarrow', 'open_clip', 'faiss', 'transformers', "
+        "'polars', 'dask') if m in sys.modules]\n"
+        "print(r.exit_code, heavy)\n"
+    )
+    for args in (["--help"], ["status", *common(demo, work)],
+                 ["path", "--stage", "ingest", *common(demo, work)]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                             text=True, env=os.environ)
+        assert out.stdout.strip().endswith("[]"), (args, out.stdout, out.stderr)
+
+
+def test_demo_data_command(tmp_path):
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["demo-data", str(out), "--n-images", "12", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert (out / "refer" / "refcoco" / "refs(unc).p").is_file()
+    again = runner.invoke(app, ["demo-data", str(out)])
+    assert again.exit_code == 2 and "error:" in again.output
