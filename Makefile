@@ -12,15 +12,20 @@ DATA_ROOT ?= $(DEMO_DIR)/refer
 IMAGES    ?= $(DEMO_DIR)/images/train2014
 WORK      ?= artifacts
 SET       ?=
-# CPU-only defaults for the demo (no weights can be downloaded; tiny models are built in code).
-DEMO_SETS ?=
+# CLIP model for the embedding stages. The demo default is the tiny randomly initialised model
+# built in code (no weights can be downloaded here); on real data use e.g.
+# EMBED_MODEL=ViT-B-16 EMBED_PRETRAINED=openai (cached weights) or =/path/to/checkpoint.pt.
+EMBED_MODEL      ?= tiny
+EMBED_PRETRAINED ?= null
+EXECUTOR  ?= local
+DEMO_SETS ?= --set embed.model=$(EMBED_MODEL) --set embed.pretrained=$(EMBED_PRETRAINED)
 DEMO_DATASETS ?= refcoco refcoco+ refcocog-umd refcocog-google grefcoco
 PYTEST_ARGS ?= -n 2
 
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
-      --work-dir $(WORK) $(DEMO_SETS) $(SET)
+      --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest status bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings status bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,16 +42,22 @@ demo-data: setup
 # The main job on the embedded demo: every stage that exists, on every layout, CPU only.
 demo: demo-data
 	@for ds in $(DEMO_DATASETS); do \
-	  $(MAKE) --no-print-directory ingest DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
+	  $(MAKE) --no-print-directory ingest embeddings DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
 	    IMAGES=$(DEMO_DIR)/images/train2014 || exit 1; \
 	done
-	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK)
+	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
 
 ingest: setup
 	$(RUN) --stage ingest
 
+# embed_images + embed_texts + index
+embeddings: setup
+	$(RUN) --stage embed_images
+	$(RUN) --stage embed_texts
+	$(RUN) --stage index
+
 status: setup
-	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(SET)
+	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS) $(SET)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

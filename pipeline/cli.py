@@ -214,8 +214,11 @@ def demo_data(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+    # Our own loggers speak at INFO; libraries (open_clip, faiss, dask) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for name in ("pipeline", "stages"):
+        logging.getLogger(name).setLevel(logging.INFO)
     app()
 
 

@@ -96,7 +96,8 @@ class Stage(ABC):
 
     def preflight(self, env: RunEnv, params: Params) -> None:
         """Check, before any stage of the run starts, what would otherwise fail mid-run
-        (unknown model, missing weights file, not enough memory)."""
+        (unknown model, missing weights file, not enough memory). Most stages need none."""
+        return None
 
     @abstractmethod
     def run(self, ctx: StageContext) -> None:

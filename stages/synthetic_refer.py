@@ -406,8 +406,6 @@ def _choose_categories(rng: np.random.Generator, n_obj: int,
     cats = [main] * n_main
     while len(cats) < n_obj:
         cats.append(_SPECS[int(rng.choice(len(_SPECS), p=weights / weights.sum()))])
-    if unc_split == "testB" and all(c is _PERSON for c in cats):
-        cats[-1] = main
     return cats
 
 

@@ -1,0 +1,325 @@
+"""embed_images / embed_texts: CLIP embeddings of every image and every sentence.
+
+Images are decoded by a pool of threads that runs ahead of the model (PIL releases the GIL while
+decoding and resizing), so decode overlaps inference; the read / infer / write split and the
+share of time the model was busy go into the manifest, so a decode bottleneck is visible.
+Embeddings are stored L2-normalised as float16.
+
+`encode_sentences` is the shared text encoder: later stages (clusters, hard negatives) embed
+their own texts with the same model and code, without `embed_texts` depending on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import InputError
+from pipeline.filehash import FileHashCache
+from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from stages.datasets import load_data_manifest
+from stages.ingest import data_locations
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+    from stages.clip_models import ClipBundle
+
+log = logging.getLogger(__name__)
+
+
+class EmbedParams(Params):
+    model: str = Field("ViT-B-16", description="open_clip model name, or `tiny`")
+    pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag (weights already cached) or a local "
+                              "checkpoint file; null for a seeded random init")
+    batch_size: int = runtime_field(0, "images/texts per forward pass (0: largest that fits)",
+                                    ge=0)
+    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    fast_decode: bool = Field(False, description="decode JPEGs at reduced size with PIL draft() "
+                                                 "before the model's resize (changes output)")
+    workers: int = runtime_field(0, "image decode threads (0: one per core)", ge=0)
+    strict: bool = runtime_field(False, "an undecodable image is fatal instead of recorded")
+    images_per_shard: int = Field(1024, ge=1, description="images per resumable shard")
+    texts_per_shard: int = Field(16384, ge=1, description="sentences per resumable shard")
+
+
+def _is_file_spec(pretrained: str | None) -> bool:
+    return bool(pretrained) and (os.sep in pretrained or pretrained.endswith(  # type: ignore[union-attr]
+        (".pt", ".pth", ".bin", ".safetensors")))
+
+
+# -- model cache: each process (driver or dask worker) loads a model once --------------------
+_BUNDLES: dict[tuple[str, str | None, str], ClipBundle] = {}
+
+
+def get_bundle(model: str, pretrained: str | None, device: str = "auto") -> ClipBundle:
+    key = (model, pretrained, device)
+    if key not in _BUNDLES:
+        from stages.clip_models import load_clip
+
+        _BUNDLES[key] = load_clip(model, pretrained, device)
+    return _BUNDLES[key]
+
+
+def encode_sentences(params: EmbedParams, texts: Sequence[str]) -> np.ndarray:
+    """The shared text encoder: (n, d) float32, L2-normalised, same model as `embed_texts`."""
+    from stages.clip_models import auto_batch_size, encode_texts
+
+    bundle = get_bundle(params.model, params.pretrained, params.device)
+    batch = params.batch_size or auto_batch_size(bundle, "text", cap=512)
+    return encode_texts(bundle, texts, batch_size=batch)
+
+
+def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """float16 fixed_size_list<d> column from (n, d) vectors."""
+    import numpy as np
+    import pyarrow as pa
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    flat = pa.array(vectors.reshape(-1), type=pa.float16())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def embeddings_matrix(column: pa.ChunkedArray | pa.Array, dtype: Any = None) -> np.ndarray:
+    """(n, d) numpy matrix from an embedding column (float32 unless `dtype` says otherwise)."""
+    import numpy as np
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    d = arr.type.list_size
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, d).astype(dtype or np.float32, copy=False)
+
+
+class _EmbedStage(Stage):
+    section = "embed"
+    params_model = EmbedParams
+    inputs = ("ingest",)
+    tables = ("embeddings",)
+    libraries = ("pyarrow", "torch", "open_clip_torch", "pillow")
+
+    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
+        p: EmbedParams = params  # type: ignore[assignment]
+        if not _is_file_spec(p.pretrained):
+            return {}
+        path = Path(p.pretrained).expanduser()  # type: ignore[arg-type]
+        digest = FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite").digests([path])
+        found = digest[path.absolute()]
+        if found is None:
+            raise InputError(f"embed.pretrained={p.pretrained}: no such checkpoint file; give "
+                             "an existing local file or an open_clip pretrained tag")
+        return {"weights_xxh3": found.digest}
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        from stages.clip_models import check_memory, check_model_spec
+
+        p: EmbedParams = params  # type: ignore[assignment]
+        check_model_spec(p.model, p.pretrained)
+        if p.batch_size:
+            bundle = get_bundle(p.model, p.pretrained, p.device)
+            check_memory(bundle, p.batch_size, "image" if self.name == "embed_images" else "text")
+
+    def _describe_model(self, ctx: StageContext, bundle: ClipBundle, batch: int) -> None:
+        ctx.extra["model"] = bundle.describe()
+        ctx.extra["device"] = str(bundle.device)
+        ctx.extra["dtype"] = "float16"  # stored dtype; compute dtype is in model.dtype
+        ctx.record(batch_size=batch, dim=bundle.dim)
+
+
+class EmbedImages(_EmbedStage):
+    """CLIP image embeddings of every ingested image (open_clip's own preprocessing)."""
+
+    name = "embed_images"
+    version = "1"
+    tables = ("embeddings", "errors")
+
+    def run(self, ctx: StageContext) -> None:
+        from stages.clip_models import auto_batch_size
+
+        p: EmbedParams = ctx.params  # type: ignore[assignment]
+        manifest = load_data_manifest(ctx.env.dataset)
+        _, images_dir = data_locations(ctx.env, manifest)
+        images = ctx.read_table("ingest", "images").select(["image_id", "file_name"])
+        bundle = get_bundle(p.model, p.pretrained, p.device)
+        batch = p.batch_size or auto_batch_size(bundle, "image", cap=256)
+        self._describe_model(ctx, bundle, batch)
+        ids = images.column("image_id").to_pylist()
+        names = images.column("file_name").to_pylist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        tasks = []
+        for n, start in enumerate(range(0, len(order), p.images_per_shard)):
+            chunk = order[start:start + p.images_per_shard]
+            tasks.append(ShardTask(n, {
+                "items": [(ids[i], str(images_dir / names[i])) for i in chunk],
+                "params": p.model_dump(), "batch": batch,
+            }))
+        stats = ctx.run_shards(_embed_images_shard, tasks, desc="embed images")
+        failed = [f for s in stats for f in s["failed"]]
+        if failed and p.strict:
+            raise InputError(f"{len(failed)} images could not be decoded (embed.strict=true); "
+                             f"first: {failed[0][1]}: {failed[0][2]}")
+        if failed:
+            log.warning("%d images could not be decoded and were skipped; see the errors table",
+                        len(failed))
+        _write_errors(ctx, failed)
+        timing = {k: round(sum(s[k] for s in stats), 3) for k in ("read_s", "infer_s", "write_s")}
+        wall = sum(s["wall_s"] for s in stats)
+        ctx.record(images=sum(s["rows"] for s in stats), failed=len(failed), **timing,
+                   model_busy_share=round(timing["infer_s"] / wall, 3) if wall else None,
+                   images_per_s=round(sum(s["rows"] for s in stats) / wall, 1) if wall else None)
+
+
+class EmbedTexts(_EmbedStage):
+    """CLIP text embeddings of every sentence of every split."""
+
+    name = "embed_texts"
+    version = "1"
+
+    def run(self, ctx: StageContext) -> None:
+        from stages.clip_models import auto_batch_size
+
+        p: EmbedParams = ctx.params  # type: ignore[assignment]
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id", "sent"])
+        sents = sents.sort_by("sent_id")
+        bundle = get_bundle(p.model, p.pretrained, p.device)
+        batch = p.batch_size or auto_batch_size(bundle, "text", cap=512)
+        self._describe_model(ctx, bundle, batch)
+        sid = sents.column("sent_id").to_pylist()
+        rid = sents.column("ref_id").to_pylist()
+        text = sents.column("sent").to_pylist()
+        tasks = [
+            ShardTask(n, {"sent_id": sid[s:s + p.texts_per_shard],
+                          "ref_id": rid[s:s + p.texts_per_shard],
+                          "text": text[s:s + p.texts_per_shard],
+                          "params": p.model_dump(), "batch": batch})
+            for n, s in enumerate(range(0, len(sid), p.texts_per_shard))
+        ]
+        stats = ctx.run_shards(_embed_texts_shard, tasks, desc="embed texts")
+        ctx.record(sentences=len(sid), infer_s=round(sum(s["infer_s"] for s in stats), 3))
+
+
+def _write_errors(ctx: StageContext, failed: list[tuple[int, str, str]]) -> None:
+    import pyarrow as pa
+
+    ctx.write_table("errors", pa.table({
+        "stage": pa.array([ctx.stage.name] * len(failed), pa.string()),
+        "item_id": pa.array([f[0] for f in failed], pa.int64()),
+        "path": pa.array([f[1] for f in failed], pa.string()),
+        "error": pa.array([f[2] for f in failed], pa.string()),
+    }))
+
+
+def load_pixels(path: str, preprocess: Callable[[Any], Any], fast_decode: bool,
+                size: tuple[int, int]) -> Any:
+    """Decode and preprocess one image exactly as open_clip would (PIL -> model transform)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if fast_decode:
+            im.draft("RGB", size)  # JPEG DCT scaling to the smallest scale >= size
+        return preprocess(im.convert("RGB"))
+
+
+def decoded_batches(items: Iterable[Any], decode: Callable[[Any], Any], batch_size: int,
+                    threads: int, timing: dict[str, float]) -> Iterator[list[tuple[Any, Any]]]:
+    """Batches of (item, decoded or exception), in input order, decoded ahead in threads.
+
+    Time spent waiting for a decode is added to timing["read_s"].
+    """
+    def safe(item: Any) -> Any:
+        try:
+            return decode(item)
+        except Exception as exc:  # reported per item, not fatal here
+            return exc
+
+    it = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque((x, pool.submit(safe, x)) for x in islice(it, 2 * batch_size + threads))
+        batch: list[tuple[Any, Any]] = []
+        while pending:
+            item, fut = pending.popleft()
+            t0 = time.perf_counter()
+            result = fut.result()
+            timing["read_s"] += time.perf_counter() - t0
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(safe, nxt)))
+            batch.append((item, result))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _embed_images_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from stages.clip_models import encode_image_batch
+
+    started = time.perf_counter()
+    p = EmbedParams(**payload["params"])
+    bundle = get_bundle(p.model, p.pretrained, p.device)
+    threads = p.workers or (os.cpu_count() or 1)
+    timing = {"read_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+    ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    failed: list[tuple[int, str, str]] = []
+
+    def decode(item: tuple[int, str]) -> Any:
+        return load_pixels(item[1], bundle.preprocess, p.fast_decode, bundle.image_size)
+
+    pin = bundle.device.type == "cuda"
+    for batch in decoded_batches(payload["items"], decode, payload["batch"], threads, timing):
+        good = [(item, px) for item, px in batch if not isinstance(px, Exception)]
+        failed.extend((item[0], item[1], f"undecodable: {type(px).__name__}: {px}")
+                      for item, px in batch if isinstance(px, Exception))
+        if not good:
+            continue
+        pixels = torch.stack([px for _, px in good])
+        if pin:
+            pixels = pixels.pin_memory()
+        t0 = time.perf_counter()
+        vectors.append(encode_image_batch(bundle, pixels))
+        timing["infer_s"] += time.perf_counter() - t0
+        ids.extend(item[0] for item, _ in good)
+
+    t0 = time.perf_counter()
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, bundle.dim), np.float32)
+    writer.write_table("embeddings", pa.table({
+        "image_id": pa.array(ids, pa.int64()),
+        "embedding": embedding_array(matrix),
+    }))
+    timing["write_s"] += time.perf_counter() - t0
+    return {"rows": len(ids), "failed": failed, "wall_s": time.perf_counter() - started,
+            **timing}
+
+
+def _embed_texts_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    p = EmbedParams(**payload["params"])
+    t0 = time.perf_counter()
+    p = p.model_copy(update={"batch_size": payload["batch"]})
+    vectors = encode_sentences(p, payload["text"])
+    infer = time.perf_counter() - t0
+    writer.write_table("embeddings", pa.table({
+        "sent_id": pa.array(payload["sent_id"], pa.int64()),
+        "ref_id": pa.array(payload["ref_id"], pa.int64()),
+        "embedding": embedding_array(vectors),
+    }))
+    return {"rows": len(payload["sent_id"]), "infer_s": infer}
