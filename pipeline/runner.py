@@ -79,7 +79,7 @@ class Pipeline:
         cls = self.registry.get(name)
         upstream = {dep: self.resolve(dep).key for dep in cls.inputs}
         stage = cls()
-        params = self.config.params_for(cls.config_section())
+        params = stage.resolve_params(self.env, self.config.params_for(cls.config_section()))
         fingerprint = stage.fingerprint(self.env, params)
         key = artifact_key(cls.name, cls.version, key_params(params), upstream, fingerprint)
         r = Resolved(cls.name, stage, params, key, upstream, fingerprint)

@@ -86,6 +86,11 @@ class Stage(ABC):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    def resolve_params(self, env: RunEnv, params: Params) -> Params:
+        """Fill dataset-dependent defaults (e.g. K from the data manifest) before keying, so the
+        key and the manifest hold the values actually used."""
+        return params
+
     def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
         """Digest of external inputs (files outside the work dir) that determine the output.
 

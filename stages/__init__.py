@@ -3,7 +3,9 @@
 from stages.embed import EmbedImages, EmbedTexts
 from stages.index import Index
 from stages.ingest import Ingest
+from stages.mosaic_tables import MosaicTables
+from stages.negatives import Negatives
 
-STAGES = [Ingest, EmbedImages, EmbedTexts, Index]
+STAGES = [Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables]
 
 __all__ = ["STAGES"]

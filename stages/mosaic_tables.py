@@ -1,0 +1,207 @@
+"""mosaic_tables: NeMo's filtered top-K negative images per training sentence.
+
+From the negatives table (top-M candidates by rho', with both raw cosine scores), exclude the
+candidates that are too relevant to be safe negatives: rho >= tau, with rho the text-to-image
+score (`ti`), the image-to-image score (`ii`), or `both` (excluded when either passes its own
+threshold). tau is applied on a declared scale: `minmax` (per query, (rho - min) / (max - min)
+over the whole pool, own image excluded; a query whose pool scores are all equal scales to 0) or
+`cosine` (raw). The first K survivors, in rank order, are the mosaic candidates. A query left
+with fewer than K is reported (`k_shortfall`), never silently padded.
+
+Positional words of the sentence restrict the quadrant of the positive (see stages.positional).
+tau, K and relevance default to the paper's values in the data manifest. Changing them re-runs
+this stage only; the expensive search in `negatives` stays cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.io import read_table_dir, table_files
+from pipeline.stage import Params, RunEnv, Stage
+from stages.datasets import load_data_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+HIST_BINS = 20
+
+
+class MosaicParams(Params):
+    relevance: Literal["ti", "ii", "both"] = Field("ti", description="rho used to exclude")
+    tau_ti: float | None | Literal["auto"] = Field(
+        "auto", description="exclude rho_ti >= tau_ti (null: no filter; auto: data manifest)")
+    tau_ii: float | None | Literal["auto"] = Field(
+        "auto", description="exclude rho_ii >= tau_ii (null: no filter; auto: data manifest)")
+    scale: Literal["minmax", "cosine"] = Field("minmax", description="scale tau applies on")
+    k: int | Literal["auto"] = Field("auto", description="negatives kept (auto: data manifest)")
+
+
+def scaled(rho: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: str) -> np.ndarray:
+    """Scores on the declared scale, in float64."""
+    import numpy as np
+
+    rho = rho.astype(np.float64)
+    if scale == "cosine":
+        return rho
+    span = hi.astype(np.float64) - lo.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (rho - lo) / span
+    return np.where(span > 0, out, 0.0)
+
+
+def select_negatives(
+    offsets: np.ndarray,
+    rho_ti: np.ndarray,
+    rho_ii: np.ndarray,
+    extremes: dict[str, np.ndarray],
+    params: MosaicParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean mask over the flattened candidates (kept ones) and the kept count per query."""
+    import numpy as np
+
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(n), lengths)
+    excluded = np.zeros(len(row), dtype=bool)
+    if params.relevance in ("ti", "both") and params.tau_ti is not None:
+        s = scaled(rho_ti, extremes["ti_min"][row], extremes["ti_max"][row], params.scale)
+        excluded |= s >= params.tau_ti
+    if params.relevance in ("ii", "both") and params.tau_ii is not None:
+        s = scaled(rho_ii, extremes["ii_min"][row], extremes["ii_max"][row], params.scale)
+        excluded |= s >= params.tau_ii
+    keep = ~excluded
+    running = np.cumsum(keep)
+    before_row = np.concatenate([[0], running])[offsets[:-1]]
+    rank_in_row = running - before_row[row]
+    chosen = keep & (rank_in_row <= params.k)
+    kept = np.bincount(row[chosen], minlength=n)
+    return chosen, kept
+
+
+class MosaicTables(Stage):
+    """Per training sentence: the tau-filtered top-K negative images and allowed quadrants."""
+
+    name = "mosaic_tables"
+    version = "1"
+    inputs = ("negatives", "ingest")
+    params_model = MosaicParams
+    tables = ("mosaic",)
+    libraries = ("pyarrow", "numpy")
+
+    def resolve_params(self, env: RunEnv, params: Params) -> Params:
+        p: MosaicParams = params  # type: ignore[assignment]
+        defaults = load_data_manifest(env.dataset).defaults
+        update: dict[str, Any] = {}
+        if p.k == "auto":
+            update["k"] = defaults.k
+        for rel, key in (("ti", "tau_ti"), ("ii", "tau_ii")):
+            if p.relevance not in (rel, "both"):
+                update[key] = None  # unused: keep it out of the key
+            elif getattr(p, key) == "auto":
+                update[key] = defaults.tau
+        return p.model_copy(update=update)
+
+    def run(self, ctx: StageContext) -> None:
+        import numpy as np
+
+        p: MosaicParams = ctx.params  # type: ignore[assignment]
+        parts = table_files(ctx.upstream_dir("negatives") / "negatives")
+        sentences = str(ctx.upstream_dir("ingest") / "sentences")
+        tasks = [ShardTask(int(path.stem.split("-")[1]),
+                           {"part": str(path), "sentences": sentences, "params": p.model_dump()})
+                 for path in parts]
+        stats = ctx.run_shards(_mosaic_shard, tasks, desc="filter")
+        n = sum(s["queries"] for s in stats)
+        short = sum(s["short"] for s in stats)
+        kept_hist = np.sum([s["kept_hist"] for s in stats], axis=0).tolist() if stats else []
+        ctx.record(
+            queries=n, k=p.k, queries_short_of_k=short,
+            share_short_of_k=round(short / n, 4) if n else 0.0,
+            kept_mean=round(sum(s["kept_sum"] for s in stats) / n, 2) if n else 0.0,
+            kept_min=min((s["kept_min"] for s in stats), default=0),
+            kept_histogram={"bins": HIST_BINS, "range": [0, p.k], "counts": kept_hist},
+            rho_ti_histogram=_merge_hist(stats, "ti_hist"),
+            rho_ii_histogram=_merge_hist(stats, "ii_hist"),
+            with_positional_words=sum(s["positional"] for s in stats),
+        )
+        negatives = ctx.upstream_manifest("negatives")
+        ctx.extra.update(scale=p.scale, clip_model=negatives.get("clip_model", {}),
+                         rank_by=negatives["params"]["rank_by"], m=negatives["params"]["m"])
+        if short:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%d of %d queries have fewer than K=%d negatives after filtering (the pool or "
+                "negatives.m=%d is too small for this tau); see k_shortfall", short, n, p.k,
+                negatives["params"]["m"])
+
+
+def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    import numpy as np
+
+    counts = np.sum([s[key] for s in stats], axis=0).tolist() if stats else []
+    return {"bins": HIST_BINS, "range": [-1.0, 1.0], "counts": counts,
+            "of": "raw cosine of the kept negatives"}
+
+
+_TOKENS: dict[str, dict[int, list[str]]] = {}
+
+
+def _tokens_by_sent(sentences_dir: str) -> dict[int, list[str]]:
+    if sentences_dir not in _TOKENS:
+        t = read_table_dir(Path(sentences_dir)).select(["sent_id", "tokens"])
+        _TOKENS.clear()
+        _TOKENS[sentences_dir] = dict(zip(t.column("sent_id").to_pylist(),
+                                          t.column("tokens").to_pylist(), strict=True))
+    return _TOKENS[sentences_dir]
+
+
+def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.positional import quadrants_for_tokens
+
+    p = MosaicParams(**payload["params"])
+    neg = pq.read_table(payload["part"])
+    cand = neg.column("cand_image_ids").combine_chunks()
+    offsets = cand.offsets.to_numpy()
+    flat_ids = cand.values.to_numpy()
+    rho_ti = neg.column("rho_ti").combine_chunks().values.to_numpy(zero_copy_only=False)
+    rho_ii = neg.column("rho_ii").combine_chunks().values.to_numpy(zero_copy_only=False)
+    extremes = {k: neg.column(k).to_numpy() for k in ("ti_min", "ti_max", "ii_min", "ii_max")}
+    chosen, kept = select_negatives(offsets, rho_ti, rho_ii, extremes, p)
+    new_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+
+    tokens = _tokens_by_sent(payload["sentences"])
+    words, quads = [], []
+    for sid in neg.column("sent_id").to_pylist():
+        w, q = quadrants_for_tokens(tokens.get(sid, []))
+        words.append(w)
+        quads.append(q)
+
+    writer.write_table("mosaic", pa.table({
+        "sent_id": neg.column("sent_id"),
+        "ref_id": neg.column("ref_id"),
+        "image_id": neg.column("image_id"),
+        "neg_image_ids": pa.ListArray.from_arrays(
+            pa.array(new_offsets), pa.array(flat_ids[chosen].astype(np.int64), pa.int64())),
+        "k_shortfall": pa.array(np.maximum(0, p.k - kept).astype(np.int32), pa.int32()),
+        "positional_words": pa.array(words, pa.list_(pa.string())),
+        "allowed_quadrants": pa.array(quads, pa.list_(pa.int8())),
+    }))
+    bins = np.linspace(-1.0, 1.0, HIST_BINS + 1)
+    return {
+        "queries": len(kept), "short": int((kept < p.k).sum()),
+        "kept_sum": int(kept.sum()), "kept_min": int(kept.min()) if len(kept) else 0,
+        "kept_hist": np.histogram(kept, bins=HIST_BINS, range=(0, p.k))[0].tolist(),
+        "ti_hist": np.histogram(rho_ti[chosen].astype(np.float64), bins=bins)[0].tolist(),
+        "ii_hist": np.histogram(rho_ii[chosen].astype(np.float64), bins=bins)[0].tolist(),
+        "positional": sum(1 for w in words if w),
+    }

@@ -1,0 +1,257 @@
+"""negatives: for every query sentence, the top-M pool images by the ranking relevance rho'.
+
+NeMo ranks candidate negative images of a training expression T (image I) by CLIP relevance:
+rho_ti = t.v' (text to image) or rho_ii = v.v' (image to image). This stage keeps, per query,
+the M best candidates by `rank_by` with both scores, unfiltered, plus the query's pool extremes
+(for the per-query min-max scale). Filtering by tau and cutting to K happen in mosaic_tables, so
+a tau or K sweep never recomputes this.
+
+The pool is the training split's images only, and a query's own image is never a candidate:
+validation and test images cannot leak into training mosaics. Search is exact: blocked matrix
+products (torch, on GPU when present) with a top-M per block, never the full score matrix.
+Ties are broken by ascending image_id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import InputError
+from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from stages.datasets import load_data_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+
+class NegativesParams(Params):
+    rank_by: Literal["ti", "ii"] = Field("ti", description="rho' that ranks candidates")
+    m: int = Field(2048, ge=1, description="candidates kept per query")
+    query_splits: list[str] = Field(["train"], description="splits whose sentences are queries")
+    score_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="stored dtype of rho_ti / rho_ii lists (float16 halves the size)")
+    queries_per_shard: int = Field(8192, ge=1, description="queries per resumable shard")
+    block: int = runtime_field(1024, "queries per matrix product", ge=1)
+    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+
+
+class Negatives(Stage):
+    """Top-M candidate negative images per training sentence, ranked by rho', with both scores."""
+
+    name = "negatives"
+    version = "1"
+    inputs = ("ingest", "embed_images", "embed_texts")
+    params_model = NegativesParams
+    tables = ("negatives",)
+    libraries = ("pyarrow", "torch", "numpy")
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        p: NegativesParams = params  # type: ignore[assignment]
+        manifest = load_data_manifest(env.dataset)
+        unknown = sorted(set(p.query_splits) - set(manifest.splits))
+        if unknown:
+            raise InputError(f"negatives.query_splits: {unknown} are not splits of "
+                             f"{manifest.name} ({', '.join(manifest.splits)})")
+
+    def run(self, ctx: StageContext) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        p: NegativesParams = ctx.params  # type: ignore[assignment]
+        manifest = load_data_manifest(ctx.env.dataset)
+        refs = ctx.read_table("ingest", "refs")
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id"])
+        query_refs = refs.filter(pc.is_in(refs.column("split"), pa.array(p.query_splits)))
+        ref_image = dict(zip(query_refs.column("ref_id").to_pylist(),
+                             query_refs.column("image_id").to_pylist(), strict=True))
+        queries = sorted((s, r, ref_image[r]) for s, r in zip(
+            sents.column("sent_id").to_pylist(), sents.column("ref_id").to_pylist(), strict=True)
+            if r in ref_image)
+        dirs = {"images": str(ctx.upstream_dir("embed_images") / "embeddings"),
+                "texts": str(ctx.upstream_dir("embed_texts") / "embeddings"),
+                "refs": str(ctx.upstream_dir("ingest") / "refs"),
+                "train_split": manifest.train_split}
+        tasks = [ShardTask(n, {"queries": queries[s:s + p.queries_per_shard], "dirs": dirs,
+                               "params": p.model_dump()})
+                 for n, s in enumerate(range(0, len(queries), p.queries_per_shard))]
+        stats = ctx.run_shards(_negatives_shard, tasks, desc="search")
+        pool = _pool(dirs)
+        model = ctx.upstream_manifest("embed_images").get("model", {})
+        ctx.extra.update(clip_model=model, score_scale="raw cosine",
+                         id_dtype="int32", score_dtype=p.score_dtype)
+        ctx.record(queries=sum(s["queries"] for s in stats), pool_images=len(pool[0]),
+                   skipped_queries=sum(s["skipped"] for s in stats),
+                   m_effective=min(p.m, len(pool[0])),
+                   device=stats[0]["device"] if stats else None)
+
+
+# -- per-process caches of the upstream matrices (built inside the worker, never pickled) ----
+_CACHE: dict[str, Any] = {}
+
+
+def _cached(key: str, build: Any) -> Any:
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def _embeddings_by_id(table_dir: str, id_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted ascending, float32 matrix in that order)."""
+    import numpy as np
+
+    from pipeline.io import read_table_dir
+    from stages.embed import embeddings_matrix
+
+    t = read_table_dir(Path(table_dir))
+    ids = t.column(id_col).to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return ids[order], embeddings_matrix(t.column("embedding"))[order]
+
+
+def _pool(dirs: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Train-split images that have an embedding: (image ids ascending, vectors)."""
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from pipeline.io import read_table_dir
+
+        refs = read_table_dir(Path(dirs["refs"]))
+        train = refs.filter(pc.equal(refs.column("split"), dirs["train_split"]))
+        train_ids = np.unique(train.column("image_id").to_numpy())
+        ids, vecs = _cached("img:" + dirs["images"],
+                            lambda: _embeddings_by_id(dirs["images"], "image_id"))
+        keep = np.isin(ids, train_ids)
+        return ids[keep], np.ascontiguousarray(vecs[keep])
+
+    return _cached("pool:" + dirs["images"] + dirs["refs"], build)
+
+
+def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Exact top-M column indices of `rank` rows, descending, ties by ascending column.
+
+    `vals`/`idx` are a top-M selection (any order among equal values, e.g. torch.topk); rows
+    whose M-th value is tied with unselected columns are redone exactly.
+    """
+    import numpy as np
+
+    order = np.lexsort((idx, -vals), axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    m = idx.shape[1]
+    kth = vals[:, -1:]
+    tied_total = (rank == kth).sum(axis=1)
+    tied_sel = (vals == kth).sum(axis=1)
+    for row in np.nonzero(tied_total > tied_sel)[0]:
+        r = rank[row]
+        above = np.nonzero(r > kth[row, 0])[0]
+        ties = np.nonzero(r == kth[row, 0])[0][: m - len(above)]
+        cols = np.concatenate([above, ties])
+        idx[row] = cols[np.lexsort((cols, -r[cols]))]
+    return idx
+
+
+def search_block(t: np.ndarray, v: np.ndarray, own: np.ndarray, pool: np.ndarray, m: int,
+                 rank_by: str, device: Any) -> dict[str, np.ndarray]:
+    """Both scores of the top-M pool columns of a block of queries, own image excluded.
+
+    t, v: (B, d) text and own-image vectors; own: (B,) pool column of the own image or -1.
+    Returns idx (B, m') with m' = min(m, P), rho_ti, rho_ii at idx (own image entries are
+    marked by idx -1), and per-row pool extremes of both scores.
+    """
+    import numpy as np
+    import torch
+
+    pool_t = torch.from_numpy(pool).to(device)
+    ti = (torch.from_numpy(t).to(device) @ pool_t.T).float()
+    ii = (torch.from_numpy(v).to(device) @ pool_t.T).float()
+    b, p = ti.shape
+    own_mask = torch.zeros((b, p), dtype=torch.bool, device=device)
+    rows = torch.nonzero(torch.from_numpy(own >= 0)).flatten().to(device)
+    own_mask[rows, torch.from_numpy(own).to(device)[rows]] = True
+    inf = float("inf")
+    out = {
+        "ti_min": ti.masked_fill(own_mask, inf).amin(1), "ti_max": ti.masked_fill(own_mask,
+                                                                                  -inf).amax(1),
+        "ii_min": ii.masked_fill(own_mask, inf).amin(1), "ii_max": ii.masked_fill(own_mask,
+                                                                                  -inf).amax(1),
+    }
+    rank = (ti if rank_by == "ti" else ii).masked_fill(own_mask, -inf)
+    k = min(m, p)
+    vals, idx = torch.topk(rank, k, dim=1, largest=True, sorted=True)
+    rank_np = rank.cpu().numpy()
+    idx_np = topm_tiebreak(rank_np, vals.cpu().numpy(), idx.cpu().numpy())
+    ti_np, ii_np = ti.cpu().numpy(), ii.cpu().numpy()
+    result = {key: val.cpu().numpy() for key, val in out.items()}
+    own_hit = np.take_along_axis(rank_np, idx_np, axis=1) == -inf
+    result["idx"] = np.where(own_hit, -1, idx_np)
+    result["rho_ti"] = np.take_along_axis(ti_np, idx_np, axis=1)
+    result["rho_ii"] = np.take_along_axis(ii_np, idx_np, axis=1)
+    return result
+
+
+def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    p = NegativesParams(**payload["params"])
+    dirs = payload["dirs"]
+    pool_ids, pool_vecs = _pool(dirs)
+    img_ids, img_vecs = _cached("img:" + dirs["images"],
+                                lambda: _embeddings_by_id(dirs["images"], "image_id"))
+    txt_ids, txt_vecs = _cached("txt:" + dirs["texts"],
+                                lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
+    device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if p.device == "auto" else p.device))
+
+    q = np.array(payload["queries"], dtype=np.int64).reshape(-1, 3)
+    t_pos = np.searchsorted(txt_ids, q[:, 0])
+    v_pos = np.searchsorted(img_ids, q[:, 2])
+    ok = ((t_pos < len(txt_ids)) & (txt_ids[np.minimum(t_pos, len(txt_ids) - 1)] == q[:, 0])
+          & (v_pos < len(img_ids)) & (img_ids[np.minimum(v_pos, len(img_ids) - 1)] == q[:, 2]))
+    q, t_pos, v_pos = q[ok], t_pos[ok], v_pos[ok]
+    own = np.searchsorted(pool_ids, q[:, 2])
+    own = np.where((own < len(pool_ids)) & (pool_ids[np.minimum(own, len(pool_ids) - 1)]
+                                            == q[:, 2]), own, -1)
+
+    cols: dict[str, list[Any]] = {k: [] for k in ("ids", "rho_ti", "rho_ii", "lengths",
+                                                  "ti_min", "ti_max", "ii_min", "ii_max")}
+    for s in range(0, len(q), p.block):
+        r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[v_pos[s:s + p.block]],
+                         own[s:s + p.block], pool_vecs, p.m, p.rank_by, device)
+        keep = r["idx"] >= 0
+        cols["ids"].append(pool_ids[r["idx"][keep]])
+        cols["rho_ti"].append(r["rho_ti"][keep])
+        cols["rho_ii"].append(r["rho_ii"][keep])
+        cols["lengths"].append(keep.sum(axis=1))
+        for key in ("ti_min", "ti_max", "ii_min", "ii_max"):
+            cols[key].append(r[key])
+
+    def cat(key: str, dtype: Any) -> np.ndarray:
+        return (np.concatenate(cols[key]).astype(dtype) if cols[key]
+                else np.zeros(0, dtype))
+
+    offsets = np.concatenate([[0], np.cumsum(cat("lengths", np.int64))]).astype(np.int32)
+    score_type = pa.float16() if p.score_dtype == "float16" else pa.float32()
+    np_score = np.float16 if p.score_dtype == "float16" else np.float32
+
+    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, typ))
+
+    writer.write_table("negatives", pa.table({
+        "sent_id": pa.array(q[:, 0], pa.int64()),
+        "ref_id": pa.array(q[:, 1], pa.int64()),
+        "image_id": pa.array(q[:, 2], pa.int64()),
+        "cand_image_ids": lists(cat("ids", np.int32), pa.int32()),
+        "rho_ti": lists(cat("rho_ti", np_score), score_type),
+        "rho_ii": lists(cat("rho_ii", np_score), score_type),
+        **{k: pa.array(cat(k, np.float32), pa.float32())
+           for k in ("ti_min", "ti_max", "ii_min", "ii_max")},
+    }))
+    return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device)}
