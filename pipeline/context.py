@@ -47,8 +47,12 @@ class ShardWriter:
         self.index = index
         self.schema_version = schema_version
 
-    def write_table(self, table: str, data: pa.Table) -> None:
-        write_parquet(data, self.staging / table / part_name(self.index), self.schema_version)
+    def write_table(self, table: str, data: pa.Table, use_dictionary: bool = True,
+                    compression_level: int | None = None) -> None:
+        """`use_dictionary=False` and a low `compression_level` suit large high-cardinality
+        columns (score lists), which compress little and cost most to write."""
+        write_parquet(data, self.staging / table / part_name(self.index), self.schema_version,
+                      use_dictionary=use_dictionary, compression_level=compression_level)
 
 
 @dataclass

@@ -32,6 +32,8 @@ def write_parquet(
     path: Path,
     schema_version: str,
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    use_dictionary: bool = True,
+    compression_level: int | None = None,
 ) -> None:
     """Write `table` deterministically, via a temp name so a crash never leaves a partial file."""
     import pyarrow.parquet as pq
@@ -45,8 +47,9 @@ def write_parquet(
         table,
         tmp,
         compression="zstd",
-        compression_level=ZSTD_LEVEL,
+        compression_level=ZSTD_LEVEL if compression_level is None else compression_level,
         row_group_size=max(1, row_group_rows),
+        use_dictionary=use_dictionary,
         write_statistics=True,
     )
     os.replace(tmp, path)

@@ -132,22 +132,23 @@ def _pool(dirs: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     return _cached("pool:" + dirs["images"] + dirs["refs"], build)
 
 
-def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
+                  boundary: np.ndarray | None = None) -> np.ndarray:
     """Exact top-M column indices of `rank` rows, descending, ties by ascending column.
 
-    `vals`/`idx` are a top-M selection (any order among equal values, e.g. torch.topk); rows
-    whose M-th value is tied with unselected columns are redone exactly.
+    `vals`/`idx` are a descending top-M selection whose order among equal values is arbitrary
+    (torch.topk). Only rows with a tie, inside the selection or at its boundary with unselected
+    columns, are redone; with real-valued scores those are rare. `boundary` (rows whose M-th
+    value is tied with an unselected column) may be passed in when computed elsewhere.
     """
     import numpy as np
 
-    order = np.lexsort((idx, -vals), axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
     m = idx.shape[1]
     kth = vals[:, -1:]
-    tied_total = (rank == kth).sum(axis=1)
-    tied_sel = (vals == kth).sum(axis=1)
-    for row in np.nonzero(tied_total > tied_sel)[0]:
+    inner = (vals[:, 1:] == vals[:, :-1]).any(axis=1) if m > 1 else np.zeros(len(idx), bool)
+    if boundary is None:
+        boundary = (rank == kth).sum(axis=1) > (vals == kth).sum(axis=1)
+    for row in np.nonzero(inner | boundary)[0]:
         r = rank[row]
         above = np.nonzero(r > kth[row, 0])[0]
         ties = np.nonzero(r == kth[row, 0])[0][: m - len(above)]
@@ -169,29 +170,30 @@ def search_block(t: np.ndarray, v: np.ndarray, own: np.ndarray, pool: np.ndarray
 
     pool_t = torch.from_numpy(pool).to(device)
     ti = (torch.from_numpy(t).to(device) @ pool_t.T).float()
-    ii = (torch.from_numpy(v).to(device) @ pool_t.T).float()
-    b, p = ti.shape
-    own_mask = torch.zeros((b, p), dtype=torch.bool, device=device)
-    rows = torch.nonzero(torch.from_numpy(own >= 0)).flatten().to(device)
-    own_mask[rows, torch.from_numpy(own).to(device)[rows]] = True
+    # a block's sentences share few images (about 7 per image in RefCOCO): one row per image
+    uniq, inverse = np.unique(v, axis=0, return_inverse=True)
+    ii = (torch.from_numpy(np.ascontiguousarray(uniq)).to(device) @ pool_t.T).float()
+    ii = ii[torch.from_numpy(inverse.reshape(-1)).to(device)]
     inf = float("inf")
-    out = {
-        "ti_min": ti.masked_fill(own_mask, inf).amin(1), "ti_max": ti.masked_fill(own_mask,
-                                                                                  -inf).amax(1),
-        "ii_min": ii.masked_fill(own_mask, inf).amin(1), "ii_max": ii.masked_fill(own_mask,
-                                                                                  -inf).amax(1),
-    }
-    rank = (ti if rank_by == "ti" else ii).masked_fill(own_mask, -inf)
-    k = min(m, p)
-    vals, idx = torch.topk(rank, k, dim=1, largest=True, sorted=True)
-    rank_np = rank.cpu().numpy()
-    idx_np = topm_tiebreak(rank_np, vals.cpu().numpy(), idx.cpu().numpy())
-    ti_np, ii_np = ti.cpu().numpy(), ii.cpu().numpy()
-    result = {key: val.cpu().numpy() for key, val in out.items()}
-    own_hit = np.take_along_axis(rank_np, idx_np, axis=1) == -inf
+    rows = torch.from_numpy(np.nonzero(own >= 0)[0]).to(device)
+    cols = torch.from_numpy(own[own >= 0]).to(device)
+    result: dict[str, np.ndarray] = {}
+    for name, scores in (("ti", ti), ("ii", ii)):
+        # the own image is left out of the extremes and can never be selected
+        scores[rows, cols] = inf
+        result[f"{name}_min"] = scores.amin(1).cpu().numpy()
+        scores[rows, cols] = -inf
+        result[f"{name}_max"] = scores.amax(1).cpu().numpy()
+    rank = ti if rank_by == "ti" else ii
+    vals, idx = torch.topk(rank, min(m, rank.shape[1]), dim=1, largest=True, sorted=True)
+    kth = vals[:, -1:]
+    boundary = ((rank == kth).sum(1) > (vals == kth).sum(1)).cpu().numpy()
+    idx_np = topm_tiebreak(rank.cpu().numpy(), vals.cpu().numpy(), idx.cpu().numpy(), boundary)
+    idx_t = torch.from_numpy(idx_np).to(device)
+    own_hit = (rank.gather(1, idx_t) == -inf).cpu().numpy()
     result["idx"] = np.where(own_hit, -1, idx_np)
-    result["rho_ti"] = np.take_along_axis(ti_np, idx_np, axis=1)
-    result["rho_ii"] = np.take_along_axis(ii_np, idx_np, axis=1)
+    result["rho_ti"] = ti.gather(1, idx_t).cpu().numpy()
+    result["rho_ii"] = ii.gather(1, idx_t).cpu().numpy()
     return result
 
 
@@ -234,7 +236,7 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
             cols[key].append(r[key])
 
     def cat(key: str, dtype: Any) -> np.ndarray:
-        return (np.concatenate(cols[key]).astype(dtype) if cols[key]
+        return (np.concatenate(cols[key]).astype(dtype, copy=False) if cols[key]
                 else np.zeros(0, dtype))
 
     offsets = np.concatenate([[0], np.cumsum(cat("lengths", np.int64))]).astype(np.int32)
@@ -244,7 +246,8 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
     def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, typ))
 
-    writer.write_table("negatives", pa.table({
+    # score lists are incompressible floats: no dictionary, fast zstd
+    writer.write_table("negatives", use_dictionary=False, compression_level=1, data=pa.table({
         "sent_id": pa.array(q[:, 0], pa.int64()),
         "ref_id": pa.array(q[:, 1], pa.int64()),
         "image_id": pa.array(q[:, 2], pa.int64()),
