@@ -25,7 +25,7 @@ PYTEST_ARGS ?= -n 2
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
       --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest embeddings negatives status bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings negatives shards status bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,7 +42,7 @@ demo-data: setup
 # The main job on the embedded demo: every stage that exists, on every layout, CPU only.
 demo: demo-data
 	@for ds in $(DEMO_DATASETS); do \
-	  $(MAKE) --no-print-directory ingest embeddings negatives DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
+	  $(MAKE) --no-print-directory ingest embeddings negatives shards DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
 	    IMAGES=$(DEMO_DIR)/images/train2014 || exit 1; \
 	done
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
@@ -60,6 +60,10 @@ embeddings: setup
 negatives: setup
 	$(RUN) --stage negatives
 	$(RUN) --stage mosaic_tables
+
+# training shards per split, read by pipeline.dataset.NemoDataset
+shards: setup
+	$(RUN) --stage shards
 
 status: setup
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS) $(SET)

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.io import part_name, read_json, read_table_dir, write_json, write_parquet
+from pipeline.io import (
+    DEFAULT_ROW_GROUP_ROWS,
+    part_name,
+    read_json,
+    read_table_dir,
+    write_json,
+    write_parquet,
+)
 from pipeline.stage import Params, RunEnv, Stage
 
 if TYPE_CHECKING:
@@ -48,11 +55,14 @@ class ShardWriter:
         self.schema_version = schema_version
 
     def write_table(self, table: str, data: pa.Table, use_dictionary: bool = True,
-                    compression_level: int | None = None) -> None:
+                    compression_level: int | None = None,
+                    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
         """`use_dictionary=False` and a low `compression_level` suit large high-cardinality
-        columns (score lists), which compress little and cost most to write."""
+        columns (score lists), which compress little and cost most to write; small
+        `row_group_rows` suit tables read by random access."""
         write_parquet(data, self.staging / table / part_name(self.index), self.schema_version,
-                      use_dictionary=use_dictionary, compression_level=compression_level)
+                      row_group_rows=row_group_rows, use_dictionary=use_dictionary,
+                      compression_level=compression_level)
 
 
 @dataclass

@@ -1,0 +1,221 @@
+"""shards: everything a trainer needs, one row per sentence, Parquet per split.
+
+Joins ingest (text, image, target mask), mosaic_tables (the K negative images and allowed
+quadrants, training split only) and hard negatives into `<split>/part-*.parquet` with small row
+groups for random access, plus an `images` table (id -> file, size) for the positives and
+negatives. Evaluation splits pass through unaugmented. The manifest carries a schema version
+and the key and params of every upstream artifact (tau, K, CLIP model, ...), so a trainer can
+log exactly what it trained on; `pipeline.dataset.NemoDataset` reads these shards.
+
+Hard negatives: with `shards.with_hard_negatives` they come from the hard_negatives stage
+(not in this version yet); otherwise, with `shards.same_image_negatives`, the sentences of the
+other referents in the same image (kind `same_image`, no score), which need only ingest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import ConfigError
+from pipeline.io import read_json, read_table_dir
+from pipeline.stage import Params, RunEnv, Stage
+from stages.datasets import load_data_manifest
+
+SCHEMA_VERSION = "1"
+ALL_QUADRANTS = [0, 1, 2, 3]
+
+
+class ShardsParams(Params):
+    with_hard_negatives: bool = Field(False, description="include the hard_negatives table")
+    same_image_negatives: bool = Field(
+        True, description="without hard_negatives: other referents' sentences of the same image")
+    rows_per_part: int = Field(16384, ge=1, description="sentences per Parquet part")
+    rows_per_group: int = Field(256, ge=1, description="rows per row group (random access)")
+
+
+class Shards(Stage):
+    """Training shards per split: text, image, target mask, mosaic negatives, hard negatives."""
+
+    name = "shards"
+    version = SCHEMA_VERSION
+    inputs = ("ingest", "mosaic_tables")
+    params_model = ShardsParams
+    tables = ("images", "train", "val", "test", "testA", "testB")
+    libraries = ("pyarrow", "pycocotools", "numpy")
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        p: ShardsParams = params  # type: ignore[assignment]
+        if p.with_hard_negatives:
+            raise ConfigError(
+                "shards.with_hard_negatives=true needs the hard_negatives stage, which this "
+                "version of nemo-pipe does not have yet; use shards.with_hard_negatives=false "
+                "(same-image negatives from ingest, shards.same_image_negatives=true)")
+
+    def run(self, ctx: StageContext) -> None:
+        p: ShardsParams = ctx.params  # type: ignore[assignment]
+        manifest = load_data_manifest(ctx.env.dataset)
+        refs = ctx.read_table("ingest", "refs").select(["ref_id", "split"])
+        split_of = dict(zip(refs.column("ref_id").to_pylist(), refs.column("split").to_pylist(),
+                            strict=True))
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id"])
+        by_split: dict[str, list[int]] = {}
+        for sid, rid in zip(sents.column("sent_id").to_pylist(),
+                            sents.column("ref_id").to_pylist(), strict=True):
+            by_split.setdefault(split_of[rid], []).append(sid)
+        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+                for t in ("refs", "sentences", "objects", "images")}
+        dirs["mosaic"] = str(ctx.upstream_dir("mosaic_tables") / "mosaic")
+        tasks = []
+        for split in manifest.splits:
+            ids = sorted(by_split.get(split, []))
+            for start in range(0, len(ids), p.rows_per_part):
+                tasks.append(ShardTask(len(tasks), {
+                    "split": split, "sent_ids": ids[start:start + p.rows_per_part],
+                    "train": split == manifest.train_split, "dirs": dirs,
+                    "params": p.model_dump()}))
+        stats = ctx.run_shards(_shards_shard, tasks, desc="join")
+        images = ctx.read_table("ingest", "images").select(["image_id", "file_name", "width",
+                                                            "height"])
+        ctx.write_table("images", images)
+        ctx.extra["schema_version"] = SCHEMA_VERSION
+        ctx.extra["upstream_artifacts"] = upstream_artifacts(ctx)
+        rows: dict[str, int] = {}
+        for task, s in zip(tasks, stats, strict=True):
+            rows[task.payload["split"]] = rows.get(task.payload["split"], 0) + s["rows"]
+        ctx.record(rows_per_split=rows,
+                   with_hard_negatives_share=round(
+                       sum(s["with_hn"] for s in stats) / max(1, sum(rows.values())), 4))
+
+
+def upstream_artifacts(ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """Key, version and params of every artifact this one was built from, transitively."""
+    out: dict[str, dict[str, Any]] = {}
+    todo = list(ctx.upstream_keys.items())
+    while todo:
+        stage, key = todo.pop()
+        if stage in out:
+            continue
+        m = read_json(ctx.store.artifact_dir(ctx.env.dataset, stage, key) / "_manifest.json")
+        out[stage] = {"key": key, "version": m["version"], "params": m["params"],
+                      **({"model": m["model"]} if "model" in m else {})}
+        todo.extend(m.get("upstream", {}).items())
+    return dict(sorted(out.items()))
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
+    """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
+    key = dirs["refs"] + dirs["mosaic"]
+    if key in _CACHE:
+        return _CACHE[key]
+    refs = read_table_dir(Path(dirs["refs"])).to_pylist()
+    sents = read_table_dir(Path(dirs["sentences"])).select(["sent_id", "ref_id", "sent"])
+    objects = read_table_dir(Path(dirs["objects"])).select(["ann_id", "rle"])
+    images = read_table_dir(Path(dirs["images"])).select(["image_id", "file_name", "width",
+                                                          "height"]).to_pylist()
+    mosaic = read_table_dir(Path(dirs["mosaic"]))
+    ref_by_id = {r["ref_id"]: r for r in refs}
+    sent_rows = {s: (r, t) for s, r, t in zip(sents.column("sent_id").to_pylist(),
+                                               sents.column("ref_id").to_pylist(),
+                                               sents.column("sent").to_pylist(), strict=True)}
+    sents_of_ref: dict[int, list[int]] = {}
+    for sid, (rid, _) in sorted(sent_rows.items()):
+        sents_of_ref.setdefault(rid, []).append(sid)
+    refs_of_image: dict[int, list[int]] = {}
+    for r in refs:
+        refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
+    _CACHE.clear()
+    _CACHE[key] = {
+        "ref": ref_by_id,
+        "sent": sent_rows,
+        "sents_of_ref": sents_of_ref,
+        "refs_of_image": refs_of_image,
+        "rle": dict(zip(objects.column("ann_id").to_pylist(), objects.column("rle").to_pylist(),
+                        strict=True)),
+        "image": {i["image_id"]: i for i in images},
+        "mosaic": {row["sent_id"]: row for row in mosaic.select(
+            ["sent_id", "neg_image_ids", "k_shortfall", "positional_words",
+             "allowed_quadrants"]).to_pylist()},
+    }
+    return _CACHE[key]
+
+
+def union_rle(rles: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
+    """Compressed RLE of the union of target masks; all-zero for no target."""
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]},
+                                     height, width)
+    elif len(rles) == 1:
+        return {"size": list(rles[0]["size"]), "counts": rles[0]["counts"]}
+    else:
+        rle = mask_utils.merge([{"size": r["size"], "counts": r["counts"].encode()}
+                                for r in rles], intersect=False)
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]],
+            "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+def same_image_negatives(look: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Sentences of the image's other referents whose targets do not overlap this one's."""
+    if not ref["ann_ids"]:
+        return []  # a no-target sentence has no object to contrast with
+    mine = set(ref["ann_ids"])
+    out = []
+    for other in sorted(look["refs_of_image"][ref["image_id"]]):
+        o = look["ref"][other]
+        if other == ref["ref_id"] or mine & set(o["ann_ids"]):
+            continue
+        out.extend(look["sent"][s][1] for s in look["sents_of_ref"].get(other, []))
+    return out
+
+
+def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    p = ShardsParams(**payload["params"])
+    look = _lookups(payload["dirs"])
+    rows: dict[str, list[Any]] = {c: [] for c in (
+        "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
+        "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
+        "hn_texts", "hn_kinds", "hn_scores")}
+    with_hn = 0
+    for sid in payload["sent_ids"]:
+        rid, text = look["sent"][sid]
+        ref = look["ref"][rid]
+        img = look["image"][ref["image_id"]]
+        mosaic = look["mosaic"].get(sid) if payload["train"] else None
+        hn = same_image_negatives(look, ref) if p.same_image_negatives else []
+        with_hn += bool(hn)
+        for col, value in (
+            ("sent_id", sid), ("ref_id", rid), ("image_id", ref["image_id"]),
+            ("split", payload["split"]), ("sent", text), ("category_id", ref["category_id"]),
+            ("ann_ids", ref["ann_ids"]), ("no_target", not ref["ann_ids"]),
+            ("mask_rle", union_rle([look["rle"][a] for a in ref["ann_ids"]], img["height"],
+                                   img["width"])),
+            ("neg_image_ids", mosaic["neg_image_ids"] if mosaic else []),
+            ("k_shortfall", mosaic["k_shortfall"] if mosaic else 0),
+            ("positional_words", mosaic["positional_words"] if mosaic else []),
+            ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else ALL_QUADRANTS),
+            ("hn_texts", hn), ("hn_kinds", ["same_image"] * len(hn)),
+            ("hn_scores", [float("nan")] * len(hn)),
+        ):
+            rows[col].append(value)
+    rle_type = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+    types = {"sent_id": pa.int64(), "ref_id": pa.int64(), "image_id": pa.int64(),
+             "split": pa.string(), "sent": pa.string(), "category_id": pa.int32(),
+             "ann_ids": pa.list_(pa.int64()), "no_target": pa.bool_(), "mask_rle": rle_type,
+             "neg_image_ids": pa.list_(pa.int64()), "k_shortfall": pa.int32(),
+             "positional_words": pa.list_(pa.string()),
+             "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
+             "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
+    table = pa.table({c: pa.array(v, types[c]) for c, v in rows.items()})
+    writer.write_table(payload["split"], table, row_group_rows=p.rows_per_group)
+    return {"rows": table.num_rows, "with_hn": with_hn}
