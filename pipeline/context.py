@@ -105,6 +105,7 @@ class StageContext:
     fingerprint: dict[str, Any]
     executor: Executor
     progress: bool = True
+    shared: dict[str, Params] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     _shards_done_here: int = 0

@@ -34,6 +34,13 @@ class Resolved:
     key: str
     upstream: dict[str, str]
     fingerprint: dict[str, Any]
+    shared: dict[str, Params] = field(default_factory=dict)
+
+    def key_params(self) -> dict[str, Any]:
+        out = key_params(self.params)
+        for section, params in sorted(self.shared.items()):
+            out[f"@{section}"] = key_params(params)
+        return out
 
 
 @dataclass
@@ -80,9 +87,10 @@ class Pipeline:
         upstream = {dep: self.resolve(dep).key for dep in cls.inputs}
         stage = cls()
         params = stage.resolve_params(self.env, self.config.params_for(cls.config_section()))
+        shared = {s: self.config.params_for(s) for s in cls.uses_sections}
         fingerprint = stage.fingerprint(self.env, params)
-        key = artifact_key(cls.name, cls.version, key_params(params), upstream, fingerprint)
-        r = Resolved(cls.name, stage, params, key, upstream, fingerprint)
+        r = Resolved(cls.name, stage, params, "", upstream, fingerprint, shared)
+        r.key = artifact_key(cls.name, cls.version, r.key_params(), upstream, fingerprint)
         self._resolved[name] = r
         return r
 
@@ -158,7 +166,7 @@ class Pipeline:
             ctx = StageContext(
                 stage=r.stage, params=r.params, env=self.env, key=r.key, tmp_dir=tmp,
                 store=store, upstream_keys=r.upstream, fingerprint=r.fingerprint,
-                executor=self.executor, progress=self.progress,
+                executor=self.executor, progress=self.progress, shared=r.shared,
             )
             started = time.perf_counter()
             try:
@@ -191,7 +199,8 @@ class Pipeline:
             "dataset": self.env.dataset,
             "key": r.key,
             "params": r.params.model_dump(mode="json"),
-            "key_params": key_params(r.params),
+            "shared_params": {k: v.model_dump(mode="json") for k, v in r.shared.items()},
+            "key_params": r.key_params(),
             "upstream": r.upstream,
             "fingerprint": r.fingerprint,
             "files": files,

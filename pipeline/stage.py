@@ -67,6 +67,8 @@ class Stage(ABC):
         params_model: the pydantic model of the params.
         tables: names of the tables the stage writes (`<key>/<table>/part-*.parquet`).
         libraries: distributions whose versions are recorded in the manifest.
+        uses_sections: other config sections whose params the stage reads (e.g. a stage that
+            embeds its own texts reads `embed`); their output-affecting params join its key.
     """
 
     name: ClassVar[str]
@@ -76,6 +78,7 @@ class Stage(ABC):
     params_model: ClassVar[type[Params]] = Params
     tables: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
+    uses_sections: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def config_section(cls) -> str:

@@ -1,12 +1,15 @@
 """The pipeline's stages, in DAG order. The engine finds them through `STAGES`."""
 
+from stages.clusters import Clusters
 from stages.embed import EmbedImages, EmbedTexts
 from stages.index import Index
 from stages.ingest import Ingest
 from stages.mosaic_tables import MosaicTables
+from stages.multiview import Multiview
 from stages.negatives import Negatives
 from stages.shards import Shards
 
-STAGES = [Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables, Shards]
+STAGES = [Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables, Multiview, Clusters,
+          Shards]
 
 __all__ = ["STAGES"]

@@ -1,0 +1,272 @@
+"""multiview: three referring expressions per instance, from three views.
+
+For every single-target referent of `multiview.splits`, a VLM is shown the image and the
+original expressions of every instance in it and writes an appearance, an action and a spatial
+expression, or a second appearance one (`appearance_alt`) where a view does not apply (the
+method notes' prompt and worked examples, stages.vlm). One request per image covers all its
+instances (`per_instance` asks per instance instead).
+
+Backends: `hf` (transformers LLaVA, batched, the default `llava-hf/llava-1.5-7b-hf` or a local
+dir, `tiny` for tests), `vllm` (structured JSON decoding; only where installed with a GPU), and
+`template` (deterministic expressions from the annotations: dominant colour of the mask's
+pixels, position from the box, relation to the nearest other instance; for the demo, CPU-only
+users and as a baseline).
+
+Generation is the expensive stage, so model backends resume per request: every finished
+request (success or recorded failure) goes to a request cache keyed by (model, prompt hash,
+image id) as soon as it is done; after a kill nothing finished is generated again, and a
+changed prompt redoes only what changed. Malformed model output is never dropped silently: it is
+retried with a repair prompt and, failing that, recorded in `failures`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import InputError
+from pipeline.io import read_table_dir
+from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from stages.datasets import load_data_manifest
+from stages.ingest import data_locations
+
+VIEWS = ("appearance", "action", "spatial", "appearance_alt")
+
+# The 11 basic colour terms (Berlin & Kay) and typical sRGB values: nearest one names a mask.
+BASIC_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (200, 30, 35), "orange": (240, 130, 20), "yellow": (240, 210, 40),
+    "green": (40, 150, 60), "blue": (35, 75, 200), "purple": (125, 45, 160),
+    "pink": (240, 145, 185), "brown": (120, 72, 35), "black": (25, 25, 25),
+    "white": (240, 240, 240), "gray": (128, 128, 128),
+}
+
+
+class MultiviewParams(Params):
+    backend: Literal["hf", "vllm", "template"] = Field("hf", description="generator")
+    model: str = Field("llava-hf/llava-1.5-7b-hf",
+                       description="Hugging Face id (already cached), local dir, or `tiny`")
+    splits: list[str] = Field(["train"], description="splits whose referents get views")
+    per_instance: bool = Field(False, description="one request per instance, not per image")
+    max_attempts: int = Field(3, ge=1, description="generation + repair attempts per request")
+    max_new_tokens: int = Field(384, ge=16)
+    images_per_shard: int = Field(256, ge=1)
+    batch_size: int = runtime_field(8, "requests per generate call", ge=1)
+    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+
+
+class Multiview(Stage):
+    """Appearance / action / spatial expressions per instance from a VLM (or templates)."""
+
+    name = "multiview"
+    version = "1"
+    inputs = ("ingest",)
+    params_model = MultiviewParams
+    tables = ("views", "failures")
+    libraries = ("pyarrow", "transformers", "torch", "pillow")
+
+    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
+        p: MultiviewParams = params  # type: ignore[assignment]
+        if p.backend == "template":
+            return {}
+        from stages.vlm import PROMPT_VERSION
+
+        return {"prompt_version": PROMPT_VERSION}
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        p: MultiviewParams = params  # type: ignore[assignment]
+        manifest = load_data_manifest(env.dataset)
+        unknown = sorted(set(p.splits) - set(manifest.splits))
+        if unknown:
+            raise InputError(f"multiview.splits: {unknown} are not splits of {manifest.name} "
+                             f"({', '.join(manifest.splits)})")
+        if p.backend == "hf":
+            from stages.vlm import check_hf_model
+
+            check_hf_model(p.model)
+        elif p.backend == "vllm":
+            from stages.vlm import check_vllm
+
+            check_vllm()
+
+    def run(self, ctx: StageContext) -> None:
+        import pyarrow.compute as pc
+
+        p: MultiviewParams = ctx.params  # type: ignore[assignment]
+        manifest = load_data_manifest(ctx.env.dataset)
+        _, images_dir = data_locations(ctx.env, manifest)
+        refs = ctx.read_table("ingest", "refs")
+        refs = refs.filter(pc.is_in(refs.column("split"), __import__("pyarrow").array(p.splits)))
+        single = [r for r in refs.to_pylist() if len(r["ann_ids"]) == 1]
+        image_ids = sorted({r["image_id"] for r in single})
+        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+                for t in ("refs", "sentences", "objects", "images", "categories")}
+        tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
+                               "splits": p.splits, "dirs": dirs,
+                               "images_dir": str(images_dir), "params": p.model_dump(),
+                               "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite")})
+                 for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
+        stats = ctx.run_shards(_multiview_shard, tasks, desc="views")
+        skipped = len(refs) - len(single)
+        ctx.record(instances=len(single), images=len(image_ids),
+                   skipped_multi_or_no_target=skipped,
+                   views=sum(s["views"] for s in stats),
+                   failures=sum(s["failures"] for s in stats),
+                   generated_requests=sum(s["generated"] for s in stats),
+                   cached_requests=sum(s["cached"] for s in stats))
+        ctx.extra.update(backend=p.backend, model=p.model if p.backend != "template" else None)
+
+
+# -- instances ------------------------------------------------------------------------------
+_CACHE: dict[str, Any] = {}
+
+
+def instances_by_image(dirs: dict[str, str], splits: list[str]) -> dict[int, list[dict]]:
+    """Per image: every single-target referent of `splits` with its annotation and sentences."""
+    key = dirs["refs"] + ",".join(splits)
+    if key in _CACHE:
+        return _CACHE[key]
+    refs = read_table_dir(Path(dirs["refs"])).to_pylist()
+    sents = read_table_dir(Path(dirs["sentences"])).select(["ref_id", "sent"]).to_pylist()
+    objects = {o["ann_id"]: o for o in read_table_dir(Path(dirs["objects"])).to_pylist()}
+    cats = {c["category_id"]: c["name"]
+            for c in read_table_dir(Path(dirs["categories"])).to_pylist()}
+    images = {i["image_id"]: i for i in read_table_dir(Path(dirs["images"])).to_pylist()}
+    texts: dict[int, list[str]] = {}
+    for s in sents:
+        texts.setdefault(s["ref_id"], []).append(s["sent"])
+    out: dict[int, list[dict]] = {}
+    for r in sorted(refs, key=lambda r: r["ref_id"]):
+        if r["split"] not in splits or len(r["ann_ids"]) != 1:
+            continue
+        obj = objects[r["ann_ids"][0]]
+        out.setdefault(r["image_id"], []).append({
+            "ref_id": r["ref_id"], "image_id": r["image_id"], "ann_id": obj["ann_id"],
+            "category": cats.get(obj["category_id"], "object"), "bbox": obj["bbox"],
+            "rle": obj["rle"], "sentences": texts.get(r["ref_id"], []),
+            "image": images[r["image_id"]],
+        })
+    _CACHE.clear()
+    _CACHE[key] = out
+    return out
+
+
+# -- template backend -----------------------------------------------------------------------
+def dominant_color(pixels: Any, mask: Any) -> str:
+    """The basic colour term nearest to the median colour of the masked pixels."""
+    import numpy as np
+
+    sel = pixels[mask.astype(bool)]
+    if len(sel) == 0:
+        return "gray"
+    med = np.median(sel.reshape(-1, 3).astype(np.float64), axis=0)
+    names = list(BASIC_COLORS)
+    ref = np.array([BASIC_COLORS[n] for n in names], dtype=np.float64)
+    return names[int(np.argmin(((ref - med) ** 2).sum(axis=1)))]
+
+
+def horizontal_side(bbox: list[float], width: int) -> str:
+    cx = (bbox[0] + bbox[2] / 2) / width
+    return "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "middle"
+
+
+def vertical_side(bbox: list[float], height: int) -> str | None:
+    cy = (bbox[1] + bbox[3] / 2) / height
+    return "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else None
+
+
+def template_views(inst: dict[str, Any], others: list[dict[str, Any]], color: str,
+                   other_colors: dict[int, str]) -> dict[str, str | None]:
+    """Deterministic views grounded in the annotation; no action is known, so the second
+    appearance view stands in for it, as the method notes do for static objects."""
+    img = inst["image"]
+    cat = inst["category"]
+    side = horizontal_side(inst["bbox"], img["width"])
+    vert = vertical_side(inst["bbox"], img["height"])
+    where = f"{vert} {side}" if vert and side != "middle" else (vert or side)
+    place = "in the middle" if where == "middle" else f"on the {where}"
+    spatial = f"the {cat} {place}"
+    if others:
+        cx = inst["bbox"][0] + inst["bbox"][2] / 2
+        cy = inst["bbox"][1] + inst["bbox"][3] / 2
+
+        def dist(o: dict[str, Any]) -> float:
+            ox, oy = o["bbox"][0] + o["bbox"][2] / 2, o["bbox"][1] + o["bbox"][3] / 2
+            return (ox - cx) ** 2 + (oy - cy) ** 2
+
+        near = min(others, key=lambda o: (dist(o), o["ann_id"]))
+        ox = near["bbox"][0] + near["bbox"][2] / 2
+        rel = "left of" if cx < ox else "right of"
+        spatial += f", {rel} the {other_colors[near['ann_id']]} {near['category']}"
+    area = inst["bbox"][2] * inst["bbox"][3] / (img["width"] * img["height"])
+    size = "large" if area > 0.15 else "small" if area < 0.03 else "medium-sized"
+    return {"appearance": f"the {color} {cat}", "action": None, "spatial": spatial,
+            "appearance_alt": f"the {size} {color} {cat}"}
+
+
+def _template_image(insts: list[dict[str, Any]], images_dir: str) -> dict[int, dict]:
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    img = insts[0]["image"]
+    with Image.open(Path(images_dir) / img["file_name"]) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    colors = {}
+    for inst in insts:
+        mask = mask_utils.decode({"size": inst["rle"]["size"], "counts": inst["rle"]["counts"]})
+        colors[inst["ann_id"]] = dominant_color(pixels, mask)
+    return {inst["ann_id"]: template_views(inst, [o for o in insts if o is not inst],
+                                           colors[inst["ann_id"]], colors)
+            for inst in insts}
+
+
+# -- shard ----------------------------------------------------------------------------------
+def _multiview_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    p = MultiviewParams(**payload["params"])
+    by_image = instances_by_image(payload["dirs"], payload["splits"])
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    counts = {"generated": 0, "cached": 0}
+    if p.backend == "template":
+        for image_id in payload["image_ids"]:
+            insts = by_image[image_id]
+            views = _template_image(insts, payload["images_dir"])
+            for inst in insts:
+                rows.extend(_view_rows(inst, views[inst["ann_id"]], "template", "", "", 1))
+    else:
+        from stages.vlm import run_model_backend
+
+        rows, failures, counts = run_model_backend(p, by_image, payload)
+    writer.write_table("views", pa.table({
+        "ref_id": pa.array([r["ref_id"] for r in rows], pa.int64()),
+        "image_id": pa.array([r["image_id"] for r in rows], pa.int64()),
+        "ann_id": pa.array([r["ann_id"] for r in rows], pa.int64()),
+        "view": pa.array([r["view"] for r in rows], pa.string()),
+        "text": pa.array([r["text"] for r in rows], pa.string()),
+        "backend": pa.array([r["backend"] for r in rows], pa.string()),
+        "model": pa.array([r["model"] for r in rows], pa.string()),
+        "prompt_hash": pa.array([r["prompt_hash"] for r in rows], pa.string()),
+        "attempts": pa.array([r["attempts"] for r in rows], pa.int32()),
+    }))
+    writer.write_table("failures", pa.table({
+        "image_id": pa.array([f["image_id"] for f in failures], pa.int64()),
+        "ann_ids": pa.array([f["ann_ids"] for f in failures], pa.list_(pa.int64())),
+        "reason": pa.array([f["reason"] for f in failures], pa.string()),
+        "attempts": pa.array([f["attempts"] for f in failures], pa.int32()),
+        "prompt_hash": pa.array([f["prompt_hash"] for f in failures], pa.string()),
+    }))
+    return {"views": len(rows), "failures": len(failures), **counts}
+
+
+def _view_rows(inst: dict[str, Any], views: dict[str, str | None], backend: str, model: str,
+               prompt_hash: str, attempts: int) -> list[dict[str, Any]]:
+    """One row per produced view; a view that does not apply (None) gets no row."""
+    return [{"ref_id": inst["ref_id"], "image_id": inst["image_id"], "ann_id": inst["ann_id"],
+             "view": v, "text": views[v], "backend": backend, "model": model,
+             "prompt_hash": prompt_hash, "attempts": attempts}
+            for v in VIEWS if views.get(v)]

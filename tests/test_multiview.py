@@ -1,0 +1,125 @@
+"""multiview (template backend) grounded in the synthetic scene; clusters against open_clip."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.api import open_pipeline
+from pipeline.errors import InputError
+from stages.clip_models import save_tiny_checkpoint
+from stages.embed import embeddings_matrix
+from stages.multiview import BASIC_COLORS
+
+SIDES = {"left", "right", "middle"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=3)
+
+
+def pipe_for(demo, work, checkpoint, *sets, dataset="refcoco"):
+    return open_pipeline(dataset, work, data_root=demo.refer_root, images=demo.images_dir,
+                         sets=["embed.model=tiny", f"embed.pretrained={checkpoint}",
+                               "multiview.backend=template", *sets], progress=False)
+
+
+def test_template_views_grounded_in_annotations(demo, work, checkpoint):
+    pipe = pipe_for(demo, work, checkpoint)
+    pipe.run("multiview")
+    views = pq.read_table(pipe.artifact_dir("multiview") / "views").to_pylist()
+    refs = pickle.loads((demo.refer_root / "refcoco" / "refs(unc).p").read_bytes())
+    train = {r["ref_id"]: r for r in refs if r["split"] == "train"}
+    assert {v["ref_id"] for v in views} == set(train)  # every train instance, no other
+    with contextlib.redirect_stdout(io.StringIO()):
+        from pycocotools.coco import COCO
+
+        coco = COCO(str(demo.refer_root / "refcoco" / "instances.json"))
+    by_ref: dict[int, dict[str, str]] = {}
+    for v in views:
+        by_ref.setdefault(v["ref_id"], {})[v["view"]] = v["text"]
+        assert v["backend"] == "template" and v["attempts"] == 1
+    checked_color = 0
+    for ref_id, got in by_ref.items():
+        assert set(got) == {"appearance", "spatial", "appearance_alt"}  # no action: alt instead
+        ref = train[ref_id]
+        cat = coco.cats[ref["category_id"]]["name"]
+        assert cat in got["appearance"] and cat in got["spatial"]
+        # colour: the synthetic generator names the drawn colour in the original sentences
+        color = next(c for c in BASIC_COLORS if f" {c} " in f" {got['appearance']} ")
+        said = {c for s in ref["sentences"] for c in BASIC_COLORS if c in s["tokens"]}
+        if said:
+            assert color in said, (ref_id, got["appearance"], said)
+            checked_color += 1
+        # side: from the box centre, computed here by hand
+        x, _, w, _ = coco.anns[ref["ann_id"]]["bbox"]
+        width = coco.imgs[ref["image_id"]]["width"]
+        cx = (x + w / 2) / width
+        side = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "middle"
+        head = got["spatial"].split(",")[0]
+        words = head.split()
+        if side == "middle":  # "in the middle", or only a vertical word ("on the bottom")
+            assert "left" not in words and "right" not in words, (head, cx)
+        else:
+            assert side in words, (head, cx)
+    assert checked_color >= 10
+
+
+def test_clusters_mu_is_mean_of_normalised_view_embeddings(demo, work, checkpoint):
+    pipe = pipe_for(demo, work, checkpoint)
+    pipe.run("clusters")
+    views = pq.read_table(pipe.artifact_dir("multiview") / "views").to_pylist()
+    clusters = pq.read_table(pipe.artifact_dir("clusters") / "clusters")
+    with contextlib.redirect_stderr(io.StringIO()):
+        model, _, _ = open_clip.create_model_and_transforms("nemo-tiny",
+                                                            pretrained=str(checkpoint))
+    tokenizer = open_clip.get_tokenizer("nemo-tiny")
+    texts: dict[int, list[str]] = {}
+    for v in views:
+        texts.setdefault(v["ann_id"], []).append(v["text"])
+    mus = embeddings_matrix(clusters.column("mu"))
+    spreads = clusters.column("spread").to_numpy()
+    for i, ann_id in enumerate(clusters.column("ann_id").to_pylist()):
+        with torch.no_grad():
+            e = model.encode_text(tokenizer(texts[ann_id])).numpy().astype(np.float64)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        mu = e.mean(axis=0)
+        mu /= np.linalg.norm(mu)
+        np.testing.assert_allclose(mus[i], mu, atol=2e-3)
+        assert abs(spreads[i] - (e @ mu).mean()) < 1e-3
+    assert clusters.column("n_views").to_pylist() == [len(texts[a]) for a in
+                                                      clusters.column("ann_id").to_pylist()]
+
+
+def test_grefcoco_multi_and_no_target_refs_are_skipped(demo, work, checkpoint):
+    pipe = pipe_for(demo, work, checkpoint, dataset="grefcoco")
+    pipe.run("multiview")
+    refs = pq.read_table(pipe.artifact_dir("ingest") / "refs").to_pylist()
+    single = {r["ref_id"] for r in refs if len(r["ann_ids"]) == 1 and r["split"] == "train"}
+    views = pq.read_table(pipe.artifact_dir("multiview") / "views").to_pylist()
+    assert {v["ref_id"] for v in views} == single
+    m = pipe.store.manifest("grefcoco", "multiview", pipe.resolve("multiview").key)
+    assert m["stats"]["skipped_multi_or_no_target"] > 0
+
+
+def test_clusters_key_follows_embed_config(demo, work, checkpoint, tmp_path):
+    a = pipe_for(demo, work, checkpoint).resolve("clusters").key
+    other = save_tiny_checkpoint(tmp_path / "other.pt", seed=4)
+    assert pipe_for(demo, work, other).resolve("clusters").key != a
+    assert pipe_for(demo, work, checkpoint, "clusters.threshold=0.5").resolve("clusters").key != a
+    # multiview does not embed: its key ignores the CLIP model
+    assert (pipe_for(demo, work, other).resolve("multiview").key
+            == pipe_for(demo, work, checkpoint).resolve("multiview").key)
+
+
+def test_unknown_split_is_an_error(demo, work, checkpoint):
+    with pytest.raises(InputError, match="multiview.splits"):
+        pipe_for(demo, work, checkpoint, "multiview.splits=[training]").run("multiview")
