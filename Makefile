@@ -18,7 +18,9 @@ SET       ?=
 EMBED_MODEL      ?= tiny
 EMBED_PRETRAINED ?= null
 EXECUTOR  ?= local
-DEMO_SETS ?= --set embed.model=$(EMBED_MODEL) --set embed.pretrained=$(EMBED_PRETRAINED)
+MULTIVIEW_BACKEND ?= template
+DEMO_SETS ?= --set embed.model=$(EMBED_MODEL) --set embed.pretrained=$(EMBED_PRETRAINED) \
+             --set multiview.backend=$(MULTIVIEW_BACKEND)
 DEMO_DATASETS ?= refcoco refcoco+ refcocog-umd refcocog-google grefcoco
 PYTEST_ARGS ?= -n 2
 

@@ -34,6 +34,8 @@ from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 
 VIEWS = ("appearance", "action", "spatial", "appearance_alt")
+# Bump when the prompt text or its examples change: model-backend keys depend on it.
+PROMPT_VERSION = "1"
 
 # The 11 basic colour terms (Berlin & Kay) and typical sRGB values: nearest one names a mask.
 BASIC_COLORS: dict[str, tuple[int, int, int]] = {
@@ -69,11 +71,7 @@ class Multiview(Stage):
 
     def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
         p: MultiviewParams = params  # type: ignore[assignment]
-        if p.backend == "template":
-            return {}
-        from stages.vlm import PROMPT_VERSION
-
-        return {"prompt_version": PROMPT_VERSION}
+        return {} if p.backend == "template" else {"prompt_version": PROMPT_VERSION}
 
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: MultiviewParams = params  # type: ignore[assignment]
@@ -82,14 +80,8 @@ class Multiview(Stage):
         if unknown:
             raise InputError(f"multiview.splits: {unknown} are not splits of {manifest.name} "
                              f"({', '.join(manifest.splits)})")
-        if p.backend == "hf":
-            from stages.vlm import check_hf_model
-
-            check_hf_model(p.model)
-        elif p.backend == "vllm":
-            from stages.vlm import check_vllm
-
-            check_vllm()
+        if p.backend != "template":
+            check_model_backend(p)
 
     def run(self, ctx: StageContext) -> None:
         import pyarrow.compute as pc
@@ -117,6 +109,17 @@ class Multiview(Stage):
                    generated_requests=sum(s["generated"] for s in stats),
                    cached_requests=sum(s["cached"] for s in stats))
         ctx.extra.update(backend=p.backend, model=p.model if p.backend != "template" else None)
+
+
+def check_model_backend(p: MultiviewParams) -> None:
+    """Fail before any work when the model backend cannot run here."""
+    try:
+        from stages import vlm  # noqa: F401
+    except ImportError:
+        raise InputError(
+            f"multiview.backend={p.backend} is not available in this version of nemo-pipe; use "
+            "multiview.backend=template") from None
+    vlm.check_backend(p.backend, p.model)
 
 
 # -- instances ------------------------------------------------------------------------------
