@@ -27,7 +27,7 @@ PYTEST_ARGS ?= -n 2
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
       --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest embeddings negatives shards status bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview shards preview status bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,10 +44,11 @@ demo-data: setup
 # The main job on the embedded demo: every stage that exists, on every layout, CPU only.
 demo: demo-data
 	@for ds in $(DEMO_DATASETS); do \
-	  $(MAKE) --no-print-directory ingest embeddings negatives shards DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
+	  $(MAKE) --no-print-directory ingest embeddings negatives multiview shards DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
 	    IMAGES=$(DEMO_DIR)/images/train2014 || exit 1; \
 	done
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
+	$(NEMO) preview $(WORK)/preview-$(DATASET).png --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
 
 ingest: setup
 	$(RUN) --stage ingest
@@ -63,9 +64,18 @@ negatives: setup
 	$(RUN) --stage negatives
 	$(RUN) --stage mosaic_tables
 
+# multiview + clusters (template backend by default: MULTIVIEW_BACKEND=hf for LLaVA)
+multiview: setup
+	$(RUN) --stage multiview
+	$(RUN) --stage clusters
+
 # training shards per split, read by pipeline.dataset.NemoDataset
 shards: setup
 	$(RUN) --stage shards
+
+preview: setup
+	$(NEMO) preview $(WORK)/preview-$(DATASET).png --dataset $(DATASET) --data-root $(DATA_ROOT) \
+	  --images $(IMAGES) --work-dir $(WORK) $(DEMO_SETS) $(SET)
 
 status: setup
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS) $(SET)

@@ -195,6 +195,42 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def preview(
+    out: Path = typer.Argument(..., help="PNG file to write."),
+    dataset: str = DATASET,
+    n: int = typer.Option(16, "--n", min=1, help="Samples on the sheet."),
+    split: str = typer.Option("train", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Contact sheet of training samples: mosaics, target mask, sentence and hard negatives."""
+    try:
+        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        key = pipe.resolve("shards").key
+        if not pipe.store.is_published(dataset, "shards", key):
+            raise NemoError(f"shards ({key}) for {dataset} is not built; run `nemo-pipe run "
+                            f"--stage shards --dataset {dataset}` first")
+        from stages.datasets import load_data_manifest
+        from stages.ingest import data_locations
+
+        _, images_dir = data_locations(pipe.env, load_data_manifest(dataset))
+    except NemoError as exc:
+        _fail(exc)
+    from pipeline.preview import render_preview
+
+    try:
+        path = render_preview(pipe.artifact_dir("shards"), images_dir, out, split=split, n=n,
+                              seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(NemoError(str(exc)))
+    typer.echo(str(path))
+
+
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Argument(..., help="Output folder (must not exist or be empty)."),
