@@ -7,7 +7,7 @@ by default that is the `stages` package. Nothing here knows what a stage compute
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pipeline.errors import NemoError
 from pipeline.stage import Stage
@@ -49,8 +49,14 @@ class Registry:
             out.setdefault(sec, cls)
         return out
 
-    def upstream_order(self, target: str) -> list[str]:
-        """`target` and everything it depends on, dependencies first (a topological order)."""
+    def upstream_order(self, target: str,
+                       inputs_of: Callable[[str], Sequence[str]] | None = None) -> list[str]:
+        """`target` and everything it depends on, dependencies first (a topological order).
+
+        `inputs_of(name)` gives a stage's inputs (default: its declared `inputs`); a pipeline
+        passes params-dependent inputs here.
+        """
+        inputs_of = inputs_of or (lambda name: self.get(name).inputs)
         order: list[str] = []
         state: dict[str, str] = {}
 
@@ -61,7 +67,7 @@ class Registry:
                 cycle = " -> ".join((*path, name))
                 raise ValueError(f"stage dependency cycle: {cycle}")
             state[name] = "visiting"
-            for dep in self.get(name).inputs:
+            for dep in inputs_of(name):
                 visit(dep, (*path, name))
             state[name] = "done"
             order.append(name)

@@ -84,15 +84,18 @@ class Pipeline:
         if name in self._resolved:
             return self._resolved[name]
         cls = self.registry.get(name)
-        upstream = {dep: self.resolve(dep).key for dep in cls.inputs}
         stage = cls()
         params = stage.resolve_params(self.env, self.config.params_for(cls.config_section()))
+        upstream = {dep: self.resolve(dep).key for dep in stage.upstream(params)}
         shared = {s: self.config.params_for(s) for s in cls.uses_sections}
         fingerprint = stage.fingerprint(self.env, params)
         r = Resolved(cls.name, stage, params, "", upstream, fingerprint, shared)
         r.key = artifact_key(cls.name, cls.version, r.key_params(), upstream, fingerprint)
         self._resolved[name] = r
         return r
+
+    def inputs_of(self, name: str) -> tuple[str, ...]:
+        return tuple(self.resolve(name).upstream)
 
     def artifact_dir(self, name: str) -> Path:
         r = self.resolve(name)
@@ -101,7 +104,7 @@ class Pipeline:
     # -- planning ------------------------------------------------------------------------
     def plan(self, target: str, force: bool = False) -> list[PlanItem]:
         items: list[PlanItem] = []
-        for name in self.registry.upstream_order(target):
+        for name in self.registry.upstream_order(target, self.inputs_of):
             r = self.resolve(name)
             published = self.store.is_published(self.env.dataset, name, r.key)
             if force and name == target:

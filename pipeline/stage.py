@@ -89,6 +89,12 @@ class Stage(ABC):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    def upstream(self, params: Params) -> tuple[str, ...]:
+        """The stages this one reads under `params` (default: `inputs`). A parameter may add an
+        input (e.g. shards reads hard_negatives only when asked to), so that the key never
+        depends on which artifacts happen to exist."""
+        return self.inputs
+
     def resolve_params(self, env: RunEnv, params: Params) -> Params:
         """Fill dataset-dependent defaults (e.g. K from the data manifest) before keying, so the
         key and the manifest hold the values actually used."""

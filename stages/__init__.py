@@ -1,7 +1,9 @@
 """The pipeline's stages, in DAG order. The engine finds them through `STAGES`."""
 
+from stages.augment import Augment
 from stages.clusters import Clusters
 from stages.embed import EmbedImages, EmbedTexts
+from stages.hard_negatives import HardNegatives
 from stages.index import Index
 from stages.ingest import Ingest
 from stages.mosaic_tables import MosaicTables
@@ -10,6 +12,6 @@ from stages.negatives import Negatives
 from stages.shards import Shards
 
 STAGES = [Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables, Multiview, Clusters,
-          Shards]
+          Augment, HardNegatives, Shards]
 
 __all__ = ["STAGES"]

@@ -8,8 +8,9 @@ and the key and params of every upstream artifact (tau, K, CLIP model, ...), so 
 log exactly what it trained on; `pipeline.dataset.NemoDataset` reads these shards.
 
 Hard negatives: with `shards.with_hard_negatives` they come from the hard_negatives stage
-(not in this version yet); otherwise, with `shards.same_image_negatives`, the sentences of the
-other referents in the same image (kind `same_image`, no score), which need only ingest.
+(ranked, labelled by source or edit kind, scored by cosine to the cluster centre); otherwise,
+with `shards.same_image_negatives`, the sentences of the other referents in the same image (kind
+`same_image`, no score), which need only ingest.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.errors import ConfigError
 from pipeline.io import read_json, read_table_dir
-from pipeline.stage import Params, RunEnv, Stage
+from pipeline.stage import Params, Stage
 from stages.datasets import load_data_manifest
 
 SCHEMA_VERSION = "1"
@@ -47,13 +47,9 @@ class Shards(Stage):
     tables = ("images", "train", "val", "test", "testA", "testB")
     libraries = ("pyarrow", "pycocotools", "numpy")
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
+    def upstream(self, params: Params) -> tuple[str, ...]:
         p: ShardsParams = params  # type: ignore[assignment]
-        if p.with_hard_negatives:
-            raise ConfigError(
-                "shards.with_hard_negatives=true needs the hard_negatives stage, which this "
-                "version of nemo-pipe does not have yet; use shards.with_hard_negatives=false "
-                "(same-image negatives from ingest, shards.same_image_negatives=true)")
+        return (*self.inputs, "hard_negatives") if p.with_hard_negatives else self.inputs
 
     def run(self, ctx: StageContext) -> None:
         p: ShardsParams = ctx.params  # type: ignore[assignment]
@@ -69,6 +65,8 @@ class Shards(Stage):
         dirs = {t: str(ctx.upstream_dir("ingest") / t)
                 for t in ("refs", "sentences", "objects", "images")}
         dirs["mosaic"] = str(ctx.upstream_dir("mosaic_tables") / "mosaic")
+        if p.with_hard_negatives:
+            dirs["hard_negatives"] = str(ctx.upstream_dir("hard_negatives") / "hard_negatives")
         tasks = []
         for split in manifest.splits:
             ids = sorted(by_split.get(split, []))
@@ -111,7 +109,7 @@ _CACHE: dict[str, Any] = {}
 
 def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
     """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
-    key = dirs["refs"] + dirs["mosaic"]
+    key = dirs["refs"] + dirs["mosaic"] + dirs.get("hard_negatives", "")
     if key in _CACHE:
         return _CACHE[key]
     refs = read_table_dir(Path(dirs["refs"])).to_pylist()
@@ -130,8 +128,12 @@ def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
     refs_of_image: dict[int, list[int]] = {}
     for r in refs:
         refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
+    hard = {}
+    if "hard_negatives" in dirs:
+        hard = {r["sent_id"]: r for r in read_table_dir(Path(dirs["hard_negatives"])).to_pylist()}
     _CACHE.clear()
     _CACHE[key] = {
+        "hard": hard,
         "ref": ref_by_id,
         "sent": sent_rows,
         "sents_of_ref": sents_of_ref,
@@ -192,7 +194,13 @@ def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
         ref = look["ref"][rid]
         img = look["image"][ref["image_id"]]
         mosaic = look["mosaic"].get(sid) if payload["train"] else None
-        hn = same_image_negatives(look, ref) if p.same_image_negatives else []
+        if p.with_hard_negatives:
+            h = look["hard"].get(sid) if payload["train"] else None
+            hn, kinds, scores = ((h["neg_texts"], h["neg_kinds"], h["neg_scores"]) if h
+                                 else ([], [], []))
+        else:
+            hn = same_image_negatives(look, ref) if p.same_image_negatives else []
+            kinds, scores = ["same_image"] * len(hn), [float("nan")] * len(hn)
         with_hn += bool(hn)
         for col, value in (
             ("sent_id", sid), ("ref_id", rid), ("image_id", ref["image_id"]),
@@ -204,8 +212,7 @@ def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
             ("k_shortfall", mosaic["k_shortfall"] if mosaic else 0),
             ("positional_words", mosaic["positional_words"] if mosaic else []),
             ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else ALL_QUADRANTS),
-            ("hn_texts", hn), ("hn_kinds", ["same_image"] * len(hn)),
-            ("hn_scores", [float("nan")] * len(hn)),
+            ("hn_texts", hn), ("hn_kinds", kinds), ("hn_scores", scores),
         ):
             rows[col].append(value)
     rle_type = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])

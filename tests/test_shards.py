@@ -14,7 +14,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.api import open_pipeline
-from pipeline.errors import ConfigError
 from pipeline.io import schema_version_of, table_files
 from stages.datasets import load_data_manifest
 
@@ -111,9 +110,3 @@ def test_tau_sweep_reruns_mosaic_and_shards_only(demo, work):
             for i in pipe_for(demo, work, "refcoco", "mosaic_tables.tau_ti=0.5").plan("shards")}
     assert plan == {"ingest": "cached", "embed_images": "cached", "embed_texts": "cached",
                     "negatives": "cached", "mosaic_tables": "stale", "shards": "stale"}
-
-
-def test_with_hard_negatives_is_refused_before_any_work(demo, work):
-    with pytest.raises(ConfigError, match="hard_negatives stage"):
-        pipe_for(demo, work, "refcoco", "shards.with_hard_negatives=true").run("shards")
-    assert not (work / "refcoco").exists()

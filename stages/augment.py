@@ -1,0 +1,185 @@
+"""augment: semantic distractors of each training sentence (minimal edits that make it wrong).
+
+Kinds: swap_color, swap_spatial, swap_count, negation, role_reversal. The `rules` backend
+(stages.augment_rules) edits one slot with lexicons and lemminflect, deterministically for a
+seed; every distractor is validated (differs from the source, head noun kept, edit confined to
+the slot) and a spatial swap is rejected when its new words would describe another instance of
+the same category in the image (checked with the boxes): it must be false for the target, not
+true for a neighbour. Rejected ones are kept with their reason.
+
+The report per kind (count, share valid, mean CLIP cosine to the source, examples) goes to the
+manifest (`nemo-pipe status --stage augment` shows it). CLIP text embeddings barely move under
+small edits, so a kind's label comes from its edit, never from the cosine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import ConfigError
+from pipeline.io import read_table_dir
+from pipeline.stage import Params, RunEnv, Stage
+
+KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
+REPORT_SAMPLE = 2000
+EXAMPLES = 3
+
+
+class AugmentParams(Params):
+    backend: Literal["rules", "llm"] = Field("rules", description="rules (CPU) or llm")
+    model: str = Field("tiny", description="llm backend: HF causal LM id/dir or `tiny`")
+    kinds: list[Literal["swap_color", "swap_spatial", "swap_count", "negation",
+                        "role_reversal"]] = Field(list(KINDS), description="kinds to produce")
+    per_kind: int = Field(2, ge=1, description="distractors per kind per sentence")
+    splits: list[str] = Field(["train"], description="splits whose sentences are augmented")
+    seed: int = 0
+    sentences_per_shard: int = Field(20000, ge=1)
+
+
+class Augment(Stage):
+    """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
+
+    name = "augment"
+    version = "1"
+    inputs = ("ingest",)
+    params_model = AugmentParams
+    tables = ("distractors", "rejected")
+    libraries = ("pyarrow", "lemminflect")
+    uses_sections = ("embed",)  # the report's cosine uses the shared CLIP text encoder
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        p: AugmentParams = params  # type: ignore[assignment]
+        if p.backend == "llm":
+            raise ConfigError("augment.backend=llm is not available in this version of "
+                              "nemo-pipe yet; use augment.backend=rules")
+
+    def run(self, ctx: StageContext) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        p: AugmentParams = ctx.params  # type: ignore[assignment]
+        refs = ctx.read_table("ingest", "refs")
+        refs = refs.filter(pc.is_in(refs.column("split"), pa.array(p.splits)))
+        keep = set(refs.column("ref_id").to_pylist())
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id"])
+        ids = sorted(s for s, r in zip(sents.column("sent_id").to_pylist(),
+                                       sents.column("ref_id").to_pylist(), strict=True)
+                     if r in keep)
+        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+                for t in ("refs", "sentences", "objects", "images")}
+        tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard], "dirs": dirs,
+                               "params": p.model_dump()})
+                 for n, s in enumerate(range(0, len(ids), p.sentences_per_shard))]
+        ctx.run_shards(_augment_shard, tasks, desc="augment")
+        ctx.record(sentences=len(ids), report=self._report(ctx, p))
+
+    def _report(self, ctx: StageContext, p: AugmentParams) -> dict[str, Any]:
+        """Per kind: count, share valid, mean cosine to the source (on a sample), examples."""
+        import numpy as np
+
+        from stages.embed import encode_sentences
+
+        dist = read_table_dir(ctx.tmp_dir / "distractors").to_pylist()
+        rej = read_table_dir(ctx.tmp_dir / "rejected").to_pylist()
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "sent"])
+        text = dict(zip(sents.column("sent_id").to_pylist(), sents.column("sent").to_pylist(),
+                        strict=True))
+        report: dict[str, Any] = {}
+        for kind in p.kinds:
+            ok = [d for d in dist if d["kind"] == kind]
+            bad = [d for d in rej if d["kind"] == kind]
+            total = len(ok) + len(bad)
+            sample = ok[:REPORT_SAMPLE]
+            cosine = None
+            if sample:
+                a = encode_sentences(ctx.shared["embed"], [text[d["sent_id"]] for d in sample])
+                b = encode_sentences(ctx.shared["embed"], [d["text"] for d in sample])
+                cosine = round(float(np.mean((a * b).sum(axis=1))), 4)
+            reasons: dict[str, int] = {}
+            for d in bad:
+                reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+            report[kind] = {
+                "count": len(ok), "rejected": len(bad),
+                "share_valid": round(len(ok) / total, 4) if total else None,
+                "mean_cosine_to_source": cosine, "rejected_reasons": reasons,
+                "examples": [f"{text[d['sent_id']]} -> {d['text']}" for d in ok[:EXAMPLES]],
+            }
+        return report
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _scene(dirs: dict[str, str]) -> dict[str, Any]:
+    """Per-process lookups: sentence text, the target box and same-class boxes per ref."""
+    if dirs["refs"] in _CACHE:
+        return _CACHE[dirs["refs"]]
+    refs = {r["ref_id"]: r for r in read_table_dir(Path(dirs["refs"])).to_pylist()}
+    sents = read_table_dir(Path(dirs["sentences"])).select(["sent_id", "ref_id", "sent"])
+    objects = read_table_dir(Path(dirs["objects"])).select(
+        ["ann_id", "image_id", "category_id", "bbox", "iscrowd"]).to_pylist()
+    images = {i["image_id"]: (i["width"], i["height"])
+              for i in read_table_dir(Path(dirs["images"])).to_pylist()}
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for o in objects:
+        by_image.setdefault(o["image_id"], []).append(o)
+    _CACHE.clear()
+    _CACHE[dirs["refs"]] = {
+        "refs": refs, "images": images, "objects": by_image,
+        "sent": dict(zip(sents.column("sent_id").to_pylist(),
+                         zip(sents.column("ref_id").to_pylist(), sents.column("sent").to_pylist(),
+                             strict=True), strict=True)),
+    }
+    return _CACHE[dirs["refs"]]
+
+
+def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
+    """The boxes a spatial swap is checked against (single-target refs only)."""
+    from stages.augment_rules import SceneContext
+
+    if len(ref["ann_ids"]) != 1:
+        return None
+    objs = scene["objects"].get(ref["image_id"], [])
+    target = next((o for o in objs if o["ann_id"] == ref["ann_ids"][0]), None)
+    if target is None:
+        return None
+    same = [tuple(o["bbox"]) for o in objs if o["category_id"] == target["category_id"]
+            and o["ann_id"] != target["ann_id"] and not o["iscrowd"]]
+    return SceneContext(target_box=tuple(target["bbox"]), same_class_boxes=same,
+                        image_size=scene["images"][ref["image_id"]])
+
+
+def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    from stages.augment_rules import generate_validated
+
+    p = AugmentParams(**payload["params"])
+    scene = _scene(payload["dirs"])
+    ok: list[tuple[int, str, str]] = []
+    bad: list[tuple[int, str, str, str]] = []
+    for sid in payload["sent_ids"]:
+        rid, text = scene["sent"][sid]
+        context = scene_context(scene, scene["refs"][rid])
+        dists, rejections = generate_validated(text, kinds=p.kinds, per_kind=p.per_kind,
+                                               seed=[p.seed, sid], context=context)
+        ok.extend((sid, d.kind, d.text) for d in dists)
+        bad.extend((sid, r.kind, r.text, r.reason) for r in rejections)
+    writer.write_table("distractors", pa.table({
+        "sent_id": pa.array([o[0] for o in ok], pa.int64()),
+        "kind": pa.array([o[1] for o in ok], pa.string()),
+        "text": pa.array([o[2] for o in ok], pa.string()),
+        "backend": pa.array([p.backend] * len(ok), pa.string()),
+    }))
+    writer.write_table("rejected", pa.table({
+        "sent_id": pa.array([b[0] for b in bad], pa.int64()),
+        "kind": pa.array([b[1] for b in bad], pa.string()),
+        "text": pa.array([b[2] for b in bad], pa.string()),
+        "backend": pa.array([p.backend] * len(bad), pa.string()),
+        "reason": pa.array([b[3] for b in bad], pa.string()),
+    }))
+    return {"distractors": len(ok), "rejected": len(bad)}

@@ -1,0 +1,214 @@
+"""hard_negatives: N ranked text hard negatives per training sentence, each with provenance.
+
+Sources, in order (a short source's places go to the next one):
+1. `same_image`: sentences of the image's other referents whose targets do not overlap;
+2. `neighbour`: sentences of other images nearest to the target's cluster centre mu (FAISS text
+   index) that fall outside the cluster: cos(e, mu) < `clusters.threshold`;
+3. `neighbour_same_class`: the same restricted to the target's COCO category (a dataset
+   sentence's class is its ref's category: exact and free);
+4. `augmented`: the validated distractors of this sentence from `augment`, labelled by their
+   edit kind (`swap_color`, `negation`, ...).
+Within a source, negatives are ranked by cosine to mu, hardest (highest) first, ties by
+ascending source sent_id; a text already taken is not repeated. An instance without a cluster
+(its views failed) uses the mean of its own sentences' embeddings as mu.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from pipeline.context import StageContext
+from pipeline.stage import Params, Stage
+
+SOURCES = ("same_image", "neighbour", "neighbour_same_class", "augmented")
+
+
+class HardNegativesParams(Params):
+    n: int = Field(8, ge=1, description="hard negatives per training sentence")
+    mix: dict[str, int] = Field(
+        {"same_image": 2, "neighbour": 2, "neighbour_same_class": 2, "augmented": 2},
+        description="per-source quotas, in source order")
+    same_class: bool = Field(True, description="use the neighbour_same_class source")
+    search_k: int = Field(64, ge=1, description="first FAISS search depth (grows as needed)")
+
+    @field_validator("mix")
+    @classmethod
+    def _known_sources(cls, mix: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(mix) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"unknown sources {unknown}; known: {list(SOURCES)}")
+        return {s: int(mix.get(s, 0)) for s in SOURCES}
+
+
+def take_quotas(available: dict[str, list[tuple[float, int, str, str]]], mix: dict[str, int],
+                n: int, exclude: set[str] = frozenset()) -> list[tuple[float, int, str, str]]:
+    """Fill N places source by source, each item (score, source_sent_id, text, kind) best
+    first; a text already taken (or excluded) is skipped, and a source's unused places carry
+    to the next source."""
+    out: list[tuple[float, int, str, str]] = []
+    seen = set(exclude)
+    carry = 0
+    for source in SOURCES:
+        want = min(mix.get(source, 0) + carry, n - len(out))
+        got = 0
+        for item in available.get(source, []):
+            if got >= want:
+                break
+            if item[2] in seen:
+                continue
+            seen.add(item[2])
+            out.append(item)
+            got += 1
+        carry = mix.get(source, 0) + carry - got
+    return out
+
+
+class HardNegatives(Stage):
+    """Ranked hard-negative texts per training sentence from four labelled sources."""
+
+    name = "hard_negatives"
+    version = "1"
+    inputs = ("ingest", "embed_texts", "index", "clusters", "augment")
+    params_model = HardNegativesParams
+    tables = ("hard_negatives",)
+    libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")
+    uses_sections = ("clusters", "embed")
+
+    def run(self, ctx: StageContext) -> None:
+        import faiss
+        import numpy as np
+        import pyarrow as pa
+
+        from stages.embed import embeddings_matrix, encode_sentences
+
+        p: HardNegativesParams = ctx.params  # type: ignore[assignment]
+        threshold = ctx.shared["clusters"].threshold  # type: ignore[attr-defined]
+        refs = {r["ref_id"]: r for r in ctx.read_table("ingest", "refs").to_pylist()}
+        sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id", "sent"])
+        sent_ref = dict(zip(sents.column("sent_id").to_pylist(),
+                            sents.column("ref_id").to_pylist(), strict=True))
+        sent_text = dict(zip(sents.column("sent_id").to_pylist(),
+                             sents.column("sent").to_pylist(), strict=True))
+        texts = ctx.read_table("embed_texts", "embeddings")
+        index = faiss.read_index(str(ctx.upstream_dir("index") / "texts.faiss"))
+        row_sent = ctx.read_table("index", "text_ids").column("sent_id").to_numpy()
+        emb = embeddings_matrix(texts.column("embedding"))
+        emb_row = {s: i for i, s in enumerate(texts.column("sent_id").to_pylist())}
+        clusters = ctx.read_table("clusters", "clusters")
+        mu_of = dict(zip(clusters.column("ann_id").to_pylist(),
+                         embeddings_matrix(clusters.column("mu")), strict=True))
+        distractors: dict[int, list[dict[str, Any]]] = {}
+        for d in ctx.read_table("augment", "distractors").to_pylist():
+            distractors.setdefault(d["sent_id"], []).append(d)
+        dist_texts = sorted({d["text"] for ds in distractors.values() for d in ds})
+        dist_emb = dict(zip(dist_texts, encode_sentences(ctx.shared["embed"], dist_texts)
+                            if dist_texts else [], strict=True))
+
+        sents_of_ref: dict[int, list[int]] = {}
+        for sid, rid in sorted(sent_ref.items()):
+            sents_of_ref.setdefault(rid, []).append(sid)
+        refs_of_image: dict[int, list[int]] = {}
+        for r in refs.values():
+            refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
+
+        train = [s for s, r in sorted(sent_ref.items()) if refs[r]["split"] == "train"]
+        out: dict[str, list[Any]] = {k: [] for k in ("sent_id", "texts", "kinds", "scores",
+                                                     "sources")}
+        fallback_mu = 0
+        for sid in train:
+            ref = refs[sent_ref[sid]]
+            mu = mu_of.get(ref["ann_ids"][0]) if len(ref["ann_ids"]) == 1 else None
+            if mu is None:
+                own = emb[[emb_row[s] for s in sents_of_ref[ref["ref_id"]]]]
+                mu = own.mean(axis=0)
+                mu = mu / (np.linalg.norm(mu) or 1.0)
+                fallback_mu += 1
+            available = self._sources(
+                p, threshold, ref, mu, refs, refs_of_image, sents_of_ref, sent_ref, emb,
+                emb_row, index, row_sent, distractors.get(sid, []), dist_emb, sent_text.get)
+            for source in ("same_image", "neighbour", "neighbour_same_class"):
+                available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
+            chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
+            out["sent_id"].append(sid)
+            out["texts"].append([c[2] for c in chosen])
+            out["kinds"].append([c[3] for c in chosen])
+            out["scores"].append([c[0] for c in chosen])
+            out["sources"].append([c[1] for c in chosen])
+        ctx.write_table("hard_negatives", pa.table({
+            "sent_id": pa.array(out["sent_id"], pa.int64()),
+            "neg_texts": pa.array(out["texts"], pa.list_(pa.string())),
+            "neg_kinds": pa.array(out["kinds"], pa.list_(pa.string())),
+            "neg_scores": pa.array(out["scores"], pa.list_(pa.float32())),
+            "neg_source_ids": pa.array(out["sources"], pa.list_(pa.int64())),
+        }))
+        counts: dict[str, int] = {}
+        for kinds in out["kinds"]:
+            for k in kinds:
+                counts[k] = counts.get(k, 0) + 1
+        ctx.record(sentences=len(train), negatives_per_kind=counts,
+                   mean_negatives=round(sum(map(len, out["texts"])) / max(1, len(train)), 3),
+                   mu_from_own_sentences=fallback_mu, threshold=threshold)
+
+    def _sources(self, p: HardNegativesParams, threshold: float, ref: dict[str, Any],
+                 mu: Any, refs: dict[int, Any], refs_of_image: dict[int, list[int]],
+                 sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
+                 emb_row: dict[int, int], index: Any, row_sent: Any,
+                 dists: list[dict[str, Any]], dist_emb: dict[str, Any],
+                 text_of: Any) -> dict[str, list]:
+        """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
+        mine = set(ref["ann_ids"])
+        same_image = [
+            (float(emb[emb_row[s]] @ mu), s)
+            for other in refs_of_image[ref["image_id"]] if other != ref["ref_id"]
+            and mine and not mine & set(refs[other]["ann_ids"])
+            for s in sents_of_ref.get(other, [])
+        ]
+        same_image.sort(key=lambda x: (-x[0], x[1]))
+        want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
+        neighbours = nearest_outside(index, row_sent, mu, threshold, want_n, p.search_k,
+                                     lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"],
+                                     text_of)
+        same_class = []
+        if p.same_class and ref["category_id"] >= 0:
+            same_class = nearest_outside(
+                index, row_sent, mu, threshold, want_n, p.search_k,
+                lambda s: (refs[sent_ref[s]]["image_id"] != ref["image_id"]
+                           and refs[sent_ref[s]]["category_id"] == ref["category_id"]),
+                text_of)
+        augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
+                             d["kind"]) for d in dists), key=lambda x: (-x[0], x[2]))
+        return {"same_image": same_image, "neighbour": neighbours,
+                "neighbour_same_class": same_class, "augmented": augmented}
+
+
+def nearest_outside(index: Any, row_sent: Any, mu: Any, threshold: float, want: int, k0: int,
+                    accept: Any, text_of: Any = str) -> list[tuple[float, int]]:
+    """The accepted sentences nearest to mu with cos < threshold, exactly, in order, until
+    `want` distinct texts (`text_of(sent_id)`) are covered.
+
+    Searches the index with a growing depth: a candidate scoring strictly above the deepest
+    returned score cannot be beaten by an unseen one, so only those count until the index is
+    exhausted. Ties by ascending sent_id.
+    """
+    import numpy as np
+
+    k = min(k0, index.ntotal)
+    query = np.ascontiguousarray(mu, dtype=np.float32).reshape(1, -1)
+    while True:
+        scores, rows = index.search(query, k)
+        exhausted = k >= index.ntotal
+        found = [(float(sc), int(row_sent[r])) for sc, r in zip(scores[0], rows[0], strict=True)
+                 if r >= 0 and sc < threshold and accept(int(row_sent[r]))]
+        if not exhausted:
+            found = [f for f in found if f[0] > float(scores[0][-1])]
+        found.sort(key=lambda x: (-x[0], x[1]))
+        texts: set[str] = set()
+        for i, (_, sid) in enumerate(found):
+            texts.add(text_of(sid))
+            if len(texts) > want:
+                return found[:i]
+        if exhausted:
+            return found
+        k = min(index.ntotal, k * 2)

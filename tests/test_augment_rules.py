@@ -1,0 +1,823 @@
+"""Tests for stages.augment_rules: rule-based text hard negatives.
+
+The expected outputs below were written by hand from the rules in the brief, not printed by the
+code. Random kinds (colour, count) are checked against the set of acceptable outputs; the
+deterministic kinds (spatial, negation, role reversal) against exact texts, in order.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.augment_rules import (
+    KINDS,
+    Distractor,
+    Rejection,
+    SceneContext,
+    _make,  # raw rule output, before generate()'s validation guard
+    _options,
+    _tokens,
+    generate,
+    generate_validated,
+    head_noun,
+    validate,
+)
+
+# Independent copies of the lexicons (what the brief and the module docstring promise).
+T_COLORS = {
+    "red", "blue", "green", "yellow", "white", "black", "orange", "purple", "pink", "brown",
+    "gray", "grey", "tan", "beige", "silver", "gold",
+}
+T_SIMILAR = [{"gray", "grey", "silver"}, {"tan", "beige", "brown"}, {"gold", "yellow"}]
+
+
+def _kind(sentence: str, kind: str, per_kind: int = 2, seed: int = 0) -> list[Distractor]:
+    out = generate(sentence, (kind,), per_kind=per_kind, seed=seed)
+    assert all(d.kind == kind for d in out)
+    return out
+
+
+def _check_consistent(sentence: str, d: Distractor) -> None:
+    """text == source with span replaced by the slot's right side; slot's left side == span."""
+    src = sentence.split()
+    s, e = d.span
+    before, after = d.slot.split("->")
+    assert before.split() == src[s:e]
+    assert d.text.split() == src[:s] + after.split() + src[e:]
+
+
+# --------------------------------------------------------------------------------------------
+# swap_color: (sentence, token positions that may be edited); () = nothing may be produced
+# --------------------------------------------------------------------------------------------
+
+COLOR_CASES: list[tuple[str, tuple[int, ...]]] = [
+    ("man in red shirt on left", (2,)),
+    ("the man in red", (3,)),
+    ("blue car", (0,)),
+    ("woman in white", (2,)),
+    ("black and white cat", (0, 2)),
+    ("guy with green hat", (2,)),
+    ("yellow bus on right", (0,)),
+    ("girl in pink dress", (2,)),
+    ("brown dog", (0,)),
+    ("purple umbrella", (0,)),
+    ("gray elephant", (0,)),
+    ("grey cat on the couch", (0,)),
+    ("silver car", (0,)),
+    ("gold vase", (0,)),
+    ("tan couch", (0,)),
+    ("beige chair", (0,)),
+    ("orange cat", (0,)),
+    ("man in orange", (2,)),
+    ("an orange shirt", (1,)),
+    ("dark blue shirt", (1,)),
+    ("light green bowl", (1,)),
+    ("red and white striped umbrella", (0, 2)),
+    ("the white one", (1,)),
+    ("the red", (1,)),
+    ("person wearing black", (2,)),
+    ("man holding a red umbrella", (3,)),
+    ("zebra next to the white truck", (4,)),
+    ("bear with a pink bow", (3,)),
+    ("sheep in green field", (2,)),
+    ("second red car from left", (1,)),
+    ("two black dogs", (1,)),
+    ("white plate on the left", (0,)),
+    ("green apple", (0,)),
+    ("the blue one on the right", (1,)),
+    ("man in blue jeans and white shirt", (2, 5)),
+    ("man in a black shirt", (3,)),
+    # nothing to edit
+    ("bright shirt", ()),
+    ("reddish bowl", ()),
+    ("blond woman", ()),
+    ("blonde girl on left", ()),
+    ("orange on the left", ()),
+    ("an orange", ()),
+    ("orange slice", ()),
+    ("bowl of orange juice", ()),
+    ("bowl with an orange", ()),
+    ("dark shirt", ()),
+    ("light pole", ()),
+    ("man on left", ()),
+    ("bowl", ()),
+    ("redhead", ()),
+    ("whiteboard on the wall", ()),
+    ("two oranges", ()),
+]
+
+
+@pytest.mark.parametrize(("sentence", "slots"), COLOR_CASES)
+def test_swap_color_table(sentence: str, slots: tuple[int, ...]) -> None:
+    out = _kind(sentence, "swap_color")
+    if not slots:
+        assert out == []
+        return
+    assert len(out) == 2
+    src = sentence.split()
+    present = {w for w in src if w in T_COLORS}
+    blocked = set(present)
+    for group in T_SIMILAR:
+        if group & present:
+            blocked |= group
+    edited = []
+    for d in out:
+        dst = d.text.split()
+        assert len(dst) == len(src)
+        diff = [i for i, (a, b) in enumerate(zip(src, dst, strict=True)) if a != b]
+        color_pos = [i for i in diff if i in slots]
+        assert len(color_pos) == 1, (d, diff)
+        p = color_pos[0]
+        # the only other change allowed: a/an re-chosen right before the colour
+        assert set(diff) - {p} <= {p - 1}
+        if p - 1 in diff:
+            assert {src[p - 1], dst[p - 1]} == {"a", "an"}
+        new = dst[p]
+        assert new in T_COLORS and new != "grey"
+        assert new not in blocked
+        assert validate(sentence, d) is None
+        _check_consistent(sentence, d)
+        edited.append(p)
+    if len(slots) >= 2:
+        assert sorted(edited) == sorted(slots[:2])  # one distractor per colour slot
+    assert len({d.text for d in out}) == len(out)
+
+
+# --------------------------------------------------------------------------------------------
+# swap_spatial: exact outputs, in sentence order (per_kind=5 to see all of them)
+# --------------------------------------------------------------------------------------------
+
+SPATIAL_CASES: list[tuple[str, list[str]]] = [
+    ("man on left", ["man on right"]),
+    ("man on right", ["man on left"]),
+    ("left man", ["right man"]),
+    ("second bottle from right", ["second bottle from left"]),
+    ("two people on the left", ["two people on the right"]),
+    ("top left pizza", ["bottom left pizza", "top right pizza"]),
+    ("bottom right corner", ["top right corner", "bottom left corner"]),
+    ("leftmost giraffe", ["rightmost giraffe"]),
+    ("rightmost zebra", ["leftmost zebra"]),
+    ("topmost donut", ["bottommost donut"]),
+    ("bottommost book", ["topmost book"]),
+    ("upper shelf", ["lower shelf"]),
+    ("lower bunk", ["upper bunk"]),
+    ("an upper shelf", ["a lower shelf"]),
+    ("highest kite", ["lowest kite"]),
+    ("lowest branch", ["highest branch"]),
+    ("picture above the couch", ["picture below the couch"]),
+    ("cat below the table", ["cat above the table"]),
+    ("cat under the table", ["cat above the table"]),
+    ("front car", ["back car"]),
+    ("man in the back", ["man in the front"]),
+    ("guy in front of the car", ["guy behind the car"]),
+    ("man behind the car", ["man in front of the car"]),
+    ("person behind", ["person in front"]),
+    ("woman in front", ["woman behind"]),
+    ("dog near the door", ["dog far from the door"]),
+    ("the near side", ["the far side"]),
+    ("chair on the far side", ["chair on the near side"]),
+    ("far left guy", ["far right guy"]),
+    ("man closest to camera", ["man farthest from camera"]),
+    ("closest elephant", ["farthest elephant"]),
+    ("farthest bus", ["closest bus"]),
+    ("cup on top of the box", ["cup under the box"]),
+    ("cake with cherry on top", ["cake with cherry on the bottom"]),
+    ("man in background", ["man in foreground"]),
+    ("cat inside the box", ["cat outside the box"]),
+    ("left side of the bench", ["right side of the bench"]),
+    ("man on left side", ["man on right side"]),
+    ("lefthand glass", ["righthand glass"]),
+    ("man on left next to woman on right",
+     ["man on right next to woman on right", "man on left next to woman on left"]),
+    ("bottom left corner of the top shelf",
+     ["top left corner of the top shelf", "bottom right corner of the top shelf",
+      "bottom left corner of the bottom shelf"]),
+    # nothing to edit
+    ("bowl", []),
+    ("man in middle", []),
+    ("center pizza", []),
+    ("woman in tank top", []),
+    ("man in top hat", []),
+    ("bright shirt", []),
+    ("man looking back", []),
+    ("copyright sign", []),
+    ("upright piano", []),
+    ("the tallest giraffe", []),
+    ("man standing", []),
+    ("leftover pizza", []),
+]
+
+
+@pytest.mark.parametrize(("sentence", "expected"), SPATIAL_CASES)
+def test_swap_spatial_table(sentence: str, expected: list[str]) -> None:
+    out = _kind(sentence, "swap_spatial", per_kind=5)
+    assert [d.text for d in out] == expected
+    for d in out:
+        assert validate(sentence, d) is None
+        _check_consistent(sentence, d)
+
+
+def test_swap_spatial_slot_and_span() -> None:
+    (d,) = _kind("man in red shirt on left", "swap_spatial")
+    assert d == Distractor("swap_spatial", "man in red shirt on right", "left->right", (5, 6))
+    (d,) = _kind("guy in front of the car", "swap_spatial")
+    assert d.slot == "in front of->behind" and d.span == (1, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# swap_count: (sentence, every acceptable output); values within +-2, not already present
+# --------------------------------------------------------------------------------------------
+
+COUNT_CASES: list[tuple[str, set[str]]] = [
+    ("two people on the left",
+     {"one person on the left", "three people on the left", "four people on the left"}),
+    ("one person on left", {"two people on left", "three people on left"}),
+    ("second bottle from right",
+     {"first bottle from right", "third bottle from right", "fourth bottle from right"}),
+    ("second from left", {"first from left", "third from left", "fourth from left"}),
+    ("third from right",
+     {"first from right", "second from right", "fourth from right", "fifth from right"}),
+    ("the 2nd from left", {"the 1st from left", "the 3rd from left", "the 4th from left"}),
+    ("3 zebras", {"1 zebra", "2 zebras", "4 zebras", "5 zebras"}),
+    ("two men holding a baby",
+     {"one man holding a baby", "three men holding a baby", "four men holding a baby"}),
+    ("two little girls", {"one little girl", "three little girls", "four little girls"}),
+    ("one man", {"two men", "three men"}),
+    ("one woman on the right", {"two women on the right", "three women on the right"}),
+    ("one child", {"two children", "three children"}),
+    ("two sheep", {"one sheep", "three sheep", "four sheep"}),
+    ("three elephants",
+     {"one elephant", "two elephants", "four elephants", "five elephants"}),
+    ("first car", {"second car", "third car"}),
+    ("the tenth person", {"the eighth person", "the ninth person"}),
+    ("five birds", {"three birds", "four birds", "six birds", "seven birds"}),
+    ("ten cows", {"eight cows", "nine cows"}),
+    ("1 person", {"2 people", "3 people"}),
+    ("2 dogs", {"1 dog", "3 dogs", "4 dogs"}),
+    ("10 bananas", {"8 bananas", "9 bananas"}),
+    ("third donut from the left",
+     {"first donut from the left", "second donut from the left", "fourth donut from the left",
+      "fifth donut from the left"}),
+    ("1st row", {"2nd row", "3rd row"}),
+    ("two people and one dog",
+     {"three people and one dog", "four people and one dog", "two people and three dogs"}),
+    ("four chairs", {"two chairs", "three chairs", "five chairs", "six chairs"}),
+    ("six donuts", {"four donuts", "five donuts", "seven donuts", "eight donuts"}),
+    ("seven sheep in a row",
+     {"five sheep in a row", "six sheep in a row", "eight sheep in a row",
+      "nine sheep in a row"}),
+    ("two on the left", {"three on the left", "four on the left"}),
+    ("fourth from left",
+     {"second from left", "third from left", "fifth from left", "sixth from left"}),
+    ("an eight year old",
+     {"a six year old", "a seven year old", "a nine year old", "a ten year old"}),
+    ("the two giraffes on the right",
+     {"the one giraffe on the right", "the three giraffes on the right",
+      "the four giraffes on the right"}),
+    ("3rd from right", {"1st from right", "2nd from right", "4th from right", "5th from right"}),
+    ("2 people", {"1 person", "3 people", "4 people"}),
+    ("one of the two men", {"one of the three men", "one of the four men"}),
+    ("two white dogs on the right",
+     {"one white dog on the right", "three white dogs on the right",
+      "four white dogs on the right"}),
+    ("nine", {"seven", "eight", "ten"}),
+    # nothing to edit
+    ("right one", set()),
+    ("the one on the left", set()),
+    ("one on the left", set()),
+    ("man", set()),
+    ("player number 2", set()),
+    ("clock showing 3 oclock", set()),
+    ("a second man", set()),
+    ("someone on left", set()),
+    ("bowl", set()),
+    ("man on left", set()),
+    ("twenty people", set()),
+    ("11 players", set()),
+    ("the smaller one", set()),
+]
+
+
+@pytest.mark.parametrize(("sentence", "allowed"), COUNT_CASES)
+def test_swap_count_table(sentence: str, allowed: set[str]) -> None:
+    out = _kind(sentence, "swap_count")
+    assert len(out) == min(2, len(allowed))
+    assert {d.text for d in out} <= allowed
+    assert len({d.text for d in out}) == len(out)
+    for d in out:
+        assert validate(sentence, d) is None
+        _check_consistent(sentence, d)
+
+
+def test_swap_count_reaches_every_allowed_output_over_seeds() -> None:
+    seen = set()
+    for seed in range(40):
+        seen |= {d.text for d in _kind("two people on the left", "swap_count", seed=seed)}
+    assert seen == {"one person on the left", "three people on the left",
+                    "four people on the left"}
+
+
+def test_swap_count_agreement_slot() -> None:
+    texts = {}
+    for seed in range(20):
+        for d in _kind("one person on left", "swap_count", seed=seed):
+            texts[d.text] = d
+    d = texts["two people on left"]
+    assert d.slot == "one person->two people" and d.span == (0, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# negation: exact outputs in order (verbal edits first, then prepositional; per_kind=5)
+# --------------------------------------------------------------------------------------------
+
+NEGATION_CASES: list[tuple[str, list[str]]] = [
+    ("man holding an umbrella", ["man not holding an umbrella"]),
+    ("woman holding an umbrella", ["woman not holding an umbrella"]),
+    ("woman with a hat", ["woman without a hat"]),
+    ("dog on the couch", ["dog not on the couch"]),
+    ("man who is sitting", ["man who is not sitting"]),
+    ("car that has a dent", ["car that does not have a dent"]),
+    ("man standing", ["man not standing"]),
+    ("the cat chasing the dog", ["the cat not chasing the dog"]),
+    ("man on left", ["man not on left"]),
+    ("man in red shirt on left", ["man not in red shirt on left", "man in red shirt not on left"]),
+    ("man in red shirt holding umbrella",
+     ["man in red shirt not holding umbrella", "man not in red shirt holding umbrella"]),
+    ("car parked on street", ["car not parked on street"]),
+    ("bowl filled with fruit", ["bowl not filled with fruit"]),
+    ("man dressed in black", ["man not dressed in black"]),
+    ("dog that chases the cat", ["dog that does not chase the cat"]),
+    ("man not wearing hat", ["man wearing hat"]),
+    ("man without a hat", ["man with a hat"]),
+    ("car that does not have wheels", ["car that has wheels"]),
+    ("cat is on the bed", ["cat is not on the bed"]),
+    ("people who are walking", ["people who are not walking"]),
+    ("man who has a beard", ["man who does not have a beard"]),
+    ("zebra next to the tree", ["zebra not next to the tree"]),
+    ("dog near the door", ["dog not near the door"]),
+    ("lamp behind the couch", ["lamp not behind the couch"]),
+    ("cat under the table", ["cat not under the table"]),
+    ("man in the middle", ["man not in the middle"]),
+    ("giraffe eating leaves", ["giraffe not eating leaves"]),
+    ("man on the left holding umbrella",
+     ["man on the left not holding umbrella", "man not on the left holding umbrella"]),
+    ("man in blue holding bat", ["man in blue not holding bat", "man not in blue holding bat"]),
+    ("girl sitting on bench", ["girl not sitting on bench"]),
+    ("two people on the left", ["two people not on the left"]),
+    ("picture above the couch", ["picture not above the couch"]),
+    ("man with glasses", ["man without glasses"]),
+    ("woman in white with a racket",
+     ["woman not in white with a racket", "woman in white without a racket"]),
+    ("a painting on the wall", ["a painting not on the wall"]),
+    ("dog holds a frisbee", ["dog does not hold a frisbee"]),
+    ("man who was running", ["man who was not running"]),
+    # nothing to edit
+    ("bowl", []),
+    ("man", []),
+    ("left", []),
+    ("second from right", []),
+    ("white dining table", []),
+    ("the sitting man", []),
+    ("folding chair", []),
+    ("white building", []),
+    ("on the left", []),
+    ("far left guy", []),
+    ("tall giraffe", []),
+    ("right one", []),
+    ("blue car", []),
+    ("kitchen dining table", []),
+    ("man with no shirt", []),
+]
+
+
+@pytest.mark.parametrize(("sentence", "expected"), NEGATION_CASES)
+def test_negation_table(sentence: str, expected: list[str]) -> None:
+    out = _kind(sentence, "negation", per_kind=5)
+    assert [d.text for d in out] == expected
+    for d in out:
+        assert validate(sentence, d) is None
+        _check_consistent(sentence, d)
+
+
+def test_negation_slots() -> None:
+    (d,) = _kind("man holding an umbrella", "negation")
+    assert (d.slot, d.span) == ("holding->not holding", (1, 2))
+    (d,) = _kind("woman with a hat", "negation")
+    assert (d.slot, d.span) == ("with->without", (1, 2))
+    (d,) = _kind("car that has a dent", "negation")
+    assert (d.slot, d.span) == ("has->does not have", (2, 3))
+    (d,) = _kind("man not wearing hat", "negation")
+    assert (d.slot, d.span) == ("not->", (1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# role_reversal: exact outputs
+# --------------------------------------------------------------------------------------------
+
+ROLE_CASES: list[tuple[str, list[str]]] = [
+    ("the cat chasing the dog", ["the dog chasing the cat"]),
+    ("man holding the child", ["child holding the man"]),
+    ("big dog chasing small cat", ["small cat chasing big dog"]),
+    ("a man holding an umbrella", ["an umbrella holding a man"]),
+    ("woman holding an umbrella", ["umbrella holding a woman"]),
+    ("two men holding a baby", ["a baby holding two men"]),
+    ("the man who is holding the baby", ["the baby who is holding the man"]),
+    ("dog that chases the cat", ["cat that chases the dog"]),
+    ("dog chases the cat", ["cat chases the dog"]),
+    ("woman feeding a giraffe", ["giraffe feeding a woman"]),
+    ("girl hugging a teddy bear", ["teddy bear hugging a girl"]),
+    ("the man holding his son", ["his son holding the man"]),
+    ("boy kicking the ball on the left", ["ball kicking the boy on the left"]),
+    ("woman carrying a child", ["child carrying a woman"]),
+    ("horse pulling a cart", ["cart pulling a horse"]),
+    ("cat watching the bird", ["bird watching the cat"]),
+    ("old man petting a brown dog", ["brown dog petting an old man"]),
+    ("the zebra facing the giraffe", ["the giraffe facing the zebra"]),
+    ("a girl holding a cat", ["a cat holding a girl"]),
+    ("the dogs chasing the cat", ["the cat chasing the dogs"]),
+    ("a man holding two kids", ["two kids holding a man"]),
+    ("man wearing a red shirt", ["red shirt wearing a man"]),
+    ("person riding a horse", ["horse riding a person"]),
+    ("man who is feeding the elephant", ["elephant who is feeding the man"]),
+    ("dog catching a frisbee", ["frisbee catching a dog"]),
+    ("the man throwing the frisbee", ["the frisbee throwing the man"]),
+    ("man holding umbrella on the left", ["umbrella holding man on the left"]),
+    ("the elephant pushing a car", ["the car pushing an elephant"]),
+    ("left man hugging the woman", ["woman hugging the left man"]),
+    # nothing to produce
+    ("man standing", []),
+    ("man on left", []),
+    ("man standing on left", []),
+    ("man sitting on a bench", []),
+    ("woman looking at the dog", []),
+    ("bowl", []),
+    ("man wearing white", []),
+    ("man in red holding umbrella", []),
+    ("dog chasing another dog", []),
+    ("right one holding bat", []),
+    ("the cat", []),
+    ("woman holding", []),
+    ("white dining table", []),
+    ("kid with the ball", []),
+    ("man who is sitting", []),
+    ("second from right", []),
+    ("people who are watching the game", []),
+    ("dog that chases the cats", []),
+    ("kid wearing orange", []),
+]
+
+
+@pytest.mark.parametrize(("sentence", "expected"), ROLE_CASES)
+def test_role_reversal_table(sentence: str, expected: list[str]) -> None:
+    out = _kind(sentence, "role_reversal", per_kind=5)
+    assert [d.text for d in out] == expected
+    for d in out:
+        assert validate(sentence, d) is None
+        _check_consistent(sentence, d)
+
+
+def test_role_reversal_slot_and_span() -> None:
+    (d,) = _kind("the cat chasing the dog", "role_reversal")
+    assert d.span == (0, 5)
+    assert d.slot == "the cat chasing the dog->the dog chasing the cat"
+
+
+def test_table_sizes() -> None:
+    assert len(COLOR_CASES) >= 40
+    assert len(SPATIAL_CASES) >= 40
+    assert len(COUNT_CASES) >= 40
+    assert len(NEGATION_CASES) >= 40
+    assert len(ROLE_CASES) >= 40
+
+
+# --------------------------------------------------------------------------------------------
+# generate: per_kind, determinism, validity
+# --------------------------------------------------------------------------------------------
+
+RICH = "two men in red shirts on the left holding the dog"
+
+
+def test_per_kind_respected() -> None:
+    for per_kind in (1, 2, 3):
+        out = generate(RICH, per_kind=per_kind)
+        for kind in KINDS:
+            assert len([d for d in out if d.kind == kind]) <= per_kind
+    assert len([d for d in generate(RICH, per_kind=1) if d.kind == "swap_color"]) == 1
+    assert len([d for d in generate(RICH, per_kind=3) if d.kind == "swap_color"]) == 3
+    assert generate(RICH, per_kind=0) == []
+
+
+def test_kinds_filter_and_order() -> None:
+    out = generate(RICH, kinds=("negation", "swap_color"))
+    assert {d.kind for d in out} == {"negation", "swap_color"}
+    kinds = [d.kind for d in out]
+    assert kinds == sorted(kinds, key=["negation", "swap_color"].index)
+    with pytest.raises(ValueError):
+        generate(RICH, kinds=("swap_shape",))
+
+
+def test_deterministic_for_fixed_seed() -> None:
+    assert generate(RICH, seed=7) == generate(RICH, seed=7)
+    assert generate(RICH, seed=(3, 4)) == generate(RICH, seed=(3, 4))
+
+
+def test_different_seeds_give_different_draws() -> None:
+    draws = {tuple(d.text for d in generate("man in red shirt", ("swap_color",), seed=s))
+             for s in range(10)}
+    assert len(draws) > 1
+    a = [d.text for d in generate("man in red shirt", ("swap_color",), per_kind=5, seed=0)]
+    b = [d.text for d in generate("man in red shirt", ("swap_color",), per_kind=5, seed=1)]
+    assert a != b
+
+
+def test_deterministic_kinds_ignore_seed() -> None:
+    kinds = ("swap_spatial", "negation", "role_reversal")
+    assert generate(RICH, kinds, seed=0) == generate(RICH, kinds, seed=123)
+
+
+def test_prefix_stable() -> None:
+    small = generate(RICH, per_kind=1, seed=5)
+    big = generate(RICH, per_kind=4, seed=5)
+    for kind in KINDS:
+        s = [d for d in small if d.kind == kind]
+        b = [d for d in big if d.kind == kind]
+        assert b[: len(s)] == s
+
+
+def test_normalises_case_and_whitespace() -> None:
+    assert generate("  Man  on LEFT ", ("swap_spatial",)) == generate("man on left",
+                                                                        ("swap_spatial",))
+
+
+ALL_SENTENCES = sorted(
+    {s for s, _ in COLOR_CASES} | {s for s, _ in SPATIAL_CASES} | {s for s, _ in COUNT_CASES}
+    | {s for s, _ in NEGATION_CASES} | {s for s, _ in ROLE_CASES} | {RICH}
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_generated_distractor_passes_validate(seed: int) -> None:
+    for sentence in ALL_SENTENCES:
+        for d in generate(sentence, per_kind=4, seed=seed):
+            assert validate(sentence, d) is None, (sentence, d)
+            assert d.text != sentence and d.text.strip()
+            _check_consistent(sentence, d)
+
+
+def test_raw_rules_are_sound_without_the_guard() -> None:
+    """generate() drops candidates that fail validate(); the rules themselves must not need it
+    on real expressions, so check their raw output on every table sentence."""
+    for sentence in ALL_SENTENCES:
+        tokens = _tokens(sentence)
+        for kind in KINDS:
+            for slot in _options(tokens, kind):
+                for edit in slot:
+                    d = _make(tokens, kind, edit)
+                    assert validate(sentence, d) is None, (sentence, d)
+
+
+WORDS = [
+    "the", "a", "man", "woman", "dog", "cat", "red", "blue", "left", "right", "on", "in", "with",
+    "holding", "chasing", "two", "one", "second", "from", "who", "is", "sitting", "not", "has",
+    "top", "behind", "front", "of", "umbrella", "people", "orange", "near", "and", "that",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8), st.integers(0, 5))
+def test_property_generated_are_valid_and_consistent(words: list[str], seed: int) -> None:
+    sentence = " ".join(words)
+    for d in generate(sentence, per_kind=3, seed=seed):
+        assert d.kind in KINDS
+        assert validate(sentence, d) is None, (sentence, d)
+        _check_consistent(sentence, d)
+
+
+# --------------------------------------------------------------------------------------------
+# validate: hand-made bad distractors
+# --------------------------------------------------------------------------------------------
+
+BAD_CASES: list[tuple[str, Distractor, str]] = [
+    ("man in red", Distractor("swap_color", "man in red", "red->red", (2, 3)), "identical"),
+    ("man in red", Distractor("swap_color", "", "man in red->", (0, 3)), "empty"),
+    ("man in red", Distractor("swap_color", "   ", "man in red->", (0, 3)), "empty"),
+    ("man in red", Distractor("swap_color", "woman in red", "man->woman", (0, 1)),
+     "head noun changed"),
+    ("dog on the couch", Distractor("negation", "cat not on the couch", "dog on->cat not on",
+                                    (0, 2)), "head noun changed"),
+    ("man in red shirt", Distractor("swap_color", "boy in blue shirt", "red->blue", (2, 3)),
+     "edit outside slot"),
+    ("man in red shirt", Distractor("swap_color", "man in blue shirt", "green->blue", (2, 3)),
+     "edit outside slot"),
+    ("man in red shirt", Distractor("swap_color", "man in blue shirt", "red->blue", (1, 2)),
+     "edit outside slot"),
+    ("man in red shirt", Distractor("swap_color", "man in blue shirt", "red->blue", (2, 9)),
+     "edit outside slot"),
+    ("man on left", Distractor("swap_spatial", "man on right side", "left->right", (2, 3)),
+     "edit outside slot"),
+    ("man holding an umbrella",
+     Distractor("negation", "man not holding a umbrella", "holding->not holding", (1, 2)),
+     "edit outside slot"),
+    ("the cat chasing the dog",
+     Distractor("role_reversal", "the cat chasing the mouse", "dog->mouse", (4, 5)),
+     "head noun not swapped"),
+    ("the cat chasing the dog",
+     Distractor("role_reversal", "the cat chased by the dog", "chasing->chased by", (2, 3)),
+     "head noun not swapped"),
+    ("man in gray", Distractor("swap_color", "man in grey", "gray->grey", (2, 3)), "synonym"),
+    ("tan dog", Distractor("swap_color", "beige dog", "tan->beige", (0, 1)), "synonym"),
+    ("two dogs", Distractor("swap_count", "2 dogs", "two->2", (0, 1)), "synonym"),
+    ("two dogs", Distractor("swap_count", "one dogs", "two->one", (0, 1)), "number agreement"),
+    ("one person", Distractor("swap_count", "two person", "one->two", (0, 1)),
+     "number agreement"),
+    ("3 cats", Distractor("swap_count", "1 cats", "3->1", (0, 1)), "number agreement"),
+    ("man in red", Distractor("swap_shape", "man in blue", "red->blue", (2, 3)), "unknown kind"),
+]
+
+
+@pytest.mark.parametrize(("source", "d", "reason"), BAD_CASES)
+def test_validate_rejects_bad_distractors(source: str, d: Distractor, reason: str) -> None:
+    assert validate(source, d) == reason
+
+
+GOOD_HAND_MADE: list[tuple[str, Distractor]] = [
+    ("man in red", Distractor("swap_color", "man in blue", "red->blue", (2, 3))),
+    ("one person on left", Distractor("swap_count", "two people on left",
+                                      "one person->two people", (0, 2))),
+    ("two sheep", Distractor("swap_count", "one sheep", "two->one", (0, 1))),
+    # an inserted "not" at the span boundary is inside the +-1 allowance
+    ("man holding an umbrella", Distractor("negation", "man not holding an umbrella",
+                                           "holding->not holding", (1, 2))),
+    ("man holding an umbrella", Distractor("negation", "man not holding an umbrella",
+                                           "->not", (1, 1))),
+]
+
+
+@pytest.mark.parametrize(("source", "d"), GOOD_HAND_MADE)
+def test_validate_accepts_good_hand_made(source: str, d: Distractor) -> None:
+    assert validate(source, d) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: "describes another instance"
+# --------------------------------------------------------------------------------------------
+
+IMG = (600, 400)
+LEFT_MAN = (50.0, 100.0, 80.0, 200.0)  # centre x = 90
+RIGHT_MAN = (450.0, 100.0, 80.0, 200.0)  # centre x = 490
+
+
+def test_geometry_rejects_swap_true_of_the_other_instance() -> None:
+    ctx = SceneContext(target_box=LEFT_MAN, same_class_boxes=[RIGHT_MAN], image_size=IMG)
+    d = Distractor("swap_spatial", "man on right", "left->right", (2, 3))
+    assert validate("man on left", d, ctx) == "describes another instance"
+    kept, rejected = generate_validated("man on left", ("swap_spatial",), context=ctx)
+    assert kept == []
+    assert rejected == [Rejection("swap_spatial", "man on right", "describes another instance")]
+
+
+def test_geometry_accepts_single_instance() -> None:
+    ctx = SceneContext(target_box=LEFT_MAN, same_class_boxes=[], image_size=IMG)
+    d = Distractor("swap_spatial", "man on right", "left->right", (2, 3))
+    assert validate("man on left", d, ctx) is None
+    kept, rejected = generate_validated("man on left", ("swap_spatial",), context=ctx)
+    assert [k.text for k in kept] == ["man on right"] and rejected == []
+
+
+def test_geometry_target_on_right() -> None:
+    ctx = SceneContext(target_box=RIGHT_MAN, same_class_boxes=[LEFT_MAN], image_size=IMG)
+    d = Distractor("swap_spatial", "man on left", "right->left", (2, 3))
+    assert validate("man on right", d, ctx) == "describes another instance"
+
+
+def test_geometry_other_instance_not_matching_is_accepted() -> None:
+    # target top-left pizza; the other pizza is top-right (a bit higher).
+    target = (20.0, 40.0, 100.0, 100.0)  # centre (70, 90)
+    other = (450.0, 30.0, 100.0, 100.0)  # centre (500, 80)
+    ctx = SceneContext(target_box=target, same_class_boxes=[other], image_size=IMG)
+    kept, rejected = generate_validated("top left pizza", ("swap_spatial",), context=ctx)
+    # "bottom left pizza": the other pizza is neither bottom nor left -> a true negative
+    assert [k.text for k in kept] == ["bottom left pizza"]
+    # "top right pizza" is exactly the other pizza
+    assert rejected == [Rejection("swap_spatial", "top right pizza",
+                                  "describes another instance")]
+
+
+def test_geometry_thirds_rule() -> None:
+    # three men; the target is the leftmost, one man stands in the right third but is not the
+    # rightmost... the rightmost is also another man, so "right" is true of someone else.
+    target = (10.0, 100.0, 40.0, 100.0)
+    middle = (250.0, 100.0, 40.0, 100.0)
+    ctx = SceneContext(target_box=target, same_class_boxes=[middle], image_size=IMG)
+    d = Distractor("swap_spatial", "man on right", "left->right", (2, 3))
+    assert validate("man on left", d, ctx) == "describes another instance"  # extreme rule
+    # vertical: the other man is level with the target, not in the bottom third, and both
+    # share the extreme y (a tie counts as extreme for both) -> "bottom" holds for him too.
+    d2 = Distractor("swap_spatial", "man on bottom", "top->bottom", (2, 3))
+    assert validate("man on top", d2, ctx) == "describes another instance"
+    # other man clearly higher and in the top third: "bottom" is not true of him
+    high = (250.0, 10.0, 40.0, 60.0)  # centre y = 40 < 400/3
+    ctx2 = SceneContext(target_box=(10.0, 250.0, 40.0, 100.0), same_class_boxes=[high],
+                        image_size=IMG)
+    assert validate("man on top", d2, ctx2) is None
+    # ... but "top" family words are true of him
+    d3 = Distractor("swap_spatial", "man on top", "bottom->top", (2, 3))
+    assert validate("man on bottom", d3, ctx2) == "describes another instance"
+
+
+def test_geometry_ignores_relational_words_and_other_kinds() -> None:
+    ctx = SceneContext(target_box=LEFT_MAN, same_class_boxes=[RIGHT_MAN], image_size=IMG)
+    d = Distractor("swap_spatial", "man behind the car", "in front of->behind", (1, 4))
+    assert validate("man in front of the car", d, ctx) is None
+    d2 = Distractor("negation", "man not on left", "on->not on", (1, 2))
+    assert validate("man on left", d2, ctx) is None
+
+
+def test_generate_validated_without_context_matches_generate() -> None:
+    for sentence in ALL_SENTENCES:
+        kept, rejected = generate_validated(sentence, seed=3)
+        assert kept == generate(sentence, seed=3)
+        assert rejected == []
+
+
+def test_generate_validated_uses_spares() -> None:
+    # target top-left pizza, the other pizza is bottom-left (a little to the right of it).
+    target = (20.0, 40.0, 100.0, 100.0)  # centre (70, 90)
+    other = (50.0, 250.0, 100.0, 100.0)  # centre (100, 300)
+    ctx = SceneContext(target_box=target, same_class_boxes=[other], image_size=IMG)
+    kept, rejected = generate_validated("top left pizza", ("swap_spatial",), per_kind=1,
+                                        context=ctx)
+    # "bottom left pizza" is the other pizza -> rejected; the spare "top right pizza" is not
+    # true of it (it is the rightmost but not at the top) -> kept to fill the quota of 1.
+    assert rejected == [Rejection("swap_spatial", "bottom left pizza",
+                                  "describes another instance")]
+    assert [k.text for k in kept] == ["top right pizza"]
+
+
+# --------------------------------------------------------------------------------------------
+# head_noun
+# --------------------------------------------------------------------------------------------
+
+HEAD_CASES: list[tuple[str, str | None]] = [
+    ("man in red shirt on left", "man"),
+    ("the cat chasing the dog", "cat"),
+    ("second bottle from right", "bottle"),
+    ("woman holding an umbrella", "woman"),
+    ("two people on the left", "people"),
+    ("guy", "guy"),
+    ("left", None),
+    ("man left", "man"),
+    ("blue shirt guy", "guy"),
+    ("picture of a dog", "picture"),
+    ("the baby elephant", "elephant"),
+    ("tv on the left", "tv"),
+    ("skateboarder in air", "skateboarder"),
+    ("kid in striped shirt", "kid"),
+    ("white car parked", "car"),
+    ("light pole", "pole"),
+    ("traffic light", "light"),
+    ("the one on the right", "one"),
+    ("right one", "one"),
+    ("umpire behind catcher", "umpire"),
+    ("man and woman", "man"),
+    ("lady sitting down", "lady"),
+    ("hot dog", "dog"),
+    ("zebra facing left", "zebra"),
+    ("giraffe eating leaves", "giraffe"),
+    ("second from right", None),
+    ("bottom right corner", "corner"),
+    ("dog wearing a collar", "dog"),
+    ("the white building", "building"),
+    ("a painting on the wall", "painting"),
+    ("black and white dog", "dog"),
+    ("far right person", "person"),
+    ("closest elephant", "elephant"),
+    ("frisbee", "frisbee"),
+    ("the red", None),
+    ("teddy bear on the right", "bear"),
+    ("elephant that is the biggest", "elephant"),
+    ("kitchen dining table", "table"),
+    ("man who is sitting", "man"),
+    ("dog holds frisbee", "dog"),
+    ("men hold umbrellas", "men"),
+    ("orange on the left", "orange"),
+    ("orange cat", "cat"),
+    ("person cut off", "person"),
+    ("sandwich half on right", "sandwich"),
+    ("car that has a dent", "car"),
+    ("man not holding an umbrella", "man"),
+    ("on the left", None),
+]
+
+
+@pytest.mark.parametrize(("phrase", "expected"), HEAD_CASES)
+def test_head_noun_table(phrase: str, expected: str | None) -> None:
+    assert head_noun(phrase.split()) == expected
+
+
+def test_head_noun_table_size_and_case() -> None:
+    assert len(HEAD_CASES) >= 30
+    assert head_noun(["Man", "IN", "Red"]) == "man"
+    assert head_noun([]) is None
