@@ -19,15 +19,17 @@ EMBED_MODEL      ?= tiny
 EMBED_PRETRAINED ?= null
 EXECUTOR  ?= local
 MULTIVIEW_BACKEND ?= template
+HARD_NEGATIVES ?= true
 DEMO_SETS ?= --set embed.model=$(EMBED_MODEL) --set embed.pretrained=$(EMBED_PRETRAINED) \
-             --set multiview.backend=$(MULTIVIEW_BACKEND)
+             --set multiview.backend=$(MULTIVIEW_BACKEND) \
+             --set shards.with_hard_negatives=$(HARD_NEGATIVES)
 DEMO_DATASETS ?= refcoco refcoco+ refcocog-umd refcocog-google grefcoco
 PYTEST_ARGS ?= -n 2
 
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
       --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview shards preview status bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview hard-negatives shards preview status bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,7 +46,7 @@ demo-data: setup
 # The main job on the embedded demo: every stage that exists, on every layout, CPU only.
 demo: demo-data
 	@for ds in $(DEMO_DATASETS); do \
-	  $(MAKE) --no-print-directory ingest embeddings negatives multiview shards DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
+	  $(MAKE) --no-print-directory ingest embeddings negatives multiview hard-negatives shards DATASET=$$ds DATA_ROOT=$(DEMO_DIR)/refer \
 	    IMAGES=$(DEMO_DIR)/images/train2014 || exit 1; \
 	done
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
@@ -68,6 +70,11 @@ negatives: setup
 multiview: setup
 	$(RUN) --stage multiview
 	$(RUN) --stage clusters
+
+# augment (rules backend) + hard_negatives
+hard-negatives: setup
+	$(RUN) --stage augment
+	$(RUN) --stage hard_negatives
 
 # training shards per split, read by pipeline.dataset.NemoDataset
 shards: setup

@@ -118,10 +118,15 @@ def status(
     work_dir: Path = WORK_DIR,
     config: Path = CONFIG,
     sets: list[str] = SETS,
+    stage: str = typer.Option(None, "--stage",
+                              help="Show this stage's statistics and report from its manifest."),
 ) -> None:
     """Every stage under the current config: done / stale / missing, key, rows, bytes, seconds."""
     try:
         pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        if stage is not None:
+            _stage_report(pipe, dataset, stage)
+            return
         rows = pipe.status()
     except NemoError as exc:
         _fail(exc)
@@ -132,6 +137,20 @@ def status(
         rows_s = str(r.rows) if r.rows is not None else "-"
         typer.echo(f"{r.name:<16} {r.state:<10} {r.key:<16} {rows_s:>10} "
                    f"{_human_bytes(r.bytes):>10} {secs:>8}" + (f"  {r.note}" if r.note else ""))
+
+
+def _stage_report(pipe, dataset: str, stage: str) -> None:
+    import json
+
+    from pipeline.errors import NotPublished
+
+    key = pipe.resolve(stage).key
+    if not pipe.store.is_published(dataset, stage, key):
+        raise NotPublished(f"{stage} ({key}) for {dataset} is not built under the current config")
+    manifest = pipe.store.manifest(dataset, stage, key)
+    typer.echo(f"{stage} {key}  ({pipe.artifact_dir(stage)})")
+    typer.echo(json.dumps({"params": manifest["params"], "tables": manifest.get("tables", {}),
+                           "stats": manifest.get("stats", {})}, indent=2))
 
 
 @app.command("list-stages")

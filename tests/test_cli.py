@@ -46,6 +46,11 @@ def test_run_status_path_verify_round_trip(demo, work):
     manifest = json.loads(Path(artifact, "_manifest.json").read_text())
     assert int(fields[3]) == sum(f["rows"] for f in manifest["files"].values())
 
+    report = runner.invoke(app, ["status", "--stage", "ingest", *short])
+    assert report.exit_code == 0 and '"split_counts"' in report.output
+    missing = runner.invoke(app, ["status", "--stage", "negatives", *short])
+    assert missing.exit_code == 1 and "not built" in missing.output
+
     again = runner.invoke(app, ["run", "--stage", "ingest", *short])
     assert again.output.split()[:2] == ["ingest", "cached"]
 
