@@ -23,6 +23,7 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import ConfigError
 from pipeline.io import read_table_dir
 from pipeline.stage import Params, RunEnv, Stage
+from stages.datasets import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
 REPORT_SAMPLE = 2000
@@ -53,6 +54,7 @@ class Augment(Stage):
 
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: AugmentParams = params  # type: ignore[assignment]
+        check_splits("augment.splits", p.splits, env.dataset)
         if p.backend == "llm":
             raise ConfigError("augment.backend=llm is not available in this version of "
                               "nemo-pipe yet; use augment.backend=rules")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from pipeline.errors import InputError
+from stages.hub import hf_offline
 
 __all__ = [
     "TINY_MODEL",
@@ -328,28 +329,6 @@ def check_model_spec(model: str, pretrained: str | os.PathLike[str] | None) -> N
 
 
 @contextlib.contextmanager
-def _hf_offline() -> Iterator[None]:
-    """Force huggingface_hub offline while open_clip resolves a cached tag.
-
-    huggingface_hub reads HF_HUB_OFFLINE from the environment only at import time, so setting
-    the env var now would do nothing; its `constants.HF_HUB_OFFLINE` is what `is_offline_mode()`
-    checks on every request. Offline, `hf_hub_download` returns the cached file without a HEAD
-    request (which, with no network, would wait for timeouts and retries).
-    """
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-@contextlib.contextmanager
 def _no_root_logging_setup() -> Iterator[None]:
     """Keep open_clip's module-level `logging.warning(...)` calls from configuring the root logger.
 
@@ -386,7 +365,7 @@ def _create(spec: _Spec, device: torch.device, seed: int) -> tuple[torch.nn.Modu
         stack.enter_context(torch.random.fork_rng(devices=[]))
         stack.enter_context(_no_root_logging_setup())
         if spec.kind == "tag":
-            stack.enter_context(_hf_offline())
+            stack.enter_context(hf_offline())
         torch.manual_seed(seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -424,7 +403,7 @@ def _create(spec: _Spec, device: torch.device, seed: int) -> tuple[torch.nn.Modu
 def _tokenizer(spec: _Spec) -> Callable[..., torch.Tensor]:
     """open_clip's tokenizer for the model; HF-backed ones must already be cached."""
     try:
-        with _hf_offline(), _no_root_logging_setup():
+        with hf_offline(), _no_root_logging_setup():
             return open_clip.get_tokenizer(spec.name)
     except (OSError, RuntimeError, ValueError, ImportError) as e:
         raise InputError(

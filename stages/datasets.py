@@ -89,3 +89,12 @@ def load_data_manifest(dataset: str) -> DataManifest:
         raise InputError(f"data manifest {source}: train_split {manifest.train_split!r} "
                          f"is not one of its splits {manifest.splits}")
     return manifest
+
+
+def check_splits(key: str, splits: list[str], dataset: str) -> None:
+    """A config key naming splits must name splits of the dataset (caught before any work)."""
+    manifest = load_data_manifest(dataset)
+    unknown = sorted(set(splits) - set(manifest.splits))
+    if unknown:
+        raise InputError(f"{key}: {unknown} are not splits of {manifest.name} "
+                         f"({', '.join(manifest.splits)})")

@@ -30,7 +30,7 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.io import read_table_dir
 from pipeline.stage import Params, RunEnv, Stage, runtime_field
-from stages.datasets import load_data_manifest
+from stages.datasets import check_splits, load_data_manifest
 from stages.ingest import data_locations
 
 VIEWS = ("appearance", "action", "spatial", "appearance_alt")
@@ -75,11 +75,7 @@ class Multiview(Stage):
 
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: MultiviewParams = params  # type: ignore[assignment]
-        manifest = load_data_manifest(env.dataset)
-        unknown = sorted(set(p.splits) - set(manifest.splits))
-        if unknown:
-            raise InputError(f"multiview.splits: {unknown} are not splits of {manifest.name} "
-                             f"({', '.join(manifest.splits)})")
+        check_splits("multiview.splits", p.splits, env.dataset)
         if p.backend != "template":
             check_model_backend(p)
 

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.errors import InputError
 from pipeline.stage import Params, RunEnv, Stage, runtime_field
-from stages.datasets import load_data_manifest
+from stages.datasets import check_splits, load_data_manifest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,11 +51,7 @@ class Negatives(Stage):
 
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: NegativesParams = params  # type: ignore[assignment]
-        manifest = load_data_manifest(env.dataset)
-        unknown = sorted(set(p.query_splits) - set(manifest.splits))
-        if unknown:
-            raise InputError(f"negatives.query_splits: {unknown} are not splits of "
-                             f"{manifest.name} ({', '.join(manifest.splits)})")
+        check_splits("negatives.query_splits", p.query_splits, env.dataset)
 
     def run(self, ctx: StageContext) -> None:
         import pyarrow as pa

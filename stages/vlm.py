@@ -45,6 +45,7 @@ from PIL import Image, ImageStat
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.errors import InputError
+from stages.hub import hf_offline
 
 if TYPE_CHECKING:
     import torch
@@ -769,25 +770,6 @@ def tiny_llava_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
 # model resolution (offline)
 
 
-@contextlib.contextmanager
-def _hf_offline() -> Iterator[None]:
-    """Force huggingface_hub (and so transformers) offline for the duration.
-
-    huggingface_hub reads HF_HUB_OFFLINE from the environment once, at import; what its
-    `is_offline_mode()` checks on every call (transformers imports that same function) is
-    `huggingface_hub.constants.HF_HUB_OFFLINE`, so that is what is flipped. Offline, lookups
-    are answered from the cache with no HTTP request -- no timeouts, no retries.
-    """
-    from huggingface_hub import constants
-
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -814,7 +796,7 @@ def resolve_model_path(model: str, *, cache_dir: Path | None = None,
     from huggingface_hub import constants, snapshot_download
 
     try:
-        with _hf_offline():
+        with hf_offline():
             snapshot = Path(snapshot_download(repo_id=name, local_files_only=True))
     except Exception as exc:  # LocalEntryNotFoundError, or anything else from a partial cache
         raise InputError(
@@ -935,7 +917,7 @@ class HFGenerator:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         try:
-            with _hf_offline():
+            with hf_offline():
                 self.processor = AutoProcessor.from_pretrained(self.path)
                 # device_map loads the weights straight onto the device (no CPU copy first)
                 self.model = AutoModelForImageTextToText.from_pretrained(
@@ -1136,7 +1118,7 @@ class VLLMGenerator:
         self.model_name = model
         self.path, self.revision = resolve_model_path(model, cache_dir=cache_dir, seed=seed)
         self._vllm = vllm
-        with _hf_offline():
+        with hf_offline():
             self.llm = vllm.LLM(
                 model=str(self.path), dtype=dtype, max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
@@ -1147,7 +1129,7 @@ class VLLMGenerator:
         try:
             from transformers import AutoProcessor
 
-            with _hf_offline():
+            with hf_offline():
                 processor = AutoProcessor.from_pretrained(self.path)
             if getattr(processor, "chat_template", None):
                 self._format = lambda p: processor.apply_chat_template(
