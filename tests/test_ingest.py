@@ -269,3 +269,39 @@ def test_unknown_dataset_and_missing_data_root(demo, work):
         open_pipeline("refcocoo", work, data_root=demo.refer_root).resolve("ingest")
     with pytest.raises(InputError, match="no data root"):
         open_pipeline("refcoco", work).resolve("ingest")
+
+
+def test_api_load_returns_the_published_table(demo, work):
+    from pipeline.api import load, remember_locations
+    from pipeline.errors import NemoError, NotPublished
+
+    with pytest.raises(NotPublished, match="not built yet"):
+        pipe = open_pipeline("refcoco", work, data_root=demo.refer_root, images=demo.images_dir)
+        remember_locations(work, "refcoco", pipe.env.locations)
+        load("ingest", "refcoco", "refs", work_dir=work)
+    pipe = ingest(demo, work, "refcoco")
+    refs = load("ingest", "refcoco", "refs", work_dir=work)
+    want = pq.read_table(pipe.artifact_dir("ingest") / "refs")
+    assert refs.equals(want.replace_schema_metadata(None))
+    with pytest.raises(NemoError, match="several tables"):
+        load("ingest", "refcoco", work_dir=work)
+    with pytest.raises(NemoError, match="no table 'nope'"):
+        load("ingest", "refcoco", "nope", work_dir=work)
+
+
+def test_published_count_mismatch_warns_only_at_full_size(caplog):
+    from stages.ingest import _compare_expected
+
+    manifest = load_data_manifest("refcoco")
+    tiny = {"train": {"refs": 10, "images": 4, "sentences": 20}}
+    with caplog.at_level("WARNING"):
+        diffs = _compare_expected(manifest, tiny)
+    assert "train.refs: 10 (published 42404)" in diffs and not caplog.records
+    big = {s: {"refs": c.refs, "images": c.images, "sentences": c.sentences}
+           for s, c in manifest.expected.items()}
+    assert _compare_expected(manifest, big) == []
+    big["val"]["refs"] -= 1
+    with caplog.at_level("WARNING"):
+        diffs = _compare_expected(manifest, big)
+    assert diffs == ["val.refs: 3810 (published 3811)"]
+    assert "differs from the published statistics" in caplog.text
