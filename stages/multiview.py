@@ -55,6 +55,8 @@ class MultiviewParams(Params):
     max_attempts: int = Field(3, ge=1, description="generation + repair attempts per request")
     max_new_tokens: int = Field(384, ge=16)
     images_per_shard: int = Field(256, ge=1)
+    limit_images: int = Field(0, ge=0, description="only the first N images by id (0: all), "
+                                                    "for trial runs and prompt comparisons")
     batch_size: int = runtime_field(8, "requests per generate call", ge=1)
     device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
 
@@ -89,6 +91,9 @@ class Multiview(Stage):
         refs = refs.filter(pc.is_in(refs.column("split"), __import__("pyarrow").array(p.splits)))
         single = [r for r in refs.to_pylist() if len(r["ann_ids"]) == 1]
         image_ids = sorted({r["image_id"] for r in single})
+        if p.limit_images:
+            image_ids = image_ids[:p.limit_images]
+            single = [r for r in single if r["image_id"] in set(image_ids)]
         dirs = {t: str(ctx.upstream_dir("ingest") / t)
                 for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
@@ -98,12 +103,18 @@ class Multiview(Stage):
                  for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
         stats = ctx.run_shards(_multiview_shard, tasks, desc="views")
         skipped = len(refs) - len(single)
+        seconds = sum(s.get("generation_seconds", 0.0) for s in stats)
+        tokens = sum(s.get("generated_tokens", 0) for s in stats)
+        model_requests = sum(s.get("model_requests", 0) for s in stats)
         ctx.record(instances=len(single), images=len(image_ids),
                    skipped_multi_or_no_target=skipped,
                    views=sum(s["views"] for s in stats),
                    failures=sum(s["failures"] for s in stats),
                    generated_requests=sum(s["generated"] for s in stats),
-                   cached_requests=sum(s["cached"] for s in stats))
+                   cached_requests=sum(s["cached"] for s in stats),
+                   generation_seconds=round(seconds, 3), generated_tokens=tokens,
+                   requests_per_s=round(model_requests / seconds, 3) if seconds else None,
+                   tokens_per_s=round(tokens / seconds, 1) if seconds else None)
         ctx.extra.update(backend=p.backend, model=p.model if p.backend != "template" else None)
 
 

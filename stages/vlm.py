@@ -1454,6 +1454,8 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
             else:
                 todo.append(plan)
         generator = get_generator(p.backend, p.model, p.device) if todo else None
+        stats = getattr(generator, "stats", None)
+        before = (stats.generated_tokens, stats.seconds, stats.requests) if stats else (0, 0.0, 0)
         chunk = max(1, int(p.batch_size))  # images per round trip: bounds what a kill loses
         for start in range(0, len(todo), chunk):
             jobs, live = [], []
@@ -1478,6 +1480,10 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
                                 per_instance=bool(p.per_instance),
                                 max_new_tokens=int(p.max_new_tokens),
                                 batch_size=int(p.batch_size), on_done=on_done)
+        if stats is not None:  # this shard's share of the process-wide generator totals
+            counts["generated_tokens"] = stats.generated_tokens - before[0]
+            counts["generation_seconds"] = round(stats.seconds - before[1], 3)
+            counts["model_requests"] = stats.requests - before[2]
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     for image_id, refs, _, phash in plans:
