@@ -215,6 +215,38 @@ def verify(
 
 
 @app.command()
+def gc(
+    dataset: str = DATASET,
+    keep_current: bool = typer.Option(
+        False, "--keep-current",
+        help="Also remove every published artifact the current config does not resolve to "
+             "(old tau/K sweeps); without it only abandoned temp and trash dirs go."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Remove abandoned temp dirs and, with --keep-current, artifacts no current config uses."""
+    from pipeline.gc import collect, find_garbage
+
+    try:
+        pipe = _open(dataset, work_dir, config, sets, data_root, images)
+        garbage = find_garbage(pipe, keep_current)
+    except NemoError as exc:
+        _fail(exc)
+    for g in garbage:
+        typer.echo(f"{'would remove' if dry_run else 'remove'} {g.path}  "
+                   f"({_human_bytes(g.bytes)}; {g.why})")
+    total = sum(g.bytes for g in garbage)
+    if dry_run:
+        typer.echo(f"{len(garbage)} dir(s), {_human_bytes(total)} would be freed (dry run)")
+    else:
+        typer.echo(f"freed {_human_bytes(collect(garbage))} in {len(garbage)} dir(s)")
+
+
+@app.command()
 def preview(
     out: Path = typer.Argument(..., help="PNG file to write."),
     dataset: str = DATASET,

@@ -106,3 +106,29 @@ def test_demo_data_command(tmp_path):
     assert (out / "refer" / "refcoco" / "refs(unc).p").is_file()
     again = runner.invoke(app, ["demo-data", str(out)])
     assert again.exit_code == 2 and "error:" in again.output
+
+
+def test_gc_removes_only_what_no_current_config_uses(demo, work):
+    short = ["--dataset", "refcoco", "--work-dir", str(work)]
+    assert runner.invoke(app, ["run", "--stage", "ingest", *common(demo, work)]).exit_code == 0
+    old = runner.invoke(app, ["run", "--stage", "ingest", *short,
+                              "--set", "ingest.images_per_shard=5"])
+    assert old.exit_code == 0, old.output
+    stage_dir = work / "refcoco" / "ingest"
+    (stage_dir / ".tmp-deadbeef").mkdir()
+    (stage_dir / ".tmp-deadbeef" / "x").write_text("partial")
+    assert len([p for p in stage_dir.iterdir() if not p.name.startswith(".")]) == 2
+
+    dry = runner.invoke(app, ["gc", "--keep-current", "--dry-run", *short])
+    assert dry.exit_code == 0 and "would remove" in dry.output
+    assert len([p for p in stage_dir.iterdir() if not p.name.startswith(".")]) == 2
+
+    plain = runner.invoke(app, ["gc", *short])  # only the abandoned temp dir
+    assert plain.exit_code == 0 and not (stage_dir / ".tmp-deadbeef").exists()
+    assert len([p for p in stage_dir.iterdir() if not p.name.startswith(".")]) == 2
+
+    current = runner.invoke(app, ["path", "--stage", "ingest", *short]).output.strip()
+    res = runner.invoke(app, ["gc", "--keep-current", *short])
+    assert res.exit_code == 0, res.output
+    left = [p for p in stage_dir.iterdir() if not p.name.startswith(".")]
+    assert [str(p) for p in left] == [current]

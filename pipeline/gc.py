@@ -1,0 +1,78 @@
+"""Reclaim space: abandoned temp dirs, and artifacts no current config resolves to.
+
+Sweeping tau or K publishes a new artifact per value; without collection the work dir grows
+without bound. What the current config (defaults + `--config` + `--set`) resolves to is kept;
+a temp dir whose lock is held belongs to a running job and is kept too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import NemoError
+from pipeline.runner import Pipeline
+
+
+@dataclass
+class Garbage:
+    path: Path
+    why: str
+    bytes: int
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _locked(lock_path: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    if not lock_path.exists():
+        return False
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
+    """Temp and trash dirs of the pipeline's dataset; with `keep_current`, also every published
+    artifact whose key the current config does not resolve to."""
+    store, dataset = pipe.store, pipe.env.dataset
+    found: list[Garbage] = []
+    for name in pipe.registry.topological():
+        stage_dir = store.stage_dir(dataset, name)
+        if not stage_dir.is_dir():
+            continue
+        current = None
+        if keep_current:
+            try:
+                current = pipe.resolve(name).key
+            except NemoError as exc:
+                raise NemoError(f"cannot tell which {name} artifact is current ({exc}); pass "
+                                "--data-root/--images or fix the config first") from None
+        for path in sorted(stage_dir.iterdir()):
+            if path.name.startswith(".trash-"):
+                found.append(Garbage(path, "left over from a replaced artifact", dir_bytes(path)))
+            elif path.name.startswith(".tmp-"):
+                key = path.name[len(".tmp-"):]
+                if not _locked(store.lock_path(dataset, name, key)):
+                    found.append(Garbage(path, "unfinished run (resume state)", dir_bytes(path)))
+            elif keep_current and path.is_dir() and not path.name.startswith(".") \
+                    and path.name != current:
+                found.append(Garbage(path, f"not the current {name} ({current})",
+                                     dir_bytes(path)))
+    return found
+
+
+def collect(garbage: list[Garbage]) -> int:
+    freed = 0
+    for g in garbage:
+        shutil.rmtree(g.path, ignore_errors=True)
+        freed += g.bytes
+    return freed
