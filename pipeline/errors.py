@@ -32,3 +32,8 @@ class NotPublished(NemoError):
     """The artifact the current config resolves to has not been built yet."""
 
     exit_code = 1
+
+
+class StorageError(NemoError):
+    """The work dir cannot be written (disk full, permissions, read-only); finished shards are
+    kept, so the run resumes once the cause is fixed."""

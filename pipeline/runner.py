@@ -7,6 +7,7 @@ what makes `status`, `path` and `run --dry-run` cheap and exact.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from typing import Any
 from pipeline.cache import ArtifactStore, artifact_key
 from pipeline.config import Config
 from pipeline.context import SHARD_MARKERS, STAGING, StageContext, peak_rss_mb
-from pipeline.errors import NemoError
+from pipeline.errors import NemoError, StorageError
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.io import MANIFEST, SUCCESS, describe_file, library_versions, write_json
 from pipeline.registry import Registry
 from pipeline.stage import Params, RunEnv, Stage, key_params
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass
@@ -174,14 +177,22 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 r.stage.run(ctx)
+                ctx.stats["seconds"] = round(time.perf_counter() - started, 3)
+                ctx.stats["peak_rss_mb"] = peak_rss_mb()
+                self._finalize(r, ctx, tmp)
+                store.publish(tmp, store.artifact_dir(dataset, r.name, r.key))
             except NemoError:
                 # Bad input or config: nothing worth resuming, and nothing is published.
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            ctx.stats["seconds"] = round(time.perf_counter() - started, 3)
-            ctx.stats["peak_rss_mb"] = peak_rss_mb()
-            self._finalize(r, ctx, tmp)
-            store.publish(tmp, store.artifact_dir(dataset, r.name, r.key))
+            except OSError as exc:
+                if exc.errno not in STORAGE_ERRNOS:
+                    raise
+                raise StorageError(
+                    f"{r.name}: cannot write under {tmp.parent} ({exc.strerror}: "
+                    f"{exc.filename or tmp}); nothing was published. Free space or fix the "
+                    "permissions (or choose another --work-dir), then rerun: finished shards "
+                    "are kept and resumed") from exc
 
     def _finalize(self, r: Resolved, ctx: StageContext, tmp: Path) -> None:
         shutil.rmtree(tmp / SHARD_MARKERS, ignore_errors=True)

@@ -286,3 +286,48 @@ def test_dask_executor_output_equals_local(tmp_path, monkeypatch):
     assert artifact_bytes(distributed, "numbers") == artifact_bytes(local, "numbers")
     manifest = json.loads((distributed.artifact_dir("numbers") / "_manifest.json").read_text())
     assert manifest["executor"] == "dask"
+
+
+def test_disk_full_mid_write_is_a_clear_error_and_resumes(tmp_path, toy_log, monkeypatch):
+    import errno
+
+    import pipeline.context as context_module
+    from pipeline.errors import StorageError
+
+    real = context_module.write_parquet
+    calls = {"n": 0}
+
+    def flaky(table, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(table, path, *args, **kwargs)
+
+    monkeypatch.setattr(context_module, "write_parquet", flaky)
+    pipe = make_pipe(tmp_path)
+    with pytest.raises(StorageError, match="No space left on device.*rerun"):
+        pipe.run("numbers")
+    key = pipe.resolve("numbers").key
+    assert not pipe.store.is_published("toy", "numbers", key)
+    assert len(list((pipe.store.tmp_dir("toy", "numbers", key) / "_shards").iterdir())) == 2
+    monkeypatch.setattr(context_module, "write_parquet", real)
+    make_pipe(tmp_path).run("numbers")
+    assert pipe.store.is_published("toy", "numbers", key)
+    assert log_lines(toy_log) == ["numbers 0", "numbers 1", "numbers 2", "numbers 2",
+                                  "numbers 3"]
+
+
+def test_permission_error_on_publish_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.cache import ArtifactStore as Store
+    from pipeline.errors import StorageError
+
+    def denied(self, tmp, final):
+        raise PermissionError(errno.EACCES, "Permission denied", str(final))
+
+    monkeypatch.setattr(Store, "publish", denied)
+    pipe = make_pipe(tmp_path)
+    with pytest.raises(StorageError, match="Permission denied"):
+        pipe.run("numbers")
+    assert not pipe.store.is_published("toy", "numbers", pipe.resolve("numbers").key)
