@@ -7,6 +7,11 @@ the slot) and a spatial swap is rejected when its new words would describe anoth
 the same category in the image (checked with the boxes): it must be false for the target, not
 true for a neighbour. Rejected ones are kept with their reason.
 
+The `llm` backend (stages.augment_llm) asks any Hugging Face causal LM (local dir, cached id, or
+`tiny` in tests) with a few-shot prompt per kind for JSON, batched, repairs bad answers, puts
+every finished request in the shared request cache (resume per request, like multiview), and
+applies the same validity checks as the rules.
+
 The report per kind (count, share valid, mean CLIP cosine to the source, examples) goes to the
 manifest (`nemo-pipe status --stage augment` shows it). CLIP text embeddings barely move under
 small edits, so a kind's label comes from its edit, never from the cosine.
@@ -20,9 +25,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.errors import ConfigError
 from pipeline.io import read_table_dir
-from pipeline.stage import Params, RunEnv, Stage
+from pipeline.stage import Params, RunEnv, Stage, runtime_field
 from stages.datasets import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
@@ -38,7 +42,10 @@ class AugmentParams(Params):
     per_kind: int = Field(2, ge=1, description="distractors per kind per sentence")
     splits: list[str] = Field(["train"], description="splits whose sentences are augmented")
     seed: int = 0
+    max_attempts: int = Field(2, ge=1, description="llm: generation + repair attempts")
     sentences_per_shard: int = Field(20000, ge=1)
+    batch_size: int = runtime_field(8, "llm: prompts per generate call", ge=1)
+    device: str = runtime_field("auto", "llm: auto (CUDA when present), cpu, cuda:N")
 
 
 class Augment(Stage):
@@ -55,9 +62,10 @@ class Augment(Stage):
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: AugmentParams = params  # type: ignore[assignment]
         check_splits("augment.splits", p.splits, env.dataset)
-        if p.backend == "llm":
-            raise ConfigError("augment.backend=llm is not available in this version of "
-                              "nemo-pipe yet; use augment.backend=rules")
+        if p.backend == "llm" and p.model.strip().lower() != "tiny":
+            from stages.vlm import resolve_model_path
+
+            resolve_model_path(p.model)  # a clear error now if the model is not available
 
     def run(self, ctx: StageContext) -> None:
         import pyarrow as pa
@@ -73,11 +81,14 @@ class Augment(Stage):
                      if r in keep)
         dirs = {t: str(ctx.upstream_dir("ingest") / t)
                 for t in ("refs", "sentences", "objects", "images")}
+        cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
         tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard], "dirs": dirs,
-                               "params": p.model_dump()})
+                               "params": p.model_dump(), "cache": cache})
                  for n, s in enumerate(range(0, len(ids), p.sentences_per_shard))]
-        ctx.run_shards(_augment_shard, tasks, desc="augment")
-        ctx.record(sentences=len(ids), report=self._report(ctx, p))
+        stats = ctx.run_shards(_augment_shard, tasks, desc="augment")
+        ctx.record(sentences=len(ids), report=self._report(ctx, p),
+                   generated_requests=sum(s.get("generated", 0) for s in stats),
+                   cached_requests=sum(s.get("cached", 0) for s in stats))
 
     def _report(self, ctx: StageContext, p: AugmentParams) -> dict[str, Any]:
         """Per kind: count, share valid, mean cosine to the source (on a sample), examples."""
@@ -164,13 +175,25 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, An
     scene = _scene(payload["dirs"])
     ok: list[tuple[int, str, str]] = []
     bad: list[tuple[int, str, str, str]] = []
-    for sid in payload["sent_ids"]:
-        rid, text = scene["sent"][sid]
-        context = scene_context(scene, scene["refs"][rid])
-        dists, rejections = generate_validated(text, kinds=p.kinds, per_kind=p.per_kind,
-                                               seed=[p.seed, sid], context=context)
-        ok.extend((sid, d.kind, d.text) for d in dists)
-        bad.extend((sid, r.kind, r.text, r.reason) for r in rejections)
+    counts: dict[str, int] = {}
+    if p.backend == "llm":
+        from stages.augment_llm import run_llm_backend
+
+        items = []
+        for sid in payload["sent_ids"]:
+            rid, text = scene["sent"][sid]
+            items.append((sid, text, scene_context(scene, scene["refs"][rid])))
+        ok, bad, counts = run_llm_backend(items, list(p.kinds), p.per_kind, p.model, p.device,
+                                          Path(payload["cache"]), max_attempts=p.max_attempts,
+                                          batch_size=p.batch_size)
+    else:
+        for sid in payload["sent_ids"]:
+            rid, text = scene["sent"][sid]
+            context = scene_context(scene, scene["refs"][rid])
+            dists, rejections = generate_validated(text, kinds=p.kinds, per_kind=p.per_kind,
+                                                   seed=[p.seed, sid], context=context)
+            ok.extend((sid, d.kind, d.text) for d in dists)
+            bad.extend((sid, r.kind, r.text, r.reason) for r in rejections)
     writer.write_table("distractors", pa.table({
         "sent_id": pa.array([o[0] for o in ok], pa.int64()),
         "kind": pa.array([o[1] for o in ok], pa.string()),
@@ -184,4 +207,4 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, An
         "backend": pa.array([p.backend] * len(bad), pa.string()),
         "reason": pa.array([b[3] for b in bad], pa.string()),
     }))
-    return {"distractors": len(ok), "rejected": len(bad)}
+    return {"distractors": len(ok), "rejected": len(bad), **counts}
