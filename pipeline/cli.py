@@ -75,6 +75,9 @@ def run(
                                                       "(upstream stays cached)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and why; "
                                                           "change nothing."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Re-hash cached artifacts before reusing them (always: a "
+                                     "size check); a corrupt one is rebuilt."),
     wait: bool = typer.Option(True, "--wait/--no-wait",
                               help="If another run holds the artifact's lock: wait for it "
                                    "(default) or exit with status 3."),
@@ -94,7 +97,7 @@ def run(
 
         pipe = _open(dataset, work_dir, config, sets, data_root, images,
                      make_executor(executor, workers, scheduler))
-        plan = pipe.plan(stage, force)
+        plan = pipe.plan(stage, force, verify)
         for item in plan:
             line = f"{item.name:<16} {item.state:<8} {item.key}"
             typer.echo(line + (f"  ({item.reason})" if item.reason else ""))
@@ -104,7 +107,7 @@ def run(
             from pipeline.api import remember_locations
 
             remember_locations(pipe.env.work_dir, dataset, pipe.env.locations)
-        pipe.run(stage, force=force, wait=wait)
+        pipe.execute(plan, wait=wait)
         typer.echo(str(pipe.artifact_dir(stage)))
     except NemoError as exc:
         _fail(exc)

@@ -50,7 +50,7 @@ class Resolved:
 class PlanItem:
     name: str
     key: str
-    state: str  # cached | missing | stale | forced
+    state: str  # cached | missing | stale | forced | corrupt
     reason: str = ""
 
     @property
@@ -105,7 +105,11 @@ class Pipeline:
         return self.store.artifact_dir(self.env.dataset, name, r.key)
 
     # -- planning ------------------------------------------------------------------------
-    def plan(self, target: str, force: bool = False) -> list[PlanItem]:
+    def plan(self, target: str, force: bool = False, verify: bool = False) -> list[PlanItem]:
+        """What a run would do. A cached artifact whose files are missing or have the wrong
+        size (or, with `verify`, the wrong checksum) is `corrupt`: it is rebuilt, not used."""
+        from pipeline.verify import quick_check, verify_artifact
+
         items: list[PlanItem] = []
         for name in self.registry.upstream_order(target, self.inputs_of):
             r = self.resolve(name)
@@ -113,7 +117,13 @@ class Pipeline:
             if force and name == target:
                 items.append(PlanItem(name, r.key, "forced", "--force"))
             elif published:
-                items.append(PlanItem(name, r.key, "cached"))
+                d = self.store.artifact_dir(self.env.dataset, name, r.key)
+                problems = verify_artifact(d) if verify else quick_check(d)
+                if problems:
+                    items.append(PlanItem(name, r.key, "corrupt",
+                                          f"{problems[0].file}: {problems[0].what}; rebuilding"))
+                else:
+                    items.append(PlanItem(name, r.key, "cached"))
             else:
                 others = self.store.published_keys(self.env.dataset, name)
                 rerun = [i.name for i in items if i.needs_run]
@@ -149,16 +159,22 @@ class Pipeline:
         return rows
 
     # -- running -------------------------------------------------------------------------
-    def run(self, target: str, force: bool = False, wait: bool = True) -> list[PlanItem]:
-        plan = self.plan(target, force)
+    def run(self, target: str, force: bool = False, wait: bool = True,
+            verify: bool = False) -> list[PlanItem]:
+        plan = self.plan(target, force, verify)
+        self.execute(plan, wait)
+        return plan
+
+    def execute(self, plan: list[PlanItem], wait: bool = True) -> None:
+        """Run the items of a plan that need it, after every stage's preflight check."""
         for item in plan:  # every check before any work
             if item.needs_run:
                 r = self.resolve(item.name)
                 r.stage.preflight(self.env, r.params)
         for item in plan:
             if item.needs_run:
-                self._execute(self.resolve(item.name), force=item.state == "forced", wait=wait)
-        return plan
+                self._execute(self.resolve(item.name), force=item.state in ("forced", "corrupt"),
+                              wait=wait)
 
     def _execute(self, r: Resolved, force: bool, wait: bool) -> None:
         store, dataset = self.store, self.env.dataset

@@ -50,6 +50,24 @@ def verify_artifact(artifact: Path) -> list[Problem]:
     return problems
 
 
+def quick_check(artifact: Path) -> list[Problem]:
+    """Cheap integrity check before reusing a cached artifact: every listed file is there with
+    its listed size (a deleted or truncated part). `verify_artifact` also re-hashes."""
+    try:
+        manifest = read_json(artifact / MANIFEST)
+    except (OSError, ValueError) as exc:
+        return [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
+    problems = []
+    for rel, want in sorted(manifest.get("files", {}).items()):
+        path = artifact / rel
+        if not path.is_file():
+            problems.append(Problem(artifact, rel, "missing"))
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(Problem(artifact, rel, f"{path.stat().st_size} bytes, manifest says "
+                                                   f"{want['bytes']}"))
+    return problems
+
+
 def verify_store(store: ArtifactStore, dataset: str | None = None) -> tuple[int, list[Problem]]:
     """(number of artifacts checked, problems found) over every published artifact."""
     checked, problems = 0, []

@@ -132,3 +132,27 @@ def test_gc_removes_only_what_no_current_config_uses(demo, work):
     assert res.exit_code == 0, res.output
     left = [p for p in stage_dir.iterdir() if not p.name.startswith(".")]
     assert [str(p) for p in left] == [current]
+
+
+def test_run_rebuilds_a_corrupt_cached_artifact(demo, work):
+    short = ["--dataset", "refcoco", "--work-dir", str(work)]
+    assert runner.invoke(app, ["run", "--stage", "ingest", *common(demo, work)]).exit_code == 0
+    artifact = Path(runner.invoke(app, ["path", "--stage", "ingest", *short]).output.strip())
+    good = {p.relative_to(artifact): p.read_bytes() for p in artifact.rglob("*.parquet")}
+
+    (artifact / "refs" / "part-00000.parquet").unlink()  # a deleted part: caught by size check
+    res = runner.invoke(app, ["run", "--stage", "ingest", *short])
+    assert res.exit_code == 0 and "corrupt" in res.output and "refs/part-00000" in res.output
+    assert {p.relative_to(artifact): p.read_bytes() for p in artifact.rglob("*.parquet")} == good
+
+    part = artifact / "sentences" / "part-00000.parquet"  # a flipped byte: same size
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    res = runner.invoke(app, ["run", "--stage", "ingest", *short])
+    assert res.output.split()[:2] == ["ingest", "cached"]  # the cheap check cannot see it
+    assert runner.invoke(app, ["verify", "--work-dir", str(work)]).exit_code == 1
+    res = runner.invoke(app, ["run", "--stage", "ingest", "--verify", *short])
+    assert res.exit_code == 0 and "checksum differs" in res.output
+    assert runner.invoke(app, ["verify", "--work-dir", str(work)]).exit_code == 0
+    assert part.read_bytes() == good[part.relative_to(artifact)]
