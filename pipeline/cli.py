@@ -309,6 +309,7 @@ def main() -> None:
                         stream=sys.stderr)
     for name in ("pipeline", "stages"):
         logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # it logs every connection
     app()
 
 

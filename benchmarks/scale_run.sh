@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# End to end at RefCOCO scale on CPU: synthetic data with RefCOCO-like ratios (20,000 images,
+# about 48k refs, 135k sentences), every stage with the tiny CLIP model, the template multiview
+# backend and the rules augment backend; then the same with the dask executor and 2 workers.
+# Each stage runs in its own process, so its manifest's peak memory is that stage's own.
+# Prints a markdown table (stage, rows, seconds, peak MiB) per executor. Not part of make test.
+#
+#   benchmarks/scale_run.sh [N_IMAGES=20000] [OUT=/tmp/nemo-scale]
+set -euo pipefail
+N=${1:-20000}
+OUT=${2:-/tmp/nemo-scale}
+cd "$(dirname "$0")/.."
+NEMO=.venv/bin/nemo-pipe
+SETS=(--set embed.model=tiny --set embed.pretrained=null --set multiview.backend=template
+      --set augment.backend=rules --set shards.with_hard_negatives=true)
+STAGES=(ingest embed_images embed_texts index negatives mosaic_tables multiview clusters augment
+        hard_negatives shards)
+
+mkdir -p "$OUT"
+if [ ! -d "$OUT/data/refer" ]; then
+  /usr/bin/time -v "$NEMO" demo-data "$OUT/data" --n-images "$N" 2> "$OUT/demo-data.time"
+fi
+for executor in local dask; do
+  work="$OUT/work-$executor"
+  for stage in "${STAGES[@]}"; do
+    "$NEMO" run --stage "$stage" --dataset refcoco --data-root "$OUT/data/refer" \
+      --images "$OUT/data/images/train2014" --work-dir "$work" --executor "$executor" \
+      --workers 2 "${SETS[@]}" > /dev/null
+  done
+  echo "### executor: $executor ($N images, $(nproc) cores)"
+  .venv/bin/python - "$work" <<'PY'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1]) / "refcoco"
+print("| stage | rows | seconds | peak MiB |\n|---|---:|---:|---:|")
+order = ["ingest", "embed_images", "embed_texts", "index", "negatives", "mosaic_tables",
+         "multiview", "clusters", "augment", "hard_negatives", "shards"]
+total = 0.0
+for stage in order:
+    for m in sorted((work / stage).glob("*/_manifest.json")):
+        d = json.loads(m.read_text())
+        rows = sum(f.get("rows", 0) for f in d["files"].values())
+        secs = d["stats"].get("seconds", 0.0)
+        total += secs
+        print(f"| {stage} | {rows} | {secs:.1f} | {d['stats'].get('peak_rss_mb', 0):.0f} |")
+print(f"| **total** | | {total:.1f} | |")
+PY
+done
