@@ -250,6 +250,29 @@ def gc(
 
 
 @app.command()
+def report(
+    out: Path = typer.Argument(..., help="HTML file to write (self-contained)."),
+    dataset: str = DATASET,
+    n_mosaics: int = typer.Option(8, "--n-mosaics", min=0, help="Mosaics in the sample sheet."),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """One HTML page: per-stage table (time, memory, key), score histograms with tau, kept
+    candidates vs tau and K, hard negatives by kind, a sample of mosaics."""
+    from stages.report import report_command
+
+    try:
+        path = report_command(dataset, out, work_dir, config, sets, data_root, images,
+                              n_mosaics=n_mosaics)
+    except NemoError as exc:
+        _fail(exc)
+    typer.echo(str(path))
+
+
+@app.command()
 def preview(
     out: Path = typer.Argument(..., help="PNG file to write."),
     dataset: str = DATASET,
