@@ -250,6 +250,33 @@ def gc(
 
 
 @app.command()
+def calibrate(
+    out: Path = typer.Argument(..., help="Output dir: calibration.parquet, .csv and .png."),
+    dataset: str = DATASET,
+    taus: str = typer.Option("0.6,0.7,0.8,0.85,0.9,null", "--taus",
+                             help="Comma-separated tau values; null/off = no filter."),
+    ks: str = typer.Option("50,100,200,400,800", "--ks", help="Comma-separated K values."),
+    relevance: str = typer.Option("ti", "--relevance", help="ti, ii or both."),
+    scale: str = typer.Option("minmax", "--scale", help="minmax or cosine."),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Distractor rate per mosaic and false-positive risk over a tau x K grid, from the
+    annotations (no training): pick tau and K from data. Runs `negatives` if needed."""
+    from stages.calibrate import calibrate_command, parse_ks, parse_taus
+
+    try:
+        path = calibrate_command(dataset, out, parse_taus(taus), parse_ks(ks), relevance, scale,
+                                 work_dir, config, sets, data_root, images)
+    except NemoError as exc:
+        _fail(exc)
+    typer.echo(str(path))
+
+
+@app.command()
 def report(
     out: Path = typer.Argument(..., help="HTML file to write (self-contained)."),
     dataset: str = DATASET,
