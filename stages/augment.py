@@ -43,6 +43,8 @@ class AugmentParams(Params):
     splits: list[str] = Field(["train"], description="splits whose sentences are augmented")
     seed: int = 0
     max_attempts: int = Field(2, ge=1, description="llm: generation + repair attempts")
+    llm_engine: Literal["hf", "vllm"] = Field(
+        "hf", description="llm: transformers generate, or vLLM (the vllm extra, GPU)")
     sentences_per_shard: int = Field(20000, ge=1)
     batch_size: int = runtime_field(8, "llm: prompts per generate call", ge=1)
     device: str = runtime_field("auto", "llm: auto (CUDA when present), cpu, cuda:N")
@@ -62,6 +64,10 @@ class Augment(Stage):
     def preflight(self, env: RunEnv, params: Params) -> None:
         p: AugmentParams = params  # type: ignore[assignment]
         check_splits("augment.splits", p.splits, env.dataset)
+        if p.backend == "llm" and p.llm_engine == "vllm":
+            from stages.vlm import _import_vllm
+
+            _import_vllm()  # a clear error now when vLLM is not installed
         if p.backend == "llm" and p.model.strip().lower() != "tiny":
             from stages.vlm import resolve_model_path
 
@@ -125,6 +131,7 @@ class Augment(Stage):
 
 
 _CACHE: dict[str, Any] = {}
+_VLLM: dict[tuple[str, int], Any] = {}  # one vLLM engine per worker process
 
 
 def _scene(dirs: dict[str, str]) -> dict[str, Any]:
@@ -177,15 +184,20 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, An
     bad: list[tuple[int, str, str, str]] = []
     counts: dict[str, int] = {}
     if p.backend == "llm":
-        from stages.augment_llm import run_llm_backend
+        from stages.augment_llm import VLLMTextGenerator, run_llm_backend
 
         items = []
         for sid in payload["sent_ids"]:
             rid, text = scene["sent"][sid]
             items.append((sid, text, scene_context(scene, scene["refs"][rid])))
+        generator = None
+        if p.llm_engine == "vllm":
+            if (p.model, p.per_kind) not in _VLLM:
+                _VLLM[(p.model, p.per_kind)] = VLLMTextGenerator(p.model, p.per_kind)
+            generator = _VLLM[(p.model, p.per_kind)]
         ok, bad, counts = run_llm_backend(items, list(p.kinds), p.per_kind, p.model, p.device,
                                           Path(payload["cache"]), max_attempts=p.max_attempts,
-                                          batch_size=p.batch_size)
+                                          batch_size=p.batch_size, generator=generator)
     else:
         for sid in payload["sent_ids"]:
             rid, text = scene["sent"][sid]

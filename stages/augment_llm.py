@@ -760,3 +760,63 @@ def run_llm_backend(
         accepted.extend((sent_id, kind, t) for t in ok)
         rejected.extend((sent_id, kind, t, r) for t, r in bad)
     return accepted, rejected, counts
+
+
+# -- vLLM (the `vllm` extra; GPU) --------------------------------------------------------------
+def distractor_schema(per_kind: int) -> dict[str, Any]:
+    """JSON schema of an answer, for vLLM's structured decoding."""
+    return {"type": "object", "additionalProperties": False, "required": ["distractors"],
+            "properties": {"distractors": {"type": "array", "maxItems": int(per_kind),
+                                           "items": {"type": "string", "minLength": 1}}}}
+
+
+def vllm_text_requests(prompts: Sequence[str], max_new_tokens: int,
+                       format_prompt: Callable[[str], str],
+                       schema: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`LLM.generate` inputs and sampling parameters as plain dicts (greedy, JSON schema)."""
+    params: dict[str, Any] = {"temperature": 0.0, "max_tokens": int(max_new_tokens)}
+    if schema is not None:
+        params["structured_outputs"] = {"json": schema}
+    return [{"index": i, "inputs": {"prompt": format_prompt(p)}, "sampling_params": params}
+            for i, p in enumerate(prompts)]
+
+
+class VLLMTextGenerator:
+    """The `llm` augment backend through vLLM: continuous batching, prefix caching (the few-shot
+    examples are a shared prefix), JSON-schema decoding. Needs `pip install nemo-pipe[vllm]`
+    and a GPU; the same prompts, cache and checks as `CausalLMGenerator`."""
+
+    def __init__(self, model: str, per_kind: int = 2, *, seed: int = 0,
+                 **llm_kwargs: Any) -> None:
+        from stages.hub import hf_offline
+        from stages.vlm import GenerationStats, _import_vllm, resolve_model_path
+
+        vllm = _import_vllm()
+        self.model_name = str(model)
+        self.path = (tiny_causal_lm_dir(None, seed) if _is_tiny(model)
+                     else resolve_model_path(model)[0])
+        self.cache_key = "vllm:" + llm_model_key(model, seed)
+        self.schema = distractor_schema(per_kind)
+        self._vllm = vllm
+        with hf_offline():
+            self.llm = vllm.LLM(model=str(self.path), enable_prefix_caching=True, seed=seed,
+                                **llm_kwargs)
+            tokenizer = self.llm.get_tokenizer()
+        self._format: Callable[[str], str] = (
+            (lambda p: tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True))
+            if getattr(tokenizer, "chat_template", None) else (lambda p: p))
+        self.stats = GenerationStats()
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 96,
+                 batch_size: int = 8) -> list[str]:
+        from stages.vlm import parse_vllm_outputs, vllm_sampling_params
+
+        del batch_size  # vLLM schedules its own batches
+        items = vllm_text_requests(prompts, max_new_tokens, self._format, self.schema)
+        sampling = [vllm_sampling_params(self._vllm, it["sampling_params"]) for it in items]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([it["inputs"] for it in items], sampling, use_tqdm=False)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.batches += 1
+        return parse_vllm_outputs(outputs, self.stats)

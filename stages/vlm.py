@@ -1097,6 +1097,24 @@ _VLLM_HINT = ("vLLM is not installed: pip install nemo-pipe[vllm] (quoted in zsh
               "environment. Or use the hf backend (multiview.backend=hf)")
 
 
+def vllm_sampling_params(vllm: Any, params: Mapping[str, Any]) -> Any:
+    """vLLM SamplingParams from a plain dict, with the JSON schema under whichever name the
+    installed vLLM uses (structured_outputs from 0.10.2, guided_decoding before)."""
+    params = dict(params)
+    structured = params.pop("structured_outputs", None)
+    sp = vllm.SamplingParams
+    if structured is None:
+        return sp(**params)
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return sp(**params, structured_outputs=StructuredOutputsParams(**structured))
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return sp(**params, guided_decoding=GuidedDecodingParams(**structured))
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
@@ -1143,19 +1161,7 @@ class VLLMGenerator:
                 "revision": self.revision, "vllm": getattr(self._vllm, "__version__", None)}
 
     def _sampling_params(self, params: Mapping[str, Any]) -> Any:
-        params = dict(params)
-        structured = params.pop("structured_outputs", None)
-        sp = self._vllm.SamplingParams
-        if structured is None:
-            return sp(**params)
-        try:  # vLLM >= 0.10.2
-            from vllm.sampling_params import StructuredOutputsParams
-
-            return sp(**params, structured_outputs=StructuredOutputsParams(**structured))
-        except ImportError:  # older vLLM
-            from vllm.sampling_params import GuidedDecodingParams
-
-            return sp(**params, guided_decoding=GuidedDecodingParams(**structured))
+        return vllm_sampling_params(self._vllm, params)
 
     def generate(self, requests: list[Request], max_new_tokens: int = 256,
                  batch_size: int = 8,

@@ -400,3 +400,17 @@ def test_run_llm_backend_with_the_tiny_model(tiny: CausalLMGenerator, tmp_path: 
     again = run_llm_backend(sentences, KINDS, 2, "tiny", "cpu", tmp_path / "tiny.sqlite",
                             max_attempts=2, batch_size=4, max_new_tokens=16)
     assert again == (accepted, rejected, {"generated": 0, "cached": 10})
+
+
+def test_vllm_text_requests_and_missing_vllm() -> None:
+    from pipeline.errors import InputError
+    from stages.augment_llm import VLLMTextGenerator, distractor_schema, vllm_text_requests
+
+    schema = distractor_schema(2)
+    items = vllm_text_requests(["p1", "p2"], 64, lambda p: f"<u>{p}</u>", schema)
+    assert [it["inputs"]["prompt"] for it in items] == ["<u>p1</u>", "<u>p2</u>"]
+    assert items[0]["sampling_params"] == {"temperature": 0.0, "max_tokens": 64,
+                                           "structured_outputs": {"json": schema}}
+    assert schema["properties"]["distractors"]["maxItems"] == 2
+    with pytest.raises(InputError, match="vllm"):
+        VLLMTextGenerator("tiny")
