@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import NemoError
+from pipeline.io import human_bytes
 
 app = typer.Typer(
     name="nemo-pipe",
@@ -49,17 +50,6 @@ def _open(dataset, work_dir, config, sets, data_root=None, images=None, executor
 def _fail(exc: NemoError) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(exc.exit_code)
-
-
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 @app.command()
@@ -139,7 +129,7 @@ def status(
         secs = f"{r.seconds:.1f}" if r.seconds is not None else "-"
         rows_s = str(r.rows) if r.rows is not None else "-"
         typer.echo(f"{r.name:<16} {r.state:<10} {r.key:<16} {rows_s:>10} "
-                   f"{_human_bytes(r.bytes):>10} {secs:>8}" + (f"  {r.note}" if r.note else ""))
+                   f"{human_bytes(r.bytes):>10} {secs:>8}" + (f"  {r.note}" if r.note else ""))
 
 
 def _stage_report(pipe, dataset: str, stage: str) -> None:
@@ -241,12 +231,12 @@ def gc(
         _fail(exc)
     for g in garbage:
         typer.echo(f"{'would remove' if dry_run else 'remove'} {g.path}  "
-                   f"({_human_bytes(g.bytes)}; {g.why})")
+                   f"({human_bytes(g.bytes)}; {g.why})")
     total = sum(g.bytes for g in garbage)
     if dry_run:
-        typer.echo(f"{len(garbage)} dir(s), {_human_bytes(total)} would be freed (dry run)")
+        typer.echo(f"{len(garbage)} dir(s), {human_bytes(total)} would be freed (dry run)")
     else:
-        typer.echo(f"freed {_human_bytes(collect(garbage))} in {len(garbage)} dir(s)")
+        typer.echo(f"freed {human_bytes(collect(garbage))} in {len(garbage)} dir(s)")
 
 
 @app.command()

@@ -51,10 +51,8 @@ import difflib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -441,27 +439,12 @@ def tiny_causal_lm_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny causal LM's directory (``vlm.build_tiny_causal_lm``), built on first use.
 
     Same place as the tiny LLaVA (``vlm._tiny_root``: `cache_dir`, else
-    ``$NEMO_WORK_DIR/.cache/tiny-llava``, else a temp dir), under its own name; built in a
-    private directory and renamed into place, so concurrent processes never load half a model.
+    ``$NEMO_WORK_DIR/.cache/tiny-llava``, else a temp dir), under its own name.
     """
-    from stages.vlm import _tiny_root, build_tiny_causal_lm
+    from stages.vlm import _tiny_root, build_once, build_tiny_causal_lm
 
-    root = _tiny_root(cache_dir)
-    final = root / f"causal-lm-v{_TINY_LM_VERSION}-seed{seed}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = root / f".build-lm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_tiny_causal_lm(scratch, seed=seed)
-        try:
-            os.rename(scratch, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not "someone else won the race"
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final
+    return build_once(_tiny_root(cache_dir), f"causal-lm-v{_TINY_LM_VERSION}-seed{seed}",
+                      lambda d: build_tiny_causal_lm(d, seed=seed))
 
 
 def _is_tiny(model: str) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
-from pipeline.io import read_table_dir, table_files
+from pipeline.io import human_bytes, read_table_dir, table_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,7 +198,7 @@ def _section_stages(ctx: _Context) -> str:
         body.append(
             f"<tr><td>{_e(row.name)}</td><td class='state-{_e(row.state)}'>{_e(state)}</td>"
             f"<td><code>{_e(row.key or '-')}</code></td>"
-            f"<td class='num'>{_num(row.rows)}</td><td class='num'>{_bytes(row.bytes)}</td>"
+            f"<td class='num'>{_num(row.rows)}</td><td class='num'>{human_bytes(row.bytes)}</td>"
             f"<td class='num'>{_num(row.seconds, '.2f')}</td><td class='num'>{_num(peak, '.1f')}"
             f"</td><td>{_e(_notable(s))}</td></tr>")
     done = sum(r.state == "done" for r in ctx.rows)
@@ -734,12 +734,3 @@ def _num(value: float | int | None, fmt: str = ",") -> str:
     return format(value, fmt)
 
 
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

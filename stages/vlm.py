@@ -741,21 +741,16 @@ def _tiny_root(cache_dir: Path | None) -> Path:
         return Path(_TINY_TMP.name)
 
 
-def tiny_llava_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """The tiny LLaVA's directory, built on first use.
-
-    Lives in `cache_dir`, else ``$NEMO_WORK_DIR/.cache/tiny-llava``, else a temp dir removed at
-    exit. Built in a private directory and renamed into place, so concurrent processes never
-    see (or load) a half-written model.
-    """
-    root = _tiny_root(cache_dir)
-    final = root / f"v{_TINY_VERSION}-seed{seed}"
+def build_once(root: Path, name: str, build: Callable[[Path], Any]) -> Path:
+    """`root/name` built by `build(dir)` on first use, in a private directory renamed into
+    place, so concurrent processes never see (or load) a half-written model."""
+    final = root / name
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    scratch = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    scratch = root / f".build-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny_llava(scratch, seed=seed)
+        build(scratch)
         try:
             os.rename(scratch, final)
         except OSError:
@@ -764,6 +759,16 @@ def tiny_llava_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final
+
+
+def tiny_llava_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
+    """The tiny LLaVA's directory, built on first use.
+
+    Lives in `cache_dir`, else ``$NEMO_WORK_DIR/.cache/tiny-llava``, else a temp dir removed at
+    exit.
+    """
+    return build_once(_tiny_root(cache_dir), f"v{_TINY_VERSION}-seed{seed}",
+                      lambda d: build_tiny_llava(d, seed=seed))
 
 
 # --------------------------------------------------------------------------------------------
