@@ -94,8 +94,7 @@ lint: setup
 	$(BIN)/ruff check pipeline stages tests benchmarks
 
 bench: setup
-	@ls benchmarks/*.py >/dev/null 2>&1 && for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done \
-	  || echo "no benchmarks yet"
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(WORK) $(DEMO_DIR)
