@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 SHARD_MARKERS = "_shards"
 STAGING = "_staging"
 KILL_HOOK_ENV = "NEMO_PIPE_TEST_KILL_AFTER_SHARDS"
+KILL_STAGE_ENV = "NEMO_PIPE_TEST_KILL_STAGE"  # optional: only this stage dies
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ class StageContext:
         write_json(marker, {"files": files, "stats": done.stats})
         self._shards_done_here += 1
         kill_after = os.environ.get(KILL_HOOK_ENV)
-        if kill_after and self._shards_done_here >= int(kill_after):
+        only = os.environ.get(KILL_STAGE_ENV)
+        if kill_after and self._shards_done_here >= int(kill_after) and (
+                not only or only == self.stage.name):
             # Test hook for crash drills: die like an OOM kill, with no cleanup at all.
             os.kill(os.getpid(), signal.SIGKILL)
