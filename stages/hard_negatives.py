@@ -32,6 +32,10 @@ class HardNegativesParams(Params):
         description="per-source quotas, in source order")
     same_class: bool = Field(True, description="use the neighbour_same_class source")
     search_k: int = Field(64, ge=1, description="first FAISS search depth (grows as needed)")
+    max_search_k: int = Field(
+        8192, ge=1, description="deepest FAISS search: neighbours are exact among this many "
+                                "nearest texts (when most are inside the cluster, deeper "
+                                "searches would scan the whole index per query)")
 
     @field_validator("mix")
     @classmethod
@@ -117,6 +121,7 @@ class HardNegatives(Stage):
         out: dict[str, list[Any]] = {k: [] for k in ("sent_id", "texts", "kinds", "scores",
                                                      "sources")}
         fallback_mu = 0
+        mined: dict[int, tuple[list, list]] = {}  # per ref: its sentences share mu
         for sid in train:
             ref = refs[sent_ref[sid]]
             mu = mu_of.get(ref["ann_ids"][0]) if len(ref["ann_ids"]) == 1 else None
@@ -127,7 +132,8 @@ class HardNegatives(Stage):
                 fallback_mu += 1
             available = self._sources(
                 p, threshold, ref, mu, refs, refs_of_image, sents_of_ref, sent_ref, emb,
-                emb_row, index, row_sent, distractors.get(sid, []), dist_emb, sent_text.get)
+                emb_row, index, row_sent, distractors.get(sid, []), dist_emb, sent_text.get,
+                mined)
             for source in ("same_image", "neighbour", "neighbour_same_class"):
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
             chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
@@ -156,7 +162,7 @@ class HardNegatives(Stage):
                  sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
                  emb_row: dict[int, int], index: Any, row_sent: Any,
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
-                 text_of: Any) -> dict[str, list]:
+                 text_of: Any, mined: dict[int, tuple[list, list]]) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
         mine = set(ref["ann_ids"])
         same_image = [
@@ -166,17 +172,20 @@ class HardNegatives(Stage):
             for s in sents_of_ref.get(other, [])
         ]
         same_image.sort(key=lambda x: (-x[0], x[1]))
-        want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
-        neighbours = nearest_outside(index, row_sent, mu, threshold, want_n, p.search_k,
-                                     lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"],
-                                     text_of)
-        same_class = []
-        if p.same_class and ref["category_id"] >= 0:
-            same_class = nearest_outside(
-                index, row_sent, mu, threshold, want_n, p.search_k,
-                lambda s: (refs[sent_ref[s]]["image_id"] != ref["image_id"]
-                           and refs[sent_ref[s]]["category_id"] == ref["category_id"]),
-                text_of)
+        if ref["ref_id"] not in mined:
+            want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
+            neighbours = nearest_outside(
+                index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
+                lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"], text_of)
+            same_class = []
+            if p.same_class and ref["category_id"] >= 0:
+                same_class = nearest_outside(
+                    index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
+                    lambda s: (refs[sent_ref[s]]["image_id"] != ref["image_id"]
+                               and refs[sent_ref[s]]["category_id"] == ref["category_id"]),
+                    text_of)
+            mined[ref["ref_id"]] = (neighbours, same_class)
+        neighbours, same_class = mined[ref["ref_id"]]
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
                              d["kind"]) for d in dists), key=lambda x: (-x[0], x[2]))
         return {"same_image": same_image, "neighbour": neighbours,
@@ -184,21 +193,22 @@ class HardNegatives(Stage):
 
 
 def nearest_outside(index: Any, row_sent: Any, mu: Any, threshold: float, want: int, k0: int,
-                    accept: Any, text_of: Any = str) -> list[tuple[float, int]]:
+                    k_max: int, accept: Any, text_of: Any = str) -> list[tuple[float, int]]:
     """The accepted sentences nearest to mu with cos < threshold, exactly, in order, until
     `want` distinct texts (`text_of(sent_id)`) are covered.
 
     Searches the index with a growing depth: a candidate scoring strictly above the deepest
     returned score cannot be beaten by an unseen one, so only those count until the index is
-    exhausted. Ties by ascending sent_id.
+    exhausted or `k_max` deep (then the result is exact among the k_max nearest). Ties by
+    ascending sent_id.
     """
     import numpy as np
 
-    k = min(k0, index.ntotal)
+    k = min(k0, k_max, index.ntotal)
     query = np.ascontiguousarray(mu, dtype=np.float32).reshape(1, -1)
     while True:
         scores, rows = index.search(query, k)
-        exhausted = k >= index.ntotal
+        exhausted = k >= min(index.ntotal, k_max)
         found = [(float(sc), int(row_sent[r])) for sc, r in zip(scores[0], rows[0], strict=True)
                  if r >= 0 and sc < threshold and accept(int(row_sent[r]))]
         if not exhausted:
@@ -211,4 +221,4 @@ def nearest_outside(index: Any, row_sent: Any, mu: Any, threshold: float, want: 
                 return found[:i]
         if exhausted:
             return found
-        k = min(index.ntotal, k * 2)
+        k = min(index.ntotal, k_max, k * 2)
