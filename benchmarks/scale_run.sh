@@ -11,8 +11,12 @@ N=${1:-20000}
 OUT=${2:-/tmp/nemo-scale}
 cd "$(dirname "$0")/.."
 NEMO=.venv/bin/nemo-pipe
+# clusters.threshold=0.99: the random tiny CLIP's text embeddings are nearly parallel (cosines
+# above 0.9), so at the default 0.8 almost every text is inside every cluster and the neighbour
+# search of each referent deepens to hard_negatives.max_search_k (slow; see the README).
 SETS=(--set embed.model=tiny --set embed.pretrained=null --set multiview.backend=template
-      --set augment.backend=rules --set shards.with_hard_negatives=true)
+      --set augment.backend=rules --set shards.with_hard_negatives=true
+      --set clusters.threshold=0.99)
 STAGES=(ingest embed_images embed_texts index negatives mosaic_tables multiview clusters augment
         hard_negatives shards)
 
