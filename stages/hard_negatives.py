@@ -120,20 +120,26 @@ class HardNegatives(Stage):
         train = [s for s, r in sorted(sent_ref.items()) if refs[r]["split"] == "train"]
         out: dict[str, list[Any]] = {k: [] for k in ("sent_id", "texts", "kinds", "scores",
                                                      "sources")}
+        # mu per referent: its cluster centre, else the mean of its own sentences
+        mus: dict[int, Any] = {}
         fallback_mu = 0
-        mined: dict[int, tuple[list, list]] = {}  # per ref: its sentences share mu
-        for sid in train:
-            ref = refs[sent_ref[sid]]
+        for rid in sorted({sent_ref[s] for s in train}):
+            ref = refs[rid]
             mu = mu_of.get(ref["ann_ids"][0]) if len(ref["ann_ids"]) == 1 else None
             if mu is None:
-                own = emb[[emb_row[s] for s in sents_of_ref[ref["ref_id"]]]]
+                own = emb[[emb_row[s] for s in sents_of_ref[rid]]]
                 mu = own.mean(axis=0)
                 mu = mu / (np.linalg.norm(mu) or 1.0)
                 fallback_mu += 1
+            mus[rid] = np.asarray(mu, dtype=np.float32)
+        first_pages = first_search_pages(index, mus, min(FIRST_PAGE, p.max_search_k))
+        mined: dict[int, tuple[list, list]] = {}  # per ref: its sentences share mu
+        for sid in train:
+            ref = refs[sent_ref[sid]]
             available = self._sources(
-                p, threshold, ref, mu, refs, refs_of_image, sents_of_ref, sent_ref, emb,
-                emb_row, index, row_sent, distractors.get(sid, []), dist_emb, sent_text.get,
-                mined)
+                p, threshold, ref, mus[ref["ref_id"]], refs, refs_of_image, sents_of_ref,
+                sent_ref, emb, emb_row, index, row_sent, distractors.get(sid, []), dist_emb,
+                sent_text.get, mined, first_pages.get(ref["ref_id"]))
             for source in ("same_image", "neighbour", "neighbour_same_class"):
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
             chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
@@ -162,7 +168,8 @@ class HardNegatives(Stage):
                  sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
                  emb_row: dict[int, int], index: Any, row_sent: Any,
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
-                 text_of: Any, mined: dict[int, tuple[list, list]]) -> dict[str, list]:
+                 text_of: Any, mined: dict[int, tuple[list, list]],
+                 first: Any = None) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
         mine = set(ref["ann_ids"])
         same_image = [
@@ -176,14 +183,14 @@ class HardNegatives(Stage):
             want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
             neighbours = nearest_outside(
                 index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
-                lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"], text_of)
+                lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"], text_of, first)
             same_class = []
             if p.same_class and ref["category_id"] >= 0:
                 same_class = nearest_outside(
                     index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
                     lambda s: (refs[sent_ref[s]]["image_id"] != ref["image_id"]
                                and refs[sent_ref[s]]["category_id"] == ref["category_id"]),
-                    text_of)
+                    text_of, first)
             mined[ref["ref_id"]] = (neighbours, same_class)
         neighbours, same_class = mined[ref["ref_id"]]
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
@@ -192,22 +199,46 @@ class HardNegatives(Stage):
                 "neighbour_same_class": same_class, "augmented": augmented}
 
 
+FIRST_PAGE = 512
+SEARCH_BLOCK = 1024
+
+
+def first_search_pages(index: Any, mus: dict[int, Any], depth: int) -> dict[int, tuple[Any, Any]]:
+    """The `depth` nearest texts of every mu, in batched searches (one query at a time leaves
+    BLAS idle): most referents need nothing deeper."""
+    import numpy as np
+
+    depth = min(depth, index.ntotal)
+    keys = list(mus)
+    out: dict[int, tuple[Any, Any]] = {}
+    for start in range(0, len(keys), SEARCH_BLOCK):
+        block = keys[start:start + SEARCH_BLOCK]
+        scores, rows = index.search(np.stack([mus[k] for k in block]), depth)
+        out.update({k: (scores[i], rows[i]) for i, k in enumerate(block)})
+    return out
+
+
 def nearest_outside(index: Any, row_sent: Any, mu: Any, threshold: float, want: int, k0: int,
-                    k_max: int, accept: Any, text_of: Any = str) -> list[tuple[float, int]]:
+                    k_max: int, accept: Any, text_of: Any = str,
+                    first: tuple[Any, Any] | None = None) -> list[tuple[float, int]]:
     """The accepted sentences nearest to mu with cos < threshold, exactly, in order, until
     `want` distinct texts (`text_of(sent_id)`) are covered.
 
     Searches the index with a growing depth: a candidate scoring strictly above the deepest
     returned score cannot be beaten by an unseen one, so only those count until the index is
     exhausted or `k_max` deep (then the result is exact among the k_max nearest). Ties by
-    ascending sent_id.
+    ascending sent_id. `first` (scores, rows) is a precomputed page of nearest texts, used
+    instead of searching while it is deep enough.
     """
     import numpy as np
 
     k = min(k0, k_max, index.ntotal)
     query = np.ascontiguousarray(mu, dtype=np.float32).reshape(1, -1)
     while True:
-        scores, rows = index.search(query, k)
+        if first is not None and k <= len(first[0]):
+            scores, rows = first[0][None, :k], first[1][None, :k]
+        else:
+            scores, rows = index.search(query, k)
         exhausted = k >= min(index.ntotal, k_max)
         found = [(float(sc), int(row_sent[r])) for sc, r in zip(scores[0], rows[0], strict=True)
                  if r >= 0 and sc < threshold and accept(int(row_sent[r]))]
