@@ -98,6 +98,14 @@ class HardNegatives(Stage):
         texts = ctx.read_table("embed_texts", "embeddings")
         index = faiss.read_index(str(ctx.upstream_dir("index") / "texts.faiss"))
         row_sent = ctx.read_table("index", "text_ids").column("sent_id").to_numpy()
+        text_ids: dict[str, int] = {}
+        rows_info = {
+            "sent_id": row_sent,
+            "image_id": np.array([refs[sent_ref[int(x)]]["image_id"] for x in row_sent]),
+            "category_id": np.array([refs[sent_ref[int(x)]]["category_id"] for x in row_sent]),
+            "text_id": np.array([text_ids.setdefault(sent_text[int(x)], len(text_ids))
+                                 for x in row_sent]),
+        }
         emb = embeddings_matrix(texts.column("embedding"))
         emb_row = {s: i for i, s in enumerate(texts.column("sent_id").to_pylist())}
         clusters = ctx.read_table("clusters", "clusters")
@@ -138,8 +146,8 @@ class HardNegatives(Stage):
             ref = refs[sent_ref[sid]]
             available = self._sources(
                 p, threshold, ref, mus[ref["ref_id"]], refs, refs_of_image, sents_of_ref,
-                sent_ref, emb, emb_row, index, row_sent, distractors.get(sid, []), dist_emb,
-                sent_text.get, mined, first_pages.get(ref["ref_id"]))
+                sent_ref, emb, emb_row, index, rows_info, distractors.get(sid, []), dist_emb,
+                mined, first_pages.get(ref["ref_id"]))
             for source in ("same_image", "neighbour", "neighbour_same_class"):
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
             chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
@@ -166,9 +174,9 @@ class HardNegatives(Stage):
     def _sources(self, p: HardNegativesParams, threshold: float, ref: dict[str, Any],
                  mu: Any, refs: dict[int, Any], refs_of_image: dict[int, list[int]],
                  sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
-                 emb_row: dict[int, int], index: Any, row_sent: Any,
+                 emb_row: dict[int, int], index: Any, rows_info: dict[str, Any],
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
-                 text_of: Any, mined: dict[int, tuple[list, list]],
+                 mined: dict[int, tuple[list, list]],
                  first: Any = None) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
         mine = set(ref["ann_ids"])
@@ -181,16 +189,13 @@ class HardNegatives(Stage):
         same_image.sort(key=lambda x: (-x[0], x[1]))
         if ref["ref_id"] not in mined:
             want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
-            neighbours = nearest_outside(
-                index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
-                lambda s: refs[sent_ref[s]]["image_id"] != ref["image_id"], text_of, first)
+            neighbours = nearest_outside(index, rows_info, mu, threshold, want_n, p.search_k,
+                                         p.max_search_k, ref["image_id"], None, first)
             same_class = []
             if p.same_class and ref["category_id"] >= 0:
-                same_class = nearest_outside(
-                    index, row_sent, mu, threshold, want_n, p.search_k, p.max_search_k,
-                    lambda s: (refs[sent_ref[s]]["image_id"] != ref["image_id"]
-                               and refs[sent_ref[s]]["category_id"] == ref["category_id"]),
-                    text_of, first)
+                same_class = nearest_outside(index, rows_info, mu, threshold, want_n,
+                                             p.search_k, p.max_search_k, ref["image_id"],
+                                             ref["category_id"], first)
             mined[ref["ref_id"]] = (neighbours, same_class)
         neighbours, same_class = mined[ref["ref_id"]]
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
@@ -218,38 +223,44 @@ def first_search_pages(index: Any, mus: dict[int, Any], depth: int) -> dict[int,
     return out
 
 
-def nearest_outside(index: Any, row_sent: Any, mu: Any, threshold: float, want: int, k0: int,
-                    k_max: int, accept: Any, text_of: Any = str,
+def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: float,
+                    want: int, k0: int, k_max: int, image_id: int, category: int | None = None,
                     first: tuple[Any, Any] | None = None) -> list[tuple[float, int]]:
-    """The accepted sentences nearest to mu with cos < threshold, exactly, in order, until
-    `want` distinct texts (`text_of(sent_id)`) are covered.
+    """Sentences of images other than `image_id` (and of `category` when given) nearest to mu
+    with cos < threshold, best first (ties by ascending sent_id), until `want` distinct texts.
 
-    Searches the index with a growing depth: a candidate scoring strictly above the deepest
-    returned score cannot be beaten by an unseen one, so only those count until the index is
-    exhausted or `k_max` deep (then the result is exact among the k_max nearest). Ties by
-    ascending sent_id. `first` (scores, rows) is a precomputed page of nearest texts, used
-    instead of searching while it is deep enough.
+    Searches with a growing depth: a candidate scoring strictly above the deepest returned score
+    cannot be beaten by an unseen one, so only those count until the index is exhausted or
+    `k_max` deep (then the result is exact among the k_max nearest). `first` (scores, rows) is a
+    precomputed page of nearest texts, used instead of searching while deep enough.
+    `rows_info` holds per index row: sent_id, image_id, category_id and a text id (numpy).
     """
     import numpy as np
 
+    row_sent, row_image = rows_info["sent_id"], rows_info["image_id"]
+    row_cat, row_text = rows_info["category_id"], rows_info["text_id"]
     k = min(k0, k_max, index.ntotal)
     query = np.ascontiguousarray(mu, dtype=np.float32).reshape(1, -1)
     while True:
         if first is not None and k <= len(first[0]):
-            scores, rows = first[0][None, :k], first[1][None, :k]
+            scores, rows = first[0][:k], first[1][:k]
         else:
-            scores, rows = index.search(query, k)
+            found = index.search(query, k)
+            scores, rows = found[0][0], found[1][0]
         exhausted = k >= min(index.ntotal, k_max)
-        found = [(float(sc), int(row_sent[r])) for sc, r in zip(scores[0], rows[0], strict=True)
-                 if r >= 0 and sc < threshold and accept(int(row_sent[r]))]
+        safe = np.where(rows >= 0, rows, 0)
+        mask = (rows >= 0) & (scores < threshold) & (row_image[safe] != image_id)
+        if category is not None:
+            mask &= row_cat[safe] == category
         if not exhausted:
-            found = [f for f in found if f[0] > float(scores[0][-1])]
-        found.sort(key=lambda x: (-x[0], x[1]))
-        texts: set[str] = set()
-        for i, (_, sid) in enumerate(found):
-            texts.add(text_of(sid))
-            if len(texts) > want:
-                return found[:i]
-        if exhausted:
-            return found
+            mask &= scores > scores[-1]
+        cand_scores, cand_rows = scores[mask], rows[mask]
+        order = np.lexsort((row_sent[cand_rows], -cand_scores))
+        cand_scores, cand_rows = cand_scores[order], cand_rows[order]
+        _, firsts = np.unique(row_text[cand_rows], return_index=True)
+        firsts.sort()
+        if len(firsts) > want or exhausted:
+            cut = firsts[want] if len(firsts) > want else len(cand_rows)
+            return [(float(sc), int(row_sent[r]))
+                    for sc, r in zip(cand_scores[:cut], cand_rows[:cut], strict=True)]
         k = min(index.ntotal, k_max, k * 2)
