@@ -140,14 +140,12 @@ class HardNegatives(Stage):
                 mu = mu / (np.linalg.norm(mu) or 1.0)
                 fallback_mu += 1
             mus[rid] = np.asarray(mu, dtype=np.float32)
-        first_pages = first_search_pages(index, mus, min(FIRST_PAGE, p.max_search_k))
-        mined: dict[int, tuple[list, list]] = {}  # per ref: its sentences share mu
+        mined = self._mine_neighbours(p, threshold, refs, mus, index, rows_info)
         for sid in train:
             ref = refs[sent_ref[sid]]
             available = self._sources(
                 p, threshold, ref, mus[ref["ref_id"]], refs, refs_of_image, sents_of_ref,
-                sent_ref, emb, emb_row, index, rows_info, distractors.get(sid, []), dist_emb,
-                mined, first_pages.get(ref["ref_id"]))
+                sent_ref, emb, emb_row, distractors.get(sid, []), dist_emb, mined)
             for source in ("same_image", "neighbour", "neighbour_same_class"):
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
             chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
@@ -171,13 +169,44 @@ class HardNegatives(Stage):
                    mean_negatives=round(sum(map(len, out["texts"])) / max(1, len(train)), 3),
                    mu_from_own_sentences=fallback_mu, threshold=threshold)
 
+    def _mine_neighbours(self, p: HardNegativesParams, threshold: float, refs: dict[int, Any],
+                         mus: dict[int, Any], index: Any, rows_info: dict[str, Any]
+                         ) -> dict[int, tuple[list, list]]:
+        """Per referent (its sentences share mu): the neighbour and same-class lists, from
+        batched searches of growing depth; only what no batch covered is searched alone."""
+        want = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
+        todo = {(rid, kind) for rid in mus for kind in ("any", "class")
+                if kind == "any" or (p.same_class and refs[rid]["category_id"] >= 0)}
+        found: dict[tuple[int, str], list] = {}
+        depth = min(FIRST_PAGE, p.max_search_k)
+        while todo:
+            last = depth >= min(p.max_search_k, index.ntotal)
+            pending = sorted(todo)
+            rids = sorted({rid for rid, _ in pending})
+            for start in range(0, len(rids), SEARCH_BLOCK):  # pages of one block in memory
+                block = set(rids[start:start + SEARCH_BLOCK])
+                pages = first_search_pages(index, {rid: mus[rid] for rid in block}, depth)
+                for rid, kind in pending:
+                    if rid not in block:
+                        continue
+                    ref = refs[rid]
+                    got = nearest_outside(
+                        index, rows_info, mus[rid], threshold, want, p.search_k,
+                        p.max_search_k, ref["image_id"],
+                        ref["category_id"] if kind == "class" else None, pages[rid],
+                        search=last)
+                    if got is not None:
+                        found[(rid, kind)] = got
+            todo = {t for t in todo if t not in found}
+            depth = min(depth * 4, p.max_search_k, index.ntotal)
+        return {rid: (found[(rid, "any")], found.get((rid, "class"), [])) for rid in mus}
+
     def _sources(self, p: HardNegativesParams, threshold: float, ref: dict[str, Any],
                  mu: Any, refs: dict[int, Any], refs_of_image: dict[int, list[int]],
                  sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
-                 emb_row: dict[int, int], index: Any, rows_info: dict[str, Any],
+                 emb_row: dict[int, int],
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
-                 mined: dict[int, tuple[list, list]],
-                 first: Any = None) -> dict[str, list]:
+                 mined: dict[int, tuple[list, list]]) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
         mine = set(ref["ann_ids"])
         same_image = [
@@ -187,16 +216,6 @@ class HardNegatives(Stage):
             for s in sents_of_ref.get(other, [])
         ]
         same_image.sort(key=lambda x: (-x[0], x[1]))
-        if ref["ref_id"] not in mined:
-            want_n = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
-            neighbours = nearest_outside(index, rows_info, mu, threshold, want_n, p.search_k,
-                                         p.max_search_k, ref["image_id"], None, first)
-            same_class = []
-            if p.same_class and ref["category_id"] >= 0:
-                same_class = nearest_outside(index, rows_info, mu, threshold, want_n,
-                                             p.search_k, p.max_search_k, ref["image_id"],
-                                             ref["category_id"], first)
-            mined[ref["ref_id"]] = (neighbours, same_class)
         neighbours, same_class = mined[ref["ref_id"]]
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
                              d["kind"]) for d in dists), key=lambda x: (-x[0], x[2]))
@@ -225,7 +244,8 @@ def first_search_pages(index: Any, mus: dict[int, Any], depth: int) -> dict[int,
 
 def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: float,
                     want: int, k0: int, k_max: int, image_id: int, category: int | None = None,
-                    first: tuple[Any, Any] | None = None) -> list[tuple[float, int]]:
+                    first: tuple[Any, Any] | None = None, search: bool = True
+                    ) -> list[tuple[float, int]] | None:
     """Sentences of images other than `image_id` (and of `category` when given) nearest to mu
     with cos < threshold, best first (ties by ascending sent_id), until `want` distinct texts.
 
@@ -234,6 +254,7 @@ def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: f
     `k_max` deep (then the result is exact among the k_max nearest). `first` (scores, rows) is a
     precomputed page of nearest texts, used instead of searching while deep enough.
     `rows_info` holds per index row: sent_id, image_id, category_id and a text id (numpy).
+    With `search=False` nothing beyond `first` is searched: None means it was not deep enough.
     """
     import numpy as np
 
@@ -244,6 +265,8 @@ def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: f
     while True:
         if first is not None and k <= len(first[0]):
             scores, rows = first[0][:k], first[1][:k]
+        elif not search:
+            return None
         else:
             found = index.search(query, k)
             scores, rows = found[0][0], found[1][0]
