@@ -529,6 +529,8 @@ class CausalLMGenerator:
     def generate(self, prompts: list[str], max_new_tokens: int = 96,
                  batch_size: int = 8) -> list[str]:
         """One greedy answer per prompt, in order; only the new text, stripped."""
+        from stages.vlm import greedy_generate
+
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         torch = self._torch
@@ -541,19 +543,10 @@ class CausalLMGenerator:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             inputs = self._encode([texts[i] for i in idx])
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                          do_sample=False, num_beams=1, pad_token_id=pad_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            self.stats.seconds += time.perf_counter() - t0
-            self.stats.batches += 1
-            self.stats.requests += len(idx)
-            self.stats.prompt_tokens += int(inputs["attention_mask"].sum())
-            self.stats.generated_tokens += int((new != pad_id).sum())
-            decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            decoded = greedy_generate(self.model, self.tokenizer, inputs, max_new_tokens,
+                                      self.stats, torch, pad_id)
             for i, text in zip(idx, decoded, strict=True):
-                results[i] = text.strip()
+                results[i] = text
         return results
 
 

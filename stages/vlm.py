@@ -887,6 +887,23 @@ class GenerationStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def greedy_generate(model: Any, tokenizer: Any, inputs: Any, max_new_tokens: int,
+                    stats: GenerationStats, torch: Any, pad_id: int) -> list[str]:
+    """One greedy `generate` call on a left-padded batch: only the new text, stripped, and the
+    call's requests, tokens and seconds added to `stats` (shared by the VLM and LLM backends)."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=pad_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    stats.seconds += time.perf_counter() - t0
+    stats.batches += 1
+    stats.requests += len(new)
+    stats.prompt_tokens += int(inputs["attention_mask"].sum())
+    stats.generated_tokens += int((new != pad_id).sum())
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
 def llava_prompt(prompt: str) -> str:
     """LLaVA-1.5's chat format for one user turn with one image (what its template renders)."""
     return f"USER: {_IMAGE_TOKEN}\n{prompt} ASSISTANT:"
@@ -988,18 +1005,8 @@ class HFGenerator:
         pad_id = self.tokenizer.pad_token_id
 
         def step(inputs: Any) -> list[str]:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                          do_sample=False, num_beams=1, pad_token_id=pad_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            self.stats.seconds += time.perf_counter() - t0
-            self.stats.batches += 1
-            self.stats.requests += len(new)
-            self.stats.prompt_tokens += int(inputs["attention_mask"].sum())
-            self.stats.generated_tokens += int((new != pad_id).sum())
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            return [t.strip() for t in texts]
+            return greedy_generate(self.model, self.tokenizer, inputs, max_new_tokens,
+                                   self.stats, torch, pad_id)
 
         return self._run(requests, batch_size, step)
 
