@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from pipeline.context import StageContext
 from pipeline.stage import Params, Stage
+from stages.refer_io import other_referent_sentences
 
 SOURCES = ("same_image", "neighbour", "neighbour_same_class", "augmented")
 
@@ -208,13 +209,8 @@ class HardNegatives(Stage):
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
                  mined: dict[int, tuple[list, list]]) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
-        mine = set(ref["ann_ids"])
-        same_image = [
-            (float(emb[emb_row[s]] @ mu), s)
-            for other in refs_of_image[ref["image_id"]] if other != ref["ref_id"]
-            and mine and not mine & set(refs[other]["ann_ids"])
-            for s in sents_of_ref.get(other, [])
-        ]
+        same_image = [(float(emb[emb_row[s]] @ mu), s) for s in
+                      other_referent_sentences(ref, refs, refs_of_image, sents_of_ref)]
         same_image.sort(key=lambda x: (-x[0], x[1]))
         neighbours, same_class = mined[ref["ref_id"]]
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],

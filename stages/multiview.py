@@ -82,13 +82,14 @@ class Multiview(Stage):
             check_model_backend(p)
 
     def run(self, ctx: StageContext) -> None:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         p: MultiviewParams = ctx.params  # type: ignore[assignment]
         manifest = load_data_manifest(ctx.env.dataset)
         _, images_dir = data_locations(ctx.env, manifest)
         refs = ctx.read_table("ingest", "refs")
-        refs = refs.filter(pc.is_in(refs.column("split"), __import__("pyarrow").array(p.splits)))
+        refs = refs.filter(pc.is_in(refs.column("split"), pa.array(p.splits)))
         single = [r for r in refs.to_pylist() if len(r["ann_ids"]) == 1]
         image_ids = sorted({r["image_id"] for r in single})
         if p.limit_images:

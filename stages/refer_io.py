@@ -185,3 +185,17 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
         anns_by_image=dict(anns_by_image),
         categories=sorted(categories, key=lambda c: int(c["id"])),
     )
+
+
+def other_referent_sentences(ref: dict[str, Any], refs: dict[int, dict[str, Any]],
+                             refs_of_image: dict[int, list[int]],
+                             sents_of_ref: dict[int, list[int]]) -> list[int]:
+    """Sentence ids of the image's other referents whose targets do not overlap `ref`'s (by
+    ref id, then sentence id): the same-image hard negatives; nothing for a no-target ref, which
+    has no object to contrast with."""
+    if not ref["ann_ids"]:
+        return []
+    mine = set(ref["ann_ids"])
+    return [s for other in sorted(refs_of_image[ref["image_id"]])
+            if other != ref["ref_id"] and not mine & set(refs[other]["ann_ids"])
+            for s in sents_of_ref.get(other, [])]

@@ -24,6 +24,7 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import read_json, read_table_dir
 from pipeline.stage import Params, Stage
 from stages.datasets import load_data_manifest
+from stages.refer_io import other_referent_sentences
 
 SCHEMA_VERSION = "1"
 ALL_QUADRANTS = [0, 1, 2, 3]
@@ -166,17 +167,9 @@ def union_rle(rles: list[dict[str, Any]], height: int, width: int) -> dict[str, 
 
 
 def same_image_negatives(look: dict[str, Any], ref: dict[str, Any]) -> list[str]:
-    """Sentences of the image's other referents whose targets do not overlap this one's."""
-    if not ref["ann_ids"]:
-        return []  # a no-target sentence has no object to contrast with
-    mine = set(ref["ann_ids"])
-    out = []
-    for other in sorted(look["refs_of_image"][ref["image_id"]]):
-        o = look["ref"][other]
-        if other == ref["ref_id"] or mine & set(o["ann_ids"]):
-            continue
-        out.extend(look["sent"][s][1] for s in look["sents_of_ref"].get(other, []))
-    return out
+    """Texts of the image's other referents whose targets do not overlap this one's."""
+    ids = other_referent_sentences(ref, look["ref"], look["refs_of_image"], look["sents_of_ref"])
+    return [look["sent"][s][1] for s in ids]
 
 
 def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
