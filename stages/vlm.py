@@ -120,11 +120,7 @@ _TINY_TMP: tempfile.TemporaryDirectory[str] | None = None
 # --------------------------------------------------------------------------------------------
 # prompt text (task text and worked examples: the hard-negative notes, verbatim)
 
-_TASK_ALL = """\
-You will be shown an image and a list of lists of short referring expressions that identifies \
-a specific instance, for each instance in the image.
-
-Your task is to generate 3 diverse referring expressions for each instance, based on the \
+_PERSPECTIVES = """\
 following perspectives:
 
 1. Appearance (e.g., color, shape, texture)
@@ -135,22 +131,20 @@ Note:
 
 - If a perspective is not applicable (e.g., a tree is static and has no action), provide a \
 second description from another applicable view."""
+
+_TASK_ALL = """\
+You will be shown an image and a list of lists of short referring expressions that identifies \
+a specific instance, for each instance in the image.
+
+Your task is to generate 3 diverse referring expressions for each instance, based on the \
+""" + _PERSPECTIVES
 
 _TASK_ONE = """\
 You will be shown an image and a list of short referring expressions that identifies a \
 specific instance in the image (the target instance).
 
 Your task is to generate 3 diverse referring expressions for the target instance, based on the \
-following perspectives:
-
-1. Appearance (e.g., color, shape, texture)
-2. Action (e.g., doing something or interacting)
-3. Spatial (e.g., position or relation to others/background)
-
-Note:
-
-- If a perspective is not applicable (e.g., a tree is static and has no action), provide a \
-second description from another applicable view."""
+""" + _PERSPECTIVES
 
 _EXAMPLES = """\
 Example 1:
