@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.io import (
-    DEFAULT_ROW_GROUP_ROWS,
+    ParquetFormat,
+    ParquetStream,
     part_name,
     read_json,
     read_table_dir,
@@ -55,15 +56,17 @@ class ShardWriter:
         self.index = index
         self.schema_version = schema_version
 
-    def write_table(self, table: str, data: pa.Table, use_dictionary: bool = True,
-                    compression_level: int | None = None,
-                    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-        """`use_dictionary=False` and a low `compression_level` suit large high-cardinality
-        columns (score lists), which compress little and cost most to write; small
-        `row_group_rows` suit tables read by random access."""
+    def write_table(self, table: str, data: pa.Table, fmt: ParquetFormat | None = None) -> None:
+        """`fmt` tunes the layout: small row groups suit tables read by random access."""
         write_parquet(data, self.staging / table / part_name(self.index), self.schema_version,
-                      row_group_rows=row_group_rows, use_dictionary=use_dictionary,
-                      compression_level=compression_level)
+                      fmt)
+
+    def stream_table(self, table: str, schema: pa.Schema, fmt: ParquetFormat | None = None,
+                     background: bool = True) -> ParquetStream:
+        """A writer for a shard built piece by piece (`with writer.stream_table(...) as s:
+        s.write(piece)`), encoding in a thread while the next piece is computed."""
+        return ParquetStream(self.staging / table / part_name(self.index), schema,
+                             self.schema_version, fmt, background=background)
 
 
 @dataclass

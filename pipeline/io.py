@@ -6,10 +6,14 @@ gives the same bytes: artifact checksums are then meaningful and reruns are comp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,32 +31,132 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def write_parquet(
-    table: pa.Table,
-    path: Path,
-    schema_version: str,
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-    use_dictionary: bool = True,
-    compression_level: int | None = None,
-) -> None:
-    """Write `table` deterministically, via a temp name so a crash never leaves a partial file."""
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class ParquetFormat:
+    """How a table is laid out on disk. The defaults suit most tables; large lists of floats
+    (scores) write several times faster without dictionary, statistics or compression, which
+    gain them little."""
 
-    meta = dict(table.schema.metadata or {})
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
+    use_dictionary: bool = True
+    compression_level: int | None = None
+    uncompressed: tuple[str, ...] = ()  # columns stored without zstd
+    statistics: bool | tuple[str, ...] = True  # all columns, none, or these
+
+    def writer_options(self, columns: Iterable[str]) -> dict[str, Any]:
+        codec = {c: ("none" if c in self.uncompressed else "zstd") for c in columns}
+        return {
+            "compression": codec,
+            "compression_level": {c: ZSTD_LEVEL if self.compression_level is None
+                                  else self.compression_level
+                                  for c, kind in codec.items() if kind == "zstd"},
+            "use_dictionary": self.use_dictionary,
+            "write_statistics": (list(self.statistics) if isinstance(self.statistics, tuple)
+                                 else self.statistics),
+        }
+
+
+def _with_version(schema: pa.Schema, schema_version: str) -> pa.Schema:
+    meta = dict(schema.metadata or {})
     meta[SCHEMA_VERSION_KEY] = schema_version.encode()
-    table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        compression_level=ZSTD_LEVEL if compression_level is None else compression_level,
-        row_group_size=max(1, row_group_rows),
-        use_dictionary=use_dictionary,
-        write_statistics=True,
-    )
-    os.replace(tmp, path)
+    return schema.with_metadata(meta)
+
+
+def write_parquet(table: pa.Table, path: Path, schema_version: str,
+                  fmt: ParquetFormat | None = None) -> None:
+    """Write `table` deterministically, via a temp name so a crash never leaves a partial file."""
+    with ParquetStream(path, table.schema, schema_version, fmt) as stream:
+        stream.write(table)
+
+
+class ParquetStream:
+    """Writes a table piece by piece, byte for byte as `write_parquet` writes the whole.
+
+    Row groups are cut every `row_group_rows` rows whatever the pieces' sizes, so a stage's
+    output does not depend on how it batched its work. The file has a temp name until `close`;
+    an exception inside `with` removes it. With `background=True` pieces are encoded by a
+    thread (pyarrow releases the GIL), so the caller computes the next piece meanwhile.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, schema_version: str,
+                 fmt: ParquetFormat | None = None, background: bool = False) -> None:
+        import pyarrow.parquet as pq
+
+        self.fmt = fmt or ParquetFormat()
+        self.path = path
+        self.schema = _with_version(schema, schema_version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._writer = pq.ParquetWriter(self.tmp, self.schema,
+                                        **self.fmt.writer_options(schema.names))
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._thread = ThreadPoolExecutor(1) if background else None
+        self._futures: list[Future[None]] = []
+
+    def write(self, piece: pa.Table) -> None:
+        if piece.schema.remove_metadata() != self.schema.remove_metadata():
+            raise ValueError(f"{self.path.name}: piece schema {piece.schema} differs from "
+                             f"the stream's {self.schema}")
+        self._pending.append(piece)
+        self._pending_rows += piece.num_rows
+        rows = max(1, self.fmt.row_group_rows)
+        if self._pending_rows >= rows:
+            import pyarrow as pa
+
+            whole = pa.concat_tables(self._pending)
+            cut = self._pending_rows - self._pending_rows % rows
+            self._pending = [whole.slice(cut)]
+            self._pending_rows -= cut
+            self._submit(whole.slice(0, cut))
+
+    def _submit(self, table: pa.Table) -> None:
+        rows = max(1, self.fmt.row_group_rows)
+        groups = [table.slice(s, rows) for s in range(0, table.num_rows, rows)]
+        if self._thread is None:
+            self._write_groups(groups)
+            return
+        for f in [f for f in self._futures if f.done()]:
+            f.result()  # raise a writer error now, not at close
+            self._futures.remove(f)
+        self._futures.append(self._thread.submit(self._write_groups, groups))
+
+    def _write_groups(self, groups: list[pa.Table]) -> None:
+        for group in groups:
+            self._writer.write_table(group, row_group_size=group.num_rows)
+
+    def close(self) -> None:
+        import pyarrow as pa
+
+        if self._pending_rows:
+            self._submit(pa.concat_tables(self._pending))
+        self._drain()
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the error that got us here is the one to report
+            self._drain()
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _drain(self) -> None:
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._futures.clear()
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+
+    def __enter__(self) -> ParquetStream:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def parquet_rows(path: Path) -> int:

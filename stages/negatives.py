@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.io import ParquetFormat
 from pipeline.stage import Params, RunEnv, Stage, runtime_field
 from stages.datasets import check_splits, load_data_manifest
+from stages.topm import select_topm
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +39,8 @@ class NegativesParams(Params):
     queries_per_shard: int = Field(8192, ge=1, description="queries per resumable shard")
     block: int = runtime_field(1024, "queries per matrix product", ge=1)
     device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+    selection: Literal["auto", "sort", "topk"] = runtime_field(
+        "auto", "top-M method: sort (CPU), topk (GPU); auto picks by device; same output")
 
 
 class Negatives(Stage):
@@ -152,44 +156,125 @@ def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
     return idx
 
 
-def search_block(t: np.ndarray, v: np.ndarray, own: np.ndarray, pool: np.ndarray, m: int,
-                 rank_by: str, device: Any) -> dict[str, np.ndarray]:
+def _extremes_without_own(scores: Any, own: Any) -> tuple[Any, Any]:
+    """Row minima and maxima of `scores` (torch, rows x pool) leaving out column own[r] (-1:
+    none), in one pass each: the own column takes a neighbour's value, which changes neither
+    extreme of the rest. A pool of just the own image has extremes (inf, -inf), as over an
+    empty set."""
+    import torch
+
+    rows = torch.nonzero(own >= 0).reshape(-1)
+    cols = own[rows]
+    n_cols = scores.shape[1]
+    if n_cols > 1 and len(rows):
+        neighbour = torch.where(cols + 1 < n_cols, cols + 1, cols - 1)
+        scores[rows, cols] = scores[rows, neighbour]
+    lo, hi = scores.amin(1), scores.amax(1)
+    if n_cols == 1 and len(rows):
+        lo[rows], hi[rows] = float("inf"), float("-inf")
+    return lo, hi
+
+
+def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndarray,
+                 pool: Any, m: int, rank_by: str, device: Any, selection: str = "sort",
+                 threads: int = 2) -> dict[str, np.ndarray]:
     """Both scores of the top-M pool columns of a block of queries, own image excluded.
 
-    t, v: (B, d) text and own-image vectors; own: (B,) pool column of the own image or -1.
-    Returns idx (B, m') with m' = min(m, P), rho_ti, rho_ii at idx (own image entries are
-    marked by idx -1), and per-row pool extremes of both scores.
+    t: (B, d) text vectors; v: (U, d) the block's distinct query images, inverse: (B,) row of
+    each query's image in v; own: (U,) pool column of each of those images or -1; pool: (P, d)
+    torch tensor on `device`. The sentences of one image share their image-to-image row, so it
+    is computed, reduced and (for rank_by ii) ranked once per image. Returns idx (B, m') with
+    m' = min(m, P), own-image entries marked -1, rho_ti and rho_ii at idx, and per-row pool
+    extremes of both scores. `selection`: `sort` (threshold then one key sort, fast on CPU) or
+    `topk` (torch.topk plus a tie pass, fast on GPU); both exact.
     """
     import numpy as np
     import torch
 
-    pool_t = torch.from_numpy(pool).to(device)
-    ti = (torch.from_numpy(t).to(device) @ pool_t.T).float()
-    # a block's sentences share few images (about 7 per image in RefCOCO): one row per image
-    uniq, inverse = np.unique(v, axis=0, return_inverse=True)
-    ii = (torch.from_numpy(np.ascontiguousarray(uniq)).to(device) @ pool_t.T).float()
-    ii = ii[torch.from_numpy(inverse.reshape(-1)).to(device)]
-    inf = float("inf")
-    rows = torch.from_numpy(np.nonzero(own >= 0)[0]).to(device)
-    cols = torch.from_numpy(own[own >= 0]).to(device)
+    inverse_t = torch.from_numpy(inverse).to(device)
+    own_t = torch.from_numpy(own).to(device)
+    ti = torch.from_numpy(t).to(device) @ pool.T
+    ii = torch.from_numpy(v).to(device) @ pool.T
     result: dict[str, np.ndarray] = {}
-    for name, scores in (("ti", ti), ("ii", ii)):
-        # the own image is left out of the extremes and can never be selected
-        scores[rows, cols] = inf
-        result[f"{name}_min"] = scores.amin(1).cpu().numpy()
-        scores[rows, cols] = -inf
-        result[f"{name}_max"] = scores.amax(1).cpu().numpy()
+    for name, scores, own_rows in (("ti", ti, own_t[inverse_t]), ("ii", ii, own_t)):
+        lo, hi = _extremes_without_own(scores, own_rows)
+        if name == "ii":
+            lo, hi = lo[inverse_t], hi[inverse_t]
+        result[f"{name}_min"], result[f"{name}_max"] = lo.cpu().numpy(), hi.cpu().numpy()
+        rows = torch.nonzero(own_rows >= 0).reshape(-1)
+        scores[rows, own_rows[rows]] = float("-inf")  # never selected while others remain
     rank = ti if rank_by == "ti" else ii
-    vals, idx = torch.topk(rank, min(m, rank.shape[1]), dim=1, largest=True, sorted=True)
-    kth = vals[:, -1:]
-    boundary = ((rank == kth).sum(1) > (vals == kth).sum(1)).cpu().numpy()
-    idx_np = topm_tiebreak(rank.cpu().numpy(), vals.cpu().numpy(), idx.cpu().numpy(), boundary)
-    idx_t = torch.from_numpy(idx_np).to(device)
-    own_hit = (rank.gather(1, idx_t) == -inf).cpu().numpy()
-    result["idx"] = np.where(own_hit, -1, idx_np)
-    result["rho_ti"] = ti.gather(1, idx_t).cpu().numpy()
-    result["rho_ii"] = ii.gather(1, idx_t).cpu().numpy()
+    mm = min(m, rank.shape[1])
+    if selection == "topk":
+        vals, top = torch.topk(rank, mm, dim=1, largest=True, sorted=True)
+        kth = vals[:, -1:]
+        boundary = ((rank == kth).sum(1) > (vals == kth).sum(1)).cpu().numpy()
+        idx = topm_tiebreak(rank.cpu().numpy(), vals.cpu().numpy(), top.cpu().numpy(), boundary)
+    else:
+        idx = select_topm(rank.cpu().numpy(), mm, threads=threads)
+    if rank_by == "ii":
+        idx = idx[inverse]
+    idx_t = torch.from_numpy(idx).to(device)
+    rho_ti = ti.gather(1, idx_t)
+    rho_ii = ii[inverse_t[:, None], idx_t]
+    if mm == rank.shape[1]:  # only a top-M that takes the whole pool reaches the own image
+        own_hit = (rho_ti if rank_by == "ti" else rho_ii) == float("-inf")
+        idx = np.where(own_hit.cpu().numpy(), -1, idx)
+    result["idx"] = idx
+    result["rho_ti"] = rho_ti.cpu().numpy()
+    result["rho_ii"] = rho_ii.cpu().numpy()
     return result
+
+
+# candidate lists dominate the table (M values per query): they write several times faster
+# without dictionary or statistics, and the score lists gain under 10% from compression
+NEGATIVES_FORMAT = ParquetFormat(use_dictionary=False, compression_level=1,
+                                 uncompressed=("rho_ti", "rho_ii"),
+                                 statistics=("sent_id", "ref_id", "image_id"))
+
+
+def negatives_schema(score_type: pa.DataType) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("sent_id", pa.int64()), ("ref_id", pa.int64()), ("image_id", pa.int64()),
+        ("cand_image_ids", pa.list_(pa.int32())), ("rho_ti", pa.list_(score_type)),
+        ("rho_ii", pa.list_(score_type)),
+        *[(k, pa.float32()) for k in ("ti_min", "ti_max", "ii_min", "ii_max")]])
+
+
+def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
+                 schema: pa.Schema) -> pa.Table:
+    """One block's rows; own-image entries (idx -1, only when M reaches the pool size) are
+    dropped from the lists."""
+    import numpy as np
+    import pyarrow as pa
+
+    idx = r["idx"]
+    keep = idx >= 0
+    full = bool(keep.all())
+    lengths = np.full(len(idx), idx.shape[1]) if full else keep.sum(axis=1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    score_type = schema.field("rho_ti").type.value_type
+    np_score = np.float16 if score_type == pa.float16() else np.float32
+
+    def flat(values: np.ndarray) -> np.ndarray:
+        return values.reshape(-1) if full else values[keep]
+
+    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values, typ))
+
+    ids = pool_ids.astype(np.int32)[flat(np.where(keep, idx, 0))]
+    return pa.table({
+        "sent_id": pa.array(q[:, 0], pa.int64()),
+        "ref_id": pa.array(q[:, 1], pa.int64()),
+        "image_id": pa.array(q[:, 2], pa.int64()),
+        "cand_image_ids": lists(ids, pa.int32()),
+        "rho_ti": lists(flat(r["rho_ti"]).astype(np_score, copy=False), score_type),
+        "rho_ii": lists(flat(r["rho_ii"]).astype(np_score, copy=False), score_type),
+        **{k: pa.array(r[k].astype(np.float32, copy=False), pa.float32())
+           for k in ("ti_min", "ti_max", "ii_min", "ii_max")},
+    }, schema=schema)
 
 
 def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
@@ -217,39 +302,17 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
     own = np.where((own < len(pool_ids)) & (pool_ids[np.minimum(own, len(pool_ids) - 1)]
                                             == q[:, 2]), own, -1)
 
-    cols: dict[str, list[Any]] = {k: [] for k in ("ids", "rho_ti", "rho_ii", "lengths",
-                                                  "ti_min", "ti_max", "ii_min", "ii_max")}
-    for s in range(0, len(q), p.block):
-        r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[v_pos[s:s + p.block]],
-                         own[s:s + p.block], pool_vecs, p.m, p.rank_by, device)
-        keep = r["idx"] >= 0
-        cols["ids"].append(pool_ids[r["idx"][keep]])
-        cols["rho_ti"].append(r["rho_ti"][keep])
-        cols["rho_ii"].append(r["rho_ii"][keep])
-        cols["lengths"].append(keep.sum(axis=1))
-        for key in ("ti_min", "ti_max", "ii_min", "ii_max"):
-            cols[key].append(r[key])
-
-    def cat(key: str, dtype: Any) -> np.ndarray:
-        return (np.concatenate(cols[key]).astype(dtype, copy=False) if cols[key]
-                else np.zeros(0, dtype))
-
-    offsets = np.concatenate([[0], np.cumsum(cat("lengths", np.int64))]).astype(np.int32)
+    pool_t = torch.from_numpy(pool_vecs).to(device)
+    selection = p.selection if p.selection != "auto" else (
+        "topk" if device.type == "cuda" else "sort")
     score_type = pa.float16() if p.score_dtype == "float16" else pa.float32()
-    np_score = np.float16 if p.score_dtype == "float16" else np.float32
-
-    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, typ))
-
-    # score lists are incompressible floats: no dictionary, fast zstd
-    writer.write_table("negatives", use_dictionary=False, compression_level=1, data=pa.table({
-        "sent_id": pa.array(q[:, 0], pa.int64()),
-        "ref_id": pa.array(q[:, 1], pa.int64()),
-        "image_id": pa.array(q[:, 2], pa.int64()),
-        "cand_image_ids": lists(cat("ids", np.int32), pa.int32()),
-        "rho_ti": lists(cat("rho_ti", np_score), score_type),
-        "rho_ii": lists(cat("rho_ii", np_score), score_type),
-        **{k: pa.array(cat(k, np.float32), pa.float32())
-           for k in ("ti_min", "ti_max", "ii_min", "ii_max")},
-    }))
+    schema = negatives_schema(score_type)
+    with writer.stream_table("negatives", schema, NEGATIVES_FORMAT) as out:
+        for s in range(0, len(q), p.block):
+            images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
+                                               return_inverse=True)
+            r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
+                             inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
+                             p.rank_by, device, selection, threads=torch.get_num_threads())
+            out.write(_block_table(q[s:s + p.block], r, pool_ids, schema))
     return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device)}

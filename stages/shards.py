@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.io import read_json, read_table_dir
+from pipeline.io import ParquetFormat, read_json, read_table_dir
 from pipeline.stage import Params, Stage
 from stages.datasets import load_data_manifest
 from stages.refer_io import other_referent_sentences
@@ -217,5 +217,5 @@ def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
              "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
              "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
     table = pa.table({c: pa.array(v, types[c]) for c, v in rows.items()})
-    writer.write_table(payload["split"], table, row_group_rows=p.rows_per_group)
+    writer.write_table(payload["split"], table, ParquetFormat(row_group_rows=p.rows_per_group))
     return {"rows": table.num_rows, "with_hn": with_hn}
