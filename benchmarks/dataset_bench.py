@@ -5,8 +5,10 @@ candidates per sentence, mask RLEs from pycocotools) unless ``--shards``/``--ima
 real artifact, then times full passes of a DataLoader with 2 workers (persistent, after a
 warm-up pass, so worker start-up and the first page-cache misses are not counted) and, for a
 noise-free per-sample cost, the same in one process. Samples go through a to-tensor transform,
-as in training. Target: a mosaic sample costs <= 2x a single-image sample (the positive is
-decoded at full size in both; the three negatives are decoded at 1/2 scale via JPEG draft).
+as in training. Target: a mosaic sample costs <= 2x a single-image sample. A single sample
+decodes its image at full size; a mosaic fills its four cells from the artifact's thumbnails
+(longest side 320, as the shards stage writes them), or, for comparison, from the originals
+decoded at reduced size via JPEG draft.
 
     .venv/bin/python benchmarks/dataset_bench.py [--shards DIR --images DIR] [--split train]
 """
@@ -92,6 +94,14 @@ def build_fixture(root: Path, n_images: int = N_IMAGES, seed: int = 0) -> tuple[
         "height": pa.array([h] * n_images, pa.int32()),
     }).replace_schema_metadata({b"nemo_pipe.schema_version": b"1"})
     pq.write_table(images, shards / "images" / "part-00000.parquet", compression="zstd")
+    # thumbnails as the shards stage makes them (longest side 320, JPEG quality 90)
+    from stages.thumbnails import write_pack
+
+    index, _ = write_pack(shards, "part-00000", [(i, str(images_dir / f"{i:06d}.jpg"))
+                                                 for i in range(n_images)], 320, 90)
+    (shards / "thumbnails").mkdir()
+    pq.write_table(index.replace_schema_metadata({b"nemo_pipe.schema_version": b"1"}),
+                   shards / "thumbnails" / "part-00000.parquet")
     (shards / "_manifest.json").write_text(json.dumps({"stage": "shards", "schema_version": "1"}))
     (shards / "_SUCCESS").write_text("")
     return shards, images_dir
@@ -172,6 +182,27 @@ def per_op_ms(ds: NemoDataset, reps: int = 30) -> dict[str, float]:
     }
 
 
+def thumbnail_decode_ms(shards: Path, reps: int = 30) -> float:
+    """Best-of time to decode the first thumbnail of the artifact (to a 320x240 cell)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    row = pq.read_table(shards / "thumbnails").slice(0, 1).to_pylist()[0]
+    with open(shards / "thumbnail_packs" / row["pack"], "rb") as f:
+        f.seek(row["offset"])
+        data = f.read(row["length"])
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (320, 240))
+        im.load()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=Path, help="existing shards artifact (else build a fixture)")
@@ -195,33 +226,42 @@ def main() -> None:
                   f"{time.perf_counter() - t0:.1f} s")
         else:
             shards, images = args.shards, args.images
-        datasets = {g: NemoDataset(shards, args.split, images, gamma=g, n_hard_negatives=2,
-                                   transform=to_tensors) for g in (0.0, 1.0)}
+        # modes: single images, mosaics from thumbnails (when the artifact has them, as the
+        # shards stage makes by default) and mosaics from the originals (decoded with draft)
+        modes = {"single": (0.0, None), "mosaic": (1.0, None), "mosaic, originals": (1.0, False)}
+        datasets = {g: NemoDataset(shards, args.split, images, gamma=gamma, n_hard_negatives=2,
+                                   transform=to_tensors, thumbnails=thumbs)
+                    for g, (gamma, thumbs) in modes.items()}
         loaders = {g: make_loader(ds, args.workers, args.batch_size) for g, ds in datasets.items()}
         for g, ds in datasets.items():  # warm-up: worker start-up, imports, page cache
             in_process_pass(ds, 32, 0)
             loader_pass(loaders[g], 0)
-        one = {g: 0.0 for g in datasets}
-        many = {g: 0.0 for g in datasets}
+        one = dict.fromkeys(datasets, 0.0)
+        many = dict.fromkeys(datasets, 0.0)
         for r in range(args.repeats):  # interleaved, best of: load from others hits both modes
             for g, ds in datasets.items():
                 one[g] = max(one[g], in_process_pass(ds, args.in_process_samples, r + 1))
                 many[g] = max(many[g], loader_pass(loaders[g], r + 1))
         for g, ds in datasets.items():
-            print(f"gamma={g:.0f}: {one[g]:7.1f} samples/s in-process   {many[g]:7.1f} samples/s "
-                  f"with {args.workers} DataLoader workers (batch {args.batch_size}, "
-                  f"{len(ds)} samples, best of {args.repeats} passes)")
-        print(f"mosaic/single cost ratio: {one[0.0] / one[1.0]:.2f} in-process, "
-              f"{many[0.0] / many[1.0]:.2f} with {args.workers} workers (target <= 2)")
+            print(f"{g:18s} (gamma={ds.gamma:.0f}, thumbnails={ds.uses_thumbnails!s:5}): "
+                  f"{one[g]:7.1f} samples/s in-process   {many[g]:7.1f} samples/s with "
+                  f"{args.workers} DataLoader workers (batch {args.batch_size}, {len(ds)} "
+                  f"samples, best of {args.repeats} passes)")
+        for g in ("mosaic", "mosaic, originals"):
+            print(f"{g}/single cost ratio: {one['single'] / one[g]:.2f} in-process, "
+                  f"{many['single'] / many[g]:.2f} with {args.workers} workers"
+                  + (" (target <= 2)" if g == "mosaic" else ""))
         del loaders  # shut the persistent workers down before the per-op timings
         ops = per_op_ms(NemoDataset(shards, args.split, images, gamma=0.0))
+        ops["thumbnail_decode_to_cell"] = thumbnail_decode_ms(shards)
         single_ms = ops["full_decode"] + ops["rle_decode"]
         floor = (single_ms + ops["bilinear_resize_to_cell"]
                  + 3 * ops["draft_decode_to_cell"]) / single_ms
         print("per-op ms (first image, {jpeg_bytes_kb:.0f} KB JPEG): full decode {full_decode:.2f},"
               " draft decode to cell {draft_decode_to_cell:.2f}, bilinear resize to cell "
-              "{bilinear_resize_to_cell:.2f}, RLE decode {rle_decode:.2f}".format(**ops))
-        print("decode/resize-only ratio: (full + RLE + resize + 3 x draft) / (full + RLE) = "
+              "{bilinear_resize_to_cell:.2f}, RLE decode {rle_decode:.2f}, thumbnail decode "
+              "{thumbnail_decode_to_cell:.2f}".format(**ops))
+        print("originals-path floor: (full + RLE + resize + 3 x draft) / (full + RLE) = "
               f"{floor:.2f}")
         print(f"machine: {platform.machine()}, cpu_count={os.cpu_count()}, "
               f"python {platform.python_version()}")

@@ -13,6 +13,9 @@ Layout read (``schema_version`` "1")::
     <shards_dir>/_SUCCESS
     <shards_dir>/images/part-*.parquet image_id, file_name, width, height
     <shards_dir>/<split>/part-*.parquet one row per sentence (sorted by sent_id)
+    <shards_dir>/thumbnails/part-*.parquet  image_id -> pack, offset, length (optional) of
+    <shards_dir>/thumbnail_packs/*.jpgs     small JPEG copies of the training images, from
+                                       which mosaic cells are filled
 
 Sample dict (``NemoDataset[i]``)::
 
@@ -45,6 +48,7 @@ alternative that needs no shared state is a sampler-driven epoch: index the data
 
 from __future__ import annotations
 
+import io
 import math
 import operator
 import os
@@ -78,6 +82,9 @@ ROW_COLUMNS = (
     "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds",
 )
 IMAGE_COLUMNS = ("image_id", "file_name")
+THUMBNAILS_TABLE = "thumbnails"
+THUMBNAIL_PACKS = "thumbnail_packs"
+THUMBNAIL_COLUMNS = ("image_id", "pack", "offset", "length", "src_width", "src_height")
 
 Transform = Callable[[Any, Any], tuple[Any, Any]]
 
@@ -93,6 +100,12 @@ class _ProcessLocal:
         self.pid = os.getpid()
         self.files: dict[int, pq.ParquetFile] = {}
         self.groups: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self.packs: dict[int, int] = {}  # thumbnail pack index -> open file descriptor
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            for fd in self.packs.values():
+                os.close(fd)
 
 
 def _version_help(found: object, where: str) -> str:
@@ -161,6 +174,9 @@ class NemoDataset(torch.utils.data.Dataset):
         seed: with the epoch and the index, the only source of randomness.
         transform: ``transform(image, mask) -> (image, mask)``, applied last.
         cell_fit: "stretch" (default, the paper's code) or "letterbox".
+        thumbnails: fill mosaic cells from the artifact's thumbnails (several times cheaper
+            than decoding the originals); None (default) uses them when the artifact has them,
+            True requires them, False always decodes the originals (at reduced size).
     """
 
     #: Row groups (256 rows each in a real artifact) cached per process; random access over a
@@ -179,6 +195,7 @@ class NemoDataset(torch.utils.data.Dataset):
         seed: int = 0,
         transform: Transform | None = None,
         cell_fit: str = "stretch",
+        thumbnails: bool | None = None,
     ) -> None:
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
@@ -209,6 +226,7 @@ class NemoDataset(torch.utils.data.Dataset):
         self._files = [str(p) for p in split_files]
         self._index_row_groups(split_files)
         self._images = self._load_images()
+        self._thumbs = self._load_thumbnail_index(thumbnails)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
                 f"images directory {self.images_dir} does not exist (the `file_name` column of "
@@ -301,6 +319,62 @@ class NemoDataset(torch.utils.data.Dataset):
             images.update(zip(t.column("image_id").to_pylist(),
                               t.column("file_name").to_pylist(), strict=True))
         return images
+
+    def _load_thumbnail_index(self, wanted: bool | None) -> dict[str, Any] | None:
+        """Sorted image ids and where each thumbnail is; None when not used."""
+        table_dir = self.shards_dir / THUMBNAILS_TABLE
+        files = table_files(table_dir) if table_dir.is_dir() else []
+        if wanted is False or (wanted is None and not files):
+            return None
+        if not files:
+            raise FileNotFoundError(
+                f"thumbnails=True but {table_dir} has no part files: build the shards with "
+                "`--set shards.thumbnails=true`, or pass thumbnails=None / False")
+        parts = []
+        for path in files:
+            pf = self._open_checked(path, THUMBNAIL_COLUMNS)
+            parts.append(pf.read(columns=list(THUMBNAIL_COLUMNS)))
+            pf.close()
+        cols = {c: [v for t in parts for v in t.column(c).to_pylist()] for c in THUMBNAIL_COLUMNS}
+        packs = sorted(set(cols["pack"]))
+        pack_dir = self.shards_dir / THUMBNAIL_PACKS
+        missing = [p for p in packs if not (pack_dir / p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{pack_dir} lacks pack file(s) {missing}: the artifact is damaged; re-run "
+                "`nemo-pipe run --stage shards --force`")
+        ids = np.asarray(cols["image_id"], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        pack_of = {p: i for i, p in enumerate(packs)}
+        return {
+            "paths": [str(pack_dir / p) for p in packs],
+            "ids": ids[order],
+            "pack": np.asarray([pack_of[p] for p in cols["pack"]], np.int32)[order],
+            "offset": np.asarray(cols["offset"], np.int64)[order],
+            "length": np.asarray(cols["length"], np.int64)[order],
+            "size": np.stack([np.asarray(cols["src_width"], np.int64),
+                              np.asarray(cols["src_height"], np.int64)], 1)[order],
+        }
+
+    @property
+    def uses_thumbnails(self) -> bool:
+        return self._thumbs is not None
+
+    def _thumbnail(self, image_id: int) -> tuple[bytes, tuple[int, int]] | None:
+        """(JPEG bytes, original size) of an image's thumbnail, or None if it has none."""
+        t = self._thumbs
+        if t is None:
+            return None
+        i = int(np.searchsorted(t["ids"], image_id))
+        if i == len(t["ids"]) or t["ids"][i] != image_id:
+            return None
+        local = self._process_local()
+        pack = int(t["pack"][i])
+        fd = local.packs.get(pack)
+        if fd is None:
+            fd = local.packs[pack] = os.open(t["paths"][pack], os.O_RDONLY)
+        data = os.pread(fd, int(t["length"][i]), int(t["offset"][i]))
+        return data, (int(t["size"][i, 0]), int(t["size"][i, 1]))
 
     # --------------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -400,14 +474,17 @@ class NemoDataset(torch.utils.data.Dataset):
             plan = self._plan_mosaic(row, rng)
 
         mask = decode_rle(row["mask_rle"])
-        positive, _ = self._load_rgb(image_id)
-        if positive.size != (mask.shape[1], mask.shape[0]):
-            raise ValueError(
-                f"sent_id {row['sent_id']}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"{self.image_path(image_id)} is {positive.size[0]}x{positive.size[1]}; the "
-                "shards and the images dir do not match")
-        if plan is not None and min(positive.size) < 2:
+        height, width = mask.shape
+        if plan is not None and min(width, height) < 2:
             plan = None  # a 1-pixel-wide or -high positive has an empty cell: keep it single
+        # in a mosaic the positive is shown in one cell: decode it at reduced size too
+        fit = None if plan is None else self._cell_fit(cell_boxes(width, height)[plan[0]])
+        positive, size = self._load_rgb(image_id, fit)
+        if size != (width, height):
+            raise ValueError(
+                f"sent_id {row['sent_id']}: mask is {width}x{height} but image "
+                f"{self.image_path(image_id)} is {size[0]}x{size[1]}; the "
+                "shards and the images dir do not match")
 
         if plan is None:
             image, quadrant, sources = positive, None, [image_id]
@@ -478,10 +555,18 @@ class NemoDataset(torch.utils.data.Dataset):
                   ) -> tuple[Image.Image, tuple[int, int]]:
         """Decode an image as RGB; return it and its full (header) size.
 
-        With ``fit`` (header size -> target size) libjpeg downscales by 1/2, 1/4 or 1/8 while
-        decoding (``Image.draft``), never below the target: the mosaic negatives are shown at
-        a quarter of the area, so this makes them cheap. The positive is decoded at full size.
+        With ``fit`` (header size -> target size) the image is shown in a mosaic cell: it comes
+        from its thumbnail when the artifact has one, and libjpeg downscales by 1/2, 1/4 or 1/8
+        while decoding (``Image.draft``), never below the target. A positive shown alone is
+        decoded at full size.
         """
+        thumb = self._thumbnail(image_id) if fit is not None else None
+        if thumb is not None:
+            data, size = thumb
+            im = Image.open(io.BytesIO(data))
+            im.draft("RGB", fit(size))
+            im.load()
+            return (im if im.mode == "RGB" else im.convert("RGB")), size
         path = self.image_path(image_id)
         try:
             with open(path, "rb") as f:
@@ -498,25 +583,33 @@ class NemoDataset(torch.utils.data.Dataset):
     def _compose(self, positive: Image.Image, mask: np.ndarray, quadrant: int,
                  sources: list[int]) -> tuple[Image.Image, np.ndarray]:
         """The 2x2 mosaic image and its mask (positive's mask in its cell, zeros elsewhere)."""
-        width, height = positive.size
+        height, width = mask.shape
         canvas = Image.new("RGB", (width, height))
         out_mask = np.zeros((height, width), dtype=np.uint8)
         bilinear, nearest = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
-        for q, (x0, y0, cw, ch) in enumerate(cell_boxes(width, height)):
+        for q, box in enumerate(cell_boxes(width, height)):
+            x0, y0, cw, ch = box
             if q == quadrant:
                 nw, nh, ox, oy = fit_box(width, height, cw, ch, self.cell_fit)
-                canvas.paste(positive.resize((nw, nh), bilinear), (x0 + ox, y0 + oy))
+                canvas.paste(_resized(positive, (nw, nh), bilinear), (x0 + ox, y0 + oy))
                 cell = Image.fromarray(mask).resize((nw, nh), nearest)
                 out_mask[y0 + oy:y0 + oy + nh, x0 + ox:x0 + ox + nw] = np.asarray(cell)
                 continue
-
-            def fit(size: tuple[int, int], cw: int = cw, ch: int = ch) -> tuple[int, int]:
-                return fit_box(size[0], size[1], cw, ch, self.cell_fit)[:2]
-
-            neg, size = self._load_rgb(sources[q], fit)
+            neg, size = self._load_rgb(sources[q], self._cell_fit(box))
             nw, nh, ox, oy = fit_box(size[0], size[1], cw, ch, self.cell_fit)
-            canvas.paste(neg.resize((nw, nh), bilinear), (x0 + ox, y0 + oy))
+            canvas.paste(_resized(neg, (nw, nh), bilinear), (x0 + ox, y0 + oy))
         return canvas, out_mask
+
+    def _cell_fit(self, box: tuple[int, int, int, int]
+                  ) -> Callable[[tuple[int, int]], tuple[int, int]]:
+        """Image (header) size -> the size it takes in cell `box`: the draft target."""
+        cw, ch = box[2:]
+        return lambda size: fit_box(size[0], size[1], cw, ch, self.cell_fit)[:2]
+
+
+def _resized(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
+    """`image` at `size`; a draft decode often lands exactly on the cell, then nothing to do."""
+    return image if image.size == size else image.resize(size, resample)
 
 
 def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,10 @@ Hard negatives: with `shards.with_hard_negatives` they come from the hard_negati
 (ranked, labelled by source or edit kind, scored by cosine to the cluster centre); otherwise,
 with `shards.same_image_negatives`, the sentences of the other referents in the same image (kind
 `same_image`, no score), which need only ingest.
+
+Thumbnails (`shards.thumbnails`, on by default): small JPEG copies of the training images in
+`thumbnails/` (see stages.thumbnails), from which the reader fills mosaic cells; a mosaic then
+costs about what a single image does instead of four full decodes.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.io import ParquetFormat, read_json, read_table_dir
+from pipeline.io import ParquetFormat, part_name, read_json, read_table_dir
 from pipeline.stage import Params, Stage
 from stages.datasets import load_data_manifest
+from stages.ingest import data_locations
 from stages.refer_io import other_referent_sentences
+from stages.thumbnails import TABLE as THUMBNAILS
+from stages.thumbnails import write_pack
 
 SCHEMA_VERSION = "1"
 ALL_QUADRANTS = [0, 1, 2, 3]
@@ -36,6 +43,11 @@ class ShardsParams(Params):
         True, description="without hard_negatives: other referents' sentences of the same image")
     rows_per_part: int = Field(16384, ge=1, description="sentences per Parquet part")
     rows_per_group: int = Field(256, ge=1, description="rows per row group (random access)")
+    thumbnails: bool = Field(
+        True, description="pack small JPEG copies of the training images for mosaic cells")
+    thumbnail_size: int = Field(320, ge=16, description="longest side of a thumbnail (pixels)")
+    thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of thumbnails")
+    images_per_pack: int = Field(2048, ge=1, description="thumbnails per pack file (shard)")
 
 
 class Shards(Stage):
@@ -45,7 +57,7 @@ class Shards(Stage):
     version = SCHEMA_VERSION
     inputs = ("ingest", "mosaic_tables")
     params_model = ShardsParams
-    tables = ("images", "train", "val", "test", "testA", "testB")
+    tables = ("images", "train", "val", "test", "testA", "testB", "thumbnails")
     libraries = ("pyarrow", "pycocotools", "numpy")
 
     def upstream(self, params: Params) -> tuple[str, ...]:
@@ -76,7 +88,16 @@ class Shards(Stage):
                     "split": split, "sent_ids": ids[start:start + p.rows_per_part],
                     "train": split == manifest.train_split, "dirs": dirs,
                     "params": p.model_dump()}))
-        stats = ctx.run_shards(_shards_shard, tasks, desc="join")
+        n_rows_tasks = len(tasks)
+        if p.thumbnails:
+            tasks.extend(self._thumbnail_tasks(ctx, manifest, start=len(tasks)))
+        stats = ctx.run_shards(_shards_shard, tasks, desc="join + thumbnails")
+        thumb_stats, stats = stats[n_rows_tasks:], stats[:n_rows_tasks]
+        tasks = tasks[:n_rows_tasks]
+        if p.thumbnails:
+            ctx.record(thumbnails=sum(s["thumbnails"] for s in thumb_stats),
+                       thumbnail_failures=[f for s in thumb_stats for f in s["failed"]][:20],
+                       thumbnail_bytes=sum(s["bytes"] for s in thumb_stats))
         images = ctx.read_table("ingest", "images").select(["image_id", "file_name", "width",
                                                             "height"])
         ctx.write_table("images", images)
@@ -88,6 +109,24 @@ class Shards(Stage):
         ctx.record(rows_per_split=rows,
                    with_hard_negatives_share=round(
                        sum(s["with_hn"] for s in stats) / max(1, sum(rows.values())), 4))
+
+
+    def _thumbnail_tasks(self, ctx: StageContext, manifest: Any, start: int) -> list[ShardTask]:
+        """The training split's images (every mosaic cell shows one), in packs."""
+        import pyarrow.compute as pc
+
+        p: ShardsParams = ctx.params  # type: ignore[assignment]
+        _, images_dir = data_locations(ctx.env, manifest)
+        refs = ctx.read_table("ingest", "refs").select(["image_id", "split"])
+        train = set(refs.filter(pc.equal(refs.column("split"), manifest.train_split))
+                    .column("image_id").to_pylist())
+        images = ctx.read_table("ingest", "images").select(["image_id", "file_name"])
+        items = sorted((i, str(images_dir / f)) for i, f in zip(
+            images.column("image_id").to_pylist(), images.column("file_name").to_pylist(),
+            strict=True) if i in train)
+        return [ShardTask(start + n, {"kind": "thumbnails", "items": items[s:s + p.images_per_pack],
+                                      "params": p.model_dump()})
+                for n, s in enumerate(range(0, len(items), p.images_per_pack))]
 
 
 def upstream_artifacts(ctx: StageContext) -> dict[str, dict[str, Any]]:
@@ -173,6 +212,22 @@ def same_image_negatives(look: dict[str, Any], ref: dict[str, Any]) -> list[str]
 
 
 def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    if payload.get("kind") == "thumbnails":
+        return _thumbnails_shard(payload, writer)
+    return _rows_shard(payload, writer)
+
+
+def _thumbnails_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    p = ShardsParams(**payload["params"])
+    index, failed = write_pack(writer.staging, Path(part_name(writer.index)).stem,
+                               [tuple(i) for i in payload["items"]], p.thumbnail_size,
+                               p.thumbnail_quality)
+    writer.write_table(THUMBNAILS, index)
+    return {"thumbnails": index.num_rows, "failed": failed,
+            "bytes": int(sum(index.column("length").to_pylist()))}
+
+
+def _rows_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
     import pyarrow as pa
 
     p = ShardsParams(**payload["params"])

@@ -7,6 +7,7 @@ mosaics are computed with PIL/numpy from cell offsets worked out by hand.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -242,7 +243,8 @@ def test_stretch_mosaic_mask_and_pixels_land_in_positive_cell(shards):
         assert s["mask"].dtype == np.uint8
         np.testing.assert_array_equal(s["mask"], expected)
         img = np.asarray(s["image"])
-        want = np.asarray(pil_rgb(pos_path).resize((cw, ch), Image.Resampling.BILINEAR))
+        # the positive is decoded at reduced size too (JPEG draft never below the cell)
+        want = np.asarray(pil_rgb(pos_path, (cw, ch)).resize((cw, ch), Image.Resampling.BILINEAR))
         np.testing.assert_array_equal(img[y0:y0 + ch, x0:x0 + cw], want)
         for nq in set(range(4)) - {q}:
             nx, ny, nw, nh = CELLS_101x77[nq]
@@ -301,8 +303,8 @@ def test_letterbox_geometry_by_hand(tmp_path):
         expected[y0 + oy:y0 + oy + nh, x0 + ox:x0 + ox + nw] = np.asarray(
             Image.fromarray(mask).resize((nw, nh), Image.Resampling.NEAREST))
         np.testing.assert_array_equal(m, expected)
-        want = np.asarray(pil_rgb(images / "img_0001.jpg").resize((nw, nh),
-                                                                   Image.Resampling.BILINEAR))
+        want = np.asarray(pil_rgb(images / "img_0001.jpg", (nw, nh)).resize(
+            (nw, nh), Image.Resampling.BILINEAR))
         np.testing.assert_array_equal(img[y0 + oy:y0 + oy + nh, x0 + ox:x0 + ox + nw], want)
         pad = np.ones((ch, cw), bool)
         pad[oy:oy + nh, ox:ox + nw] = False
@@ -322,6 +324,101 @@ def test_letterbox_geometry_by_hand(tmp_path):
 
 
 # ------------------------------------------------------------------------------- sampling
+# -------------------------------------------------------------------------------- thumbnails
+THUMB_SCHEMA = pa.schema([("image_id", pa.int64()), ("pack", pa.string()),
+                          ("offset", pa.int64()), ("length", pa.int32()),
+                          ("width", pa.int32()), ("height", pa.int32()),
+                          ("src_width", pa.int32()), ("src_height", pa.int32())])
+
+
+@pytest.fixture(scope="module")
+def thumbed(shards, tmp_path_factory) -> tuple[Shards, dict[int, bytes]]:
+    """The shards fixture plus thumbnails (half size, 2 packs) of every image but image 6."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("thumbed") / "shards"
+    shutil.copytree(shards.root, root)
+    thumbs: dict[int, bytes] = {}
+    rows = []
+    ids = [i for i in sorted(shards.sizes) if i != 6]
+    for n, pack_ids in enumerate((ids[::2], ids[1::2])):
+        pack = f"part-{n:05d}.jpgs"
+        blob = bytearray()
+        for i in pack_ids:
+            w, h = shards.sizes[i]
+            im = Image.open(shards.images / f"img_{i:04d}.jpg").convert("RGB")
+            im = im.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+            thumbs[i] = buf.getvalue()
+            rows.append({"image_id": i, "pack": pack, "offset": len(blob),
+                         "length": len(thumbs[i]), "width": im.size[0], "height": im.size[1],
+                         "src_width": w, "src_height": h})
+            blob += thumbs[i]
+        (root / "thumbnail_packs").mkdir(exist_ok=True)
+        (root / "thumbnail_packs" / pack).write_bytes(bytes(blob))
+        write_table(pa.Table.from_pylist([r for r in rows if r["pack"] == pack],
+                                         schema=THUMB_SCHEMA),
+                    root / "thumbnails" / f"part-{n:05d}.parquet", "1", 256)
+    return Shards(root, shards.images, shards.rows, shards.masks, shards.sizes), thumbs
+
+
+def test_mosaic_cells_come_from_thumbnails(thumbed):
+    sh, thumbs = thumbed
+    ds = sh.ds(gamma=1.0)
+    assert ds.uses_thumbnails
+    seen_fallback = False
+    for index in range(0, 64, 3):
+        s = ds[index]
+        if not s["meta"]["is_mosaic"]:
+            continue
+        img = np.asarray(s["image"])
+        w, h = sh.sizes[s["meta"]["image_id"]]
+        for q, (x0, y0, cw, ch) in cells_for(w, h).items():
+            source = s["meta"]["source_image_ids"][q]
+            if source == 6:  # no thumbnail: the original, decoded at reduced size
+                seen_fallback = True
+                im = pil_rgb(sh.images / "img_0006.jpg", (cw, ch))
+            else:
+                im = Image.open(io.BytesIO(thumbs[source]))
+                im.draft("RGB", (cw, ch))
+                im = im.convert("RGB")
+            want = np.asarray(im.resize((cw, ch), Image.Resampling.BILINEAR))
+            np.testing.assert_array_equal(img[y0:y0 + ch, x0:x0 + cw], want)
+        # the mask still comes from the full-size RLE, into the positive's cell
+        x0, y0, cw, ch = cells_for(w, h)[s["meta"]["quadrant"]]
+        expected = np.zeros((h, w), np.uint8)
+        expected[y0:y0 + ch, x0:x0 + cw] = np.asarray(Image.fromarray(
+            sh.masks[s["meta"]["sent_id"]]).resize((cw, ch), Image.Resampling.NEAREST))
+        np.testing.assert_array_equal(s["mask"], expected)
+    assert seen_fallback
+
+
+def test_thumbnails_off_or_required(thumbed, shards):
+    sh, _ = thumbed
+    off = sh.ds(gamma=1.0, thumbnails=False)
+    assert not off.uses_thumbnails
+    plain = shards.ds(gamma=1.0)
+    for index in (0, 1, 2):  # without thumbnails: the same samples as an artifact without them
+        assert sample_key(off[index]) == sample_key(plain[index])
+    single = sh.ds(gamma=0.0)  # single images never use thumbnails
+    np.testing.assert_array_equal(np.asarray(single[0]["image"]),
+                                  np.asarray(pil_rgb(sh.images / "img_0001.jpg")))
+    with pytest.raises(FileNotFoundError, match="thumbnails"):
+        shards.ds(thumbnails=True)
+
+
+def test_thumbnail_pack_missing_is_an_error(thumbed, tmp_path):
+    import shutil
+
+    sh, _ = thumbed
+    root = tmp_path / "shards"
+    shutil.copytree(sh.root, root)
+    (root / "thumbnail_packs" / "part-00001.jpgs").unlink()
+    with pytest.raises(FileNotFoundError, match="part-00001.jpgs"):
+        NemoDataset(root, "train", sh.images)
+
+
 def test_negatives_distinct_never_the_positive_and_in_quadrant_order(shards):
     ds = shards.ds(gamma=1.0)
     for epoch in range(3):
@@ -474,6 +571,15 @@ def test_same_seed_same_samples_across_worker_counts_and_reruns(shards):
     other_seed = shards.ds(**{**kw, "seed": 8})
     other_seed.set_epoch(1)
     assert [sample_key(other_seed[i]) for i in range(len(a))] != direct
+
+
+def test_thumbnail_samples_same_across_worker_counts(thumbed):
+    sh, _ = thumbed
+    ds = sh.ds(gamma=1.0, seed=3)
+    direct = [sample_key(ds[i]) for i in range(len(ds))]
+    assert _loader_samples(ds, 2) == direct  # fork workers open their own pack files
+    assert _loader_samples(sh.ds(gamma=1.0, seed=3), 2, "spawn", indices=list(range(8))) == \
+        direct[:8]
 
 
 def test_epoch_changes_draws_and_reaches_workers(shards):
