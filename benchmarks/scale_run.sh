@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end at RefCOCO scale on CPU: synthetic data with RefCOCO-like ratios (20,000 images,
 # about 48k refs, 135k sentences), every stage with the tiny CLIP model, the template multiview
-# backend and the rules augment backend; then the same with the dask executor and 2 workers.
+# backend and the rules augment backend; then the same with the dask executor and 2 workers;
+# last, the multiview stage with the tiny random LLaVA (hf backend) on the first 200 images.
 # Each stage runs in its own process, so its manifest's peak memory is that stage's own.
 # Prints a markdown table (stage, rows, seconds, peak MiB) per executor. Not part of make test.
 #
@@ -50,3 +51,22 @@ for stage in order:
 print(f"| **total** | | {total:.1f} | |")
 PY
 done
+
+# the real VLM path at a size CPU can afford: tiny LLaVA, 200 images (ingest reused)
+"$NEMO" run --stage multiview --dataset refcoco --data-root "$OUT/data/refer" \
+  --images "$OUT/data/images/train2014" --work-dir "$OUT/work-local" "${SETS[@]}" \
+  --set multiview.backend=hf --set multiview.model=tiny --set multiview.limit_images=200 \
+  > /dev/null
+echo "### multiview, tiny LLaVA (hf backend), first 200 images"
+.venv/bin/python - "$OUT/work-local" <<'PY'
+import json, sys
+from pathlib import Path
+for m in sorted((Path(sys.argv[1]) / "refcoco" / "multiview").glob("*/_manifest.json")):
+    d = json.loads(m.read_text())
+    if d["params"].get("backend") != "hf":
+        continue
+    rows = sum(f.get("rows", 0) for name, f in d["files"].items() if name.startswith("views/"))
+    s = d["stats"]
+    print(f"{rows} views in {s.get('seconds', 0):.1f} s, peak {s.get('peak_rss_mb', 0):.0f} "
+          "MiB; " + json.dumps({k: v for k, v in s.items() if k not in ("seconds", "peak_rss_mb")}))
+PY
