@@ -156,11 +156,12 @@ def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
     return idx
 
 
-def _extremes_without_own(scores: Any, own: Any) -> tuple[Any, Any]:
-    """Row minima and maxima of `scores` (torch, rows x pool) leaving out column own[r] (-1:
-    none), in one pass each: the own column takes a neighbour's value, which changes neither
-    extreme of the rest. A pool of just the own image has extremes (inf, -inf), as over an
-    empty set."""
+def _exclude_own(scores: Any, own: Any) -> tuple[Any, Any]:
+    """Leave column own[r] (-1: none) out of row r of `scores` (torch, rows x pool): return
+    the row minima and maxima of the rest, and set the own cells to -inf so that they are
+    never selected while other columns remain. Each extreme takes one pass: the own column
+    first takes a neighbour's value, which changes neither extreme of the rest. A pool of just
+    the own image has extremes (inf, -inf), as over an empty set."""
     import torch
 
     rows = torch.nonzero(own >= 0).reshape(-1)
@@ -172,6 +173,7 @@ def _extremes_without_own(scores: Any, own: Any) -> tuple[Any, Any]:
     lo, hi = scores.amin(1), scores.amax(1)
     if n_cols == 1 and len(rows):
         lo[rows], hi[rows] = float("inf"), float("-inf")
+    scores[rows, cols] = float("-inf")
     return lo, hi
 
 
@@ -197,12 +199,10 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     ii = torch.from_numpy(v).to(device) @ pool.T
     result: dict[str, np.ndarray] = {}
     for name, scores, own_rows in (("ti", ti, own_t[inverse_t]), ("ii", ii, own_t)):
-        lo, hi = _extremes_without_own(scores, own_rows)
+        lo, hi = _exclude_own(scores, own_rows)
         if name == "ii":
             lo, hi = lo[inverse_t], hi[inverse_t]
         result[f"{name}_min"], result[f"{name}_max"] = lo.cpu().numpy(), hi.cpu().numpy()
-        rows = torch.nonzero(own_rows >= 0).reshape(-1)
-        scores[rows, own_rows[rows]] = float("-inf")  # never selected while others remain
     rank = ti if rank_by == "ti" else ii
     mm = min(m, rank.shape[1])
     if selection == "topk":
