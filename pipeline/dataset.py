@@ -562,23 +562,17 @@ class NemoDataset(torch.utils.data.Dataset):
         """
         thumb = self._thumbnail(image_id) if fit is not None else None
         if thumb is not None:
-            data, size = thumb
-            im = Image.open(io.BytesIO(data))
-            im.draft("RGB", fit(size))
-            im.load()
-            return (im if im.mode == "RGB" else im.convert("RGB")), size
+            data, size = thumb  # the original's size: the fit is computed from it
+            return _decode_rgb(io.BytesIO(data), fit(size)), size
         path = self.image_path(image_id)
         try:
             with open(path, "rb") as f:
                 im = Image.open(f)
                 size = im.size
-                if fit is not None:
-                    im.draft("RGB", fit(size))
-                im.load()
+                return _decode_rgb(im, fit(size) if fit is not None else None), size
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"image {path} (image_id {image_id}) not found; is images_dir right?") from None
-        return (im if im.mode == "RGB" else im.convert("RGB")), size
 
     def _compose(self, positive: Image.Image, mask: np.ndarray, quadrant: int,
                  sources: list[int]) -> tuple[Image.Image, np.ndarray]:
@@ -605,6 +599,15 @@ class NemoDataset(torch.utils.data.Dataset):
         """Image (header) size -> the size it takes in cell `box`: the draft target."""
         cw, ch = box[2:]
         return lambda size: fit_box(size[0], size[1], cw, ch, self.cell_fit)[:2]
+
+
+def _decode_rgb(source: Image.Image | io.BytesIO, draft: tuple[int, int] | None) -> Image.Image:
+    """Decode an opened image (or JPEG bytes) as RGB, at reduced size when `draft` is given."""
+    im = source if isinstance(source, Image.Image) else Image.open(source)
+    if draft is not None:
+        im.draft("RGB", draft)
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _resized(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:

@@ -88,12 +88,10 @@ class Shards(Stage):
                     "split": split, "sent_ids": ids[start:start + p.rows_per_part],
                     "train": split == manifest.train_split, "dirs": dirs,
                     "params": p.model_dump()}))
-        n_rows_tasks = len(tasks)
-        if p.thumbnails:
-            tasks.extend(self._thumbnail_tasks(ctx, manifest, start=len(tasks)))
-        stats = ctx.run_shards(_shards_shard, tasks, desc="join + thumbnails")
-        thumb_stats, stats = stats[n_rows_tasks:], stats[:n_rows_tasks]
-        tasks = tasks[:n_rows_tasks]
+        thumb_tasks = (self._thumbnail_tasks(ctx, manifest, start=len(tasks)) if p.thumbnails
+                       else [])
+        stats = ctx.run_shards(_shards_shard, tasks + thumb_tasks, desc="join + thumbnails")
+        stats, thumb_stats = stats[:len(tasks)], stats[len(tasks):]
         if p.thumbnails:
             ctx.record(thumbnails=sum(s["thumbnails"] for s in thumb_stats),
                        thumbnail_failures=[f for s in thumb_stats for f in s["failed"]][:20],
@@ -109,7 +107,6 @@ class Shards(Stage):
         ctx.record(rows_per_split=rows,
                    with_hard_negatives_share=round(
                        sum(s["with_hn"] for s in stats) / max(1, sum(rows.values())), 4))
-
 
     def _thumbnail_tasks(self, ctx: StageContext, manifest: Any, start: int) -> list[ShardTask]:
         """The training split's images (every mosaic cell shows one), in packs."""
