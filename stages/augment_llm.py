@@ -61,7 +61,6 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from pipeline.errors import InputError
 from stages.augment_rules import (
     COLORS,
     KINDS,
@@ -472,11 +471,11 @@ class CausalLMGenerator:
 
     def __init__(self, model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
                  cache_dir: Path | None = None, seed: int = 0) -> None:
-        from stages.hub import hf_offline
         from stages.vlm import (
             GenerationStats,
             _resolve_device,
             _resolve_dtype,
+            load_local_pretrained,
             resolve_model_path,
         )
 
@@ -491,17 +490,9 @@ class CausalLMGenerator:
         self.cache_key = llm_model_key(model, seed)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        try:
-            with hf_offline():
-                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    self.path, dtype=self.dtype, device_map=str(self.device))
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cannot load causal LM {model!r} from {self.path}: {exc}") from exc
-        self.model.eval()
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer, self.model = load_local_pretrained(
+            "causal LM", model, self.path, AutoTokenizer, AutoModelForCausalLM, self.dtype,
+            self.device)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.stats = GenerationStats()
         self._torch = torch

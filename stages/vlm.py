@@ -853,6 +853,26 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, _DTYPES[text])
 
 
+def load_local_pretrained(what: str, model: str, path: Path, processor_cls: Any,
+                          model_cls: Any, dtype: Any, device: Any) -> tuple[Any, Any]:
+    """(processor or tokenizer, model in eval mode) from a resolved local dir, offline, for
+    left-padded batched generation; a load failure is an InputError naming `what` and both
+    the model and the dir."""
+    try:
+        with hf_offline():
+            processor = processor_cls.from_pretrained(path)
+            # device_map loads the weights straight onto the device (no CPU copy first)
+            net = model_cls.from_pretrained(path, dtype=dtype, device_map=str(device))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load {what} {model!r} from {path}: {exc}") from exc
+    net.eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # a decoder continues from each row's last prompt token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor, net
+
+
 # --------------------------------------------------------------------------------------------
 # generators
 
@@ -932,19 +952,10 @@ class HFGenerator:
         self.path, self.revision = resolve_model_path(model, cache_dir=cache_dir, seed=seed)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        try:
-            with hf_offline():
-                self.processor = AutoProcessor.from_pretrained(self.path)
-                # device_map loads the weights straight onto the device (no CPU copy first)
-                self.model = AutoModelForImageTextToText.from_pretrained(
-                    self.path, dtype=self.dtype, device_map=str(self.device))
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cannot load model {model!r} from {self.path}: {exc}") from exc
-        self.model.eval()
+        self.processor, self.model = load_local_pretrained(
+            "model", model, self.path, AutoProcessor, AutoModelForImageTextToText, self.dtype,
+            self.device)
         self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(self.processor, "chat_template", None) is None:
             log.warning("%s has no chat template; using LLaVA-1.5's", model)
             self.processor.chat_template = LLAVA_CHAT_TEMPLATE
