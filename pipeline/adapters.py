@@ -103,7 +103,28 @@ def _unpack(sample: Mapping[str, Any]) -> tuple[Image.Image, np.ndarray, str, di
         )
     if not isinstance(text, str):
         raise AdapterInputError(f"sample['sentence'] must be a str, got {type(text).__name__}")
-    return image, (mask > 0).astype(np.uint8), text, dict(sample.get("meta") or {})
+    return image, binary_mask(mask), text, dict(sample.get("meta") or {})
+
+
+def binary_mask(mask: np.ndarray) -> np.ndarray:
+    """A user's mask as uint8 {0, 1}, whatever form it comes in.
+
+    Masks reach adapters as NemoDataset's {0, 1} uint8, but also as 0/255 PNG arrays, bool
+    arrays or float probabilities; every trainer's own code expects a hard {0, 1} target (CRIS
+    scales a 0/255 mask by 1/255 itself, so a {0, 1} mask left as 0/255 would peak at 0.0039).
+    bool and integer masks: nonzero is foreground. Float masks must lie in [0, 1] (a soft mask):
+    >= 0.5 is foreground; anything else (NaN, 0..255 floats) is refused rather than guessed.
+    """
+    if mask.dtype.kind == "f":
+        if not np.isfinite(mask).all() or mask.min(initial=0.0) < 0 or mask.max(initial=0.0) > 1:
+            raise AdapterInputError(
+                "sample['mask'] is a float array outside [0, 1] (or not finite): pass a {0, 1} "
+                "or 0/255 integer mask, a bool mask, or float probabilities in [0, 1]")
+        return (mask >= 0.5).astype(np.uint8)
+    if mask.dtype.kind not in "biu":
+        raise AdapterInputError(f"sample['mask'] has dtype {mask.dtype}: pass a bool, integer or "
+                                "float mask")
+    return (mask != 0).astype(np.uint8)
 
 
 def _is_no_target(meta: Mapping[str, Any], mask01: np.ndarray) -> bool:

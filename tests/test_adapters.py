@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,3 +331,78 @@ def test_adapted_dataset():
     samples = [make_sample(), make_sample(no_target=True)]
     ds = ad.AdaptedDataset(samples, "generic")
     assert len(ds) == 2 and ds[1].mask.sum() == 0
+
+
+# ------------------------------------------------------------- masks as users have them
+
+
+def _adapter(name: str, bert_tok) -> Any:
+    """A registered adapter, with the test tokenizer where it needs one."""
+    kwargs = {"tokenizer": bert_tok} if name in ("lavt", "rela") else {}
+    return ad.get_adapter(name, **kwargs)
+
+
+def _output_mask(name: str, out: Any) -> np.ndarray:
+    if name == "generic":
+        return np.asarray(out.mask, np.float64)
+    if name == "cris":
+        return out[2].numpy().astype(np.float64)
+    if name == "lavt":
+        return out[1].numpy().astype(np.float64)
+    return out["gt_mask_merged"][0].numpy().astype(np.float64)  # rela
+
+
+def _user_mask(form: str) -> np.ndarray:
+    """The test rectangle (ROWS x COLS) in the forms masks arrive in from users' own code."""
+    m01 = make_sample()["mask"]
+    if form == "uint8_255":
+        return m01 * np.uint8(255)
+    if form == "bool":
+        return m01.astype(bool)
+    if form == "float01":
+        return m01.astype(np.float32)
+    if form == "float_soft":  # probabilities: 0.7 inside, 0.3 outside -> the same hard mask
+        return np.where(m01 == 1, 0.7, 0.3).astype(np.float64)
+    if form == "int64":
+        return m01.astype(np.int64)
+    raise AssertionError(form)
+
+
+ADAPTER_NAMES = ("generic", "cris", "lavt", "rela")
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+@pytest.mark.parametrize("form", ["uint8_255", "bool", "float01", "float_soft", "int64"])
+def test_every_adapter_binarises_user_masks(bert_tok, name, form):
+    adapter = _adapter(name, bert_tok)
+    # oracle 1: the output for the canonical {0, 1} uint8 mask (what NemoDataset returns)
+    want = _output_mask(name, adapter(make_sample()))
+    s = make_sample()
+    s["mask"] = _user_mask(form)
+    got = _output_mask(name, adapter(s))
+    np.testing.assert_array_equal(got, want)
+    # oracle 2: hand facts: a hard target peaks at exactly 1 (a 0/255 mask scaled by CRIS's
+    # own /255 would peak at 1/255 = 0.0039) and the rectangle's middle is foreground
+    assert got.max() == 1.0 and got.min() == 0.0
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+@pytest.mark.parametrize("shape", ["hw1", "hw3", "flat"])
+def test_every_adapter_refuses_a_mask_that_is_not_2d(bert_tok, name, shape):
+    s = make_sample()
+    m = s["mask"]
+    s["mask"] = {"hw1": m[:, :, None], "hw3": np.repeat(m[:, :, None], 3, 2),
+                 "flat": m.reshape(-1)}[shape]
+    with pytest.raises(ad.AdapterInputError, match="shape"):
+        _adapter(name, bert_tok)(s)
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+@pytest.mark.parametrize("bad", [255.0, -0.5, float("nan")])
+def test_every_adapter_refuses_float_masks_outside_0_1(bert_tok, name, bad):
+    s = make_sample()
+    m = s["mask"].astype(np.float32)
+    m[ROWS[0], COLS[0]] = bad
+    s["mask"] = m
+    with pytest.raises(ad.AdapterInputError, match=r"\[0, 1\]"):
+        _adapter(name, bert_tok)(s)
