@@ -90,6 +90,59 @@ def _run_shard_job(job: _ShardJob) -> _ShardDone:
     return _ShardDone(job.task.index, job.staging, stats)
 
 
+def valid_marker(tmp_dir: Path, marker: Path, key: str) -> dict[str, Any] | None:
+    """A finished shard's marker, or None when it cannot be trusted.
+
+    A marker is trusted only if it is readable, was written for this artifact key (the key holds
+    the stage version and params), and every file it lists is there with the size it had when
+    the shard finished: a deleted or half-written part means the shard is run again.
+    """
+    if not marker.is_file():
+        return None
+    try:
+        done = read_json(marker)
+    except (OSError, ValueError):
+        return None
+    files = done.get("files") if isinstance(done, dict) else None
+    if done.get("key") != key or not isinstance(files, dict) or "stats" not in done:
+        return None
+    for rel, size in files.items():
+        path = tmp_dir / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return None
+    return done
+
+
+def prune_resume_state(tmp_dir: Path, key: str) -> None:
+    """Leave in a tmp dir only what a resumed run may reuse: trusted markers and their files.
+
+    Run before a stage starts on a tmp dir left by an earlier attempt. Files no trusted marker
+    claims (a shard killed between moving its files and writing its marker, tables written
+    outside shards, anything a user dropped there) would otherwise be published with the
+    artifact; untrusted markers would skip their shard.
+    """
+    markers = tmp_dir / SHARD_MARKERS
+    claimed: set[str] = set()
+    if markers.is_dir():
+        for marker in sorted(markers.iterdir()):
+            done = valid_marker(tmp_dir, marker, key)
+            if done is not None:
+                claimed.update(done["files"])
+            elif marker.is_dir():
+                shutil.rmtree(marker)
+            else:
+                marker.unlink()
+    for path in sorted(tmp_dir.rglob("*"), reverse=True):
+        rel = path.relative_to(tmp_dir).as_posix()
+        if rel == SHARD_MARKERS or rel.startswith(SHARD_MARKERS + "/"):
+            continue
+        if path.is_symlink() or path.is_file():
+            if rel not in claimed:
+                path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (and finished children), in MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -160,9 +213,8 @@ class StageContext:
         results: dict[int, dict[str, Any]] = {}
         todo: list[_ShardJob] = []
         for task in tasks:
-            marker = markers / f"{task.index:05d}.json"
-            done = read_json(marker) if marker.is_file() else None
-            if done is not None and all((self.tmp_dir / f).is_file() for f in done["files"]):
+            done = valid_marker(self.tmp_dir, markers / f"{task.index:05d}.json", self.key)
+            if done is not None:
                 results[task.index] = done["stats"]
                 continue
             staging = staging_root / f"{task.index:05d}-{uuid.uuid4().hex[:8]}"
@@ -190,16 +242,16 @@ class StageContext:
         return [results[i] for i in indices]
 
     def _commit_shard(self, done: _ShardDone) -> None:
-        files: list[str] = []
+        files: dict[str, int] = {}
         if done.staging.is_dir():
             for src in sorted(p for p in done.staging.rglob("*") if p.is_file()):
                 rel = src.relative_to(done.staging)
                 dst = self.tmp_dir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
+                files[rel.as_posix()] = src.stat().st_size
                 os.replace(src, dst)
-                files.append(rel.as_posix())
         marker = self.tmp_dir / SHARD_MARKERS / f"{done.index:05d}.json"
-        write_json(marker, {"files": files, "stats": done.stats})
+        write_json(marker, {"key": self.key, "files": files, "stats": done.stats})
         self._shards_done_here += 1
         kill_after = os.environ.get(KILL_HOOK_ENV)
         only = os.environ.get(KILL_STAGE_ENV)

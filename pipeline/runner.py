@@ -17,7 +17,13 @@ from typing import Any
 
 from pipeline.cache import ArtifactStore, artifact_key
 from pipeline.config import Config
-from pipeline.context import SHARD_MARKERS, STAGING, StageContext, peak_rss_mb
+from pipeline.context import (
+    SHARD_MARKERS,
+    STAGING,
+    StageContext,
+    peak_rss_mb,
+    prune_resume_state,
+)
 from pipeline.errors import NemoError, StorageError
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.io import MANIFEST, SUCCESS, describe_file, library_versions, write_json
@@ -185,6 +191,7 @@ class Pipeline:
             if force:
                 shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
+            prune_resume_state(tmp, r.key)
             ctx = StageContext(
                 stage=r.stage, params=r.params, env=self.env, key=r.key, tmp_dir=tmp,
                 store=store, upstream_keys=r.upstream, fingerprint=r.fingerprint,

@@ -18,3 +18,11 @@ def demo(tmp_path_factory):
 @pytest.fixture
 def work(tmp_path) -> Path:
     return tmp_path / "work"
+
+
+@pytest.fixture
+def toy_log(tmp_path, monkeypatch):
+    """The file the toy stages (tests/toy_stages.py) append one line per shard call to."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("TOY_LOG", str(log))
+    return log

@@ -37,13 +37,6 @@ def log_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.fixture
-def toy_log(tmp_path, monkeypatch):
-    log = tmp_path / "calls.log"
-    monkeypatch.setenv("TOY_LOG", str(log))
-    return log
-
-
 def artifact_bytes(pipe: Pipeline, stage: str) -> dict[str, str]:
     d = pipe.artifact_dir(stage)
     return {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*.parquet"))}
