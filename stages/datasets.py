@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import InputError
+from pipeline.stage import INT_MAX
 
 
 class SplitCounts(BaseModel):
@@ -30,7 +31,7 @@ class PaperDefaults(BaseModel):
     they obey the same domains as the config keys (mosaic_tables.k, tau_ti / tau_ii)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    k: int = Field(ge=3, le=2**31 - 1)  # a mosaic shows 3 negatives
+    k: int = Field(ge=3, le=INT_MAX)  # a mosaic shows 3 negatives
     tau: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     gamma: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)  # a probability
 
