@@ -6,16 +6,20 @@ the bad key, the bad value and what would be accepted, so a typo never passes si
 
 from __future__ import annotations
 
+import difflib
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
-from pipeline.stage import Params
+from pipeline.stage import INT_MAX, Domain, ParamDomainError, Params
 
 
 class Config:
@@ -72,12 +76,157 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe_error(err: dict[str, Any], section: str, model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in (section, *err["loc"]))
-    if err["type"] == "extra_forbidden":
-        known = ", ".join(f"{section}.{k}" for k in model.model_fields)
-        return f"unknown config key {loc!r} (known keys of section {section!r}: {known})"
-    return f"config key {loc!r}: {err['msg']} (got {err.get('input')!r})"
+def format_value(value: Any) -> str:
+    """A value as it would be written after `--set KEY=` (YAML flow style: true, null, [a, b])."""
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6,
+                              sort_keys=False).strip()
+    except yaml.YAMLError:
+        return repr(value)
+    return text.removesuffix("...").strip()
+
+
+def _number(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _bounds(metadata: Sequence[Any]) -> str:
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in metadata:  # flattened; a later bound wins, as in pydantic
+        if isinstance(m, annotated_types.Ge):
+            lo = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            lo, lo_open = m.gt, True
+        elif isinstance(m, annotated_types.Le):
+            hi = None if m.le == INT_MAX else m.le  # the int32 cap goes without saying
+        elif isinstance(m, annotated_types.Lt):
+            hi, hi_open = m.lt, True
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {_number(lo)}"
+    if hi is not None:
+        return f" {'<' if hi_open else '<='} {_number(hi)}"
+    return ""
+
+
+def _flatten(metadata: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for m in metadata:
+        out.extend(_flatten(m.metadata) if isinstance(m, FieldInfo) else [m])
+    return out
+
+
+def describe_domain(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """The allowed values of a params field in words, from its type and constraints:
+    `an integer >= 3 or auto`, `a number in [-1, 1]`, `a non-empty list of strings`."""
+    metadata = _flatten(metadata)
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = get_args(annotation)
+        return describe_domain(base, [*metadata, *extra])
+    for m in metadata:
+        if isinstance(m, Domain):
+            return m.text
+    if origin in (Union, types.UnionType):
+        parts = [describe_domain(a) for a in get_args(annotation)]
+        parts = [p for p in parts if p] or ["a value"]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin is Literal:
+        values = [format_value(v) for v in get_args(annotation)]
+        return values[0] if len(values) == 1 else "one of " + ", ".join(values)
+    if annotation is type(None):
+        return "null"
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "an integer" + _bounds(metadata)
+    if annotation is float:
+        return "a number" + _bounds(metadata)
+    if annotation is str:
+        non_empty = any(isinstance(m, annotated_types.MinLen) and m.min_length >= 1
+                        for m in metadata)
+        return "a non-empty string" if non_empty else "a string"
+    if origin is list:
+        (item,) = get_args(annotation) or (Any,)
+        non_empty = any(isinstance(m, annotated_types.MinLen) and m.min_length >= 1
+                        for m in metadata)
+        return f"a {'non-empty ' if non_empty else ''}list of {_plural(item)}"
+    if origin is dict:
+        key, value = get_args(annotation) or (Any, Any)
+        return f"a mapping of {_plural(key)} to {_plural(value)}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _plural(annotation: Any) -> str:
+    """`describe_domain` of a list item or mapping key/value, said of several."""
+    one = describe_domain(annotation)
+    for single, many in (("one of ", "values from "), ("a non-empty string", "non-empty strings"),
+                         ("a string", "strings"), ("an integer", "integers"),
+                         ("a number", "numbers")):
+        if one.startswith(single):
+            return many + one[len(single):]
+    return f"values that are each {one}"
+
+
+def field_domain(model: type[BaseModel], name: str) -> str:
+    info = model.model_fields[name]
+    return describe_domain(info.annotation, info.metadata)
+
+
+def _fix_hint(section: str, name: str, model: type[BaseModel]) -> str:
+    info = model.model_fields.get(name)
+    default = "" if info is None or info.is_required() else (
+        f" (the default is {format_value(info.default)})")
+    return f"fix the config file or pass --set {section}.{name}=VALUE{default}"
+
+
+def _describe_errors(errors: list[dict[str, Any]], section: str, model: type[BaseModel],
+                     values: dict[str, Any]) -> list[str]:
+    """One message per bad key: `section.key: must be <domain> (got <value>); how to fix`.
+
+    Pydantic reports a union field once per member (`k.int`, `k.literal['auto']`); they are
+    folded into one message that states the whole domain."""
+    msgs: list[str] = []
+    done: set[str] = set()
+    for err in errors:
+        loc = err["loc"]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if err["type"] == "extra_forbidden":
+            name = str(loc[0])
+            known = list(model.model_fields)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {section}.{close[0]}? " if close else ""
+            msgs.append(f"unknown config key {f'{section}.{name}'!r} ({hint}known keys of "
+                        f"section {section!r}: {', '.join(f'{section}.{k}' for k in known)})")
+            continue
+        if isinstance(ctx_error, ParamDomainError):
+            name = ctx_error.field
+            if name not in done:
+                done.add(name)
+                got = format_value(values.get(name, ctx_error.got))
+                msgs.append(f"{section}.{name}: must be {ctx_error.allowed} (got {got}); "
+                            + _fix_hint(section, name, model))
+            continue
+        if not loc:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            msgs.append(f"{section}: {msg}; fix the config file or the --set values")
+            continue
+        name = str(loc[0])
+        if name in done:
+            continue
+        done.add(name)
+        got = format_value(values.get(name, err.get("input")))
+        if err["type"] in ("value_error", "assertion_error"):
+            what = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            msgs.append(f"{section}.{name}: {what} (got {got}); "
+                        + _fix_hint(section, name, model))
+        else:
+            cap = " (at most 2147483647)" if (err.get("ctx") or {}).get("le") == INT_MAX else ""
+            msgs.append(f"{section}.{name}: must be {field_domain(model, name)}{cap} "
+                        f"(got {got}); " + _fix_hint(section, name, model))
+    return msgs
 
 
 def load_config(
@@ -103,6 +252,8 @@ def load_config(
         try:
             out[section] = cls.params_model(**values)
         except ValidationError as exc:
-            msgs = [_describe_error(e, section, cls.params_model) for e in exc.errors()]
-            raise ConfigError("; ".join(msgs)) from None
+            msgs = _describe_errors(exc.errors(), section, cls.params_model, values)
+            raise ConfigError("\nerror: ".join(msgs)) from None
+    for name in registry.names():
+        registry.get(name).check_config(out)
     return Config(out)

@@ -10,18 +10,66 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from pipeline.context import StageContext
+
+INT_MAX = 2**31 - 1
+"""Upper bound of every count and size: they reach int32 columns and C ints (faiss, numpy)."""
+
+
+class Domain:
+    """Annotation metadata: how to say a type's allowed values in an error message, where the
+    constraints alone would read badly (a regex). Pydantic ignores it; pipeline.config reads it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Domain({self.text!r})"
+
+
+# Reusable parameter types. Do not add `ge`/`le` to a field declared with one of these (the
+# alias's bound would win); declare `int = Field(..., ge=.., le=INT_MAX)` for other bounds.
+Count = Annotated[int, Field(ge=1, le=INT_MAX)]
+"""A count or size that must be positive (shard sizes, attempts, search depths)."""
+NonNegInt = Annotated[int, Field(ge=0, le=INT_MAX)]
+"""A count where 0 is meaningful (0 = auto, all, or one per core)."""
+Seed = Annotated[int, Field(ge=0, le=INT_MAX)]
+"""A random seed (numpy and faiss take non-negative 32-bit seeds)."""
+Name = Annotated[str, Field(min_length=1)]
+"""A non-empty string (model id, split name)."""
+Splits = Annotated[list[Name], Field(min_length=1)]
+"""Split names; empty would select nothing. Checked against the data manifest in preflight."""
+Device = Annotated[str, Field(pattern=r"(?i)^\s*(auto|cpu|cuda(:[0-9]+)?)\s*$"),
+                   Domain("auto, cpu, cuda or cuda:N")]
+"""A torch device spec; whether it exists is checked when the model loads."""
+Cosine = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+"""A cosine similarity threshold."""
+
+
+class ParamDomainError(ValueError):
+    """Raised by a params model validator whose rule spans fields (tau's range depends on
+    `scale`): it names the offending field, so the config error can name the key."""
+
+    def __init__(self, field: str, allowed: str, got: Any) -> None:
+        super().__init__(f"{field}: must be {allowed} (got {got!r})")
+        self.field = field
+        self.allowed = allowed
+        self.got = got
 
 
 class Params(BaseModel):
-    """Base of every stage's parameters: unknown keys are errors, values are immutable."""
+    """Base of every stage's parameters: unknown keys are errors, values are immutable, and
+    types are strict: a boolean is never taken for a number nor a number for a boolean
+    (`k=true` is an error, not K = 1); an int is still accepted where a float is expected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def runtime_field(default: Any, description: str = "", **kwargs: Any) -> Any:
@@ -94,6 +142,12 @@ class Stage(ABC):
         input (e.g. shards reads hard_negatives only when asked to), so that the key never
         depends on which artifacts happen to exist."""
         return self.inputs
+
+    @classmethod
+    def check_config(cls, sections: Mapping[str, Params]) -> None:
+        """Rules that span config sections (mosaic_tables.k <= negatives.m), checked when the
+        config loads, before anything resolves or runs; raise ConfigError naming the keys."""
+        return None
 
     def resolve_params(self, env: RunEnv, params: Params) -> Params:
         """Fill dataset-dependent defaults (e.g. K from the data manifest) before keying, so the

@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import read_table_dir
-from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from pipeline.stage import Count, Device, Name, Params, RunEnv, Seed, Splits, Stage, runtime_field
 from stages.datasets import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
@@ -36,18 +36,27 @@ EXAMPLES = 3
 
 class AugmentParams(Params):
     backend: Literal["rules", "llm"] = Field("rules", description="rules (CPU) or llm")
-    model: str = Field("tiny", description="llm backend: HF causal LM id/dir or `tiny`")
+    model: Name = Field("tiny", description="llm backend: HF causal LM id/dir or `tiny`")
     kinds: list[Literal["swap_color", "swap_spatial", "swap_count", "negation",
-                        "role_reversal"]] = Field(list(KINDS), description="kinds to produce")
-    per_kind: int = Field(2, ge=1, description="distractors per kind per sentence")
-    splits: list[str] = Field(["train"], description="splits whose sentences are augmented")
-    seed: int = 0
-    max_attempts: int = Field(2, ge=1, description="llm: generation + repair attempts")
+                        "role_reversal"]] = Field(list(KINDS), min_length=1,
+                                                  description="kinds to produce")
+    per_kind: Count = Field(2, description="distractors per kind per sentence")
+    splits: Splits = Field(["train"], description="splits whose sentences are augmented")
+    seed: Seed = Field(0, description="seed of the substitute draws")
+    max_attempts: Count = Field(2, description="llm: generation + repair attempts")
     llm_engine: Literal["hf", "vllm"] = Field(
         "hf", description="llm: transformers generate, or vLLM (the vllm extra, GPU)")
-    sentences_per_shard: int = Field(20000, ge=1)
-    batch_size: int = runtime_field(8, "llm: prompts per generate call", ge=1)
-    device: str = runtime_field("auto", "llm: auto (CUDA when present), cpu, cuda:N")
+    sentences_per_shard: Count = Field(20000, description="sentences per resumable shard")
+    batch_size: Count = runtime_field(8, "llm: prompts per generate call")
+    device: Device = runtime_field("auto", "llm: auto (CUDA when present), cpu, cuda:N")
+
+    @field_validator("kinds")
+    @classmethod
+    def _distinct_kinds(cls, kinds: list[str]) -> list[str]:
+        repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+        if repeated:
+            raise ValueError(f"kinds must not repeat ({', '.join(repeated)} given twice)")
+        return kinds
 
 
 class Augment(Stage):

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
-from stages.mosaic_tables import MosaicParams, select_negatives
+from stages.mosaic_tables import TAU_RANGE, MosaicParams, select_negatives
 from stages.positional import quadrants_for_tokens
 
 if TYPE_CHECKING:
@@ -221,10 +221,17 @@ def _grid_params(taus: list[float | None], ks: list[int], relevance: str,
         raise NemoError(f"calibrate: relevance {relevance!r} must be ti, ii or both")
     if scale not in ("minmax", "cosine"):
         raise NemoError(f"calibrate: scale {scale!r} must be minmax or cosine")
+    lo, hi = TAU_RANGE[scale]
+    outside = [t for t in taus if t is not None and not lo <= t <= hi]
+    if outside:
+        raise NemoError(f"calibrate: tau {outside[0]:g} is outside [{lo:g}, {hi:g}], the range of "
+                        f"scale {scale} (e.g. --taus 0.6,0.7,0.8,0.9,null)")
     grid = []
     for tau in taus:
         for k in ks:
-            p = MosaicParams(
+            # built unvalidated: the sweep may look at K < 3 (mosaic_tables' minimum); tau and
+            # the names were checked above
+            p = MosaicParams.model_construct(
                 relevance=relevance,
                 tau_ti=tau if relevance in ("ti", "both") else None,
                 tau_ii=tau if relevance in ("ii", "both") else None,

@@ -14,15 +14,14 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.context import StageContext
-from pipeline.stage import Params, Stage
+from pipeline.stage import Cosine, Params, Stage
 from stages.embed import EmbedParams, embedding_array
 
 HIST_BINS = 20
 
 
 class ClustersParams(Params):
-    threshold: float = Field(0.8, ge=-1.0, le=1.0,
-                             description="cos(e, mu) below it is outside the cluster")
+    threshold: Cosine = Field(0.8, description="cos(e, mu) below it is outside the cluster")
     include_original: bool = Field(False, description="add the original sentences to mu")
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import InputError
+from pipeline.stage import INT_MAX
 
 
 class SplitCounts(BaseModel):
@@ -26,10 +27,13 @@ class SplitCounts(BaseModel):
 
 
 class PaperDefaults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int
-    tau: float
-    gamma: float
+    """The paper's K, tau (minmax scale) and gamma; `auto` config values resolve to these, so
+    they obey the same domains as the config keys (mosaic_tables.k, tau_ti / tau_ii)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    k: int = Field(ge=3, le=INT_MAX)  # a mosaic shows 3 negatives
+    tau: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    gamma: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)  # a probability
 
 
 class DataManifest(BaseModel):

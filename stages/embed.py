@@ -26,7 +26,7 @@ from pydantic import Field
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
-from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from pipeline.stage import Count, Device, Name, NonNegInt, Params, RunEnv, Stage, runtime_field
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 
@@ -40,19 +40,19 @@ log = logging.getLogger(__name__)
 
 
 class EmbedParams(Params):
-    model: str = Field("ViT-B-16", description="open_clip model name, or `tiny`")
-    pretrained: str | None = Field(
+    model: Name = Field("ViT-B-16", description="open_clip model name, or `tiny`")
+    pretrained: Name | None = Field(
         "openai", description="open_clip pretrained tag (weights already cached) or a local "
                               "checkpoint file; null for a seeded random init")
-    batch_size: int = runtime_field(0, "images/texts per forward pass (0: largest that fits)",
-                                    ge=0)
-    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    batch_size: NonNegInt = runtime_field(0, "images/texts per forward pass (0: largest that "
+                                             "fits)")
+    device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     fast_decode: bool = Field(False, description="decode JPEGs at reduced size with PIL draft() "
                                                  "before the model's resize (changes output)")
-    workers: int = runtime_field(0, "image decode threads (0: one per core)", ge=0)
+    workers: NonNegInt = runtime_field(0, "image decode threads (0: one per core)")
     strict: bool = runtime_field(False, "an undecodable image is fatal instead of recorded")
-    images_per_shard: int = Field(1024, ge=1, description="images per resumable shard")
-    texts_per_shard: int = Field(16384, ge=1, description="sentences per resumable shard")
+    images_per_shard: Count = Field(1024, description="images per resumable shard")
+    texts_per_shard: Count = Field(16384, description="sentences per resumable shard")
 
 
 def _is_file_spec(pretrained: str | None) -> bool:

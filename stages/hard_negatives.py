@@ -17,26 +17,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.context import StageContext
-from pipeline.stage import Params, Stage
+from pipeline.stage import Count, NonNegInt, ParamDomainError, Params, Stage
 from stages.refer_io import other_referent_sentences
 
 SOURCES = ("same_image", "neighbour", "neighbour_same_class", "augmented")
 
 
 class HardNegativesParams(Params):
-    n: int = Field(8, ge=1, description="hard negatives per training sentence")
-    mix: dict[str, int] = Field(
+    n: Count = Field(8, description="hard negatives per training sentence")
+    mix: dict[str, NonNegInt] = Field(
         {"same_image": 2, "neighbour": 2, "neighbour_same_class": 2, "augmented": 2},
         description="per-source quotas, in source order")
     same_class: bool = Field(True, description="use the neighbour_same_class source")
-    search_k: int = Field(64, ge=1, description="first FAISS search depth (grows as needed)")
-    max_search_k: int = Field(
-        8192, ge=1, description="deepest FAISS search: neighbours are exact among this many "
-                                "nearest texts (when most are inside the cluster, deeper "
-                                "searches would scan the whole index per query)")
+    search_k: Count = Field(64, description="first FAISS search depth (grows as needed)")
+    max_search_k: Count = Field(
+        8192, description="deepest FAISS search (>= search_k): neighbours are exact among this "
+                          "many nearest texts (when most are inside the cluster, deeper "
+                          "searches would scan the whole index per query)")
 
     @field_validator("mix")
     @classmethod
@@ -44,7 +44,16 @@ class HardNegativesParams(Params):
         unknown = sorted(set(mix) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown sources {unknown}; known: {list(SOURCES)}")
+        if not any(mix.values()):
+            raise ValueError("at least one source needs a quota > 0 (all are 0: no negatives)")
         return {s: int(mix.get(s, 0)) for s in SOURCES}
+
+    @model_validator(mode="after")
+    def _search_depths(self) -> HardNegativesParams:
+        if self.max_search_k < self.search_k:
+            raise ParamDomainError("max_search_k", f"an integer >= hard_negatives.search_k "
+                                                   f"({self.search_k})", self.max_search_k)
+        return self
 
 
 def take_quotas(available: dict[str, list[tuple[float, int, str, str]]], mix: dict[str, int],

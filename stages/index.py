@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from pipeline.context import StageContext
-from pipeline.stage import Params, Stage
+from pipeline.stage import Count, NonNegInt, Params, Seed, Stage
 from stages.embed import embeddings_matrix
 
 if TYPE_CHECKING:
@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 
 class IndexParams(Params):
     kind: Literal["flat", "ivf", "auto"] = Field("flat", description="flat (exact), ivf, auto")
-    nlist: int = Field(0, ge=0, description="IVF lists (0: about 4 sqrt(n))")
-    nprobe: int = Field(16, ge=1, description="IVF lists searched per query")
-    auto_threshold: int = Field(200_000, ge=1, description="auto: ivf from this many vectors")
-    recall_k: int = Field(10, ge=1, description="K of the recall@K check of an IVF index")
-    recall_sample: int = Field(1000, ge=1, description="queries in the recall check")
-    seed: int = 0
+    nlist: NonNegInt = Field(0, description="IVF lists (0: about 4 sqrt(n))")
+    nprobe: Count = Field(16, description="IVF lists searched per query")
+    auto_threshold: Count = Field(200_000, description="auto: ivf from this many vectors")
+    recall_k: Count = Field(10, description="K of the recall@K check of an IVF index")
+    recall_sample: Count = Field(1000, description="queries in the recall check")
+    seed: Seed = Field(0, description="seed of the IVF training and the recall sample")
 
 
 def choose_kind(params: IndexParams, n: int) -> str:

@@ -22,7 +22,7 @@ from pydantic import Field
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
-from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from pipeline.stage import Count, NonNegInt, Params, RunEnv, Stage, runtime_field
 from stages.datasets import DataManifest, load_data_manifest
 from stages.refer_io import ReferData, locate_inputs, read_refer
 
@@ -33,8 +33,8 @@ ERROR_EXAMPLES = 5
 
 class IngestParams(Params):
     strict: bool = runtime_field(False, "missing or undecodable images are fatal")
-    images_per_shard: int = Field(1000, ge=1, description="images checked per resumable shard")
-    threads: int = runtime_field(0, "image-check threads per shard (0: one per core)", ge=0)
+    images_per_shard: Count = Field(1000, description="images checked per resumable shard")
+    threads: NonNegInt = runtime_field(0, "image-check threads per shard (0: one per core)")
 
 
 def data_locations(env: RunEnv, manifest: DataManifest) -> tuple[Path, Path]:

@@ -15,30 +15,52 @@ this stage only; the expensive search in `negatives` stays cached.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
+from pipeline.errors import ConfigError, InputError
 from pipeline.io import read_table_dir, table_files
-from pipeline.stage import Params, RunEnv, Stage
+from pipeline.stage import INT_MAX, ParamDomainError, Params, RunEnv, Stage
 from stages.datasets import load_data_manifest
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
 
 HIST_BINS = 20
+MIN_K = 3  # a mosaic shows 3 negative images next to the positive
+TAU_RANGE = {"minmax": (0.0, 1.0), "cosine": (-1.0, 1.0)}  # the values rho takes on each scale
+Tau = Annotated[float, Field(allow_inf_nan=False)] | None | Literal["auto"]
 
 
 class MosaicParams(Params):
     relevance: Literal["ti", "ii", "both"] = Field("ti", description="rho used to exclude")
-    tau_ti: float | None | Literal["auto"] = Field(
-        "auto", description="exclude rho_ti >= tau_ti (null: no filter; auto: data manifest)")
-    tau_ii: float | None | Literal["auto"] = Field(
-        "auto", description="exclude rho_ii >= tau_ii (null: no filter; auto: data manifest)")
+    tau_ti: Tau = Field(
+        "auto", description="exclude rho_ti >= tau_ti (null: no filter; auto: data manifest); "
+                            "in [0, 1] on the minmax scale, [-1, 1] on the cosine scale")
+    tau_ii: Tau = Field(
+        "auto", description="exclude rho_ii >= tau_ii (null: no filter; auto: data manifest); "
+                            "in [0, 1] on the minmax scale, [-1, 1] on the cosine scale")
     scale: Literal["minmax", "cosine"] = Field("minmax", description="scale tau applies on")
-    k: int | Literal["auto"] = Field("auto", description="negatives kept (auto: data manifest)")
+    k: Annotated[int, Field(ge=MIN_K, le=INT_MAX)] | Literal["auto"] = Field(
+        "auto", description="negatives kept, >= 3 and <= negatives.m (auto: data manifest)")
+
+    @model_validator(mode="after")
+    def _tau_on_scale(self) -> MosaicParams:
+        """tau outside the range of its scale filters all or nothing: a mistake, not a choice."""
+        lo, hi = TAU_RANGE[self.scale]
+        for key in ("tau_ti", "tau_ii"):
+            tau = getattr(self, key)
+            if isinstance(tau, float) and not lo <= tau <= hi:
+                raise ParamDomainError(
+                    key, f"a number in [{lo:g}, {hi:g}] (mosaic_tables.scale={self.scale}), "
+                         "null (no filter) or auto", tau)
+        return self
 
 
 def scaled(rho: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: str) -> np.ndarray:
@@ -93,9 +115,23 @@ class MosaicTables(Stage):
     tables = ("mosaic",)
     libraries = ("pyarrow", "numpy")
 
+    @classmethod
+    def check_config(cls, sections: Mapping[str, Params]) -> None:
+        """K above negatives.m can never be met: every query would come up short of K. (K =
+        auto is resolved per dataset; the run warns when the manifest's K exceeds m.)"""
+        p = sections.get(cls.config_section())
+        neg = sections.get("negatives")
+        m = getattr(neg, "m", None)
+        if isinstance(p, MosaicParams) and isinstance(p.k, int) and isinstance(m, int) and p.k > m:
+            raise ConfigError(
+                f"mosaic_tables.k: must be <= negatives.m, the candidates kept per query (got "
+                f"k={p.k}, m={m}); lower mosaic_tables.k or pass --set negatives.m={p.k} "
+                "(or more)")
+
     def resolve_params(self, env: RunEnv, params: Params) -> Params:
         p: MosaicParams = params  # type: ignore[assignment]
-        defaults = load_data_manifest(env.dataset).defaults
+        manifest = load_data_manifest(env.dataset)
+        defaults = manifest.defaults
         update: dict[str, Any] = {}
         if p.k == "auto":
             update["k"] = defaults.k
@@ -104,7 +140,14 @@ class MosaicTables(Stage):
                 update[key] = None  # unused: keep it out of the key
             elif getattr(p, key) == "auto":
                 update[key] = defaults.tau
-        return p.model_copy(update=update)
+        try:  # validated again: the manifest's values must fit the domain too
+            return MosaicParams(**{**p.model_dump(), **update})
+        except ValidationError as exc:
+            raise InputError(
+                f"data manifest {manifest.source_path}: defaults k={defaults.k}, "
+                f"tau={defaults.tau} do not fit mosaic_tables (scale {p.scale}): "
+                f"{exc.errors()[0]['msg']}; fix the manifest's defaults or set "
+                "mosaic_tables.k and mosaic_tables.tau_ti / tau_ii explicitly") from None
 
     def run(self, ctx: StageContext) -> None:
         import numpy as np
@@ -132,13 +175,16 @@ class MosaicTables(Stage):
         negatives = ctx.upstream_manifest("negatives")
         ctx.extra.update(scale=p.scale, clip_model=negatives.get("clip_model", {}),
                          rank_by=negatives["params"]["rank_by"], m=negatives["params"]["m"])
+        log = logging.getLogger(__name__)
+        m = negatives["params"]["m"]
+        if p.k > m:  # only with K = auto: check_config rejects an explicit K above m
+            log.warning("mosaic_tables.k=%d (the data manifest's K) is above negatives.m=%d: no "
+                        "query can keep K negatives; pass --set negatives.m=%d or a smaller "
+                        "mosaic_tables.k", p.k, m, p.k)
         if short:
-            import logging
-
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "%d of %d queries have fewer than K=%d negatives after filtering (the pool or "
-                "negatives.m=%d is too small for this tau); see k_shortfall", short, n, p.k,
-                negatives["params"]["m"])
+                "negatives.m=%d is too small for this tau); see k_shortfall", short, n, p.k, m)
 
 
 def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -29,7 +29,18 @@ from pydantic import Field
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.io import read_table_dir
-from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from pipeline.stage import (
+    INT_MAX,
+    Count,
+    Device,
+    Name,
+    NonNegInt,
+    Params,
+    RunEnv,
+    Splits,
+    Stage,
+    runtime_field,
+)
 from stages.datasets import check_splits, load_data_manifest
 from stages.ingest import data_locations
 
@@ -48,17 +59,17 @@ BASIC_COLORS: dict[str, tuple[int, int, int]] = {
 
 class MultiviewParams(Params):
     backend: Literal["hf", "vllm", "template"] = Field("hf", description="generator")
-    model: str = Field("llava-hf/llava-1.5-7b-hf",
-                       description="Hugging Face id (already cached), local dir, or `tiny`")
-    splits: list[str] = Field(["train"], description="splits whose referents get views")
+    model: Name = Field("llava-hf/llava-1.5-7b-hf",
+                        description="Hugging Face id (already cached), local dir, or `tiny`")
+    splits: Splits = Field(["train"], description="splits whose referents get views")
     per_instance: bool = Field(False, description="one request per instance, not per image")
-    max_attempts: int = Field(3, ge=1, description="generation + repair attempts per request")
-    max_new_tokens: int = Field(384, ge=16)
-    images_per_shard: int = Field(256, ge=1)
-    limit_images: int = Field(0, ge=0, description="only the first N images by id (0: all), "
-                                                    "for trial runs and prompt comparisons")
-    batch_size: int = runtime_field(8, "requests per generate call", ge=1)
-    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+    max_attempts: Count = Field(3, description="generation + repair attempts per request")
+    max_new_tokens: int = Field(384, ge=16, le=INT_MAX, description="answer length (tokens)")
+    images_per_shard: Count = Field(256, description="images per resumable shard")
+    limit_images: NonNegInt = Field(0, description="only the first N images by id (0: all), "
+                                                   "for trial runs and prompt comparisons")
+    batch_size: Count = runtime_field(8, "requests per generate call")
+    device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
 
 
 class Multiview(Stage):

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat
-from pipeline.stage import Params, RunEnv, Stage, runtime_field
+from pipeline.stage import INT_MAX, Count, Device, Params, RunEnv, Splits, Stage, runtime_field
 from stages.datasets import check_splits, load_data_manifest
 from stages.topm import select_topm
 
@@ -32,13 +32,14 @@ if TYPE_CHECKING:
 
 class NegativesParams(Params):
     rank_by: Literal["ti", "ii"] = Field("ti", description="rho' that ranks candidates")
-    m: int = Field(2048, ge=1, description="candidates kept per query")
-    query_splits: list[str] = Field(["train"], description="splits whose sentences are queries")
+    m: int = Field(2048, ge=3, le=INT_MAX, description="candidates kept per query (a mosaic "
+                   "shows 3 negatives; mosaic_tables.k <= m)")
+    query_splits: Splits = Field(["train"], description="splits whose sentences are queries")
     score_dtype: Literal["float32", "float16"] = Field(
         "float32", description="stored dtype of rho_ti / rho_ii lists (float16 halves the size)")
-    queries_per_shard: int = Field(8192, ge=1, description="queries per resumable shard")
-    block: int = runtime_field(1024, "queries per matrix product", ge=1)
-    device: str = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+    queries_per_shard: Count = Field(8192, description="queries per resumable shard")
+    block: Count = runtime_field(1024, "queries per matrix product")
+    device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
     selection: Literal["auto", "sort", "topk"] = runtime_field(
         "auto", "top-M method: sort (CPU), topk (GPU); auto picks by device; same output")
 

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat, part_name, read_json, read_table_dir
-from pipeline.stage import Params, Stage
+from pipeline.stage import INT_MAX, Count, Params, Stage
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 from stages.refer_io import other_referent_sentences
@@ -41,13 +41,14 @@ class ShardsParams(Params):
     with_hard_negatives: bool = Field(False, description="include the hard_negatives table")
     same_image_negatives: bool = Field(
         True, description="without hard_negatives: other referents' sentences of the same image")
-    rows_per_part: int = Field(16384, ge=1, description="sentences per Parquet part")
-    rows_per_group: int = Field(256, ge=1, description="rows per row group (random access)")
+    rows_per_part: Count = Field(16384, description="sentences per Parquet part")
+    rows_per_group: Count = Field(256, description="rows per row group (random access)")
     thumbnails: bool = Field(
         True, description="pack small JPEG copies of the training images for mosaic cells")
-    thumbnail_size: int = Field(320, ge=16, description="longest side of a thumbnail (pixels)")
+    thumbnail_size: int = Field(320, ge=16, le=INT_MAX,
+                                description="longest side of a thumbnail (pixels)")
     thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of thumbnails")
-    images_per_pack: int = Field(2048, ge=1, description="thumbnails per pack file (shard)")
+    images_per_pack: Count = Field(2048, description="thumbnails per pack file (shard)")
 
 
 class Shards(Stage):
