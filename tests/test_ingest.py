@@ -258,7 +258,7 @@ def test_missing_and_corrupt_images_recorded_or_fatal(demo, work):
     assert kept_refs == {r["ref_id"] for r in raw if r["image_id"] not in bad}
 
     strict_work = work.parent / "strict"
-    with pytest.raises(InputError, match="2 of .* images are missing or undecodable"):
+    with pytest.raises(InputError, match="2 of .* images are missing, unreadable or undecodable"):
         ingest(demo, strict_work, "refcoco", "ingest.strict=true", data_root=root, images=images)
     stage_dir = strict_work / "refcoco" / "ingest"
     assert not [p for p in stage_dir.iterdir() if not p.name.endswith(".lock")]
