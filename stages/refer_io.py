@@ -50,6 +50,9 @@ def locate_inputs(manifest: DataManifest, data_root: Path) -> tuple[Path, Path]:
     refs = manifest.refs_path(data_root)
     instances = manifest.instances_path(data_root)
     for path, what in ((refs, "refs"), (instances, "instances")):
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: the {what} file is not a regular file (a directory?); "
+                             f"put the {manifest.name} {what} file there")
         if not path.is_file():
             layout = f"<data-root>/{manifest.dir}/{path.name}"
             raise InputError(
