@@ -223,3 +223,26 @@ def test_corrupt_input_files_cli_exit_2_naming_the_file(tmp_path, case):
               "pickle": "cannot be read as a REFER refs pickle"}[case.rsplit("_", 1)[1]]
     assert phrase in res.stderr
     assert nothing_published(work)
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("image_width_zero", "image 12 has width 0, not a positive integer"),
+    ("ann_id_text", "annotation 'abc': id 'abc' is not an integer"),
+    ("annotations_not_list", "annotations must be a list of JSON objects"),
+    ("category_id_float", "category id 1.5 is not an integer"),
+])
+def test_malformed_instances_records_name_file_and_record(tmp_path, case, phrase):
+    made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
+    inst = json.loads(made.instances_path.read_text())
+    if case == "image_width_zero":
+        next(i for i in inst["images"] if i["id"] == 12)["width"] = 0
+    elif case == "ann_id_text":
+        inst["annotations"].append(dict(inst["annotations"][0], id="abc"))
+    elif case == "annotations_not_list":
+        inst["annotations"] = {"1": inst["annotations"][0]}
+    else:
+        inst["categories"][0]["id"] = 1.5
+    made.instances_path.write_text(json.dumps(inst))
+    with pytest.raises(InputError) as err:
+        ingest(made, tmp_path / "work")
+    assert str(err.value).startswith(str(made.instances_path)) and phrase in str(err.value)
