@@ -259,19 +259,34 @@ def _image_digests(env: RunEnv, images_dir: Path,
     with tqdm(total=len(files), desc="ingest: hash images", unit="img", disable=None) as bar:
         try:
             found = cache.digests(files, on_progress=bar.update)
-        except OSError:  # one file cannot be read: find which, one at a time
-            found = {}
-            for p in files:
-                try:
-                    found.update(cache.digests([p]))
-                except OSError as exc:
-                    problems[p] = f"unreadable: {exc.strerror or exc}"
+        except OSError:  # some file cannot be read: find all such, then hash the rest once
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                for p, why in zip(files, pool.map(_unreadable, files), strict=True):
+                    problems[p] = why
+            files = [p for p in files if problems[p] is None]
+            try:
+                found = cache.digests(files)
+            except OSError as exc:
+                raise InputError(f"{exc.filename or images_dir}: cannot be read while hashing "
+                                 f"the images ({exc.strerror or exc}); check the file and the "
+                                 "disk") from None
     out: list[ImageDigest] = []
     for p in paths:
         d = found.get(p.absolute())
         problem = problems[p] or (None if d else "missing file")
         out.append(problem if problem else (d.size, d.digest))  # type: ignore[union-attr]
     return out
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why reading a file fails (it is read whole, as hashing does), or None."""
+    from pipeline import filehash
+
+    try:
+        filehash.hash_file(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return None
 
 
 def _path_problem(path: Path) -> str | None:
