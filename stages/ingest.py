@@ -2,9 +2,11 @@
 
 Tables (keyed by ids): images, objects (every annotation of the referenced images, masks as
 compressed COCO RLE equal to pycocotools' `annToMask`), refs, sentences, categories, errors.
-Images are checked in parallel shards of `images_per_shard`; a killed run resumes from the
-finished shards. Missing or undecodable images are recorded in `errors` and their refs dropped
-(or fatal with `ingest.strict=true`).
+Images and annotations are checked in parallel shards of `images_per_shard`; a killed run
+resumes from the finished shards. A missing, unreadable or undecodable image and an annotation
+with bad geometry (see `stages.refer_geometry`) are recorded in `errors` and the refs that use
+them dropped; with `ingest.strict=true` either is fatal instead (a bad annotation no ref points
+at is always only recorded: nothing is trained on it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
 from pipeline.stage import Count, NonNegInt, Params, RunEnv, Stage, runtime_field
 from stages.datasets import DataManifest, load_data_manifest
-from stages.refer_io import ReferData, locate_inputs, read_refer
+from stages.refer_geometry import annotation_problem
+from stages.refer_io import Ref, ReferData, locate_inputs, read_refer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,8 @@ ERROR_EXAMPLES = 5
 
 
 class IngestParams(Params):
-    strict: bool = runtime_field(False, "missing or undecodable images are fatal")
+    strict: bool = runtime_field(False, "missing, unreadable or undecodable images and "
+                                 "referenced annotations with bad geometry are fatal")
     images_per_shard: Count = Field(1000, description="images checked per resumable shard")
     threads: NonNegInt = runtime_field(0, "image-check threads per shard (0: one per core)")
 
@@ -81,7 +87,7 @@ class Ingest(Stage):
     """Read a REFER-format dataset into Parquet tables (images, objects, refs, sentences, ...)."""
 
     name = "ingest"
-    version = "1"
+    version = "2"  # 2: bad geometry and unreadable image paths are errors rows
     params_model = IngestParams
     tables = ("images", "objects", "refs", "sentences", "categories", "errors")
     libraries = ("pyarrow", "pycocotools", "pillow")
@@ -91,7 +97,12 @@ class Ingest(Stage):
         data_root, images_dir = data_locations(env, manifest)
         refs_path, inst_path = locate_inputs(manifest, data_root)
         cache = _hash_cache(env)
-        d = cache.digests([refs_path, inst_path])
+        try:
+            d = cache.digests([refs_path, inst_path])
+        except OSError as exc:
+            raise InputError(f"{exc.filename or refs_path.parent}: cannot read it "
+                             f"({exc.strerror or exc}); check that it is a readable file"
+                             ) from None
         digest_key = f"{manifest.digest}:{d[refs_path.absolute()].digest}:" \
                      f"{d[inst_path.absolute()].digest}"
         memo = cache.get_memo(f"ingest-images:{digest_key}")
@@ -108,7 +119,8 @@ class Ingest(Stage):
         digests = _image_digests(env, images_dir, listing)
         h = hashlib.sha256()
         for (image_id, _), dg in zip(listing, digests, strict=True):
-            h.update(f"{image_id}:{dg[1] if dg else 'missing'}\n".encode())
+            h.update(f"{image_id}:{dg[1] if isinstance(dg, tuple) else 'bad: ' + dg}\n"
+                     .encode())
         return {"inputs": hashlib.sha256(digest_key.encode()).hexdigest()[:32],
                 "images": h.hexdigest()[:32], "n_images": len(listing)}
 
@@ -118,6 +130,18 @@ class Ingest(Stage):
         params: IngestParams = ctx.params  # type: ignore[assignment]
         manifest, data_root, images_dir, digest_key, listing = self._inputs(ctx.env)
         data = _parse(manifest, data_root, digest_key)
+        inst_path = manifest.instances_path(data_root)
+        categories = sorted(int(c["id"]) for c in data.categories)
+        referenced = {a for r in data.refs for a in r.ann_ids}
+        if params.strict:  # before any image is read: the files alone decide this
+            bad_refd = _referenced_problems(data, set(categories))
+            if bad_refd:
+                raise InputError(
+                    f"{inst_path}: {len(bad_refd)} annotation(s) that refs point at have bad "
+                    "geometry; first: " + "; ".join(
+                        f"annotation {a}: {why}" for a, why in bad_refd[:ERROR_EXAMPLES])
+                    + " (ingest.strict=true; fix the annotations or set ingest.strict=false "
+                    "to drop their refs)")
         digests = dict(zip((i for i, _ in listing),
                            _image_digests(ctx.env, images_dir, listing), strict=True))
 
@@ -125,26 +149,37 @@ class Ingest(Stage):
         tasks = []
         for n, start in enumerate(range(0, len(image_ids), params.images_per_shard)):
             chunk = image_ids[start:start + params.images_per_shard]
+            anns = [a for i in chunk for a in data.anns_by_image.get(i, [])]
             tasks.append(ShardTask(n, {
                 "images_dir": str(images_dir),
+                "instances_path": str(inst_path),
                 "threads": params.threads,
                 "images": [_image_record(data.images[i], digests[i]) for i in chunk],
-                "anns": [a for i in chunk for a in data.anns_by_image.get(i, [])],
+                "anns": anns,
+                "referenced": sorted(int(a["id"]) for a in anns if int(a["id"]) in referenced),
+                "category_ids": categories,
             }))
         shard_stats = ctx.run_shards(_ingest_shard, tasks, desc="check images")
 
         bad = sorted({i for s in shard_stats for i in s["bad_image_ids"]})
         examples = [e for s in shard_stats for e in s["error_examples"]][:ERROR_EXAMPLES]
         if bad:
-            msg = (f"{len(bad)} of {len(image_ids)} images are missing or undecodable in "
-                   f"{images_dir}; first: " + "; ".join(examples))
+            msg = (f"{len(bad)} of {len(image_ids)} images are missing, unreadable or "
+                   f"undecodable in {images_dir}; first: " + "; ".join(examples))
             if params.strict:
                 raise InputError(msg + " (ingest.strict=true; fix the images or set "
                                  "ingest.strict=false to skip them)")
             log.warning("%s. Their refs are dropped; see the errors table.", msg)
+        bad_anns = {a: (refd, why) for s in shard_stats for a, refd, why in s["bad_anns"]}
+        bad_refd = sorted(a for a, (refd, _) in bad_anns.items() if refd)
+        if bad_anns:
+            log.warning("%d annotation(s) in %s have bad geometry (%d that refs point at: their "
+                        "refs are dropped); first: %s. See the errors table.", len(bad_anns),
+                        inst_path, len(bad_refd), "; ".join(
+                            f"annotation {a}: {bad_anns[a][1]}"
+                            for a in sorted(bad_anns)[:ERROR_EXAMPLES]))
 
-        bad_set = set(bad)
-        refs = [r for r in data.refs if r.image_id not in bad_set]
+        refs, dropped = _keep_refs(data.refs, set(bad), set(bad_refd))
         ctx.write_table("refs", pa.table({
             "ref_id": pa.array([r.ref_id for r in refs], pa.int64()),
             "image_id": pa.array([r.image_id for r in refs], pa.int64()),
@@ -170,36 +205,119 @@ class Ingest(Stage):
         counts = _split_counts(refs)
         ctx.record(images=len(image_ids) - len(bad), bad_images=len(bad), refs=len(refs),
                    sentences=len(sents), dropped_refs=len(data.refs) - len(refs),
+                   dropped_refs_by_reason=dict(sorted(dropped["refs"].items())),
+                   dropped_sentences=sum(dropped["sentences"].values()),
+                   bad_annotations=len(bad_anns), bad_referenced_annotations=len(bad_refd),
                    split_counts=counts, expected_mismatches=_compare_expected(manifest, counts))
         ctx.extra["data_manifest"] = manifest.source_path
 
 
+def _referenced_problems(data: ReferData, category_ids: set[int]) -> list[tuple[int, str]]:
+    """(ann id, why) of every annotation a ref points at whose geometry is bad, by id."""
+    sizes = {i: (int(img["height"]), int(img["width"])) for i, img in data.images.items()}
+    referenced = {a for r in data.refs for a in r.ann_ids}
+    out = []
+    for image_id, anns in data.anns_by_image.items():
+        for a in anns:
+            if int(a["id"]) in referenced:
+                why = annotation_problem(a, *sizes[image_id], category_ids)
+                if why is not None:
+                    out.append((int(a["id"]), why))
+    return sorted(out)
+
+
+def _keep_refs(refs: list[Ref], bad_images: set[int],
+               bad_anns: set[int]) -> tuple[list[Ref], dict[str, Counter[str]]]:
+    """The refs whose image and targets are usable, and what was dropped per reason."""
+    kept: list[Ref] = []
+    dropped: dict[str, Counter[str]] = {"refs": Counter(), "sentences": Counter()}
+    for r in refs:
+        reason = ("bad_image" if r.image_id in bad_images
+                  else "bad_annotation" if bad_anns.intersection(r.ann_ids) else None)
+        if reason is None:
+            kept.append(r)
+        else:
+            dropped["refs"][reason] += 1
+            dropped["sentences"][reason] += len(r.sentences)
+    return kept, dropped
+
+
+# An image that cannot be used: (its bytes, its content hash), or why not.
+ImageDigest = tuple[int, str] | str
+
+
 def _image_digests(env: RunEnv, images_dir: Path,
-                   listing: list[tuple[int, str]]) -> list[tuple[int, str] | None]:
+                   listing: list[tuple[int, str]]) -> list[ImageDigest]:
+    """Each image's (size, hash), or why it is unusable: a missing file, a directory, a
+    symlink loop or a file that cannot be read are errors rows, not a traceback."""
     from tqdm.auto import tqdm
 
     paths = [images_dir / f for _, f in listing]
-    with tqdm(total=len(paths), desc="ingest: hash images", unit="img", disable=None) as bar:
-        found = _hash_cache(env).digests(paths, on_progress=bar.update)
-    out = []
+    problems = {p: _path_problem(p) for p in paths}
+    files = [p for p in paths if problems[p] is None]
+    cache = _hash_cache(env)
+    with tqdm(total=len(files), desc="ingest: hash images", unit="img", disable=None) as bar:
+        try:
+            found = cache.digests(files, on_progress=bar.update)
+        except OSError:  # some file cannot be read: find all such, then hash the rest once
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                for p, why in zip(files, pool.map(_unreadable, files), strict=True):
+                    problems[p] = why
+            files = [p for p in files if problems[p] is None]
+            try:
+                found = cache.digests(files)
+            except OSError as exc:
+                raise InputError(f"{exc.filename or images_dir}: cannot be read while hashing "
+                                 f"the images ({exc.strerror or exc}); check the file and the "
+                                 "disk") from None
+    out: list[ImageDigest] = []
     for p in paths:
-        d = found[p.absolute()]
-        out.append((d.size, d.digest) if d else None)
+        d = found.get(p.absolute())
+        problem = problems[p] or (None if d else "missing file")
+        out.append(problem if problem else (d.size, d.digest))  # type: ignore[union-attr]
     return out
 
 
-def _image_record(img: dict[str, Any], digest: tuple[int, str] | None) -> dict[str, Any]:
+def _unreadable(path: Path) -> str | None:
+    """Why reading a file fails (it is read whole, as hashing does), or None."""
+    from pipeline import filehash
+
+    try:
+        filehash.hash_file(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return None
+
+
+def _path_problem(path: Path) -> str | None:
+    """Why an image path is not a readable regular file (None: fine, or simply absent)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing file"
+    except OSError as exc:  # a symlink loop, a name too long, a directory we may not enter
+        return f"unreadable: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "not a file: a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
+def _image_record(img: dict[str, Any], digest: ImageDigest) -> dict[str, Any]:
+    ok = isinstance(digest, tuple)
     return {"image_id": int(img["id"]), "file_name": str(img["file_name"]),
             "width": int(img["width"]), "height": int(img["height"]),
-            "bytes": digest[0] if digest else -1, "content_hash": digest[1] if digest else None}
+            "bytes": digest[0] if ok else -1, "content_hash": digest[1] if ok else None,
+            "problem": None if ok else digest}
 
 
 def _check_image(images_dir: Path, rec: dict[str, Any]) -> str | None:
     """Why an image is unusable, or None. A reduced-size JPEG decode catches truncation cheaply."""
     from PIL import Image
 
-    if rec["content_hash"] is None:
-        return "missing file"
+    if rec["problem"] is not None:
+        return str(rec["problem"])
     try:
         with Image.open(images_dir / rec["file_name"]) as im:
             size = im.size
@@ -214,29 +332,22 @@ def _check_image(images_dir: Path, rec: dict[str, Any]) -> str | None:
 
 
 def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
-    """Compressed RLE of an annotation, as pycocotools' COCO.annToRLE builds it."""
+    """Compressed RLE of an annotation, as pycocotools' COCO.annToRLE builds it.
+
+    Only for an annotation `annotation_problem` accepts: pycocotools does not check its input.
+    """
     from pycocotools import mask as mask_utils
 
     segm = ann["segmentation"]
     if isinstance(segm, list):
-        if not segm:
-            import numpy as np
-
-            rle = mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-        else:
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm["counts"], list):
         rle = mask_utils.frPyObjects(segm, height, width)
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
-        rle = segm
     else:
-        raise InputError(f"annotation {ann['id']}: segmentation is neither polygons nor RLE")
-    size = [int(v) for v in rle["size"]]
-    if size != [height, width]:
-        raise InputError(f"annotation {ann['id']}: its RLE size {size} differs from its image "
-                         f"{height}x{width} in instances.json")
+        rle = segm
     counts = rle["counts"]
-    return {"size": size, "counts": counts.decode() if isinstance(counts, bytes) else counts}
+    return {"size": [height, width],
+            "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
 def _ingest_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
@@ -259,12 +370,18 @@ def _ingest_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
         "bytes": pa.array([r["bytes"] for r in good], pa.int64()),
         "content_hash": pa.array([r["content_hash"] for r in good], pa.string()),
     }))
-    anns = sorted((a for a in payload["anns"] if int(a["image_id"]) in good_ids),
-                  key=lambda a: int(a["id"]))
-    rles = []
-    for a in anns:
+    category_ids = set(payload["category_ids"])
+    referenced = set(payload["referenced"])
+    anns, rles, bad_anns = [], [], []
+    for a in sorted((a for a in payload["anns"] if int(a["image_id"]) in good_ids),
+                    key=lambda a: int(a["id"])):
         img = good_ids[int(a["image_id"])]
-        rles.append(annotation_rle(a, img["height"], img["width"]))
+        why = annotation_problem(a, img["height"], img["width"], category_ids)
+        if why is None:
+            anns.append(a)
+            rles.append(annotation_rle(a, img["height"], img["width"]))
+        else:
+            bad_anns.append((int(a["id"]), int(a["id"]) in referenced, why))
     rle_type = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
     writer.write_table("objects", pa.table({
         "ann_id": pa.array([int(a["id"]) for a in anns], pa.int64()),
@@ -275,15 +392,21 @@ def _ingest_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
         "iscrowd": pa.array([bool(a.get("iscrowd", 0)) for a in anns], pa.bool_()),
         "rle": pa.array(rles, rle_type),
     }))
+    ann_errors = [(a, f"annotation {a}: {why}; " + (
+        "the refs that point at it are dropped" if refd
+        else "no ref points at it; left out of objects")) for a, refd, why in bad_anns]
     writer.write_table("errors", pa.table({
-        "stage": pa.array(["ingest"] * len(bad), pa.string()),
-        "item_id": pa.array([r["image_id"] for r, _ in bad], pa.int64()),
-        "path": pa.array([str(images_dir / r["file_name"]) for r, _ in bad], pa.string()),
-        "error": pa.array([p for _, p in bad], pa.string()),
+        "stage": pa.array(["ingest"] * (len(bad) + len(ann_errors)), pa.string()),
+        "item_id": pa.array([r["image_id"] for r, _ in bad] + [a for a, _ in ann_errors],
+                            pa.int64()),
+        "path": pa.array([str(images_dir / r["file_name"]) for r, _ in bad]
+                         + [payload["instances_path"]] * len(ann_errors), pa.string()),
+        "error": pa.array([p for _, p in bad] + [e for _, e in ann_errors], pa.string()),
     }))
     return {
         "bad_image_ids": [r["image_id"] for r, _ in bad],
         "error_examples": [f"{r['file_name']}: {p}" for r, p in bad[:ERROR_EXAMPLES]],
+        "bad_anns": [list(b) for b in bad_anns],
     }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, NemoError
 from stages.datasets import DataManifest
 
 NO_TARGET = -1
@@ -50,6 +50,9 @@ def locate_inputs(manifest: DataManifest, data_root: Path) -> tuple[Path, Path]:
     refs = manifest.refs_path(data_root)
     instances = manifest.instances_path(data_root)
     for path, what in ((refs, "refs"), (instances, "instances")):
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: the {what} file is not a regular file (a directory?); "
+                             f"put the {manifest.name} {what} file there")
         if not path.is_file():
             layout = f"<data-root>/{manifest.dir}/{path.name}"
             raise InputError(
@@ -59,18 +62,113 @@ def locate_inputs(manifest: DataManifest, data_root: Path) -> tuple[Path, Path]:
     return refs, instances
 
 
+# What a REFER refs pickle may ask for besides containers and scalars, which pickle builds
+# without any global: Python 3 writes bytes at protocol 2 as `_codecs.encode(text, "latin1")`
+# (empty bytes as `bytes()`), and a set as `set(list)`. Each is wrapped to take only those
+# arguments. Python 2's `str`/`unicode`/`long` need no global at all.
+_EXPECTED = "a REFER refs file holds only lists, dicts, strings and numbers"
+
+
+def _text(raw: bytes) -> str:
+    """A byte string of a REFER file as text: UTF-8 when it is, else latin-1 (never fails)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin1")
+
+
+def _latin1_bytes(text: Any = "", encoding: str = "latin1") -> str:
+    """`_codecs.encode(text, "latin1")`, the bytes of a Python 3 protocol-2 pickle, as text."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r})")
+    return _text(text.encode("latin1"))
+
+
+def _empty_bytes(*args: Any) -> str:
+    if args:
+        raise pickle.UnpicklingError("bytes() with arguments")
+    return ""
+
+
+def _plain_set(items: Any = ()) -> set[Any]:
+    if not isinstance(items, (list, tuple)):
+        raise pickle.UnpicklingError("set() of something other than a list")
+    return set(items)
+
+
+def _plain_frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_plain_set(items))
+
+
+_SAFE_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes, ("codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes,
+    ("__builtin__", "set"): _plain_set, ("builtins", "set"): _plain_set,
+    ("__builtin__", "frozenset"): _plain_frozenset, ("builtins", "frozenset"): _plain_frozenset,
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Builds containers and scalars only. `find_class` is the one door through which a pickle
+    reaches code (REDUCE, BUILD, NEWOBJ, INST and the extension registry all get their callable
+    from it; persistent ids are refused by the base class), so nothing else can run."""
+
+    def __init__(self, f: Any, path: Path, encoding: str) -> None:
+        super().__init__(f, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        safe = _SAFE_GLOBALS.get((module, name))
+        if safe is None:
+            raise InputError(
+                f"{self.path}: refusing to run code from a pickle: it asks for "
+                f"{module}.{name}, and {_EXPECTED}. The file is not a REFER refs file or was "
+                "tampered with: download it again from its source"
+            )
+        return safe
+
+
+def _decode_bytes(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return _text(obj)
+    if isinstance(obj, list):
+        return [_decode_bytes(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_decode_bytes(k): _decode_bytes(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_decode_bytes(v) for v in obj)
+    return obj
+
+
+def load_pickle_data(path: Path) -> Any:
+    """A pickle of plain data, read without running any code it may carry; strings are `str`.
+
+    REFER's pickles were written by Python 2, whose byte strings (`str`) are read as ASCII;
+    if one is not ASCII the file is read again keeping them as bytes, which are then decoded
+    as UTF-8 where valid and as latin-1 otherwise (latin-1 alone would garble UTF-8 text).
+    """
+    with open(path, "rb") as f:
+        try:
+            return _DataOnlyUnpickler(f, path, "ASCII").load()
+        except UnicodeDecodeError:
+            f.seek(0)
+            return _decode_bytes(_DataOnlyUnpickler(f, path, "bytes").load())
+
+
 def _load_refs_file(path: Path, fmt: str) -> Any:
     if fmt == "grefer" and path.suffix == ".json":
         return _load_json(path, "refs")
     try:
-        with open(path, "rb") as f:
-            try:
-                return pickle.load(f)
-            except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII byte strings
-                f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError,
-            IndexError, TypeError) as exc:
+        return load_pickle_data(path)
+    except NemoError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the refs file ({exc.strerror or exc}); check "
+                         "that it is a readable file") from None
+    except (MemoryError, RecursionError) as exc:
+        raise InputError(f"{path}: the refs pickle is too large or too deeply nested to read "
+                         f"({type(exc).__name__}); it is not a REFER refs file") from None
+    except Exception as exc:  # a truncated pickle raises many types
         raise InputError(
             f"{path}: cannot be read as a REFER refs pickle ({type(exc).__name__}: {exc}); "
             "the file is probably truncated or not a refs file: download it again"
@@ -81,7 +179,10 @@ def _load_json(path: Path, what: str) -> Any:
     try:
         with open(path, "rb") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} file ({exc.strerror or exc}); check "
+                         "that it is a readable file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(
             f"{path}: the {what} file is not valid JSON ({exc}); it is probably truncated: "
             "download it again"
@@ -92,6 +193,25 @@ def _require(record: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in record]
     if missing:
         raise InputError(f"{where} lacks the field(s) {', '.join(missing)}; is this a REFER file?")
+
+
+def _int(value: Any, what: str, where: str) -> int:
+    """An id field as an int; a wrong type is an InputError naming the record, not a
+    ValueError deep in a stage."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{where}: {what} {value!r} is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{where}: {what} {value!r} is not an integer") from None
+
+
+def _records(container: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
+    value = container[key]
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise InputError(f"{path}: {key} must be a list of JSON objects; is this a COCO "
+                         "instances file?")
+    return value
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -113,19 +233,29 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
     _require(instances, ("images", "annotations", "categories"), str(inst_path))
 
     images = {}
-    for img in instances["images"]:
+    for img in _records(instances, "images", inst_path):
         _require(img, ("id", "file_name", "width", "height"), f"{inst_path}: an image record")
-        images[int(img["id"])] = img
+        image_id = _int(img["id"], "id", f"{inst_path}: an image record")
+        for side in ("width", "height"):
+            v = img[side]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"{inst_path}: image {image_id} has {side} {v!r}, not a "
+                                 "positive integer; fix the image record")
+        images[image_id] = img
     anns = {}
-    for ann in instances["annotations"]:
+    for ann in _records(instances, "annotations", inst_path):
         _require(ann, ("id", "image_id", "category_id", "segmentation", "bbox"),
                  f"{inst_path}: an annotation record")
-        anns[int(ann["id"])] = ann
+        where = f"{inst_path}: annotation {ann['id']!r}"
+        ann_id = _int(ann["id"], "id", where)
+        _int(ann["image_id"], "image_id", where)
+        anns[ann_id] = ann
     categories = []
-    for cat in instances["categories"]:
+    for cat in _records(instances, "categories", inst_path):
         _require(cat, ("id", "name"), f"{inst_path}: a category record")
+        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
+            raise InputError(f"{inst_path}: category id {cat['id']!r} is not an integer")
         categories.append(cat)
-    cat_ids = {int(c["id"]) for c in categories}
 
     refs: list[Ref] = []
     seen_refs: set[int] = set()
@@ -134,22 +264,23 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
     for raw in raw_refs:
         _require(raw, ("ref_id", "image_id", "ann_id", "split", "sentences"),
                  f"{refs_path}: ref record {raw.get('ref_id', '?')}")
-        ref_id = int(raw["ref_id"])
+        ref_id = _int(raw["ref_id"], "ref_id", f"{refs_path}: a ref record")
         where = f"{refs_path}: ref {ref_id}"
         if ref_id in seen_refs:
             raise InputError(f"{where} appears twice (ref ids must be unique)")
         seen_refs.add(ref_id)
         split = raw["split"]
-        if split not in splits:
+        if not isinstance(split, str) or split not in splits:
             raise InputError(
                 f"{where} has split {split!r}, not one of {sorted(splits)} that "
                 f"{manifest.source_path} declares for {manifest.name}; is --dataset right?"
             )
-        image_id = int(raw["image_id"])
+        image_id = _int(raw["image_id"], "image_id", where)
         if image_id not in images:
             raise InputError(f"{where} points at image {image_id}, which {inst_path} does not "
                              "have; the refs and instances files do not belong together")
-        ann_ids = [int(a) for a in _as_list(raw["ann_id"]) if int(a) != NO_TARGET]
+        ann_ids = [a for a in (_int(v, "ann_id", where) for v in _as_list(raw["ann_id"]))
+                   if a != NO_TARGET]
         for a in ann_ids:
             if a not in anns:
                 raise InputError(f"{where} points at annotation {a}, which {inst_path} does not "
@@ -157,14 +288,17 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
             if int(anns[a]["image_id"]) != image_id:
                 raise InputError(f"{where} is on image {image_id} but its annotation {a} is on "
                                  f"image {anns[a]['image_id']} in {inst_path}")
-        category_id = int(anns[ann_ids[0]]["category_id"]) if ann_ids else NO_TARGET
-        if ann_ids and category_id not in cat_ids:
-            raise InputError(f"{inst_path}: annotation {ann_ids[0]} has category {category_id}, "
-                             "which is not among its categories")
+        # a target with a bad category is reported (and its ref dropped) by ingest's
+        # geometry check, which names the annotation; the id here only has to be an int
+        first_cat = anns[ann_ids[0]]["category_id"] if ann_ids else NO_TARGET
+        category_id = first_cat if isinstance(first_cat, int) else NO_TARGET
         sentences = []
+        if not isinstance(raw["sentences"], list) or not all(
+                isinstance(s, dict) for s in raw["sentences"]):
+            raise InputError(f"{where}: sentences must be a list of records")
         for s in raw["sentences"]:
             _require(s, ("sent_id", "sent"), f"{where}: a sentence")
-            sid = int(s["sent_id"])
+            sid = _int(s["sent_id"], "sent_id", where)
             if sid in seen_sents:
                 raise InputError(f"{where}: sentence {sid} also belongs to ref "
                                  f"{seen_sents[sid]} (sentence ids must be unique)")

@@ -52,6 +52,10 @@ BROKEN_CASES = {
     "unknown_split": "one ref has split 'training', not a UNC split name",
     "images_missing_and_corrupt": "valid refcoco files whose own images/train2014 folder lacks "
                                   "one image and holds one truncated JPEG",
+    "bad_geometry": "valid refcoco files except four annotations that refs point at (an "
+                    "odd-length polygon, an empty polygon, a 3-value bbox, a negative bbox "
+                    "width) and one no ref points at (a 4-coordinate polygon): ingest records "
+                    "them in errors and drops the refs of the first four",
 }
 BROKEN_IMAGES_USED = 8  # images in each broken root: small, so error tests stay fast
 _ABSENT_ANN_ID = 9_999_999  # never allocated (ids stay far below), used by dangling_ann
@@ -1160,14 +1164,42 @@ def _write_broken(tmp: Path, got: _Collected, seed: int, n_images: int) -> None:
             continue
         shutil.copyfile(src, own / img["file_name"])
 
+    geometry = _bad_geometry(refs, instances)
+    root("bad_geometry", good_refs, _dumps(instances | {"annotations": geometry[0]}).encode())
+
     lines = ["Deliberately broken REFER inputs (dataset name: refcoco, layout "
              "<case>/refcoco/refs(unc).p + instances.json).",
              "Images: ../images/train2014, except images_missing_and_corrupt, which has its own "
              "images/train2014.", ""]
     lines += [f"{name}: {what}" for name, what in BROKEN_CASES.items()]
     missing, corrupt = got.subset_images[1]["file_name"], got.subset_images[2]["file_name"]
-    lines += ["", f"images_missing_and_corrupt: missing {missing}, truncated {corrupt}", ""]
+    lines += ["", f"images_missing_and_corrupt: missing {missing}, truncated {corrupt}",
+              f"bad_geometry: annotations {', '.join(map(str, geometry[1]))}", ""]
     (broken / "README.txt").write_text("\n".join(lines), encoding="ascii")
+
+
+def _bad_geometry(refs: list[dict[str, Any]],
+                  instances: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The subset's annotations with bad geometry on the targets of the first four distinct
+    referenced annotations and on the first unreferenced one; (annotations, changed ids)."""
+    targets: list[int] = []
+    for r in refs:
+        if r["ann_id"] not in targets:
+            targets.append(r["ann_id"])
+    targets = targets[:4]
+    context = [a["id"] for a in instances["annotations"]
+               if a["id"] not in {r["ann_id"] for r in refs}][:1]
+    changes: dict[int, Any] = dict(zip(targets, (
+        lambda a: {"segmentation": [a["segmentation"][0][:-1], *a["segmentation"][1:]]},
+        lambda a: {"segmentation": [*a["segmentation"], []]},
+        lambda a: {"bbox": a["bbox"][:3]},
+        lambda a: {"bbox": [a["bbox"][0], a["bbox"][1], -a["bbox"][2], a["bbox"][3]]},
+    ), strict=True))
+    for a in context:
+        changes[a] = lambda a: {"segmentation": [[1.0, 1.0, 5.0, 1.0]]}
+    anns = [a | changes[a["id"]](a) if a["id"] in changes else a
+            for a in instances["annotations"]]
+    return anns, [*targets, *context]
 
 
 # --------------------------------------------------------------------------------------------

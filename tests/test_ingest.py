@@ -258,10 +258,34 @@ def test_missing_and_corrupt_images_recorded_or_fatal(demo, work):
     assert kept_refs == {r["ref_id"] for r in raw if r["image_id"] not in bad}
 
     strict_work = work.parent / "strict"
-    with pytest.raises(InputError, match="2 of .* images are missing or undecodable"):
+    with pytest.raises(InputError, match="2 of .* images are missing, unreadable or undecodable"):
         ingest(demo, strict_work, "refcoco", "ingest.strict=true", data_root=root, images=images)
     stage_dir = strict_work / "refcoco" / "ingest"
     assert not [p for p in stage_dir.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_demo_bad_geometry_recorded_and_refs_dropped(demo, work):
+    """broken/bad_geometry: annotations whose geometry breaks an independent rule (pycocotools'
+    input contract) are errors rows and the refs pointing at them are gone."""
+    root = demo.broken_dir / "bad_geometry"
+    inst = json.loads((root / "refcoco" / "instances.json").read_text())
+
+    def bad(a):
+        segm, box = a["segmentation"], a["bbox"]
+        polys_bad = isinstance(segm, list) and (
+            not segm or any(len(p) < 6 or len(p) % 2 for p in segm))
+        return polys_bad or len(box) != 4 or box[2] <= 0 or box[3] <= 0
+
+    bad_ids = {a["id"] for a in inst["annotations"] if bad(a)}
+    t = tables(ingest(demo, work, "refcoco", data_root=root))
+    assert set(t["errors"].column("item_id").to_pylist()) == bad_ids and len(bad_ids) == 5
+    assert all(e.startswith("annotation ") for e in t["errors"].column("error").to_pylist())
+    raw = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    assert sorted(t["refs"].column("ref_id").to_pylist()) == sorted(
+        r["ref_id"] for r in raw if r["ann_id"] not in bad_ids)
+    assert bad_ids.isdisjoint(t["objects"].column("ann_id").to_pylist())
+    with pytest.raises(InputError, match="annotation"):
+        ingest(demo, work.parent / "strict", "refcoco", "ingest.strict=true", data_root=root)
 
 
 def test_unknown_dataset_and_missing_data_root(demo, work):

@@ -47,7 +47,7 @@ REAL_COCO = {1: ("person", "person"), 3: ("car", "vehicle"), 13: ("stop sign", "
              51: ("bowl", "kitchen"), 62: ("chair", "furniture"),
              64: ("potted plant", "furniture")}
 BROKEN = ["missing_refs", "missing_instances", "bad_pickle", "bad_json", "dangling_ann",
-          "dangling_image", "unknown_split", "images_missing_and_corrupt"]
+          "dangling_image", "unknown_split", "images_missing_and_corrupt", "bad_geometry"]
 
 
 @pytest.fixture(scope="module")
@@ -516,3 +516,24 @@ def test_broken_cases(data):
             corrupt.append(img["id"])
     assert len(missing) == 1 and len(corrupt) == 1 and len(fine) >= 2
     assert {r["image_id"] for r in refs} == {i["id"] for i in inst["images"]}
+
+    # bad_geometry: the good subset except four referenced and one unreferenced annotation
+    refs, found = problems("bad_geometry")
+    assert not any(found.values())
+    good = {a["id"]: a for a in load_instances(case / "refcoco" / "instances.json")[
+        "annotations"]}
+    changed = {a["id"]: a for a in load_instances(broken / "bad_geometry" / "refcoco" /
+                                                  "instances.json")["annotations"]
+               if a != good[a["id"]]}
+    assert set(changed) <= set(good) and len(changed) == 5
+    referenced = {r["ann_id"] for r in refs}
+    assert len(set(changed) & referenced) == 4
+
+    def geometry_ok(a):
+        polys = a["segmentation"] if isinstance(a["segmentation"], list) else None
+        return (len(a["bbox"]) == 4 and a["bbox"][2] > 0 and a["bbox"][3] > 0
+                and (polys is None or (polys and all(len(p) >= 6 and len(p) % 2 == 0
+                                                     for p in polys))))
+
+    assert all(geometry_ok(a) for a in good.values())
+    assert not any(geometry_ok(a) for a in changed.values())
