@@ -151,7 +151,7 @@ def _stage_report(pipe, dataset: str, stage: str) -> None:
 
 def _drops_table(per_source: dict[str, dict[str, int]]) -> None:
     """Candidates each rule dropped, per source (a hard_negatives manifest's stats)."""
-    reasons = sorted({r for counts in per_source.values() for r in counts})
+    reasons = list(dict.fromkeys(r for counts in per_source.values() for r in counts))
     width = max(len(s) for s in [*per_source, "total"]) + 2
     heads = [r.removeprefix("dropped_") for r in reasons]
     typer.echo("\ndropped candidates (ranked ahead of a published negative of their source):")
