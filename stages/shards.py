@@ -179,11 +179,9 @@ def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
     hard = {}
     if "hard_negatives" in dirs:
         hard = {r["sent_id"]: r for r in read_table_dir(Path(dirs["hard_negatives"])).to_pylist()}
-    sent_ref = {s: r for s, (r, _) in sent_rows.items()}
-    sent_text = {s: t for s, (_, t) in sent_rows.items()}
     _CACHE.clear()
     _CACHE[key] = {
-        "rules": TextRules(ref_by_id, sent_ref, sent_text, [dirs["train_split"]]),
+        "train_split": dirs["train_split"],
         "hard": hard,
         "ref": ref_by_id,
         "sent": sent_rows,
@@ -216,13 +214,23 @@ def union_rle(rles: list[dict[str, Any]], height: int, width: int) -> dict[str, 
             "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
+def _rules(look: dict[str, Any]) -> TextRules:
+    """The negative-text rules with the training split as the only source (built on first use:
+    shards with hard_negatives never need them)."""
+    if "rules" not in look:
+        look["rules"] = TextRules(look["ref"], {s: r for s, (r, _) in look["sent"].items()},
+                                  {s: t for s, (_, t) in look["sent"].items()},
+                                  [look["train_split"]])
+    return look["rules"]
+
+
 def same_image_negatives(look: dict[str, Any], ref: dict[str, Any],
                          drops: dict[str, int] | None = None) -> list[str]:
     """Texts of the image's other referents whose targets do not overlap this one's, by ref id
     then sent id, minus what `stages.text.negative_rules` drops (training-split sentences only,
     no positive, no repeat); each drop counted in `drops`."""
     ids = other_referent_sentences(ref, look["ref"], look["refs_of_image"], look["sents_of_ref"])
-    rules: TextRules = look["rules"]
+    rules = _rules(look)
     kept = rules.keep_sentences(ids, rules.positives(ref["ref_id"]), drops)
     return [look["sent"][s][1] for s in kept]
 
