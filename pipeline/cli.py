@@ -144,6 +144,22 @@ def _stage_report(pipe, dataset: str, stage: str) -> None:
     typer.echo(f"{stage} {key}  ({pipe.artifact_dir(stage)})")
     typer.echo(json.dumps({"params": manifest["params"], "tables": manifest.get("tables", {}),
                            "stats": manifest.get("stats", {})}, indent=2))
+    per_source = manifest.get("stats", {}).get("dropped_per_source")
+    if isinstance(per_source, dict) and per_source:
+        _drops_table(per_source)
+
+
+def _drops_table(per_source: dict[str, dict[str, int]]) -> None:
+    """Candidates each rule dropped, per source (a hard_negatives manifest's stats)."""
+    reasons = list(dict.fromkeys(r for counts in per_source.values() for r in counts))
+    width = max(len(s) for s in [*per_source, "total"]) + 2
+    heads = [r.removeprefix("dropped_") for r in reasons]
+    typer.echo("\ndropped candidates (ranked ahead of a published negative of their source):")
+    typer.echo(f"{'source':<{width}}" + "".join(f"{h:>16}" for h in heads))
+    for source, counts in [*per_source.items(),
+                           ("total", {r: sum(c.get(r, 0) for c in per_source.values())
+                                      for r in reasons})]:
+        typer.echo(f"{source:<{width}}" + "".join(f"{counts.get(r, 0):>16}" for r in reasons))
 
 
 @app.command("list-stages")

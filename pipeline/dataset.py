@@ -7,9 +7,10 @@ purpose: importing it pulls in torch, numpy, pyarrow, pillow and pycocotools onl
 stdlib-only :mod:`pipeline.io`), never open_clip / faiss / transformers / dask / polars / typer,
 so a training environment does not need the preprocessing stack.
 
-Layout read (``schema_version`` "1")::
+Layout read (``schema_version`` "1" or "2": the same columns; in "2" the training rows' same-image
+negatives follow the split and positive rules and evaluation rows have none)::
 
-    <shards_dir>/_manifest.json        {"stage": "shards", "schema_version": "1", ...}
+    <shards_dir>/_manifest.json        {"stage": "shards", "schema_version": "2", ...}
     <shards_dir>/_SUCCESS
     <shards_dir>/images/part-*.parquet image_id, file_name, width, height
     <shards_dir>/<split>/part-*.parquet one row per sentence (sorted by sent_id)
@@ -67,7 +68,7 @@ from pipeline.io import MANIFEST, SCHEMA_VERSION_KEY, SUCCESS, read_json, table_
 
 __all__ = ["SCHEMA_VERSIONS", "NemoDataset", "collate_fn"]
 
-SCHEMA_VERSIONS = {"1"}
+SCHEMA_VERSIONS = {"1", "2"}
 """Shards schema versions this reader understands (manifest and every Parquet file)."""
 
 TRAIN_SPLIT = "train"

@@ -9,21 +9,35 @@ Sources, in order (a short source's places go to the next one):
 4. `augmented`: the validated distractors of this sentence from `augment`, labelled by their
    edit kind (`swap_color`, `negation`, ...).
 Within a source, negatives are ranked by cosine to mu, hardest (highest) first, ties by
-ascending source sent_id; a text already taken is not repeated. An instance without a cluster
-(its views failed) uses the mean of its own sentences' embeddings as mu.
+ascending source sent_id. An instance without a cluster (its views failed) uses the mean of its
+own sentences' embeddings as mu.
+
+Every candidate passes the rules of `stages.text.negative_rules`, shared with shards: a sentence
+of a split outside `source_splits` (default: the training split) is never a negative, whatever
+image it is on; a text equal (normalised) to a sentence of the query's referent (its ref or any
+ref with the same target set) is never a negative; a text is never repeated (normalised). The
+neighbour searches count only texts that pass towards their depth, so the rules never leave a
+source short when the index holds enough. Candidates a rule skipped ahead of a published negative
+of the same source are counted per source and reason in the manifest
+(`nemo-pipe status --stage hard_negatives`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.context import StageContext
-from pipeline.stage import Count, NonNegInt, ParamDomainError, Params, Stage
+from pipeline.stage import Count, NonNegInt, ParamDomainError, Params, RunEnv, Splits, Stage
+from stages.datasets import check_splits, load_data_manifest
 from stages.refer_io import other_referent_sentences
+from stages.text.negative_rules import DROP_REASONS, TextRules, drop_reason
+from stages.text.normalise import normalise_sentence
 
 SOURCES = ("same_image", "neighbour", "neighbour_same_class", "augmented")
+SENTENCE_SOURCES = SOURCES[:3]  # negatives that are dataset sentences (augmented: edits)
 
 
 class HardNegativesParams(Params):
@@ -37,6 +51,14 @@ class HardNegativesParams(Params):
         8192, description="deepest FAISS search (>= search_k): neighbours are exact among this "
                           "many nearest texts (when most are inside the cluster, deeper "
                           "searches would scan the whole index per query)")
+    source_splits: Splits = Field(
+        ["train"],
+        description="splits whose sentences may be negatives (checked against the dataset)")
+
+    @field_validator("source_splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        return list(dict.fromkeys(splits))  # a repeated name changes nothing: one key
 
     @field_validator("mix")
     @classmethod
@@ -57,24 +79,43 @@ class HardNegativesParams(Params):
 
 
 def take_quotas(available: dict[str, list[tuple[float, int, str, str]]], mix: dict[str, int],
-                n: int, exclude: set[str] = frozenset()) -> list[tuple[float, int, str, str]]:
+                n: int, exclude: Container[str] = frozenset(),
+                allowed: Container[int] | None = None,
+                drops: dict[str, dict[str, int]] | None = None,
+                normalise: Callable[[str], str] = normalise_sentence
+                ) -> list[tuple[float, int, str, str]]:
     """Fill N places source by source, each item (score, source_sent_id, text, kind) best
-    first; a text already taken (or excluded) is skipped, and a source's unused places carry
-    to the next source."""
+    first; a source's unused places carry to the next source.
+
+    A candidate is skipped by the first rule of `stages.text.negative_rules` that applies: a
+    dataset sentence not in `allowed` (None: any), a text whose normalised form is in `exclude`
+    (the referent's positives), a text already taken. Skips ranked ahead of a candidate their
+    source then took (it took their place) are counted in `drops[source][reason]`.
+    """
     out: list[tuple[float, int, str, str]] = []
-    seen = set(exclude)
+    taken: set[str] = set()
     carry = 0
     for source in SOURCES:
         want = min(mix.get(source, 0) + carry, n - len(out))
         got = 0
+        skipped: dict[str, int] = {}
         for item in available.get(source, []):
             if got >= want:
                 break
-            if item[2] in seen:
+            norm = normalise(item[2])
+            in_splits = allowed is None or source not in SENTENCE_SOURCES or item[1] in allowed
+            reason = drop_reason(in_splits, norm, exclude, taken)
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
                 continue
-            seen.add(item[2])
+            taken.add(norm)
             out.append(item)
             got += 1
+            if drops is not None and skipped:
+                counts = drops.setdefault(source, {})
+                for r, c in skipped.items():
+                    counts[r] = counts.get(r, 0) + c
+                skipped.clear()
         carry = mix.get(source, 0) + carry - got
     return out
 
@@ -83,12 +124,16 @@ class HardNegatives(Stage):
     """Ranked hard-negative texts per training sentence from four labelled sources."""
 
     name = "hard_negatives"
-    version = "1"
+    version = "2"  # 2: split rule, positives and normalised duplicates dropped
     inputs = ("ingest", "embed_texts", "index", "clusters", "augment")
     params_model = HardNegativesParams
     tables = ("hard_negatives",)
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")
     uses_sections = ("clusters", "embed")
+
+    def preflight(self, env: RunEnv, params: Params) -> None:
+        p: HardNegativesParams = params  # type: ignore[assignment]
+        check_splits("hard_negatives.source_splits", p.source_splits, env.dataset)
 
     def run(self, ctx: StageContext) -> None:
         import faiss
@@ -99,22 +144,25 @@ class HardNegatives(Stage):
 
         p: HardNegativesParams = ctx.params  # type: ignore[assignment]
         threshold = ctx.shared["clusters"].threshold  # type: ignore[attr-defined]
+        train_split = load_data_manifest(ctx.env.dataset).train_split
         refs = {r["ref_id"]: r for r in ctx.read_table("ingest", "refs").to_pylist()}
         sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id", "sent"])
         sent_ref = dict(zip(sents.column("sent_id").to_pylist(),
                             sents.column("ref_id").to_pylist(), strict=True))
         sent_text = dict(zip(sents.column("sent_id").to_pylist(),
                              sents.column("sent").to_pylist(), strict=True))
+        rules = TextRules(refs, sent_ref, sent_text, p.source_splits)
         texts = ctx.read_table("embed_texts", "embeddings")
         index = faiss.read_index(str(ctx.upstream_dir("index") / "texts.faiss"))
         row_sent = ctx.read_table("index", "text_ids").column("sent_id").to_numpy()
-        text_ids: dict[str, int] = {}
+        text_ids: dict[str, int] = {}  # normalised text -> id: "Left." and "left" are one text
         rows_info = {
             "sent_id": row_sent,
             "image_id": np.array([refs[sent_ref[int(x)]]["image_id"] for x in row_sent]),
             "category_id": np.array([refs[sent_ref[int(x)]]["category_id"] for x in row_sent]),
-            "text_id": np.array([text_ids.setdefault(sent_text[int(x)], len(text_ids))
+            "text_id": np.array([text_ids.setdefault(rules.norm[int(x)], len(text_ids))
                                  for x in row_sent]),
+            "allowed": np.array([int(x) in rules.allowed for x in row_sent], dtype=bool),
         }
         emb = embeddings_matrix(texts.column("embedding"))
         emb_row = {s: i for i, s in enumerate(texts.column("sent_id").to_pylist())}
@@ -135,7 +183,7 @@ class HardNegatives(Stage):
         for r in refs.values():
             refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
 
-        train = [s for s, r in sorted(sent_ref.items()) if refs[r]["split"] == "train"]
+        train = [s for s, r in sorted(sent_ref.items()) if refs[r]["split"] == train_split]
         out: dict[str, list[Any]] = {k: [] for k in ("sent_id", "texts", "kinds", "scores",
                                                      "sources")}
         # mu per referent: its cluster centre, else the mean of its own sentences
@@ -150,15 +198,20 @@ class HardNegatives(Stage):
                 mu = mu / (np.linalg.norm(mu) or 1.0)
                 fallback_mu += 1
             mus[rid] = np.asarray(mu, dtype=np.float32)
-        mined = self._mine_neighbours(p, threshold, refs, mus, index, rows_info)
+        # the positives' text ids: the searches skip them like the walk does
+        positive_ids = {rid: np.array(sorted(text_ids[t] for t in rules.positives(rid)
+                                             if t in text_ids), dtype=np.int64) for rid in mus}
+        mined = self._mine_neighbours(p, threshold, refs, mus, index, rows_info, positive_ids)
+        drops: dict[str, dict[str, int]] = {}
         for sid in train:
             ref = refs[sent_ref[sid]]
             available = self._sources(
                 p, threshold, ref, mus[ref["ref_id"]], refs, refs_of_image, sents_of_ref,
                 sent_ref, emb, emb_row, distractors.get(sid, []), dist_emb, mined)
-            for source in ("same_image", "neighbour", "neighbour_same_class"):
+            for source in SENTENCE_SOURCES:
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
-            chosen = take_quotas(available, p.mix, p.n, exclude={sent_text[sid]})
+            chosen = take_quotas(available, p.mix, p.n, exclude=rules.positives(ref["ref_id"]),
+                                 allowed=rules.allowed, drops=drops, normalise=rules.normalise)
             out["sent_id"].append(sid)
             out["texts"].append([c[2] for c in chosen])
             out["kinds"].append([c[3] for c in chosen])
@@ -175,16 +228,20 @@ class HardNegatives(Stage):
         for kinds in out["kinds"]:
             for k in kinds:
                 counts[k] = counts.get(k, 0) + 1
+        per_source = {s: {r: drops.get(s, {}).get(r, 0) for r in DROP_REASONS} for s in SOURCES}
         ctx.record(sentences=len(train), negatives_per_kind=counts,
                    mean_negatives=round(sum(map(len, out["texts"])) / max(1, len(train)), 3),
-                   mu_from_own_sentences=fallback_mu, threshold=threshold)
+                   mu_from_own_sentences=fallback_mu, threshold=threshold,
+                   source_sentences=len(rules.allowed),
+                   **{r: sum(d[r] for d in per_source.values()) for r in DROP_REASONS},
+                   dropped_per_source=per_source)
 
     def _mine_neighbours(self, p: HardNegativesParams, threshold: float, refs: dict[int, Any],
-                         mus: dict[int, Any], index: Any, rows_info: dict[str, Any]
-                         ) -> dict[int, tuple[list, list]]:
+                         mus: dict[int, Any], index: Any, rows_info: dict[str, Any],
+                         positive_ids: dict[int, Any]) -> dict[int, tuple[list, list]]:
         """Per referent (its sentences share mu): the neighbour and same-class lists, from
         batched searches of growing depth; only what no batch covered is searched alone."""
-        want = p.n + 1  # distinct texts: enough for any quota after the own text is skipped
+        want = p.n + 1  # usable distinct texts: n, and one spare for a text taken earlier
         todo = {(rid, kind) for rid in mus for kind in ("any", "class")
                 if kind == "any" or (p.same_class and refs[rid]["category_id"] >= 0)}
         found: dict[tuple[int, str], list] = {}
@@ -204,7 +261,7 @@ class HardNegatives(Stage):
                         index, rows_info, mus[rid], threshold, want, p.search_k,
                         p.max_search_k, ref["image_id"],
                         ref["category_id"] if kind == "class" else None, pages[rid],
-                        search=last)
+                        search=last, exclude=positive_ids[rid])
                     if got is not None:
                         found[(rid, kind)] = got
             todo = {t for t in todo if t not in found}
@@ -249,22 +306,30 @@ def first_search_pages(index: Any, mus: dict[int, Any], depth: int) -> dict[int,
 
 def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: float,
                     want: int, k0: int, k_max: int, image_id: int, category: int | None = None,
-                    first: tuple[Any, Any] | None = None, search: bool = True
-                    ) -> list[tuple[float, int]] | None:
+                    first: tuple[Any, Any] | None = None, search: bool = True,
+                    exclude: Any = None) -> list[tuple[float, int]] | None:
     """Sentences of images other than `image_id` (and of `category` when given) nearest to mu
-    with cos < threshold, best first (ties by ascending sent_id), until `want` distinct texts.
+    with cos < threshold, best first (ties by ascending sent_id), until `want` distinct usable
+    texts.
+
+    A row is usable when `rows_info["allowed"]` (if given) is true for it and its text id is not
+    in `exclude` (the referent's positives); unusable rows stay in the list, where the caller
+    counts them as dropped, but do not count towards `want`, so a search never comes back short
+    because of them.
 
     Searches with a growing depth: a candidate scoring strictly above the deepest returned score
     cannot be beaten by an unseen one, so only those count until the index is exhausted or
-    `k_max` deep (then the result is exact among the k_max nearest). `first` (scores, rows) is a
-    precomputed page of nearest texts, used instead of searching while deep enough.
-    `rows_info` holds per index row: sent_id, image_id, category_id and a text id (numpy).
-    With `search=False` nothing beyond `first` is searched: None means it was not deep enough.
+    `k_max` deep (then the result is exact among the k_max nearest texts of every split). `first`
+    (scores, rows) is a precomputed page of nearest texts, used instead of searching while deep
+    enough. `rows_info` holds per index row: sent_id, image_id, category_id, a (normalised) text
+    id and optionally `allowed` (numpy). With `search=False` nothing beyond `first` is searched:
+    None means it was not deep enough.
     """
     import numpy as np
 
     row_sent, row_image = rows_info["sent_id"], rows_info["image_id"]
     row_cat, row_text = rows_info["category_id"], rows_info["text_id"]
+    row_allowed = rows_info.get("allowed")
     k = min(k0, k_max, index.ntotal)
     query = np.ascontiguousarray(mu, dtype=np.float32).reshape(1, -1)
     while True:
@@ -285,8 +350,14 @@ def nearest_outside(index: Any, rows_info: dict[str, Any], mu: Any, threshold: f
         cand_scores, cand_rows = scores[mask], rows[mask]
         order = np.lexsort((row_sent[cand_rows], -cand_scores))
         cand_scores, cand_rows = cand_scores[order], cand_rows[order]
-        _, firsts = np.unique(row_text[cand_rows], return_index=True)
-        firsts.sort()
+        usable = np.ones(len(cand_rows), dtype=bool)
+        if row_allowed is not None:
+            usable &= row_allowed[cand_rows]
+        if exclude is not None and len(exclude):
+            usable &= ~np.isin(row_text[cand_rows], exclude)
+        at = np.flatnonzero(usable)
+        _, firsts = np.unique(row_text[cand_rows[at]], return_index=True)
+        firsts = np.sort(at[firsts])
         if len(firsts) > want or exhausted:
             cut = firsts[want] if len(firsts) > want else len(cand_rows)
             return [(float(sc), int(row_sent[r]))

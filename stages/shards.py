@@ -7,10 +7,14 @@ negatives. Evaluation splits pass through unaugmented. The manifest carries a sc
 and the key and params of every upstream artifact (tau, K, CLIP model, ...), so a trainer can
 log exactly what it trained on; `pipeline.dataset.NemoDataset` reads these shards.
 
-Hard negatives: with `shards.with_hard_negatives` they come from the hard_negatives stage
-(ranked, labelled by source or edit kind, scored by cosine to the cluster centre); otherwise,
-with `shards.same_image_negatives`, the sentences of the other referents in the same image (kind
-`same_image`, no score), which need only ingest.
+Hard negatives (training split only; evaluation rows have none): with
+`shards.with_hard_negatives` they come from the hard_negatives stage (ranked, labelled by source
+or edit kind, scored by cosine to the cluster centre); otherwise, with
+`shards.same_image_negatives`, the sentences of the other referents in the same image (kind
+`same_image`, no score), which need only ingest. Those follow the rules hard_negatives follows
+(`stages.text.negative_rules`): training-split sentences only (an evaluation referent on a
+training image is never a negative), never a text equal (normalised) to a sentence of the query's
+referent, never a repeated text; the drops are counted per reason in the manifest.
 
 Thumbnails (`shards.thumbnails`, on by default): small JPEG copies of the training images in
 `thumbnails/` (see stages.thumbnails), from which the reader fills mosaic cells; a mosaic then
@@ -30,10 +34,13 @@ from pipeline.stage import INT_MAX, Count, Params, Stage
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 from stages.refer_io import other_referent_sentences
+from stages.text.negative_rules import DROP_REASONS, TextRules
 from stages.thumbnails import TABLE as THUMBNAILS
 from stages.thumbnails import write_pack
 
-SCHEMA_VERSION = "1"
+# 2: same columns as 1; training rows' same-image negatives follow the split and positive rules,
+# evaluation rows have none
+SCHEMA_VERSION = "2"
 ALL_QUADRANTS = [0, 1, 2, 3]
 
 
@@ -79,6 +86,7 @@ class Shards(Stage):
         dirs = {t: str(ctx.upstream_dir("ingest") / t)
                 for t in ("refs", "sentences", "objects", "images")}
         dirs["mosaic"] = str(ctx.upstream_dir("mosaic_tables") / "mosaic")
+        dirs["train_split"] = manifest.train_split
         if p.with_hard_negatives:
             dirs["hard_negatives"] = str(ctx.upstream_dir("hard_negatives") / "hard_negatives")
         tasks = []
@@ -108,6 +116,9 @@ class Shards(Stage):
         ctx.record(rows_per_split=rows,
                    with_hard_negatives_share=round(
                        sum(s["with_hn"] for s in stats) / max(1, sum(rows.values())), 4))
+        if not p.with_hard_negatives and p.same_image_negatives:
+            ctx.record(same_image_dropped={r: sum(s.get("dropped", {}).get(r, 0) for s in stats)
+                                           for r in DROP_REASONS})
 
     def _thumbnail_tasks(self, ctx: StageContext, manifest: Any, start: int) -> list[ShardTask]:
         """The training split's images (every mosaic cell shows one), in packs."""
@@ -147,7 +158,7 @@ _CACHE: dict[str, Any] = {}
 
 def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
     """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
-    key = dirs["refs"] + dirs["mosaic"] + dirs.get("hard_negatives", "")
+    key = dirs["refs"] + dirs["mosaic"] + dirs.get("hard_negatives", "") + dirs["train_split"]
     if key in _CACHE:
         return _CACHE[key]
     refs = read_table_dir(Path(dirs["refs"])).to_pylist()
@@ -171,6 +182,7 @@ def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
         hard = {r["sent_id"]: r for r in read_table_dir(Path(dirs["hard_negatives"])).to_pylist()}
     _CACHE.clear()
     _CACHE[key] = {
+        "train_split": dirs["train_split"],
         "hard": hard,
         "ref": ref_by_id,
         "sent": sent_rows,
@@ -203,10 +215,25 @@ def union_rle(rles: list[dict[str, Any]], height: int, width: int) -> dict[str, 
             "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
-def same_image_negatives(look: dict[str, Any], ref: dict[str, Any]) -> list[str]:
-    """Texts of the image's other referents whose targets do not overlap this one's."""
+def _rules(look: dict[str, Any]) -> TextRules:
+    """The negative-text rules with the training split as the only source (built on first use:
+    shards with hard_negatives never need them)."""
+    if "rules" not in look:
+        look["rules"] = TextRules(look["ref"], {s: r for s, (r, _) in look["sent"].items()},
+                                  {s: t for s, (_, t) in look["sent"].items()},
+                                  [look["train_split"]])
+    return look["rules"]
+
+
+def same_image_negatives(look: dict[str, Any], ref: dict[str, Any],
+                         drops: dict[str, int] | None = None) -> list[str]:
+    """Texts of the image's other referents whose targets do not overlap this one's, by ref id
+    then sent id, minus what `stages.text.negative_rules` drops (training-split sentences only,
+    no positive, no repeat); each drop counted in `drops`."""
     ids = other_referent_sentences(ref, look["ref"], look["refs_of_image"], look["sents_of_ref"])
-    return [look["sent"][s][1] for s in ids]
+    rules = _rules(look)
+    kept = rules.keep_sentences(ids, rules.positives(ref["ref_id"]), drops)
+    return [look["sent"][s][1] for s in kept]
 
 
 def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
@@ -235,6 +262,7 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
         "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
         "hn_texts", "hn_kinds", "hn_scores")}
     with_hn = 0
+    dropped: dict[str, int] = {}
     for sid in payload["sent_ids"]:
         rid, text = look["sent"][sid]
         ref = look["ref"][rid]
@@ -244,8 +272,9 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
             h = look["hard"].get(sid) if payload["train"] else None
             hn, kinds, scores = ((h["neg_texts"], h["neg_kinds"], h["neg_scores"]) if h
                                  else ([], [], []))
-        else:
-            hn = same_image_negatives(look, ref) if p.same_image_negatives else []
+        else:  # evaluation rows pass through unaugmented
+            hn = (same_image_negatives(look, ref, dropped)
+                  if p.same_image_negatives and payload["train"] else [])
             kinds, scores = ["same_image"] * len(hn), [float("nan")] * len(hn)
         with_hn += bool(hn)
         for col, value in (
@@ -271,4 +300,4 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
              "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
     table = pa.table({c: pa.array(v, types[c]) for c, v in rows.items()})
     writer.write_table(payload["split"], table, ParquetFormat(row_group_rows=p.rows_per_group))
-    return {"rows": table.num_rows, "with_hn": with_hn}
+    return {"rows": table.num_rows, "with_hn": with_hn, "dropped": dropped}

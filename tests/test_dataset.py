@@ -672,11 +672,11 @@ def _tiny(tmp_path: Path, **kw) -> tuple[Path, Path]:
 
 
 def test_unknown_manifest_schema_version_is_refused(tmp_path):
-    root, images = _tiny(tmp_path, manifest_version="2")
+    root, images = _tiny(tmp_path, manifest_version="9")
     with pytest.raises(ValueError) as err:
         NemoDataset(root, "train", images)
     msg = str(err.value)
-    assert "'2'" in msg and "'1'" in msg and "nemo-pipe run --stage shards" in msg
+    assert "'9'" in msg and "'1'" in msg and "nemo-pipe run --stage shards" in msg
     assert "upgrade nemo-pipe" in msg and "_manifest.json" in msg
 
 

@@ -9,6 +9,7 @@ import pytest
 from pipeline.api import open_pipeline
 from stages.embed import embeddings_matrix
 from stages.hard_negatives import take_quotas
+from stages.text.normalise import normalise_sentence as norm
 
 BASE = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template"]
 
@@ -35,6 +36,23 @@ def test_take_quotas_carries_short_sources_forward():
     got = [t[2] for t in take_quotas(avail, mix, 8, exclude={"n1"})]
     assert got == ["s0", "n0", "n2", "n3", "a0", "a1", "a2", "a3"]
     assert len(take_quotas(avail, mix, 3)) == 3
+
+
+def test_take_quotas_rules_and_displaced_counts():
+    # neighbour n0 is an evaluation sentence (id 100), n1 a positive ("LEFT." ~ "left"), n2 a
+    # repeat of s0 ("S0!" ~ "s0"), n5 an evaluation sentence ranked below the last one taken
+    avail = {"same_image": [(0.9, 1, "s0", "same_image")],
+             "neighbour": [(0.8, 100, "n0", "neighbour"), (0.7, 2, "LEFT.", "neighbour"),
+                           (0.6, 3, "S0!", "neighbour"), (0.5, 4, "n3", "neighbour"),
+                           (0.4, 5, "n4", "neighbour"), (0.3, 101, "n5", "neighbour")],
+             "augmented": [(0.2, 7, "left", "swap_spatial"), (0.1, 7, "a1", "negation")]}
+    mix = {"same_image": 1, "neighbour": 2, "neighbour_same_class": 0, "augmented": 2}
+    drops: dict[str, dict[str, int]] = {}
+    got = take_quotas(avail, mix, 5, exclude={"left"}, allowed={1, 2, 3, 4, 5, 7}, drops=drops)
+    assert [t[2] for t in got] == ["s0", "n3", "n4", "a1"]
+    assert drops == {"neighbour": {"dropped_eval_split": 1, "dropped_positive_text": 1,
+                                   "dropped_duplicate_text": 1},
+                     "augmented": {"dropped_positive_text": 1}}
 
 
 @pytest.fixture
@@ -102,18 +120,20 @@ def test_neighbours_equal_bruteforce_with_cluster_rule(demo, work, same_class):
     for r in rows:
         ref = refs[ref_of[r["sent_id"]]]
         mu = mu_of[ref["ann_ids"][0]]
-        # brute force: every sentence of another image (same class if asked), cos < threshold,
-        # best first, each text once, the query's own text excluded
+        # brute force: every training sentence of another image (same class if asked),
+        # cos < threshold, best first, each normalised text once, no text of the referent
         cands = sorted(
             (float(emb[s] @ mu), s) for s in emb
             if refs[ref_of[s]]["image_id"] != ref["image_id"]
+            and refs[ref_of[s]]["split"] == "train"
             and (not same_class or refs[ref_of[s]]["category_id"] == ref["category_id"])
             and float(emb[s] @ mu) < 0.9999)
         cands.sort(key=lambda x: (-x[0], x[1]))
-        want, seen = [], {text[r["sent_id"]]}
+        want = []
+        seen = {norm(text[s]) for s in text if refs[ref_of[s]]["ann_ids"] == ref["ann_ids"]}
         for score, s in cands:
-            if text[s] not in seen:
-                seen.add(text[s])
+            if norm(text[s]) not in seen:
+                seen.add(norm(text[s]))
                 want.append(score)
             if len(want) == 5:
                 break

@@ -16,6 +16,8 @@ from pycocotools.coco import COCO
 from pipeline.api import open_pipeline
 from pipeline.io import schema_version_of, table_files
 from stages.datasets import load_data_manifest
+from stages.shards import SCHEMA_VERSION
+from stages.text.normalise import normalise_sentence as norm
 
 
 def pipe_for(demo, work, dataset, *sets):
@@ -46,7 +48,7 @@ def test_shards_join_equals_independent_reading(demo, work, dataset):
     seen = set()
     for split in m.splits:
         parts = table_files(d / split)
-        assert parts and all(schema_version_of(p) == "1" for p in parts)
+        assert parts and all(schema_version_of(p) == SCHEMA_VERSION for p in parts)
         rows = pq.read_table(d / split).to_pylist()
         want = {s["sent_id"]: (r, s) for r in refs if r["split"] == split for s in r["sentences"]}
         assert [r["sent_id"] for r in rows] == sorted(want)
@@ -81,21 +83,33 @@ def test_same_image_negatives_oracle(demo, work):
     refs = raw_refs(demo, "refcoco")
     rows = pq.read_table(pipe.artifact_dir("shards") / "train").to_pylist()
     for row in rows:
-        want = [s["sent"] for r in sorted(refs, key=lambda r: r["ref_id"])
-                if r["image_id"] == row["image_id"] and r["ref_id"] != row["ref_id"]
-                and r["ann_id"] not in row["ann_ids"]
-                for s in sorted(r["sentences"], key=lambda s: s["sent_id"])]
+        # other training referents of the image, by ref id then sent id, minus any text equal
+        # (normalised) to a sentence of the row's referent, each normalised text once
+        positives = {norm(s["sent"]) for r in refs if r["ann_id"] in row["ann_ids"]
+                     for s in r["sentences"]}
+        want, seen = [], set(positives)
+        for r in sorted(refs, key=lambda r: r["ref_id"]):
+            if (r["image_id"] != row["image_id"] or r["ref_id"] == row["ref_id"]
+                    or r["ann_id"] in row["ann_ids"] or r["split"] != "train"):
+                continue
+            for s in sorted(r["sentences"], key=lambda s: s["sent_id"]):
+                if norm(s["sent"]) not in seen:
+                    seen.add(norm(s["sent"]))
+                    want.append(s["sent"])
         assert row["hn_texts"] == want
         assert row["hn_kinds"] == ["same_image"] * len(want)
         assert all(np.isnan(row["hn_scores"]))
     assert any(row["hn_texts"] for row in rows)
+    for split in ("val", "testA", "testB"):  # evaluation rows pass through unaugmented
+        for row in pq.read_table(pipe.artifact_dir("shards") / split).to_pylist():
+            assert row["hn_texts"] == [] and row["neg_image_ids"] == []
 
 
 def test_manifest_names_every_upstream_artifact(demo, work):
     pipe = pipe_for(demo, work, "refcocog-umd", "mosaic_tables.k=5")
     pipe.run("shards")
     m = json.loads((pipe.artifact_dir("shards") / "_manifest.json").read_text())
-    assert m["schema_version"] == "1"
+    assert m["schema_version"] == SCHEMA_VERSION
     up = m["upstream_artifacts"]
     assert set(up) == {"ingest", "embed_images", "embed_texts", "negatives", "mosaic_tables"}
     assert up["mosaic_tables"]["params"]["k"] == 5
