@@ -261,6 +261,8 @@ class Pipeline:
                 ctx.stats["peak_rss_mb"] = peak_rss_mb()
                 self._finalize(r, ctx, tmp)
                 store.publish(tmp, store.artifact_dir(dataset, r.name, r.key))
+            except StorageError:
+                raise  # the disk, not the data: finished shards are kept for the rerun
             except NemoError:
                 # Bad input or config (or a corrupt upstream file): nothing worth resuming,
                 # and nothing is published.
