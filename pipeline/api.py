@@ -29,6 +29,8 @@ from pipeline.stage import RunEnv
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from pipeline.upstream import UpstreamTable
+
 DEFAULT_WORK_DIR = "artifacts"
 LOCATIONS_FILE = "_locations.json"
 LOCATION_ENV = {"data_root": "NEMO_DATA_ROOT", "images": "NEMO_IMAGES"}
@@ -134,17 +136,28 @@ def load(
         raise NotPublished(f"{stage} ({r.key}) for {dataset} is not built yet under "
                            f"{pipe.env.work_dir}; run `nemo-pipe run --stage {stage} "
                            f"--dataset {dataset}`")
-    artifact = check_published(pipe, stage)
-    from pipeline.upstream import manifest_files, upstream_table
-
     try:
-        ref = upstream_table(artifact, stage, r.key,
-                             manifest_files(pipe.store.manifest(pipe.env.dataset, stage, r.key),
-                                            artifact), table)
-        return ref.read()  # every part verified against the manifest's sha256
+        return published_table(pipe, stage, table).read()  # every part verified
     except UpstreamCorrupt as exc:
         raise ArtifactCorrupt(f"{exc.artifact}/{exc.file}: {exc.what}; run `nemo-pipe run "
                               f"--stage {stage} --dataset {dataset}` to rebuild it") from None
+
+
+def published_table(pipe: Pipeline, stage: str, table: str) -> UpstreamTable:
+    """A verifying reference to a published table of the current config (what a stage gets
+    from `ctx.upstream_table`), for commands that read artifacts outside a stage (`load`,
+    `calibrate`); ArtifactCorrupt when the artifact fails its cheap check."""
+    from pipeline.upstream import manifest_files, upstream_table
+
+    artifact = check_published(pipe, stage)
+    key = pipe.resolve(stage).key
+    try:
+        manifest = pipe.store.manifest(pipe.env.dataset, stage, key)
+        files = manifest_files(manifest, artifact)
+    except (OSError, ValueError, UpstreamCorrupt):
+        raise ArtifactCorrupt(f"{artifact}: its manifest cannot be read; rebuild it with "
+                              f"`nemo-pipe run --stage {stage}`") from None
+    return upstream_table(artifact, stage, key, files, table)
 
 
 def check_published(pipe: Pipeline, stage: str) -> Path:

@@ -52,8 +52,7 @@ class UpstreamFile:
     def _corrupt(self, what: str) -> UpstreamCorrupt:
         return UpstreamCorrupt(
             f"upstream file {self.path} ({self.stage} {self.key}) {what}; nothing was "
-            f"published from it. Rebuild it with `nemo-pipe run --stage {self.stage} --force` "
-            "(a plain `run` rebuilds it once by itself)",
+            f"published from it. Rebuild it with `nemo-pipe run --stage {self.stage} --force`",
             stage=self.stage, key=self.key, artifact=self.artifact, file=self.rel, what=what)
 
     def read_bytes(self) -> bytes:

@@ -79,6 +79,14 @@ def test_k_sweep_over_a_flipped_byte_rebuilds_negatives_first(demo, tmp_path):
     assert got and got == parquet_bytes(Path(clean.stdout.strip().splitlines()[-1]))
     assert parquet_bytes(neg) == parquet_bytes(published(fresh, "negatives")[0])
 
+    # commands that read artifacts outside a stage verify too: calibrate refuses the flip
+    flip_byte(part)
+    cal = cli("calibrate", str(tmp_path / "cal"), "--dataset", "refcoco", "--work-dir",
+              str(work), *TINY, "--set", NEG)
+    assert cal.returncode == 2 and cal.stderr.startswith("error: "), cal.stderr
+    assert "negatives/part-00001.parquet" in cal.stderr and "sha256" in cal.stderr
+    assert not (tmp_path / "cal" / "calibration.parquet").exists()
+
 
 def test_verify_marks_then_status_path_load_and_run(demo, tmp_path):
     work = tmp_path / "w"
