@@ -331,6 +331,9 @@ def preview(
         if not pipe.store.is_published(pipe.env.dataset, "shards", key):
             raise NemoError(f"shards ({key}) for {dataset} is not built; run `nemo-pipe run "
                             f"--stage shards --dataset {dataset}` first")
+        from pipeline.api import check_published
+
+        check_published(pipe, "shards")
         from stages.datasets import load_data_manifest
         from stages.ingest import data_locations
 
