@@ -185,3 +185,19 @@ def test_corrupt_manifest_is_corrupt_in_status_and_rebuilt(tmp_path, text):
     assert json.loads((d / "_manifest.json").read_text())["stage"] == "numbers"
     got = pq.read_table(make_pipe(work).artifact_dir("squares") / "squares")
     assert got.column("value").to_pylist() == [v * v for v in range(20)]
+
+
+def test_matching_hash_but_not_parquet_is_corrupt(tmp_path):
+    """A manifest that lists the sha256 of a non-Parquet file: the parse error is reported as
+    that file's corruption, never as a pyarrow traceback."""
+    junk = tmp_path / "t" / "part-00000.parquet"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not parquet at all")
+    ref = UpstreamFile(str(tmp_path), "numbers", "k", "t/part-00000.parquet",
+                       hashlib.sha256(junk.read_bytes()).hexdigest())
+    assert ref.read_bytes() == b"not parquet at all"
+    with pytest.raises(UpstreamCorrupt, match="cannot be parsed as Parquet"):
+        ref.read_table()
+    wrong = UpstreamFile(str(tmp_path), "numbers", "k", "t/part-00000.parquet", "0" * 64)
+    with pytest.raises(UpstreamCorrupt, match="does not match the sha256"):
+        wrong.read_table()  # the mismatch wins over the parse error
