@@ -87,6 +87,19 @@ def test_k_sweep_over_a_flipped_byte_rebuilds_negatives_first(demo, tmp_path):
     assert "negatives/part-00001.parquet" in cal.stderr and "sha256" in cal.stderr
     assert not (tmp_path / "cal" / "calibration.parquet").exists()
 
+    # and the same flip after the fact: verify reports it, status shows it, run rebuilds it
+    ver = cli("verify", "--work-dir", str(work))
+    assert ver.returncode == 1 and "negatives/part-00001.parquet" in ver.stderr
+    short = ["--dataset", "refcoco", "--work-dir", str(work), *TINY, "--set", NEG]
+    status = cli("status", *short)
+    line = next(ln for ln in status.stdout.splitlines() if ln.startswith("negatives"))
+    assert line.split()[1] == "corrupt", status.stdout
+    run = cli("run", "--stage", "mosaic_tables", *short, "--set", "mosaic_tables.k=5")
+    assert run.returncode == 0, run.stderr
+    assert "negatives        corrupt" in run.stdout and "mosaic_tables    cached" in run.stdout
+    assert parquet_bytes(neg) == parquet_bytes(published(fresh, "negatives")[0])
+    assert cli("verify", "--work-dir", str(work)).returncode == 0
+
 
 def test_verify_marks_then_status_path_load_and_run(demo, tmp_path):
     work = tmp_path / "w"
