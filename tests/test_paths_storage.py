@@ -94,6 +94,10 @@ def test_manifest_path_relative_or_absolute_lands_under_its_name(demo, tmp_path)
     status = cli("status", "--dataset", "m.yaml", "--work-dir", str(work), cwd=manifest.parent)
     assert status.returncode == 0 and "ingest           done" in status.stdout
     assert cli("verify", "--dataset", str(manifest), "--work-dir", str(work)).returncode == 0
+    (artifact.parent / ".tmp-0123456789abcdef").mkdir()  # an abandoned run, for gc
+    gc = cli("gc", "--dataset", "../../m.yaml", "--work-dir", str(work), cwd=cwd)
+    assert gc.returncode == 0 and "freed" in gc.stdout, gc.stderr
+    assert not (artifact.parent / ".tmp-0123456789abcdef").exists() and artifact.exists()
 
 
 @pytest.mark.parametrize("name", ["../evil", "..", "a/b", "", "-x", "x" * 65])
