@@ -24,6 +24,7 @@ BENCHES = [
     ("negatives_bench.py", [], ["--queries", "12000"]),
     ("dataset_bench.py", [], []),
     ("multiview_bench.py", [], ["--requests", "8"]),
+    ("integrity_bench.py", [], ["--queries", "12000"]),
 ]
 
 

@@ -13,15 +13,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import load_config
-from pipeline.errors import NemoError, NotPublished
+from pipeline.errors import (
+    ArtifactCorrupt,
+    NemoError,
+    NotPublished,
+    StorageError,
+    UpstreamCorrupt,
+)
 from pipeline.executor import Executor, LocalExecutor
-from pipeline.io import read_json, read_table_dir, write_json
+from pipeline.io import read_json, write_json
 from pipeline.registry import load_registry
 from pipeline.runner import Pipeline
 from pipeline.stage import RunEnv
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from pipeline.upstream import UpstreamTable
 
 DEFAULT_WORK_DIR = "artifacts"
 LOCATIONS_FILE = "_locations.json"
@@ -32,11 +40,30 @@ def default_work_dir() -> Path:
     return Path(os.environ.get("NEMO_WORK_DIR", DEFAULT_WORK_DIR))
 
 
+def check_work_dir(work: Path) -> None:
+    """A work dir that is a file, or lies under one, is a StorageError now, not a traceback
+    from the first mkdir deep inside a run."""
+    for p in (work, *work.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == work else f"lies under {p}, which is"
+                raise StorageError(
+                    f"work dir {work} {what} not a directory; pass --work-dir (or "
+                    "NEMO_WORK_DIR) naming a directory, or remove the file")
+            return
+
+
 def resolve_locations(work_dir: Path, dataset: str,
                       given: dict[str, Path | None]) -> dict[str, Path | None]:
-    """Explicit values, else environment variables, else what an earlier run remembered."""
+    """Explicit values, else environment variables, else what an earlier run remembered.
+    `dataset` is the dataset's dir name under the work dir (`RunEnv.dir_name`)."""
     remembered_file = work_dir / dataset / LOCATIONS_FILE
-    remembered = read_json(remembered_file) if remembered_file.is_file() else {}
+    try:
+        remembered = read_json(remembered_file) if remembered_file.is_file() else {}
+    except (OSError, ValueError):
+        remembered = {}  # unreadable: as if never written (the next run rewrites it)
+    if not isinstance(remembered, dict):
+        remembered = {}
     out: dict[str, Path | None] = {}
     for name, env_var in LOCATION_ENV.items():
         value = given.get(name) or os.environ.get(env_var) or remembered.get(name)
@@ -45,9 +72,15 @@ def resolve_locations(work_dir: Path, dataset: str,
 
 
 def remember_locations(work_dir: Path, dataset: str, locations: dict[str, Path | None]) -> None:
+    """`dataset`: the dataset's dir name (`RunEnv.dir_name`)."""
     path = work_dir / dataset / LOCATIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {k: str(v) for k, v in locations.items() if v is not None})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {k: str(v) for k, v in locations.items() if v is not None})
+    except OSError as exc:
+        raise StorageError(f"cannot write {path} ({exc.strerror}); the work dir must be "
+                           "writable: fix its permissions, free space or pass another "
+                           "--work-dir") from None
 
 
 def open_pipeline(
@@ -60,15 +93,19 @@ def open_pipeline(
     executor: Executor | None = None,
     progress: bool = True,
 ) -> Pipeline:
-    work = Path(work_dir) if work_dir else default_work_dir()
+    from stages.datasets import dataset_spec
+
+    work = (Path(work_dir) if work_dir else default_work_dir()).absolute()
+    check_work_dir(work)
     registry = load_registry()
     cfg = load_config(registry, Path(config) if config else None, sets)
+    spec, name = dataset_spec(dataset)
     locations = resolve_locations(
-        work, dataset,
+        work, name,
         {"data_root": Path(data_root) if data_root else None,
          "images": Path(images) if images else None},
     )
-    env = RunEnv(work_dir=work.absolute(), dataset=dataset, locations=locations)
+    env = RunEnv(work_dir=work, dataset=spec, locations=locations, name=name)
     return Pipeline(registry, cfg, env, executor or LocalExecutor(), progress=progress)
 
 
@@ -95,8 +132,45 @@ def load(
         raise NemoError(f"stage {stage!r} has no table {table!r}; it writes "
                         f"{', '.join(cls.tables)}")
     r = pipe.resolve(stage)
-    if not pipe.store.is_published(dataset, stage, r.key):
+    if not pipe.store.is_published(pipe.env.dataset, stage, r.key):
         raise NotPublished(f"{stage} ({r.key}) for {dataset} is not built yet under "
                            f"{pipe.env.work_dir}; run `nemo-pipe run --stage {stage} "
                            f"--dataset {dataset}`")
-    return read_table_dir(pipe.artifact_dir(stage) / table)
+    try:
+        return published_table(pipe, stage, table).read()  # every part verified
+    except UpstreamCorrupt as exc:
+        raise ArtifactCorrupt(f"{exc.artifact}/{exc.file}: {exc.what}; run `nemo-pipe run "
+                              f"--stage {stage} --dataset {dataset}` to rebuild it") from None
+
+
+def published_table(pipe: Pipeline, stage: str, table: str) -> UpstreamTable:
+    """A verifying reference to a published table of the current config (what a stage gets
+    from `ctx.upstream_table`), for commands that read artifacts outside a stage (`load`,
+    `calibrate`); ArtifactCorrupt when the artifact fails its cheap check."""
+    from pipeline.upstream import manifest_files, upstream_table
+
+    artifact = check_published(pipe, stage)
+    key = pipe.resolve(stage).key
+    try:
+        manifest = pipe.store.manifest(pipe.env.dataset, stage, key)
+        files = manifest_files(manifest, artifact)
+    except (OSError, ValueError, UpstreamCorrupt):
+        raise ArtifactCorrupt(f"{artifact}: its manifest cannot be read; rebuild it with "
+                              f"`nemo-pipe run --stage {stage}`") from None
+    return upstream_table(artifact, stage, key, files, table)
+
+
+def check_published(pipe: Pipeline, stage: str) -> Path:
+    """The stage's published artifact dir, or ArtifactCorrupt when it is marked corrupt, its
+    manifest is unreadable, or a listed file is gone or has another size (a cheap check: no
+    hashing; `load` hashes what it reads)."""
+    from pipeline.verify import quick_check
+
+    artifact = pipe.artifact_dir(stage)
+    problems = quick_check(artifact)
+    if problems:
+        p = problems[0]
+        raise ArtifactCorrupt(
+            f"{artifact}: {p.file}: {p.what}; it must not be used. Rebuild it with `nemo-pipe "
+            f"run --stage {stage} --dataset {pipe.env.dataset}` (a corrupt artifact is rebuilt)")
+    return artifact

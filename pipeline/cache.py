@@ -12,18 +12,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import LockBusy
+from pipeline.errors import InputError, LockBusy
 from pipeline.io import MANIFEST, SUCCESS, canonical_json, read_json
 
 KEY_CHARS = 16
+# A dataset's dir name: one path component, never `.`/`..`, never a path.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 def artifact_key(
@@ -48,10 +51,23 @@ def artifact_key(
 
 @dataclass(frozen=True)
 class ArtifactStore:
+    """`names` maps a dataset as the stages know it (e.g. the absolute path of a data-manifest
+    file) to its dir name under the work dir; a dataset not in it must be a valid name itself,
+    so no path is ever built from user input."""
+
     work_dir: Path
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    def dataset_dir(self, dataset: str) -> Path:
+        name = self.names.get(dataset, dataset)
+        if not DATASET_NAME.fullmatch(name):
+            raise InputError(
+                f"dataset {dataset!r} cannot name a dir under the work dir {self.work_dir}: use "
+                "a dataset name (see --help) or a data-manifest .yaml path, whose `name` is used")
+        return self.work_dir / name
 
     def stage_dir(self, dataset: str, stage: str) -> Path:
-        return self.work_dir / dataset / stage
+        return self.dataset_dir(dataset) / stage
 
     def artifact_dir(self, dataset: str, stage: str, key: str) -> Path:
         return self.stage_dir(dataset, stage) / key
@@ -81,7 +97,7 @@ class ArtifactStore:
         if not self.work_dir.is_dir():
             return []
         return sorted(p.name for p in self.work_dir.iterdir() if p.is_dir()
-                      and not p.name.startswith("."))
+                      and DATASET_NAME.fullmatch(p.name))
 
     @contextlib.contextmanager
     def lock(self, dataset: str, stage: str, key: str, wait: bool = True) -> Iterator[None]:

@@ -96,7 +96,7 @@ def run(
         if any(i.needs_run for i in plan):
             from pipeline.api import remember_locations
 
-            remember_locations(pipe.env.work_dir, dataset, pipe.env.locations)
+            remember_locations(pipe.env.work_dir, pipe.env.dir_name, pipe.env.locations)
         pipe.execute(plan, wait=wait)
         typer.echo(str(pipe.artifact_dir(stage)))
     except NemoError as exc:
@@ -135,12 +135,14 @@ def status(
 def _stage_report(pipe, dataset: str, stage: str) -> None:
     import json
 
+    from pipeline.api import check_published
     from pipeline.errors import NotPublished
 
     key = pipe.resolve(stage).key
-    if not pipe.store.is_published(dataset, stage, key):
+    if not pipe.store.is_published(pipe.env.dataset, stage, key):
         raise NotPublished(f"{stage} ({key}) for {dataset} is not built under the current config")
-    manifest = pipe.store.manifest(dataset, stage, key)
+    check_published(pipe, stage)
+    manifest = pipe.store.manifest(pipe.env.dataset, stage, key)
     typer.echo(f"{stage} {key}  ({pipe.artifact_dir(stage)})")
     typer.echo(json.dumps({"params": manifest["params"], "tables": manifest.get("tables", {}),
                            "stats": manifest.get("stats", {})}, indent=2))
@@ -194,7 +196,11 @@ def path(
             raise NemoError(f"stage {stage!r} has no table {table!r}; it writes "
                             f"{', '.join(cls.tables)}")
         out = pipe.artifact_dir(stage)
-        published = pipe.store.is_published(dataset, stage, pipe.resolve(stage).key)
+        published = pipe.store.is_published(pipe.env.dataset, stage, pipe.resolve(stage).key)
+        if published:
+            from pipeline.api import check_published
+
+            check_published(pipe, stage)  # a corrupt artifact is an error, not a path to use
     except NemoError as exc:
         _fail(exc)
     typer.echo(str(out / table) if table else str(out))
@@ -209,13 +215,25 @@ def verify(
     dataset: str = typer.Option(None, "--dataset", "-d", help="Only this dataset."),
     work_dir: Path = WORK_DIR,
 ) -> None:
-    """Re-check every published artifact's files against its manifest (sha256, rows)."""
-    from pipeline.api import default_work_dir
+    """Re-check every published artifact's files against its manifest (sha256, rows); mark
+    each one with problems corrupt (`status` shows it, the next `run` rebuilds it)."""
+    from pipeline.api import check_work_dir, default_work_dir
     from pipeline.cache import ArtifactStore
     from pipeline.verify import verify_store
 
-    store = ArtifactStore((work_dir or default_work_dir()).absolute())
-    checked, problems = verify_store(store, dataset)
+    try:
+        work = (work_dir or default_work_dir()).absolute()
+        check_work_dir(work)
+        names: dict[str, str] = {}
+        if dataset is not None:
+            from stages.datasets import dataset_spec
+
+            spec, name = dataset_spec(dataset)
+            names, dataset = {spec: name}, spec
+        store = ArtifactStore(work, names)
+        checked, problems = verify_store(store, dataset)
+    except NemoError as exc:
+        _fail(exc)
     for p in problems:
         typer.secho(str(p), fg=typer.colors.RED, err=True)
     typer.echo(f"checked {checked} artifact(s): {len(problems)} problem(s)")
@@ -252,7 +270,11 @@ def gc(
     if dry_run:
         typer.echo(f"{len(garbage)} dir(s), {human_bytes(total)} would be freed (dry run)")
     else:
-        typer.echo(f"freed {human_bytes(collect(garbage))} in {len(garbage)} dir(s)")
+        try:
+            freed = collect(garbage, pipe.env.work_dir)
+        except NemoError as exc:
+            _fail(exc)
+        typer.echo(f"freed {human_bytes(freed)} in {len(garbage)} dir(s)")
 
 
 @app.command()
@@ -322,13 +344,16 @@ def preview(
     try:
         pipe = _open(dataset, work_dir, config, sets, data_root, images)
         key = pipe.resolve("shards").key
-        if not pipe.store.is_published(dataset, "shards", key):
+        if not pipe.store.is_published(pipe.env.dataset, "shards", key):
             raise NemoError(f"shards ({key}) for {dataset} is not built; run `nemo-pipe run "
                             f"--stage shards --dataset {dataset}` first")
+        from pipeline.api import check_published
+
+        check_published(pipe, "shards")
         from stages.datasets import load_data_manifest
         from stages.ingest import data_locations
 
-        _, images_dir = data_locations(pipe.env, load_data_manifest(dataset))
+        _, images_dir = data_locations(pipe.env, load_data_manifest(pipe.env.dataset))
     except NemoError as exc:
         _fail(exc)
     from pipeline.preview import render_preview

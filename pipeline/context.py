@@ -17,16 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import UpstreamCorrupt
 from pipeline.io import (
     ParquetFormat,
     ParquetStream,
     part_name,
     read_json,
-    read_table_dir,
     write_json,
     write_parquet,
 )
 from pipeline.stage import Params, RunEnv, Stage
+from pipeline.upstream import (
+    UpstreamFile,
+    UpstreamTable,
+    manifest_files,
+    upstream_file,
+    upstream_table,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -166,6 +173,7 @@ class StageContext:
     stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     _shards_done_here: int = 0
+    _manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- reading upstream ---------------------------------------------------------------
     def upstream_dir(self, stage: str) -> Path:
@@ -176,10 +184,40 @@ class StageContext:
         return self.store.artifact_dir(self.env.dataset, stage, self.upstream_keys[stage])
 
     def read_table(self, stage: str, table: str) -> pa.Table:
-        return read_table_dir(self.upstream_dir(stage) / table)
+        """A whole upstream table, every part verified against the upstream manifest."""
+        return self.upstream_table(stage, table).read()
+
+    def upstream_table(self, stage: str, table: str) -> UpstreamTable:
+        """A picklable, verifying reference to an upstream table, for shard payloads; read it
+        with `.read()` (or part by part: `.parts[i].read_table()`). Never hand shard workers
+        a plain path: what they read would not be checked."""
+        d = self.upstream_dir(stage)
+        return upstream_table(d, stage, self.upstream_keys[stage],
+                              manifest_files(self.upstream_manifest(stage), d), table)
+
+    def upstream_file(self, stage: str, rel: str) -> UpstreamFile:
+        """A verifying reference to one upstream file (e.g. `texts.faiss`): `.read_bytes()`."""
+        d = self.upstream_dir(stage)
+        return upstream_file(d, stage, self.upstream_keys[stage],
+                             manifest_files(self.upstream_manifest(stage), d), rel)
 
     def upstream_manifest(self, stage: str) -> dict[str, Any]:
-        return read_json(self.upstream_dir(stage) / "_manifest.json")
+        """The upstream's manifest, read once per run of this stage (its `files` hashes are
+        what every later read is checked against)."""
+        if stage not in self._manifests:
+            d = self.upstream_dir(stage)
+            try:
+                manifest = read_json(d / "_manifest.json")
+                if not isinstance(manifest, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise UpstreamCorrupt(
+                    f"upstream manifest {d / '_manifest.json'} cannot be read ({exc}); "
+                    f"rebuild it with `nemo-pipe run --stage {stage} --force`",
+                    stage=stage, key=self.upstream_keys[stage], artifact=str(d),
+                    file="_manifest.json", what="manifest unreadable") from None
+            self._manifests[stage] = manifest
+        return self._manifests[stage]
 
     # -- writing ------------------------------------------------------------------------
     def write_table(self, table: str, data: pa.Table, part: int = 0) -> None:

@@ -37,3 +37,27 @@ class NotPublished(NemoError):
 class StorageError(NemoError):
     """The work dir cannot be written (disk full, permissions, read-only); finished shards are
     kept, so the run resumes once the cause is fixed."""
+
+
+class UpstreamCorrupt(NemoError):
+    """A published artifact's file no longer matches its manifest (changed or gone after
+    publishing, or an unreadable manifest). Names the artifact, so the runner can mark it
+    corrupt and rebuild it before retrying the stage that read it."""
+
+    def __init__(self, message: str, *, stage: str = "", key: str = "", artifact: str = "",
+                 file: str = "", what: str = "") -> None:
+        super().__init__(message)
+        self.stage, self.key, self.artifact, self.file, self.what = stage, key, artifact, file, what
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (shard workers, dask)
+        return (_rebuild_upstream_corrupt, (str(self), self.stage, self.key, self.artifact,
+                                            self.file, self.what))
+
+
+def _rebuild_upstream_corrupt(message: str, stage: str, key: str, artifact: str, file: str,
+                              what: str) -> UpstreamCorrupt:
+    return UpstreamCorrupt(message, stage=stage, key=key, artifact=artifact, file=file, what=what)
+
+
+class ArtifactCorrupt(NemoError):
+    """A published artifact asked for by `path` / `load` fails its integrity check."""

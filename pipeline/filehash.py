@@ -7,6 +7,7 @@ its (size, mtime_ns); only new or touched files are read again, in parallel thre
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,27 +36,54 @@ def hash_file(path: Path) -> str:
 
 
 class FileHashCache:
+    """Only a cache: where its database cannot be created or written (read-only work dir, full
+    disk) digests are computed every time and a warning says so; `status` and `path` keep
+    working on a read-only work dir, and `run` fails on its first real write instead."""
+
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
-        with self._connect() as con:
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
-                "mtime_ns INTEGER, digest TEXT)"
-            )
-            con.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT)")
+        self._memo: dict[str, str] = {}
+        self.usable = True
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as con:
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                    "mtime_ns INTEGER, digest TEXT)"
+                )
+                con.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT)")
+        except (OSError, sqlite3.Error) as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        if self.usable:
+            log.warning("file hash cache %s unusable (%s); hashing input files without it",
+                        self.db_path, exc)
+        self.usable = False
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db_path, timeout=60)
 
     def get_memo(self, key: str) -> str | None:
-        with self._connect() as con:
-            row = con.execute("SELECT value FROM memo WHERE key = ?", (key,)).fetchone()
+        if not self.usable:
+            return self._memo.get(key)
+        try:
+            with self._connect() as con:
+                row = con.execute("SELECT value FROM memo WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            self._give_up(exc)
+            return self._memo.get(key)
         return row[0] if row else None
 
     def set_memo(self, key: str, value: str) -> None:
-        with self._connect() as con:
-            con.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, value))
+        self._memo[key] = value
+        if not self.usable:
+            return
+        try:
+            with self._connect() as con:
+                con.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, value))
+        except sqlite3.Error as exc:
+            self._give_up(exc)
 
     def digests(
         self,
@@ -64,11 +93,16 @@ class FileHashCache:
     ) -> dict[Path, FileDigest | None]:
         """Digest of each path, `None` for a missing file; reads only files the cache lacks."""
         paths = [Path(p).absolute() for p in paths]
-        with self._connect() as con:
-            known = {
-                row[0]: (row[1], row[2], row[3])
-                for row in con.execute("SELECT path, size, mtime_ns, digest FROM hashes")
-            }
+        known: dict[str, tuple[int, int, str]] = {}
+        if self.usable:
+            try:
+                with self._connect() as con:
+                    known = {
+                        row[0]: (row[1], row[2], row[3])
+                        for row in con.execute("SELECT path, size, mtime_ns, digest FROM hashes")
+                    }
+            except sqlite3.Error as exc:
+                self._give_up(exc)
         out: dict[Path, FileDigest | None] = {}
         stale: list[tuple[Path, int, int]] = []
         for p in paths:
@@ -94,6 +128,11 @@ class FileHashCache:
                     rows.append((str(p), size, mtime, digest))
                     if on_progress:
                         on_progress(1)
-            with self._connect() as con:
-                con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+            if self.usable:
+                try:
+                    with self._connect() as con:
+                        con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)",
+                                        rows)
+                except sqlite3.Error as exc:
+                    self._give_up(exc)
         return out

@@ -3,6 +3,11 @@
 Sweeping tau or K publishes a new artifact per value; without collection the work dir grows
 without bound. What the current config (defaults + `--config` + `--set`) resolves to is kept;
 a temp dir whose lock is held belongs to a running job and is kept too.
+
+gc deletes only inside the work dir and never through a link: every dir it would remove must
+resolve (symlinks followed) to exactly its place under the resolved work dir, else gc stops
+with a StorageError before removing anything. The dataset comes from `open_pipeline`, which
+accepts only a known dataset name or a data-manifest file (whose validated `name` is the dir).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import NemoError
+from pipeline.errors import NemoError, StorageError
 from pipeline.runner import Pipeline
 
 
@@ -40,6 +45,21 @@ def _locked(lock_path: Path) -> bool:
     return False
 
 
+def check_inside(path: Path, work_dir: Path) -> None:
+    """StorageError unless `path` is under `work_dir` with no symlink on the way (a link to
+    elsewhere, even to another dir of the work dir, is never followed for deletion)."""
+    work = work_dir.resolve()
+    try:
+        rel = path.absolute().relative_to(work_dir.absolute())
+    except ValueError:
+        rel = None
+    if rel is None or ".." in rel.parts or path.resolve() != work / rel:
+        raise StorageError(
+            f"gc: {path} resolves to {path.resolve()}, not to its place inside the work dir "
+            f"{work}; gc never deletes outside the work dir or through a symlink. Remove the "
+            "link (or delete what you mean to by hand), then rerun gc")
+
+
 def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
     """Temp and trash dirs of the pipeline's dataset; with `keep_current`, also every published
     artifact whose key the current config does not resolve to."""
@@ -49,6 +69,7 @@ def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
         stage_dir = store.stage_dir(dataset, name)
         if not stage_dir.is_dir():
             continue
+        check_inside(stage_dir, store.work_dir)
         current = None
         if keep_current:
             try:
@@ -67,10 +88,14 @@ def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
                     and path.name != current:
                 found.append(Garbage(path, f"not the current {name} ({current})",
                                      dir_bytes(path)))
+    for g in found:
+        check_inside(g.path, store.work_dir)
     return found
 
 
-def collect(garbage: list[Garbage]) -> int:
+def collect(garbage: list[Garbage], work_dir: Path) -> int:
+    for g in garbage:  # all checked before anything goes
+        check_inside(g.path, work_dir)
     freed = 0
     for g in garbage:
         shutil.rmtree(g.path, ignore_errors=True)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+CORRUPT = "_CORRUPT"  # written by `verify` or a stage that read a mismatching file
 SCHEMA_VERSION_KEY = b"nemo_pipe.schema_version"
 ZSTD_LEVEL = 3
 DEFAULT_ROW_GROUP_ROWS = 8192

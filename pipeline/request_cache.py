@@ -19,6 +19,7 @@ Why SQLite in WAL mode:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import StorageError
 
 __all__ = ["RequestCache", "prompt_hash"]
 
@@ -44,6 +47,29 @@ CREATE TABLE IF NOT EXISTS requests (
 # SQLite's default limit on host parameters is 999 in old builds; stay well below it.
 _MAX_PARAMS = 500
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+# SQLite's words for "the disk or the directory is the problem", not the data.
+_STORAGE_MESSAGES = ("disk is full", "unable to open", "readonly", "read-only", "disk i/o",
+                     "no such file or directory", "permission denied")
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Turn SQLite's and the OS's storage failures (full disk, unwritable or missing dir) into a
+    StorageError naming the file: `error: ...`, exit 2, instead of a traceback."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if not any(m in str(exc).lower() for m in _STORAGE_MESSAGES):
+            raise
+        raise StorageError(
+            f"request cache {path}: {exc}; free space on its disk, fix the permissions of "
+            f"{path.parent}, or choose another --work-dir. Finished requests are kept") from None
+    except OSError as exc:
+        raise StorageError(
+            f"request cache {path}: {exc.strerror or exc} ({exc.filename or path}); free "
+            "space, fix the permissions or choose another --work-dir") from None
 
 
 def prompt_hash(text: str, *extra: Any) -> str:
@@ -75,7 +101,8 @@ class RequestCache:
         self.path = Path(path)
         self.timeout = float(timeout)
         self.synchronous = synchronous.upper()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -103,13 +130,15 @@ class RequestCache:
         # isolation_level=None: autocommit; we open transactions explicitly (BEGIN IMMEDIATE)
         # so each put is exactly one committed transaction and writers take the lock up front
         # (no deadlock-prone read-then-upgrade).
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                               check_same_thread=False)
+        with storage_errors(self.path):
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            self._retry_locked(lambda: conn.execute(_SCHEMA))
+            with storage_errors(self.path):
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+                self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                self._retry_locked(lambda: conn.execute(_SCHEMA))
         except BaseException:
             conn.close()
             raise
@@ -230,17 +259,19 @@ class RequestCache:
         if not rows:
             return
         conn = self._connect()
-        self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
-        try:
-            conn.executemany(
-                "INSERT OR REPLACE INTO requests (model, prompt_hash, item_id, value, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with storage_errors(self.path):
+            self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO requests (model, prompt_hash, item_id, value, "
+                    "created) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # a full disk may have ended it
+                    conn.execute("ROLLBACK")
+                raise
 
     def delete(self, model: str, prompt_hash: str, item_id: str) -> bool:
         """Forget one request (e.g. a cached failure to retry); True if it was there."""

@@ -8,6 +8,7 @@ what makes `status`, `path` and `run --dry-run` cheap and exact.
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ from pipeline.context import (
     peak_rss_mb,
     prune_resume_state,
 )
-from pipeline.errors import NemoError, StorageError
+from pipeline.errors import NemoError, StorageError, UpstreamCorrupt
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.io import MANIFEST, SUCCESS, describe_file, library_versions, write_json
 from pipeline.registry import Registry
 from pipeline.stage import Params, RunEnv, Stage, key_params
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class PlanItem:
 @dataclass
 class StatusRow:
     name: str
-    state: str  # done | stale | missing | unresolved
+    state: str  # done | stale | missing | unresolved | corrupt
     key: str = ""
     rows: int | None = None
     bytes: int | None = None
@@ -86,7 +88,7 @@ class Pipeline:
 
     @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.env.work_dir)
+        return ArtifactStore(self.env.work_dir, {self.env.dataset: self.env.dir_name})
 
     # -- keys ----------------------------------------------------------------------------
     def resolve(self, name: str) -> Resolved:
@@ -150,6 +152,16 @@ class Pipeline:
                 rows.append(StatusRow(name, "unresolved", note=str(exc).splitlines()[0]))
                 continue
             if self.store.is_published(self.env.dataset, name, r.key):
+                from pipeline.verify import quick_check
+
+                d = self.store.artifact_dir(self.env.dataset, name, r.key)
+                problems = quick_check(d)
+                if problems:
+                    p = problems[0]
+                    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+                    rows.append(StatusRow(name, "corrupt", r.key,
+                                          note=f"{p.file}: {p.what}{more}; `run` rebuilds it"))
+                    continue
                 m = self.store.manifest(self.env.dataset, name, r.key)
                 files = m.get("files", {}).values()
                 rows.append(StatusRow(
@@ -177,12 +189,64 @@ class Pipeline:
             if item.needs_run:
                 r = self.resolve(item.name)
                 r.stage.preflight(self.env, r.params)
+        rebuilt: set[tuple[str, str]] = set()
         for item in plan:
             if item.needs_run:
-                self._execute(self.resolve(item.name), force=item.state in ("forced", "corrupt"),
-                              wait=wait)
+                self._execute_healing(item.name, item.state in ("forced", "corrupt"), wait,
+                                      rebuilt)
+
+    def _execute_healing(self, name: str, force: bool, wait: bool,
+                         rebuilt: set[tuple[str, str]]) -> None:
+        """Run a stage; if it finds an upstream file that no longer matches its manifest, mark
+        that artifact corrupt, rebuild it (once per run) and run the stage again. The failed
+        attempt published nothing and its tmp dir is gone: its shards may hold corrupt data."""
+        while True:
+            try:
+                self._execute(self.resolve(name), force=force, wait=wait)
+                return
+            except UpstreamCorrupt as exc:
+                target = (exc.stage, exc.key)
+                known = exc.stage in self.registry.names() and \
+                    self.resolve(exc.stage).key == exc.key
+                if not known or target in rebuilt:
+                    if target in rebuilt:
+                        raise UpstreamCorrupt(
+                            f"{exc} (still, after rebuilding {exc.stage} {exc.key} in this run: "
+                            "check the disk and the work dir for another writer)",
+                            stage=exc.stage, key=exc.key, artifact=exc.artifact,
+                            file=exc.file, what=exc.what) from None
+                    raise
+                from pipeline.verify import Problem, mark_corrupt
+
+                rebuilt.add(target)
+                artifact = Path(exc.artifact)
+                mark_corrupt(artifact, [Problem(artifact, exc.file, exc.what)],
+                             by=f"stage {name} reading it")
+                log.warning("%s: upstream %s (%s) is corrupt (%s: %s); rebuilding it, then "
+                            "%s again", name, exc.stage, exc.key, exc.file, exc.what, name)
+                try:
+                    self._execute_healing(exc.stage, True, wait, rebuilt)
+                except NemoError as inner:
+                    if inner.exit_code != 2:
+                        raise
+                    raise type(inner)(
+                        f"{exc.artifact}/{exc.file} {exc.what}, and rebuilding {exc.stage} "
+                        f"failed: {inner}") from None
 
     def _execute(self, r: Resolved, force: bool, wait: bool) -> None:
+        try:
+            self._execute_locked(r, force, wait)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            tmp = self.store.tmp_dir(self.env.dataset, r.name, r.key)
+            raise StorageError(
+                f"{r.name}: cannot write under {tmp.parent} ({exc.strerror}: "
+                f"{exc.filename or tmp}); nothing was published. Free space or fix the "
+                "permissions (or choose another --work-dir), then rerun: finished shards "
+                "are kept and resumed") from exc
+
+    def _execute_locked(self, r: Resolved, force: bool, wait: bool) -> None:
         store, dataset = self.store, self.env.dataset
         with store.lock(dataset, r.name, r.key, wait=wait):
             if store.is_published(dataset, r.name, r.key) and not force:
@@ -204,18 +268,13 @@ class Pipeline:
                 ctx.stats["peak_rss_mb"] = peak_rss_mb()
                 self._finalize(r, ctx, tmp)
                 store.publish(tmp, store.artifact_dir(dataset, r.name, r.key))
+            except StorageError:
+                raise  # the disk, not the data: finished shards are kept for the rerun
             except NemoError:
-                # Bad input or config: nothing worth resuming, and nothing is published.
+                # Bad input or config (or a corrupt upstream file): nothing worth resuming,
+                # and nothing is published.
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            except OSError as exc:
-                if exc.errno not in STORAGE_ERRNOS:
-                    raise
-                raise StorageError(
-                    f"{r.name}: cannot write under {tmp.parent} ({exc.strerror}: "
-                    f"{exc.filename or tmp}); nothing was published. Free space or fix the "
-                    "permissions (or choose another --work-dir), then rerun: finished shards "
-                    "are kept and resumed") from exc
 
     def _finalize(self, r: Resolved, ctx: StageContext, tmp: Path) -> None:
         shutil.rmtree(tmp / SHARD_MARKERS, ignore_errors=True)

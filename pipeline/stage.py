@@ -96,12 +96,19 @@ class RunEnv:
     """Where a run reads and writes: the work dir, the dataset, and named input locations.
 
     The engine treats `dataset` and `locations` as opaque; stages give them meaning (for the
-    REFER stages, `data_root` and `images`).
+    REFER stages, `data_root` and `images`). `name` is the dataset's dir under the work dir
+    (default: `dataset` itself, which must then be a valid name); it differs when `dataset` is
+    the path of a data-manifest file.
     """
 
     work_dir: Path
     dataset: str
     locations: dict[str, Path | None] = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def dir_name(self) -> str:
+        return self.name or self.dataset
 
 
 class Stage(ABC):

@@ -1,12 +1,32 @@
-"""Re-check published artifacts against their manifests (checksums, row counts, file set)."""
+"""Re-check published artifacts against their manifests (checksums, row counts, file set).
+
+What is found is written down: an artifact with problems gets a `_CORRUPT` file (JSON, the
+problems) next to its manifest. `status` then shows it `corrupt`, `path` and `load` refuse it, and
+the next `run` rebuilds it instead of saying `cached` (the plan's own check only compares sizes,
+so a same-size flipped byte would otherwise stay in use). Rebuilding publishes a fresh directory,
+which drops the mark; a later clean `verify` drops it too.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.cache import ArtifactStore
-from pipeline.io import MANIFEST, SUCCESS, parquet_rows, read_json, sha256_file
+from pipeline.io import (
+    CORRUPT,
+    MANIFEST,
+    SUCCESS,
+    parquet_rows,
+    read_json,
+    sha256_file,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,13 +39,25 @@ class Problem:
         return f"{self.artifact / self.file}: {self.what}"
 
 
-def verify_artifact(artifact: Path) -> list[Problem]:
+def _listed(artifact: Path) -> tuple[dict, list[Problem]]:
+    """The manifest's `files`, or the problem that makes it unusable."""
     try:
         manifest = read_json(artifact / MANIFEST)
     except (OSError, ValueError) as exc:
-        return [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
-    problems: list[Problem] = []
-    listed = manifest.get("files", {})
+        return {}, [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            and isinstance(v.get("bytes"), int) for v in files.values()):
+        return {}, [Problem(artifact, MANIFEST, "manifest has no valid `files` list")]
+    return files, []
+
+
+def verify_artifact(artifact: Path) -> list[Problem]:
+    """Every listed file there with its sha256 and row count, and no unlisted file."""
+    listed, problems = _listed(artifact)
+    if problems:
+        return problems
     for rel, want in sorted(listed.items()):
         path = artifact / rel
         if not path.is_file():
@@ -45,20 +77,20 @@ def verify_artifact(artifact: Path) -> list[Problem]:
                                         f"{rows} rows, manifest says {want['rows']}"))
     for path in sorted(artifact.rglob("*")):
         rel = path.relative_to(artifact).as_posix()
-        if path.is_file() and rel not in listed and rel not in (MANIFEST, SUCCESS):
+        if path.is_file() and rel not in listed and rel not in (MANIFEST, SUCCESS, CORRUPT):
             problems.append(Problem(artifact, rel, "not listed in the manifest"))
     return problems
 
 
 def quick_check(artifact: Path) -> list[Problem]:
-    """Cheap integrity check before reusing a cached artifact: every listed file is there with
-    its listed size (a deleted or truncated part). `verify_artifact` also re-hashes."""
-    try:
-        manifest = read_json(artifact / MANIFEST)
-    except (OSError, ValueError) as exc:
-        return [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
-    problems = []
-    for rel, want in sorted(manifest.get("files", {}).items()):
+    """Cheap integrity check before reusing a cached artifact: not marked corrupt, and every
+    listed file is there with its listed size (a deleted or truncated part). `verify_artifact`
+    also re-hashes; stages re-hash what they read."""
+    marked = corrupt_marks(artifact)
+    if marked:
+        return marked
+    files, problems = _listed(artifact)
+    for rel, want in sorted(files.items()):
         path = artifact / rel
         if not path.is_file():
             problems.append(Problem(artifact, rel, "missing"))
@@ -68,15 +100,53 @@ def quick_check(artifact: Path) -> list[Problem]:
     return problems
 
 
-def verify_store(store: ArtifactStore, dataset: str | None = None) -> tuple[int, list[Problem]]:
-    """(number of artifacts checked, problems found) over every published artifact."""
+def corrupt_marks(artifact: Path) -> list[Problem]:
+    """The problems recorded in the artifact's `_CORRUPT` mark (none if unmarked)."""
+    path = artifact / CORRUPT
+    if not path.exists():
+        return []
+    try:
+        found = read_json(path)["problems"]
+        out = [Problem(artifact, str(p["file"]), str(p["what"])) for p in found]
+    except (OSError, ValueError, KeyError, TypeError):
+        out = []
+    return out or [Problem(artifact, CORRUPT, "marked corrupt")]
+
+
+def mark_corrupt(artifact: Path, problems: list[Problem], by: str) -> bool:
+    """Write the `_CORRUPT` mark; False (and a warning) where the work dir is read-only."""
+    data = {"problems": [{"file": p.file, "what": p.what} for p in problems], "by": by,
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        write_json(artifact / CORRUPT, data)
+    except OSError as exc:
+        log.warning("cannot mark %s corrupt (%s)", artifact, exc.strerror)
+        return False
+    return True
+
+
+def unmark(artifact: Path) -> None:
+    with contextlib.suppress(OSError):
+        (artifact / CORRUPT).unlink(missing_ok=True)
+
+
+def verify_store(store: ArtifactStore, dataset: str | None = None,
+                 mark: bool = True) -> tuple[int, list[Problem]]:
+    """(number of artifacts checked, problems found) over every published artifact. With
+    `mark`, each artifact's `_CORRUPT` mark is set to what was found (removed when clean)."""
     checked, problems = 0, []
     for ds in [dataset] if dataset else store.datasets():
-        ds_dir = store.work_dir / ds
+        ds_dir = store.dataset_dir(ds)
         if not ds_dir.is_dir():
             continue
         for stage_dir in sorted(p for p in ds_dir.iterdir() if p.is_dir()):
             for key in store.published_keys(ds, stage_dir.name):
                 checked += 1
-                problems.extend(verify_artifact(store.artifact_dir(ds, stage_dir.name, key)))
+                artifact = store.artifact_dir(ds, stage_dir.name, key)
+                found = verify_artifact(artifact)
+                problems.extend(found)
+                if mark and found:
+                    mark_corrupt(artifact, found, by="nemo-pipe verify")
+                elif mark:
+                    unmark(artifact)
     return checked, problems

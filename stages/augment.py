@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import read_table_dir
 from pipeline.stage import Count, Device, Name, Params, RunEnv, Seed, Splits, Stage, runtime_field
+from pipeline.upstream import UpstreamTable
 from stages.datasets import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
@@ -94,7 +95,7 @@ class Augment(Stage):
         ids = sorted(s for s, r in zip(sents.column("sent_id").to_pylist(),
                                        sents.column("ref_id").to_pylist(), strict=True)
                      if r in keep)
-        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+        dirs = {t: ctx.upstream_table("ingest", t)
                 for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
         tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard], "dirs": dirs,
@@ -143,27 +144,27 @@ _CACHE: dict[str, Any] = {}
 _VLLM: dict[tuple[str, int], Any] = {}  # one vLLM engine per worker process
 
 
-def _scene(dirs: dict[str, str]) -> dict[str, Any]:
+def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
     """Per-process lookups: sentence text, the target box and same-class boxes per ref."""
-    if dirs["refs"] in _CACHE:
-        return _CACHE[dirs["refs"]]
-    refs = {r["ref_id"]: r for r in read_table_dir(Path(dirs["refs"])).to_pylist()}
-    sents = read_table_dir(Path(dirs["sentences"])).select(["sent_id", "ref_id", "sent"])
-    objects = read_table_dir(Path(dirs["objects"])).select(
+    if dirs["refs"].ident in _CACHE:
+        return _CACHE[dirs["refs"].ident]
+    refs = {r["ref_id"]: r for r in dirs["refs"].read().to_pylist()}
+    sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
+    objects = dirs["objects"].read().select(
         ["ann_id", "image_id", "category_id", "bbox", "iscrowd"]).to_pylist()
     images = {i["image_id"]: (i["width"], i["height"])
-              for i in read_table_dir(Path(dirs["images"])).to_pylist()}
+              for i in dirs["images"].read().to_pylist()}
     by_image: dict[int, list[dict[str, Any]]] = {}
     for o in objects:
         by_image.setdefault(o["image_id"], []).append(o)
     _CACHE.clear()
-    _CACHE[dirs["refs"]] = {
+    _CACHE[dirs["refs"].ident] = {
         "refs": refs, "images": images, "objects": by_image,
         "sent": dict(zip(sents.column("sent_id").to_pylist(),
                          zip(sents.column("ref_id").to_pylist(), sents.column("sent").to_pylist(),
                              strict=True), strict=True)),
     }
-    return _CACHE[dirs["refs"]]
+    return _CACHE[dirs["refs"].ident]
 
 
 def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:

@@ -523,16 +523,15 @@ def calibrate_tables(
     return CalibrationResult(acc.rows(relevance, scale), taus_l, ks_l, relevance, scale)
 
 
-def _read_dir(table_dir: Path, columns: list[str]) -> Iterable[pa.Table]:
-    import pyarrow.parquet as pq
+def _read_dir(pipe: Pipeline, stage: str, table: str, columns: list[str]) -> Iterable[pa.Table]:
+    """The parts of a published table, each checked against its manifest's sha256."""
+    from pipeline.api import published_table
 
-    from pipeline.io import table_files
-
-    parts = table_files(table_dir)
-    if not parts:
-        raise NemoError(f"calibrate: no part-*.parquet files in {table_dir}")
-    for path in parts:
-        yield pq.read_table(path, columns=columns)
+    ref = published_table(pipe, stage, table)
+    if not ref.parts:
+        raise NemoError(f"calibrate: no part-*.parquet files in {ref.dir}")
+    for part in ref.parts:
+        yield part.read_table(columns)
 
 
 def calibrate(
@@ -561,13 +560,12 @@ def calibrate(
             raise NotPublished(f"calibrate: {stage} ({key}) for {dataset} is not built under "
                                f"{pipe.env.work_dir}; run `nemo-pipe run --stage negatives "
                                f"--dataset {dataset}` first")
-    ingest = pipe.artifact_dir("ingest")
     negatives_dir = pipe.artifact_dir("negatives")
     tables: dict[str, Any] = {
-        name: pa.concat_tables(list(_read_dir(ingest / name, cols)))
+        name: pa.concat_tables(list(_read_dir(pipe, "ingest", name, cols)))
         for name, cols in _INGEST_COLUMNS.items()
     }
-    tables["negatives"] = _read_dir(negatives_dir / "negatives", _NEG_COLUMNS)
+    tables["negatives"] = _read_dir(pipe, "negatives", "negatives", _NEG_COLUMNS)
     result = calibrate_tables(tables, taus, ks, relevance, scale)
     manifest = read_json(negatives_dir / "_manifest.json")
     result.meta = {

@@ -1,7 +1,9 @@
 """Data manifests: which files make up a dataset layout, its splits and published counts.
 
 `--dataset NAME` looks up `data_manifests/NAME.yaml` shipped with the package; a path to a YAML
-file of the same schema works too, for a custom REFER-format dataset.
+file of the same schema works too, for a custom REFER-format dataset. Either way the artifacts
+live under `<work>/<name>/`, `name` being the manifest's validated `name` (never the path: a
+`--dataset ../../m.yaml` must not write outside the work dir); see `dataset_spec`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.cache import DATASET_NAME
 from pipeline.errors import InputError
 from pipeline.stage import INT_MAX
 
@@ -53,11 +56,36 @@ class DataManifest(BaseModel):
     source_path: str = ""
     digest: str = ""
 
+    @field_validator("name")
+    @classmethod
+    def _dir_name(cls, v: str) -> str:
+        if not DATASET_NAME.fullmatch(v):
+            raise ValueError(f"name {v!r} must be 1-64 letters, digits or . _ + - starting "
+                             "with a letter or digit (it names the dataset's dir in the work "
+                             "dir)")
+        return v
+
     def refs_path(self, data_root: Path) -> Path:
         return data_root / self.dir / self.refs_file
 
     def instances_path(self, data_root: Path) -> Path:
         return data_root / self.dir / self.instances_file
+
+
+def is_manifest_path(dataset: str) -> bool:
+    return dataset.endswith((".yaml", ".yml"))
+
+
+def dataset_spec(dataset: str) -> tuple[str, str]:
+    """`--dataset` value -> (what `load_data_manifest` is given from now on, the name of the
+    dataset's dir in the work dir). A manifest path becomes absolute (shard workers and later
+    commands may run elsewhere) and its dir is the manifest's `name`; a known dataset is its
+    own name. Anything else is an InputError, before any path is built from it."""
+    if is_manifest_path(dataset):
+        spec = str(Path(dataset).expanduser().absolute())
+        return spec, load_data_manifest(spec).name
+    load_data_manifest(dataset)
+    return dataset, dataset
 
 
 def known_datasets() -> list[str]:
@@ -68,15 +96,18 @@ def known_datasets() -> list[str]:
 @lru_cache(maxsize=32)
 def load_data_manifest(dataset: str) -> DataManifest:
     """The manifest of a known dataset name, or of a YAML file path."""
-    if dataset.endswith((".yaml", ".yml")):
+    if is_manifest_path(dataset):
         path = Path(dataset)
         if not path.is_file():
             raise InputError(f"data manifest {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"data manifest {path} cannot be read ({exc})") from None
         source = str(path)
     else:
         res = resources.files("data_manifests") / f"{dataset}.yaml"
-        if not res.is_file():
+        if not DATASET_NAME.fullmatch(dataset) or not res.is_file():
             raise InputError(
                 f"unknown dataset {dataset!r}; known: {', '.join(known_datasets())} "
                 "(or pass the path of a data-manifest YAML file)"

@@ -153,7 +153,8 @@ class HardNegatives(Stage):
                              sents.column("sent").to_pylist(), strict=True))
         rules = TextRules(refs, sent_ref, sent_text, p.source_splits)
         texts = ctx.read_table("embed_texts", "embeddings")
-        index = faiss.read_index(str(ctx.upstream_dir("index") / "texts.faiss"))
+        index = faiss.deserialize_index(np.frombuffer(  # verified bytes, parsed in memory
+            ctx.upstream_file("index", "texts.faiss").read_bytes(), dtype=np.uint8))
         row_sent = ctx.read_table("index", "text_ids").column("sent_id").to_numpy()
         text_ids: dict[str, int] = {}  # normalised text -> id: "Left." and "left" are one text
         rows_info = {

@@ -23,8 +23,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import ConfigError, InputError
-from pipeline.io import read_table_dir, table_files
 from pipeline.stage import INT_MAX, ParamDomainError, Params, RunEnv, Stage
+from pipeline.upstream import UpstreamTable
 from stages.datasets import load_data_manifest
 
 if TYPE_CHECKING:
@@ -153,11 +153,11 @@ class MosaicTables(Stage):
         import numpy as np
 
         p: MosaicParams = ctx.params  # type: ignore[assignment]
-        parts = table_files(ctx.upstream_dir("negatives") / "negatives")
-        sentences = str(ctx.upstream_dir("ingest") / "sentences")
-        tasks = [ShardTask(int(path.stem.split("-")[1]),
-                           {"part": str(path), "sentences": sentences, "params": p.model_dump()})
-                 for path in parts]
+        parts = ctx.upstream_table("negatives", "negatives").parts
+        sentences = ctx.upstream_table("ingest", "sentences")
+        tasks = [ShardTask(int(Path(part.rel).stem.split("-")[1]),
+                           {"part": part, "sentences": sentences, "params": p.model_dump()})
+                 for part in parts]
         stats = ctx.run_shards(_mosaic_shard, tasks, desc="filter")
         n = sum(s["queries"] for s in stats)
         short = sum(s["short"] for s in stats)
@@ -198,24 +198,23 @@ def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:
 _TOKENS: dict[str, dict[int, list[str]]] = {}
 
 
-def _tokens_by_sent(sentences_dir: str) -> dict[int, list[str]]:
-    if sentences_dir not in _TOKENS:
-        t = read_table_dir(Path(sentences_dir)).select(["sent_id", "tokens"])
+def _tokens_by_sent(sentences: UpstreamTable) -> dict[int, list[str]]:
+    if sentences.ident not in _TOKENS:
+        t = sentences.read(["sent_id", "tokens"])
         _TOKENS.clear()
-        _TOKENS[sentences_dir] = dict(zip(t.column("sent_id").to_pylist(),
-                                          t.column("tokens").to_pylist(), strict=True))
-    return _TOKENS[sentences_dir]
+        _TOKENS[sentences.ident] = dict(zip(t.column("sent_id").to_pylist(),
+                                            t.column("tokens").to_pylist(), strict=True))
+    return _TOKENS[sentences.ident]
 
 
 def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from stages.positional import quadrants_for_tokens
 
     p = MosaicParams(**payload["params"])
-    neg = pq.read_table(payload["part"])
+    neg = payload["part"].read_table()
     cand = neg.column("cand_image_ids").combine_chunks()
     offsets = cand.offsets.to_numpy()
     flat_ids = cand.values.to_numpy()

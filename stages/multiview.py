@@ -28,7 +28,6 @@ from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
-from pipeline.io import read_table_dir
 from pipeline.stage import (
     INT_MAX,
     Count,
@@ -41,6 +40,7 @@ from pipeline.stage import (
     Stage,
     runtime_field,
 )
+from pipeline.upstream import UpstreamTable
 from stages.datasets import check_splits, load_data_manifest
 from stages.ingest import data_locations
 
@@ -106,7 +106,7 @@ class Multiview(Stage):
         if p.limit_images:
             image_ids = image_ids[:p.limit_images]
             single = [r for r in single if r["image_id"] in set(image_ids)]
-        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+        dirs = {t: ctx.upstream_table("ingest", t)
                 for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
                                "splits": p.splits, "dirs": dirs,
@@ -145,17 +145,17 @@ def check_model_backend(p: MultiviewParams) -> None:
 _CACHE: dict[str, Any] = {}
 
 
-def instances_by_image(dirs: dict[str, str], splits: list[str]) -> dict[int, list[dict]]:
+def instances_by_image(dirs: dict[str, UpstreamTable],
+                       splits: list[str]) -> dict[int, list[dict]]:
     """Per image: every single-target referent of `splits` with its annotation and sentences."""
-    key = dirs["refs"] + ",".join(splits)
+    key = dirs["refs"].ident + ",".join(splits)
     if key in _CACHE:
         return _CACHE[key]
-    refs = read_table_dir(Path(dirs["refs"])).to_pylist()
-    sents = read_table_dir(Path(dirs["sentences"])).select(["ref_id", "sent"]).to_pylist()
-    objects = {o["ann_id"]: o for o in read_table_dir(Path(dirs["objects"])).to_pylist()}
-    cats = {c["category_id"]: c["name"]
-            for c in read_table_dir(Path(dirs["categories"])).to_pylist()}
-    images = {i["image_id"]: i for i in read_table_dir(Path(dirs["images"])).to_pylist()}
+    refs = dirs["refs"].read().to_pylist()
+    sents = dirs["sentences"].read().select(["ref_id", "sent"]).to_pylist()
+    objects = {o["ann_id"]: o for o in dirs["objects"].read().to_pylist()}
+    cats = {c["category_id"]: c["name"] for c in dirs["categories"].read().to_pylist()}
+    images = {i["image_id"]: i for i in dirs["images"].read().to_pylist()}
     texts: dict[int, list[str]] = {}
     for s in sents:
         texts.setdefault(s["ref_id"], []).append(s["sent"])

@@ -14,7 +14,6 @@ Ties are broken by ascending image_id.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -22,6 +21,7 @@ from pydantic import Field
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat
 from pipeline.stage import INT_MAX, Count, Device, Params, RunEnv, Splits, Stage, runtime_field
+from pipeline.upstream import UpstreamTable
 from stages.datasets import check_splits, load_data_manifest
 from stages.topm import select_topm
 
@@ -72,9 +72,9 @@ class Negatives(Stage):
         queries = sorted((s, r, ref_image[r]) for s, r in zip(
             sents.column("sent_id").to_pylist(), sents.column("ref_id").to_pylist(), strict=True)
             if r in ref_image)
-        dirs = {"images": str(ctx.upstream_dir("embed_images") / "embeddings"),
-                "texts": str(ctx.upstream_dir("embed_texts") / "embeddings"),
-                "refs": str(ctx.upstream_dir("ingest") / "refs"),
+        dirs = {"images": ctx.upstream_table("embed_images", "embeddings"),
+                "texts": ctx.upstream_table("embed_texts", "embeddings"),
+                "refs": ctx.upstream_table("ingest", "refs"),
                 "train_split": manifest.train_split}
         tasks = [ShardTask(n, {"queries": queries[s:s + p.queries_per_shard], "dirs": dirs,
                                "params": p.model_dump()})
@@ -100,36 +100,33 @@ def _cached(key: str, build: Any) -> Any:
     return _CACHE[key]
 
 
-def _embeddings_by_id(table_dir: str, id_col: str) -> tuple[np.ndarray, np.ndarray]:
+def _embeddings_by_id(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted ascending, float32 matrix in that order)."""
     import numpy as np
 
-    from pipeline.io import read_table_dir
     from stages.embed import embeddings_matrix
 
-    t = read_table_dir(Path(table_dir))
+    t = table.read()
     ids = t.column(id_col).to_numpy()
     order = np.argsort(ids, kind="stable")
     return ids[order], embeddings_matrix(t.column("embedding"))[order]
 
 
-def _pool(dirs: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def _pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Train-split images that have an embedding: (image ids ascending, vectors)."""
     def build() -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
         import pyarrow.compute as pc
 
-        from pipeline.io import read_table_dir
-
-        refs = read_table_dir(Path(dirs["refs"]))
+        refs = dirs["refs"].read()
         train = refs.filter(pc.equal(refs.column("split"), dirs["train_split"]))
         train_ids = np.unique(train.column("image_id").to_numpy())
-        ids, vecs = _cached("img:" + dirs["images"],
+        ids, vecs = _cached("img:" + dirs["images"].ident,
                             lambda: _embeddings_by_id(dirs["images"], "image_id"))
         keep = np.isin(ids, train_ids)
         return ids[keep], np.ascontiguousarray(vecs[keep])
 
-    return _cached("pool:" + dirs["images"] + dirs["refs"], build)
+    return _cached("pool:" + dirs["images"].ident + dirs["refs"].ident, build)
 
 
 def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
@@ -286,9 +283,9 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
     p = NegativesParams(**payload["params"])
     dirs = payload["dirs"]
     pool_ids, pool_vecs = _pool(dirs)
-    img_ids, img_vecs = _cached("img:" + dirs["images"],
+    img_ids, img_vecs = _cached("img:" + dirs["images"].ident,
                                 lambda: _embeddings_by_id(dirs["images"], "image_id"))
-    txt_ids, txt_vecs = _cached("txt:" + dirs["texts"],
+    txt_ids, txt_vecs = _cached("txt:" + dirs["texts"].ident,
                                 lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
     device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if p.device == "auto" else p.device))

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
-from pipeline.io import ParquetFormat, part_name, read_json, read_table_dir
+from pipeline.io import ParquetFormat, part_name, read_json
 from pipeline.stage import INT_MAX, Count, Params, Stage
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
@@ -83,12 +83,12 @@ class Shards(Stage):
         for sid, rid in zip(sents.column("sent_id").to_pylist(),
                             sents.column("ref_id").to_pylist(), strict=True):
             by_split.setdefault(split_of[rid], []).append(sid)
-        dirs = {t: str(ctx.upstream_dir("ingest") / t)
+        dirs = {t: ctx.upstream_table("ingest", t)
                 for t in ("refs", "sentences", "objects", "images")}
-        dirs["mosaic"] = str(ctx.upstream_dir("mosaic_tables") / "mosaic")
+        dirs["mosaic"] = ctx.upstream_table("mosaic_tables", "mosaic")
         dirs["train_split"] = manifest.train_split
         if p.with_hard_negatives:
-            dirs["hard_negatives"] = str(ctx.upstream_dir("hard_negatives") / "hard_negatives")
+            dirs["hard_negatives"] = ctx.upstream_table("hard_negatives", "hard_negatives")
         tasks = []
         for split in manifest.splits:
             ids = sorted(by_split.get(split, []))
@@ -156,17 +156,17 @@ def upstream_artifacts(ctx: StageContext) -> dict[str, dict[str, Any]]:
 _CACHE: dict[str, Any] = {}
 
 
-def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
+def _lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
-    key = dirs["refs"] + dirs["mosaic"] + dirs.get("hard_negatives", "") + dirs["train_split"]
+    key = "|".join(str(v) for v in dirs.values())  # UpstreamTable: dir and content hash
     if key in _CACHE:
         return _CACHE[key]
-    refs = read_table_dir(Path(dirs["refs"])).to_pylist()
-    sents = read_table_dir(Path(dirs["sentences"])).select(["sent_id", "ref_id", "sent"])
-    objects = read_table_dir(Path(dirs["objects"])).select(["ann_id", "rle"])
-    images = read_table_dir(Path(dirs["images"])).select(["image_id", "file_name", "width",
-                                                          "height"]).to_pylist()
-    mosaic = read_table_dir(Path(dirs["mosaic"]))
+    refs = dirs["refs"].read().to_pylist()
+    sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
+    objects = dirs["objects"].read().select(["ann_id", "rle"])
+    images = dirs["images"].read().select(["image_id", "file_name", "width",
+                                           "height"]).to_pylist()
+    mosaic = dirs["mosaic"].read()
     ref_by_id = {r["ref_id"]: r for r in refs}
     sent_rows = {s: (r, t) for s, r, t in zip(sents.column("sent_id").to_pylist(),
                                                sents.column("ref_id").to_pylist(),
@@ -179,7 +179,7 @@ def _lookups(dirs: dict[str, str]) -> dict[str, Any]:
         refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
     hard = {}
     if "hard_negatives" in dirs:
-        hard = {r["sent_id"]: r for r in read_table_dir(Path(dirs["hard_negatives"])).to_pylist()}
+        hard = {r["sent_id"]: r for r in dirs["hard_negatives"].read().to_pylist()}
     _CACHE.clear()
     _CACHE[key] = {
         "train_split": dirs["train_split"],
