@@ -148,9 +148,13 @@ def run_audit(pipe: Pipeline, train_split: str | None = None,
              if s in states and states[s].state == "done"}
     hint = f"nemo-pipe run --stage shards --dataset {dataset}"
     if not any(s in built for s in AUDITED_STAGES):
+        why = ", ".join(f"{s} {states[s].state}" for s in AUDITED_STAGES if s in states)
+        notes = [states[s].note for s in AUDITED_STAGES
+                 if s in states and states[s].state == "unresolved"]
+        why += f": {notes[0]}" if notes else ""
         raise InputError(
             f"nothing to audit for {dataset} under {pipe.env.work_dir}: mosaic_tables, "
-            "hard_negatives and shards are not built under the current config; run "
+            f"hard_negatives and shards are not built under the current config ({why}); run "
             f"`{hint}` (with the same --config/--set options) first")
     if "ingest" not in built:
         raise InputError(
