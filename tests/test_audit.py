@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 N_CLEAN = 3  # negatives per row in the hand-made clean set
 
 
-def pipe_for(demo, work, *extra):
-    return open_pipeline("refcoco", work, data_root=demo.refer_root, images=demo.images_dir,
+def pipe_for(demo, work, *extra, dataset="refcoco"):
+    return open_pipeline(dataset, work, data_root=demo.refer_root, images=demo.images_dir,
                          sets=[*SETS, *extra], progress=False)
 
 
@@ -235,7 +235,20 @@ def brute_force(pipe, t: Truth) -> tuple[Counter, dict[str, set]]:
 
 
 def test_counts_equal_a_brute_force_pass_over_the_published_tables(built, demo):
-    pipe = pipe_for(demo, built)
+    check_against_brute_force(pipe_for(demo, built))
+
+
+def test_grefcoco_counts_equal_a_brute_force_pass(demo, tmp_path):
+    """Multi-target and no-target referents: target sets, not referents, decide positives."""
+    pipe = pipe_for(demo, tmp_path / "work", dataset="grefcoco")
+    pipe.run("shards")
+    t = Truth(pipe)
+    assert any(len(r["ann_ids"]) > 1 for r in t.ref.values())
+    assert any(not r["ann_ids"] for r in t.ref.values())
+    check_against_brute_force(pipe)
+
+
+def check_against_brute_force(pipe) -> None:
     t = Truth(pipe)
     counts, rows = brute_force(pipe, t)
     result = run_audit(pipe, max_examples=10**9)
