@@ -29,7 +29,7 @@ PYTEST_ARGS ?= -n 2
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
       --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview hard-negatives shards preview status bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview hard-negatives shards preview status audit bench clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ demo: demo-data
 	done
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
 	$(NEMO) preview $(WORK)/preview-$(DATASET).png --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS)
+# The audit of every layout's training material: any finding fails the demo (after all ran).
+	@st=0; for ds in $(DEMO_DATASETS); do \
+	  echo "== audit $$ds"; \
+	  $(NEMO) audit --dataset $$ds --work-dir $(WORK) $(DEMO_SETS) || st=1; \
+	done; exit $$st
 
 ingest: setup
 	$(RUN) --stage ingest
@@ -86,6 +91,10 @@ preview: setup
 
 status: setup
 	$(NEMO) status --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS) $(SET)
+
+# split leaks, positives among negatives, duplicate / own-image negatives, K (exit 1 on findings)
+audit: setup
+	$(NEMO) audit --dataset $(DATASET) --work-dir $(WORK) $(DEMO_SETS) $(SET)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

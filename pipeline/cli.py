@@ -328,6 +328,30 @@ def report(
 
 
 @app.command()
+def audit(
+    dataset: str = DATASET,
+    json_out: Path = typer.Option(None, "--json", help="Also write the findings as JSON here."),
+    data_root: Path = DATA_ROOT,
+    images: Path = IMAGES,
+    work_dir: Path = WORK_DIR,
+    config: Path = CONFIG,
+    sets: list[str] = SETS,
+) -> None:
+    """Check the published training material (mosaic, hard_negatives, shards) against ingest:
+    evaluation sentences or images used for training, positives among negatives, duplicate or
+    own-image negatives, K shortfalls. Exit 1 on any finding, 0 when clean."""
+    from stages.audit import audit_command, format_audit
+
+    try:
+        result = audit_command(dataset, work_dir, config, sets, data_root, images, json_out)
+    except NemoError as exc:
+        _fail(exc)
+    typer.echo(format_audit(result))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def preview(
     out: Path = typer.Argument(..., help="PNG file to write."),
     dataset: str = DATASET,

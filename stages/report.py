@@ -11,7 +11,8 @@ file with every image embedded as a base64 PNG data URI, inline CSS and no exter
    `stages.mosaic_tables.select_negatives` (the stage's own filter), also as tables;
 4. hard-negative counts by kind (`hard_negatives`, else the shards' `hn_kinds`) and augment's
    per-kind report;
-5. a contact sheet of training mosaics (`pipeline.preview.render_preview`).
+5. a contact sheet of training mosaics (`pipeline.preview.render_preview`);
+6. the audit of the training material (`stages.audit.run_audit`, what `nemo-pipe audit` prints).
 
 A section whose stage is not built under the current config says so. The negatives table is
 read one part file at a time, so memory stays at one part (8192 queries by default) however
@@ -62,6 +63,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.current td, td.current { background: #fff4c2; font-weight: bold; }
 .state-done { color: #1a7f37; } .state-missing, .state-unresolved { color: #b3261e; }
 .state-stale { color: #9a6700; }
+.audit-ok { color: #1a7f37; } .audit-finding { color: #b3261e; font-weight: bold; }
+.audit-skipped { color: #555; }
 .note { background: #f6f8fa; border-left: 4px solid #9a6700; padding: .5em .8em; }
 .meta, .caption { color: #555; font-size: .9em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -94,6 +97,7 @@ def write_report(pipe: Pipeline, out_html: Path, images_dir: Path | None = None,
         _section_scores_and_kept(ctx, taus, ks, max_sweep_queries),
         _section_hard_negatives(ctx),
         _section_mosaics(ctx, images_dir, n_mosaics),
+        _section_audit(ctx),
     ]
     doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
            f"<title>nemo-pipe report: {_e(pipe.env.dataset)}</title>"
@@ -698,6 +702,34 @@ def _section_mosaics(ctx: _Context, images_dir: Path | None, n: int) -> str:
             "positive's quadrant framed yellow, the sentence (+) and its first hard negatives "
             "(-, with their kinds) below (the same sheet as <code>nemo-pipe preview</code>).</p>")
     return head + text + _img(png, "contact sheet of training mosaics") + "</section>"
+
+
+# -- 6. audit ----------------------------------------------------------------------------------
+def _section_audit(ctx: _Context) -> str:
+    """The table `nemo-pipe audit` prints, from the same function."""
+    from stages.audit import check_detail, example_text, run_audit
+
+    head = "<section id='audit'><h2>6. Audit of the training material</h2>"
+    try:
+        result = run_audit(ctx.pipe, train_split=_train_split(ctx))
+    except NemoError as exc:
+        return head + f"<p class='note'>No audit: {_e(exc)}</p></section>"
+    verdict = (f"{result.findings} check(s) with findings: this training material should not "
+               "be used as it is." if result.findings else "No findings.")
+    text = ("<p>The published <code>mosaic</code>, <code>hard_negatives</code> and training "
+            "shards checked against ingest's refs and sentences, independently of the stages' "
+            f"code (<code>nemo-pipe audit</code>). {_e(verdict)}</p>")
+    rows = ["<tr><th>check</th><th>status</th><th>count</th><th>rows</th><th>detail</th>"
+            "<th>examples</th></tr>"]
+    for c in result.checks:
+        examples = "<br>".join(_e(example_text(x)) for x in c.examples[:3]) or "-"
+        rows.append(
+            f"<tr data-check='{_e(c.name)}'><td>{_e(c.name)}<br><span class='caption'>"
+            f"{_e(c.description)}</span></td><td class='audit-{_e(c.status)}'>{_e(c.status)}"
+            f"</td><td class='num' data-count='{c.count}'>{c.count:,}</td>"
+            f"<td class='num'>{c.rows:,}</td><td>{_e(check_detail(c))}</td>"
+            f"<td>{examples}</td></tr>")
+    return head + text + f"<table id='audit-table'>{''.join(rows)}</table></section>"
 
 
 # -- helpers ----------------------------------------------------------------------------------
