@@ -7,6 +7,7 @@ from_pretrained (the path real checkpoints take); nothing touches the network.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -277,8 +278,8 @@ IMAGE = Image.new("RGB", (120, 90), (20, 40, 60))
 def test_generate_views_repairs_then_succeeds() -> None:
     malformed = '{"101": {"appearance": "the man", "action": null'
     gen = ScriptedGenerator([malformed, "```json\n" + json.dumps(VALID) + "\n```"])
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES)
-    assert attempts == 2 and views is not None and list(views) == IDS
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES)
+    assert attempts == 2 and list(views) == IDS and failed == {}
     assert len(errors) == 1 and errors[0].startswith("attempt 1: the answer is not valid JSON")
     first, second = (call["requests"][0][1] for call in gen.calls)
     assert first == build_prompt(INSTANCES, image_size=IMAGE.size)
@@ -288,8 +289,10 @@ def test_generate_views_repairs_then_succeeds() -> None:
 
 def test_generate_views_gives_up_after_max_attempts() -> None:
     gen = ScriptedGenerator(["no json here", '{"101": {}}', "{oops"])
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES, max_attempts=3)
-    assert views is None and attempts == 3 and len(errors) == 3
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES, max_attempts=3)
+    assert views == {} and attempts == 3 and len(errors) == 3
+    assert list(failed) == IDS and all(f.startswith("invalid: attempt 3: ") for f in
+                                       failed.values())
     assert "no JSON object" in errors[0]
     assert 'missing instance(s) "102"' in errors[1]
     assert "not valid JSON" in errors[2]
@@ -300,8 +303,8 @@ def test_generate_views_per_instance_retries_only_failures() -> None:
     ok_man = json.dumps({"101": VALID["101"]})
     ok_lady = json.dumps({"102": VALID["102"]})
     gen = ScriptedGenerator([ok_man, "garbage", ok_lady], supports_schema=True)
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES, per_instance=True)
-    assert views is not None and list(views) == IDS and attempts == 2
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES, per_instance=True)
+    assert list(views) == IDS and attempts == 2 and failed == {}
     assert [len(c["requests"]) for c in gen.calls] == [2, 1]
     assert len(errors) == 1 and errors[0].startswith("attempt 1 (instance 102): no JSON object")
     # a generator that supports structured decoding gets one schema per request
@@ -311,7 +314,7 @@ def test_generate_views_per_instance_retries_only_failures() -> None:
 
 
 def test_generate_views_no_instances() -> None:
-    assert generate_views(ScriptedGenerator([]), IMAGE, []) == ({}, 0, [])
+    assert generate_views(ScriptedGenerator([]), IMAGE, []) == ({}, 0, [], {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,9 +452,11 @@ def test_first_step_logits_batched_match_unbatched(tiny: vlm.HFGenerator) -> Non
 
 
 def test_generate_views_with_tiny_model_never_raises(tiny: vlm.HFGenerator) -> None:
-    views, attempts, errors = generate_views(tiny, IMAGE, INSTANCES, max_attempts=2,
-                                             max_new_tokens=8)
-    assert views is None and attempts == 2 and len(errors) == 2  # random weights: no JSON
+    views, attempts, errors, failed = generate_views(tiny, IMAGE, INSTANCES, max_attempts=2,
+                                                     max_new_tokens=8)
+    assert views == {} and attempts == 2 and len(errors) == 2  # random weights: no JSON
+    assert list(failed) == IDS
+    assert all(re.match(r"(truncated|invalid): attempt 2: ", f) for f in failed.values())
 
 
 def test_tiny_causal_lm_loads_back_and_generates(tmp_path: Path) -> None:
@@ -668,7 +673,7 @@ def test_run_model_backend_caches_every_finished_image(tmp_path: Path,
     gen = ScriptedGenerator([_answer([100, 101]), "nope", _answer([200, 201], static=True)])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert counts == {"generated": 2, "cached": 0} and failures == []
+    assert counts == {"generated": 2, "cached": 0, "failure_reasons": {}} and failures == []
     assert [len(c["requests"]) for c in gen.calls] == [2, 1]  # both images in one batch
     by_ref = {(r["ref_id"], r["view"]): r for r in rows}
     assert len(rows) == 4 * 3  # three views per referent
@@ -683,13 +688,13 @@ def test_run_model_backend_caches_every_finished_image(tmp_path: Path,
     monkeypatch.delitem(vlm._GENERATORS, ("hf", "tiny", "cpu"))
     monkeypatch.setattr(vlm, "get_generator", lambda *a: pytest.fail("model loaded"))
     again = vlm.run_model_backend(_params(), by_image, payload)
-    assert again[2] == {"generated": 0, "cached": 2}
+    assert again[2] == {"generated": 0, "cached": 2, "failure_reasons": {}}
     assert again[0] == rows and again[1] == []
     # a generation parameter that changes the output is part of the key
     monkeypatch.setattr(vlm, "get_generator", lambda *a: ScriptedGenerator(
         [_answer([100, 101]), _answer([200, 201])]))
     assert vlm.run_model_backend(_params(max_new_tokens=9), by_image, payload)[2] == {
-        "generated": 2, "cached": 0}
+        "generated": 2, "cached": 0, "failure_reasons": {}}
 
 
 def test_run_model_backend_records_failures(tmp_path: Path,
@@ -699,17 +704,19 @@ def test_run_model_backend_records_failures(tmp_path: Path,
     gen = ScriptedGenerator(["garbage", "still garbage"])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert rows == [] and counts == {"generated": 1, "cached": 0}
+    assert rows == [] and counts["generated"] == 1 and counts["cached"] == 0
+    assert counts["failure_reasons"] == {"invalid": 2, "unreadable_image": 2}
     bad_output, bad_image = failures
     assert bad_output["ann_ids"] == [100, 101] and bad_output["attempts"] == 2
-    assert "no JSON object" in bad_output["reason"]
-    assert bad_image["image_id"] == 2 and "cannot read image" in bad_image["reason"]
+    assert bad_output["reason"].startswith("invalid: attempt 2: no JSON object")
+    assert bad_image["image_id"] == 2
+    assert bad_image["reason"].startswith("unreadable_image: cannot read image")
     # the model failure is cached (not regenerated); the unreadable image is retried
     Image.new("RGB", (40, 40)).save(Path(payload["images_dir"]) / "2.jpg")
     gen2 = ScriptedGenerator([_answer([200, 201])])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen2)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert counts == {"generated": 1, "cached": 1} and len(gen2.calls) == 1
+    assert (counts["generated"], counts["cached"]) == (1, 1) and len(gen2.calls) == 1
     assert [f["image_id"] for f in failures] == [1] and {r["image_id"] for r in rows} == {2}
 
 
@@ -720,7 +727,8 @@ def test_run_model_backend_with_the_tiny_model(tmp_path: Path, tiny_dir: Path,
     monkeypatch.setenv("NEMO_WORK_DIR", str(tmp_path / "work"))
     rows, failures, counts = vlm.run_model_backend(_params(max_attempts=1), by_image, payload)
     assert counts["generated"] == 1 and rows == []  # random weights write no JSON
-    assert failures[0]["attempts"] == 1 and failures[0]["reason"].startswith("attempt 1: ")
+    assert failures[0]["attempts"] == 1
+    assert re.match(r"(invalid|truncated): attempt 1: ", failures[0]["reason"])
     assert (tmp_path / "work" / ".cache" / "tiny-llava").is_dir()
 
 
