@@ -154,7 +154,7 @@ class FakeLLM:
         self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(
             max_model_len=max_model_len or 2048))
         self.seen: list[dict[str, Any]] = []
-        FakeLLM.instances.append(self)
+        type(self).instances.append(self)
 
     def get_tokenizer(self) -> Any:
         return self._tokenizer
