@@ -1393,6 +1393,18 @@ def vllm_sampling_params(vllm: Any, params: Mapping[str, Any]) -> Any:
     return sp(**params, structured_outputs=StructuredOutputsParams(**structured))
 
 
+def _image_token_count(processor: Any) -> int | None:
+    """Tokens one square image takes in a prompt (its ``<image>`` expanded), measured once
+    with the model's processor (LLaVA-1.5: 576); None when the processor cannot say."""
+    try:
+        text = llava_prompt("x")
+        image = Image.new("RGB", (336, 336), CLIP_MEAN_RGB)
+        expanded = processor(text=[text], images=[image])["input_ids"][0]
+        return len(expanded) - len(processor.tokenizer(text)["input_ids"]) + 1
+    except Exception:  # another processor API: vLLM's own length cap still applies
+        return None
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
@@ -1423,12 +1435,15 @@ class VLLMGenerator:
             )
         self._format: Callable[[str], str] = llava_prompt
         self._tokenizer: Any = None
+        self.max_model_len = int(max_model_len)
+        self._image_tokens: int | None = None
         try:
             from transformers import AutoProcessor
 
             with hf_offline():
                 processor = AutoProcessor.from_pretrained(self.path)
             self._tokenizer = getattr(processor, "tokenizer", None)
+            self._image_tokens = _image_token_count(processor)
             if getattr(processor, "chat_template", None):
                 self._format = lambda p: without_leading_bos(processor.apply_chat_template(
                     _conversation(None, p), add_generation_prompt=True), self._tokenizer)
@@ -1455,12 +1470,19 @@ class VLLMGenerator:
                  ) -> list[Answer]:
         """One greedy answer per request, in order (`batch_size` is vLLM's business: ignored).
 
-        vLLM itself stops a request at `max_model_len` (finish_reason "length"): such an
-        answer is `truncated` like one that reached its max_new_tokens.
+        Each request's max_tokens is capped by `max_model_len` minus its prompt (text tokens
+        plus the image's, `_image_token_count`); vLLM also stops a request at `max_model_len`
+        itself (finish_reason "length"). Either way the answer is `truncated`.
         """
         del batch_size
         items = vllm_requests(requests, schema, max_new_tokens=max_new_tokens,
                               format_prompt=self._format)
+        if self._tokenizer is not None and self._image_tokens is not None:
+            for it in items:  # cap by the context minus the prompt (text + image tokens)
+                text_ids = self._tokenizer(it["inputs"]["prompt"])["input_ids"]
+                room = self.max_model_len - (len(text_ids) - 1 + self._image_tokens)
+                params = it["sampling_params"]
+                params["max_tokens"] = max(1, min(params["max_tokens"], room))
         t0 = time.perf_counter()
         outputs = self.llm.generate([it["inputs"] for it in items],
                                     [self._sampling_params(it["sampling_params"]) for it in items],

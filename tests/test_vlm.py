@@ -586,6 +586,20 @@ def test_vllm_generator_against_strict_stand_ins(strict_vllm: tuple[type, str],
     assert gen.stats.truncated == 1 and gen.describe()["backend"] == "vllm"
 
 
+def test_vllm_generator_caps_max_tokens_by_the_context(monkeypatch: pytest.MonkeyPatch,
+                                                       tiny_dir: Path,
+                                                       tiny: vlm.HFGenerator) -> None:
+    llm_cls = fake_vllm.install(monkeypatch, "new")
+    req = (IMAGE, "Describe the man.")
+    # the prompt's length as the HF processor feeds it (text, BOS and the expanded image)
+    length = int(tiny._encode([req])["attention_mask"].sum())
+    gen = vlm.VLLMGenerator("tiny", cache_dir=tiny_dir.parent, max_model_len=length + 5)
+    assert gen._image_tokens == 16  # the tiny LLaVA: (32 / 8) ** 2 patches
+    gen.generate([req], max_new_tokens=50)
+    gen.generate([req], max_new_tokens=3)
+    assert [s["params"].max_tokens for s in llm_cls.instances[-1].seen] == [5, 3]
+
+
 def test_vlm_prompt_never_gets_a_second_bos(tiny_dir: Path) -> None:
     from transformers import AutoTokenizer
 
