@@ -10,7 +10,8 @@ true for a neighbour. Rejected ones are kept with their reason.
 The `llm` backend (stages.augment_llm) asks any Hugging Face causal LM (local dir, cached id, or
 `tiny` in tests) with a few-shot prompt per kind for JSON, batched, repairs bad answers, puts
 every finished request in the shared request cache (resume per request, like multiview), and
-applies the same validity checks as the rules.
+applies the same validity checks as the rules. Each request's token budget follows its sentence
+(`stages.augment_llm.distractor_budget`); an answer cut off at it is rejected as `truncated`.
 
 The report per kind (count, share valid, mean CLIP cosine to the source, examples) goes to the
 manifest (`nemo-pipe status --stage augment` shows it). CLIP text embeddings barely move under
@@ -64,7 +65,7 @@ class Augment(Stage):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
-    version = "1"
+    version = "2"  # 2: llm backend budgets per request, "truncated: ..." rejections
     inputs = ("ingest",)
     params_model = AugmentParams
     tables = ("distractors", "rejected")

@@ -428,10 +428,41 @@ def candidate_reason(source: str, d: Distractor,
 
 
 class PromptGenerator(Protocol):
-    """What `run_llm_backend` needs: one answer per prompt, in order."""
+    """What `run_llm_backend` needs: one answer per prompt, in order (`max_new_tokens`: one
+    limit or one per prompt; answers may be ``vlm.Answer``s that say they were cut off)."""
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 96,
+    def generate(self, prompts: list[str], max_new_tokens: int | Sequence[int] = 96,
                  batch_size: int = 8) -> list[str]: ...
+
+
+def chat_text(tokenizer: Any, prompt: str) -> tuple[str, bool]:
+    """``(text, add_special_tokens)`` of one user turn: the chat template's rendering, which
+    writes its own special tokens (BOS) and so must be encoded without adding them again, or
+    the prompt itself, to be encoded with them, when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt, True
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False), False
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids the model sees for `prompt` (`chat_text`, encoded once): what the HF
+    engine feeds and what the vLLM engine passes as ``{"prompt_token_ids": ...}``, so a
+    template that writes BOS does not get a second one from tokenization."""
+    text, specials = chat_text(tokenizer, prompt)
+    return list(tokenizer(text, add_special_tokens=specials)["input_ids"])
+
+
+def distractor_budget(sentence: str, per_kind: int,
+                      count_tokens: Callable[[str], int] | None = None,
+                      cap: int | None = None) -> int:
+    """max_new_tokens of one (sentence, kind) request: ``vlm.budget_for`` a reference answer of
+    `per_kind` edits of `sentence`, each the sentence plus a three-word edit ("in front of"),
+    written as the JSON the prompt asks for; at most `cap` when given."""
+    from stages.vlm import budget_for
+
+    edited = f"{_clean_sentence(sentence)} in front of"
+    return budget_for(_answer_json([edited] * per_kind), count_tokens, cap)
 
 
 def tiny_causal_lm_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
@@ -475,6 +506,7 @@ class CausalLMGenerator:
             GenerationStats,
             _resolve_device,
             _resolve_dtype,
+            context_length,
             load_local_pretrained,
             resolve_model_path,
         )
@@ -495,7 +527,12 @@ class CausalLMGenerator:
             self.device)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.stats = GenerationStats()
+        self.context = context_length(self.model)
         self._torch = torch
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` with this model's tokenizer (no special tokens): answer budgets."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity, for manifests."""
@@ -506,10 +543,7 @@ class CausalLMGenerator:
     def format_prompt(self, prompt: str) -> str:
         """The text the model sees: the chat template's user turn + generation prompt, or the
         prompt itself when the tokenizer has no template."""
-        if not self.has_chat_template:
-            return prompt
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return chat_text(self.tokenizer, prompt)[0]
 
     def _encode(self, texts: list[str]) -> Any:
         # A chat template writes its own special tokens (bos); do not add them twice.
@@ -517,25 +551,29 @@ class CausalLMGenerator:
                                 add_special_tokens=not self.has_chat_template)
         return inputs.to(self.device)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 96,
+    def generate(self, prompts: list[str], max_new_tokens: int | Sequence[int] = 96,
                  batch_size: int = 8) -> list[str]:
-        """One greedy answer per prompt, in order; only the new text, stripped."""
-        from stages.vlm import greedy_generate
+        """One greedy answer per prompt, in order; only the new text, stripped, as
+        ``vlm.Answer``s (truncated: the limit was reached without EOS). `max_new_tokens` is
+        one limit or one per prompt, each capped by the model's context minus the prompt."""
+        from stages.vlm import _per_request, greedy_generate
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         torch = self._torch
+        budgets = _per_request(max_new_tokens, len(prompts))
         texts = [self.format_prompt(p) for p in prompts]
         lengths = [len(ids) for ids in self.tokenizer(
             texts, add_special_tokens=not self.has_chat_template)["input_ids"]] if texts else []
         order = sorted(range(len(texts)), key=lambda i: lengths[i])  # less padding per batch
         pad_id = self.tokenizer.pad_token_id
-        results = [""] * len(texts)
+        results: list[str] = [""] * len(texts)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             inputs = self._encode([texts[i] for i in idx])
-            decoded = greedy_generate(self.model, self.tokenizer, inputs, max_new_tokens,
-                                      self.stats, torch, pad_id)
+            decoded = greedy_generate(self.model, self.tokenizer, inputs,
+                                      [budgets[i] for i in idx], self.stats, torch, pad_id,
+                                      self.context)
             for i, text in zip(idx, decoded, strict=True):
                 results[i] = text
         return results
@@ -619,7 +657,7 @@ def run_llm_backend(
     batch_size: int = 8,
     *,
     generator: PromptGenerator | None = None,
-    max_new_tokens: int = 96,
+    max_new_tokens: int | None = None,
     on_request: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, str]], dict[str, int]]:
     """Distractors of `sentences` (``(sent_id, text, scene context or None)``) by a causal LM.
@@ -633,10 +671,15 @@ def run_llm_backend(
     repaired fills the next batch first); a request is finished when its answer parses or after
     `max_attempts` answers (each retry uses the repair prompt), and it is put in the
     `RequestCache` at `cache_path` at once, keyed by (`llm_model_key`, hash of the prompt,
-    `max_attempts` and `max_new_tokens`, ``"<sent_id>:<kind>"``). The cached value is the parsed
-    list (or None for a failure) with attempts and errors, so a rerun never regenerates a
-    finished request, re-judges cached answers with the current validation, and loads no model
-    when everything is cached.
+    `max_attempts`, `max_new_tokens` and the budget rule, ``"<sent_id>:<kind>"``). The cached
+    value is the parsed list (or None for a failure) with attempts, errors and whether the last
+    answer was cut off, so a rerun never regenerates a finished request, re-judges cached
+    answers with the current validation, and loads no model when everything is cached.
+
+    Each request's max_new_tokens is `distractor_budget` of its sentence (counted with
+    ``generator.count_tokens`` when it has one), at most `max_new_tokens` when given. An
+    answer still unparseable after the last attempt is rejected as ``"truncated: ..."`` when
+    it was cut off at that limit, else ``"unparseable: ..."``.
 
     `generator`: any object with ``generate(prompts, max_new_tokens=, batch_size=)`` (tests
     inject a scripted one); its ``cache_key`` attribute, if any, is the cache's model key,
@@ -656,8 +699,11 @@ def run_llm_backend(
         key = str(getattr(generator, "cache_key", None) or f"custom:{model}")
     else:
         key = llm_model_key(model)
+    from stages.vlm import BUDGET_VERSION, is_truncated
+
+    cap = None if max_new_tokens is None else int(max_new_tokens)
     gen_params = {"prompt_version": PROMPT_VERSION, "max_attempts": int(max_attempts),
-                  "max_new_tokens": int(max_new_tokens)}
+                  "max_new_tokens": cap, "budget": BUDGET_VERSION}
     counts = {"generated": 0, "cached": 0}
     records: dict[str, dict[str, Any]] = {}
     plans: list[tuple[int, str, str, SceneContext | None, str]] = []
@@ -681,6 +727,7 @@ def run_llm_backend(
                     todo.append(req)
         if todo and generator is None:
             generator = get_causal_lm(model, device)
+        count_tokens = getattr(generator, "count_tokens", None)
         retry: deque[_Request] = deque()
         while todo or retry:
             batch: list[_Request] = []
@@ -689,7 +736,9 @@ def run_llm_backend(
             while len(batch) < batch_size and todo:
                 batch.append(todo.popleft())
             outputs = generator.generate(  # type: ignore[union-attr]
-                [r.prompt for r in batch], max_new_tokens=max_new_tokens,
+                [r.prompt for r in batch],
+                max_new_tokens=[distractor_budget(r.sentence, per_kind, count_tokens, cap)
+                                for r in batch],
                 batch_size=batch_size)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"generator returned {len(outputs)} answers for "
@@ -699,15 +748,20 @@ def run_llm_backend(
                 try:
                     items: list[str] | None = parse_distractors(text)
                 except DistractorParseError as exc:
-                    req.errors.append(f"attempt {req.attempts}: {exc}")
+                    why = str(exc)
+                    if is_truncated(text):
+                        why = ("the answer was cut off at its token limit before it was "
+                               f"complete; answer with the compact JSON object only ({why})")
+                    req.errors.append(f"attempt {req.attempts}: {why}")
                     if req.attempts < max_attempts:
                         req.prompt = build_repair_prompt(req.kind, req.sentence, per_kind,
-                                                         text, str(exc))
+                                                         text, why)
                         retry.append(req)
                         continue
                     items = None
                 record = {"distractors": items, "attempts": req.attempts,
-                          "errors": req.errors}
+                          "errors": req.errors, "truncated": items is None
+                          and is_truncated(text)}
                 cache.put(key, req.phash, req.item, record)
                 records[req.item] = record
                 counts["generated"] += 1
@@ -721,7 +775,8 @@ def run_llm_backend(
         if record["distractors"] is None:
             errors = record.get("errors") or ["no answer"]
             last = str(errors[-1]).split(": ", 1)[-1]
-            rejected.append((sent_id, kind, "", f"unparseable: {last}"))
+            word = "truncated" if record.get("truncated") else "unparseable"
+            rejected.append((sent_id, kind, "", f"{word}: {last}"))
             continue
         ok, bad = _candidates(sentence, kind, record["distractors"], per_kind, context)
         accepted.extend((sent_id, kind, t) for t in ok)
@@ -737,21 +792,41 @@ def distractor_schema(per_kind: int) -> dict[str, Any]:
                                            "items": {"type": "string", "minLength": 1}}}}
 
 
-def vllm_text_requests(prompts: Sequence[str], max_new_tokens: int,
-                       format_prompt: Callable[[str], str],
+def vllm_text_requests(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                        schema: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """`LLM.generate` inputs and sampling parameters as plain dicts (greedy, JSON schema)."""
-    params: dict[str, Any] = {"temperature": 0.0, "max_tokens": int(max_new_tokens)}
-    if schema is not None:
-        params["structured_outputs"] = {"json": schema}
-    return [{"index": i, "inputs": {"prompt": format_prompt(p)}, "sampling_params": params}
-            for i, p in enumerate(prompts)]
+    """`LLM.generate` inputs and sampling parameters as plain dicts (greedy, JSON schema).
+
+    Inputs are ``{"prompt_token_ids": ids}`` (vLLM's TokensPrompt): the ids `chat_prompt_ids`
+    encoded once, so vLLM does not tokenize the chat template's text again and add a second
+    BOS. `max_new_tokens` is one limit or one per prompt.
+    """
+    from stages.vlm import _per_request
+
+    budgets = _per_request(max_new_tokens, len(prompt_ids))
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": budgets[i]}
+        if schema is not None:
+            params["structured_outputs"] = {"json": schema}
+        out.append({"index": i, "inputs": {"prompt_token_ids": [int(t) for t in ids]},
+                    "sampling_params": params})
+    return out
+
+
+def _max_model_len(llm: Any) -> int | None:
+    """The engine's context (``LLM.model_config`` in newer vLLM, ``LLM.llm_engine.model_config``
+    in 0.10), or None when neither is there."""
+    for owner in (llm, getattr(llm, "llm_engine", None)):
+        value = getattr(getattr(owner, "model_config", None), "max_model_len", None)
+        if value:
+            return int(value)
+    return None
 
 
 class VLLMTextGenerator:
     """The `llm` augment backend through vLLM: continuous batching, prefix caching (the few-shot
     examples are a shared prefix), JSON-schema decoding. Needs `pip install nemo-pipe[vllm]`
-    and a GPU; the same prompts, cache and checks as `CausalLMGenerator`."""
+    and a GPU; the same prompts, token ids, budgets, cache and checks as `CausalLMGenerator`."""
 
     def __init__(self, model: str, per_kind: int = 2, *, seed: int = 0,
                  **llm_kwargs: Any) -> None:
@@ -768,22 +843,30 @@ class VLLMTextGenerator:
         with hf_offline():
             self.llm = vllm.LLM(model=str(self.path), enable_prefix_caching=True, seed=seed,
                                 **llm_kwargs)
-            tokenizer = self.llm.get_tokenizer()
-        self._format: Callable[[str], str] = (
-            (lambda p: tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True))
-            if getattr(tokenizer, "chat_template", None) else (lambda p: p))
+            self.tokenizer = self.llm.get_tokenizer()
+        self.context = _max_model_len(self.llm)
         self.stats = GenerationStats()
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 96,
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` with the engine's tokenizer (no special tokens): answer budgets."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts: list[str], max_new_tokens: int | Sequence[int] = 96,
                  batch_size: int = 8) -> list[str]:
-        from stages.vlm import parse_vllm_outputs, vllm_sampling_params
+        """One greedy answer per prompt, in order, as ``vlm.Answer``s (truncated: finish_reason
+        "length"); each limit is capped by the engine's context minus the prompt."""
+        from stages.vlm import _per_request, parse_vllm_outputs, vllm_sampling_params
 
         del batch_size  # vLLM schedules its own batches
-        items = vllm_text_requests(prompts, max_new_tokens, self._format, self.schema)
+        ids = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
+        budgets = _per_request(max_new_tokens, len(prompts))
+        if self.context is not None:
+            budgets = [max(1, min(b, self.context - len(x))) for b, x in zip(budgets, ids,
+                                                                             strict=True)]
+        items = vllm_text_requests(ids, budgets, self.schema)
         sampling = [vllm_sampling_params(self._vllm, it["sampling_params"]) for it in items]
         t0 = time.perf_counter()
         outputs = self.llm.generate([it["inputs"] for it in items], sampling, use_tqdm=False)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.batches += 1
-        return parse_vllm_outputs(outputs, self.stats)
+        return list(parse_vllm_outputs(outputs, self.stats))

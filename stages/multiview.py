@@ -15,8 +15,12 @@ users and as a baseline).
 Generation is the expensive stage, so model backends resume per request: every finished
 request (success or recorded failure) goes to a request cache keyed by (model, prompt hash,
 image id) as soon as it is done; after a kill nothing finished is generated again, and a
-changed prompt redoes only what changed. Malformed model output is never dropped silently: it is
-retried with a repair prompt and, failing that, recorded in `failures`.
+changed prompt redoes only what changed. Answers are validated per instance: the valid
+instances of an answer keep their views, only the others are retried with a repair prompt and,
+failing that, recorded in `failures` with their reason (`truncated`: cut off at the token limit;
+`invalid`; `unreadable_image`), counted per reason in the manifest (`failure_reasons`). Each
+request's token budget follows its instance count (`stages.vlm.views_budget`);
+`max_new_tokens` only caps it.
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ class MultiviewParams(Params):
     splits: Splits = Field(["train"], description="splits whose referents get views")
     per_instance: bool = Field(False, description="one request per instance, not per image")
     max_attempts: Count = Field(3, description="generation + repair attempts per request")
-    max_new_tokens: int = Field(384, ge=16, le=INT_MAX, description="answer length (tokens)")
+    max_new_tokens: int | None = Field(
+        None, ge=16, le=INT_MAX,
+        description="cap on each request's answer tokens (null: none; the budget follows the "
+                    "request's instance count, see stages.vlm)")
     images_per_shard: Count = Field(256, description="images per resumable shard")
     limit_images: NonNegInt = Field(0, description="only the first N images by id (0: all), "
                                                    "for trial runs and prompt comparisons")
@@ -76,7 +83,7 @@ class Multiview(Stage):
     """Appearance / action / spatial expressions per instance from a VLM (or templates)."""
 
     name = "multiview"
-    version = "1"
+    version = "2"  # 2: per-instance validation, budgets per request, reason words in failures
     inputs = ("ingest",)
     params_model = MultiviewParams
     tables = ("views", "failures")
@@ -118,10 +125,17 @@ class Multiview(Stage):
         seconds = sum(s.get("generation_seconds", 0.0) for s in stats)
         tokens = sum(s.get("generated_tokens", 0) for s in stats)
         model_requests = sum(s.get("model_requests", 0) for s in stats)
+        reasons: dict[str, int] = {}
+        for s in stats:
+            for word, n in (s.get("failure_reasons") or {}).items():
+                reasons[word] = reasons.get(word, 0) + n
         ctx.record(instances=len(single), images=len(image_ids),
                    skipped_multi_or_no_target=skipped,
                    views=sum(s["views"] for s in stats),
                    failures=sum(s["failures"] for s in stats),
+                   failed_instances=sum(reasons.values()),
+                   failure_reasons=dict(sorted(reasons.items())),
+                   truncated_answers=sum(s.get("truncated_answers", 0) for s in stats),
                    generated_requests=sum(s["generated"] for s in stats),
                    cached_requests=sum(s["cached"] for s in stats),
                    generation_seconds=round(seconds, 3), generated_tokens=tokens,

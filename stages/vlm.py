@@ -6,13 +6,17 @@ view does not apply (a parked car has no action). This module holds everything t
 and that can be tested without a GPU or network:
 
 * the prompt (task text and the three worked examples of the hard-negative notes, verbatim),
-  the repair prompt sent after an unusable answer, the strict JSON answer format, its parser
-  (`parse_views`) and its JSON schema (for structured decoding);
+  the repair prompt sent after an unusable answer, the strict JSON answer format, its parsers
+  (`parse_views_partial` per instance, `parse_views` all or nothing) and its JSON schema (for
+  structured decoding);
+* the token budget of a request (`views_budget`: from the instances it asks for, measured on
+  the template backend's answers, capped by the model's context and an optional setting);
 * `pad_to_square`: the LLaVA-1.5 preprocessing, so the processor's center crop never cuts an
   instance off the image;
 * generators: `HFGenerator` (transformers, batched with left padding, greedy) and
-  `VLLMGenerator` (vLLM, optional extra), plus `generate_views`, which prompts, parses and
-  repairs, and never raises for bad model output;
+  `VLLMGenerator` (vLLM, optional extra), whose answers say when they were cut off at their
+  token limit (`Answer.truncated`), plus `generate_views`, which prompts, parses, repairs only
+  the instances still without valid views, and never raises for bad model output;
 * `build_tiny_llava` / `build_tiny_causal_lm`: tiny randomly initialised models built in code,
   saved with ``save_pretrained`` and loaded back with ``from_pretrained`` -- the real loading
   path -- so tests and the demo run offline in seconds (``model="tiny"``).
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,10 +41,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from PIL import Image, ImageStat
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -51,10 +56,12 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BUDGET_VERSION",
     "CLIP_MEAN_RGB",
     "DEFAULT_MODEL",
     "LLAVA_CHAT_TEMPLATE",
     "VIEWS",
+    "Answer",
     "GenerationStats",
     "HFGenerator",
     "Instance",
@@ -62,25 +69,34 @@ __all__ = [
     "VLLMGenerator",
     "ViewParseError",
     "ViewSet",
+    "ViewsOutcome",
     "build_prompt",
     "build_repair_prompt",
     "build_tiny_causal_lm",
+    "budget_for",
     "build_tiny_llava",
     "check_backend",
+    "context_length",
+    "estimate_tokens",
     "generate_views",
     "generate_views_many",
     "get_generator",
     "instances_from_refs",
+    "is_truncated",
     "json_schema",
     "llava_prompt",
     "model_key",
     "pad_to_square",
     "parse_views",
+    "parse_views_partial",
     "parse_vllm_outputs",
     "resolve_model_path",
     "run_model_backend",
     "tiny_llava_dir",
+    "views_budget",
     "vllm_requests",
+    "vllm_sampling_params",
+    "without_leading_bos",
 ]
 
 log = logging.getLogger(__name__)
@@ -305,7 +321,8 @@ def _instance_line(inst: Instance, image_size: tuple[int, int] | None) -> str:
 
 
 def build_prompt(instances: Sequence[Instance], per_instance: bool = False, *,
-                 image_size: tuple[int, int] | None = None) -> str:
+                 image_size: tuple[int, int] | None = None,
+                 targets: Sequence[str] | None = None) -> str:
     """The multi-view prompt: task text, the three worked examples, the instances, the format.
 
     One prompt covers every instance of the image (the default: the model sees all of them at
@@ -316,6 +333,10 @@ def build_prompt(instances: Sequence[Instance], per_instance: bool = False, *,
     `image_size` is the (width, height) of the original image; when given, boxes are written as
     fractions of the padded square image the model actually sees (see `pad_to_square`),
     otherwise as COCO pixel boxes.
+
+    `targets` (one-prompt mode): the ids the answer must cover, when only some instances still
+    need views (a repair after a partly valid answer); every instance is still listed, so the
+    model can tell them apart, but the format line asks for the targets only.
     """
     if not instances:
         raise ValueError("build_prompt needs at least one instance")
@@ -334,6 +355,12 @@ def build_prompt(instances: Sequence[Instance], per_instance: bool = False, *,
         lines = ["The instances in the image:"]
         lines += [_instance_line(inst, image_size) for inst in instances]
         which = "listed above (every one of them, and no others)"
+        if targets is not None and list(targets) != ids:
+            unknown = [t for t in targets if t not in ids]
+            if unknown or not targets:
+                raise ValueError(f"targets {list(targets)} must be some of the ids {ids}")
+            which = ("of only these instances: " + ", ".join(json.dumps(t) for t in targets)
+                     + " (the other instances are done: do not include them)")
         task = _TASK_ALL
     fmt = _FORMAT.format(which=which, examples=_EXAMPLES_JSON)
     return "\n\n".join([task, _EXAMPLES, "\n".join(lines), fmt])
@@ -344,17 +371,20 @@ _MAX_ECHO_CHARS = 3000
 
 def build_repair_prompt(previous_output: str, error_message: str,
                         instances: Sequence[Instance], per_instance: bool = False, *,
-                        image_size: tuple[int, int] | None = None) -> str:
+                        image_size: tuple[int, int] | None = None,
+                        targets: Sequence[str] | None = None) -> str:
     """The prompt again, plus the rejected answer and why it was rejected.
 
     Each request is independent (no chat history is kept across batches), so the full task is
     repeated; the previous answer is truncated so a runaway output cannot blow up the prompt.
+    `targets`: the instances whose entries were unusable (see `build_prompt`); the valid ones
+    are kept and not asked for again.
     """
     previous = previous_output.strip()
     if len(previous) > _MAX_ECHO_CHARS:
         previous = previous[:_MAX_ECHO_CHARS] + " ...[truncated]"
     return "\n\n".join([
-        build_prompt(instances, per_instance, image_size=image_size),
+        build_prompt(instances, per_instance, image_size=image_size, targets=targets),
         "Your previous answer was:\n<<<\n" + _clean_text_keep_lines(previous) + "\n>>>",
         f"It could not be used: {error_message}",
         "Answer again with the corrected JSON object only.",
@@ -438,12 +468,41 @@ def _json_candidates(text: str) -> Iterator[dict[str, Any] | json.JSONDecodeErro
             yield obj
 
 
-def _extract_answer(text: str, instance_ids: Sequence[str]) -> dict[str, Any]:
-    """The answer object in `text`, tolerating code fences and prose around it.
+def _partial_object(text: str, start: int) -> dict[str, Any]:
+    """The complete ``"key": value`` pairs of the JSON object opening at `start`, in order, up
+    to where it breaks off (a cut-off answer, or a syntax error further on)."""
+    decoder = json.JSONDecoder()
+    space = re.compile(r"\s*")
+    out: dict[str, Any] = {}
+    i = start + 1
+    while True:
+        i = space.match(text, i).end()  # type: ignore[union-attr]
+        if not text.startswith('"', i):
+            return out
+        try:
+            key, i = decoder.raw_decode(text, i)
+            i = space.match(text, i).end()  # type: ignore[union-attr]
+            if not text.startswith(":", i):
+                return out
+            value, i = decoder.raw_decode(text, space.match(text, i + 1).end())  # type: ignore[union-attr]
+        except json.JSONDecodeError:
+            return out
+        out[key] = value
+        i = space.match(text, i).end()  # type: ignore[union-attr]
+        if not text.startswith(",", i):
+            return out
+        i += 1
+
+
+def _extract_answer(text: str, instance_ids: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """The answer object in `text`, tolerating code fences and prose around it, and whether it
+    is only the salvaged part of a broken object (then the JSON error, for the message).
 
     The first decodable object that has an instance id as a key wins, so a brace in leading
     prose or an inner object of a truncated answer is not mistaken for the answer; failing
-    that, the first decodable object (its keys will be reported as wrong).
+    that, the complete entries of a broken answer object (cut off at the token limit, or a
+    syntax error after some instances), so valid instances keep their views; failing that, the
+    first decodable object (its keys will be reported as wrong).
     """
     wanted = set(instance_ids)
     first_obj: dict[str, Any] | None = None
@@ -453,17 +512,25 @@ def _extract_answer(text: str, instance_ids: Sequence[str]) -> dict[str, Any]:
             first_err = first_err or cand
             continue
         if wanted & set(cand):
-            return cand
+            return cand, None
         if first_obj is None:
             first_obj = cand
     if first_obj is not None and first_err is None:
-        return first_obj
+        return first_obj, None
     if first_err is not None:
-        raise ViewParseError(
+        message = (
             f"the answer is not valid JSON ({first_err.msg} at line {first_err.lineno} column "
             f"{first_err.colno}); write one complete JSON object with double-quoted keys and "
             "strings, null for missing values, and no trailing commas"
         )
+        best: dict[str, Any] = {}
+        for match in re.finditer(r"\{", text):
+            part = _partial_object(text, match.start())
+            if len(wanted & set(part)) > len(wanted & set(best)):
+                best = part
+        if best:
+            return best, message
+        raise ViewParseError(message)
     raise ViewParseError("no JSON object found in the answer; answer with a single JSON object "
                          "keyed by instance id")
 
@@ -479,47 +546,74 @@ def _format_validation(iid: str, exc: ValidationError) -> list[str]:
     return out
 
 
-def parse_views(text: str, instance_ids: Sequence[str]) -> dict[str, ViewSet]:
-    """Validate a model answer: ``{instance_id: ViewSet}`` for exactly `instance_ids`.
+def join_problems(problems: Iterable[str]) -> str:
+    """One message from per-instance problems: each distinct one once, at most 8."""
+    unique = list(dict.fromkeys(problems))
+    more = f" (and {len(unique) - 8} more problems)" if len(unique) > 8 else ""
+    return "; ".join(unique[:8]) + more
 
-    Raises `ViewParseError` listing every problem (missing instance, empty expression, ...) in
-    words the repair prompt can pass back to the model.
 
-    An id the prompt did not list is an error, not ignored: it means the model confused or
-    invented instances, so its other entries may be attached to the wrong objects too; and the
-    JSON schema used for structured decoding (`json_schema`) forbids it as well, so both
-    backends accept exactly the same answers. Extra keys inside an instance's object are
-    ignored (harmless).
+def parse_views_partial(text: str, instance_ids: Sequence[str],
+                        ) -> tuple[dict[str, ViewSet], dict[str, str]]:
+    """Validate a model answer per instance: ``(views, problems)``.
+
+    `views` holds the instances whose entries are valid ViewSets, `problems` maps every other
+    id of `instance_ids` to why (in words the repair prompt can pass back to the model). One
+    bad entry does not spoil the others: an answer with a valid entry for instance A and an
+    empty appearance for B gives A's views and a problem for B only; a broken or cut-off JSON
+    object keeps its complete entries. The whole answer is rejected (every id gets the same
+    problem) when it has no usable JSON object at all, or when it has an id the prompt did not
+    list: the model then confused or invented instances, so its other entries may be attached
+    to the wrong objects too (the JSON schema used for structured decoding forbids extra ids as
+    well, so both backends accept exactly the same answers). Extra keys inside an instance's
+    object are ignored (harmless).
     """
     ids = [str(i) for i in instance_ids]
-    data = _extract_answer(text, ids)
-    problems: list[str] = []
+    try:
+        data, broken = _extract_answer(text, ids)
+    except ViewParseError as exc:
+        return {}, dict.fromkeys(ids, str(exc))
+    problems: dict[str, str] = {}
     missing = [i for i in ids if i not in data]
     if missing:
-        problems.append("missing instance(s) " + ", ".join(f'"{i}"' for i in missing)
-                        + ": the answer needs an entry for every instance id")
-    known = set(ids)
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        problems.append("unknown instance id(s) " + ", ".join(json.dumps(k) for k in unknown)
-                        + "; use only the ids " + ", ".join(f'"{i}"' for i in ids))
+        names = ", ".join(f'"{i}"' for i in missing)
+        message = (f"{broken}; it has no complete entry for instance(s) {names}" if broken else
+                   f"missing instance(s) {names}: the answer needs an entry for every "
+                   "instance id")
+        problems.update(dict.fromkeys(missing, message))
     views: dict[str, ViewSet] = {}
     for iid in ids:
         if iid not in data:
             continue
         entry = data[iid]
         if not isinstance(entry, dict):
-            problems.append(f'instance "{iid}": expected an object with keys '
-                            f"{', '.join(VIEWS)}, got {type(entry).__name__}")
+            problems[iid] = (f'instance "{iid}": expected an object with keys '
+                             f"{', '.join(VIEWS)}, got {type(entry).__name__}")
             continue
         try:
             views[iid] = ViewSet.model_validate(entry)
         except ValidationError as exc:
-            problems.extend(_format_validation(iid, exc))
+            problems[iid] = "; ".join(_format_validation(iid, exc))
+    problems = {i: problems[i] for i in ids if i in problems}
+    known = set(ids)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        message = ("unknown instance id(s) " + ", ".join(json.dumps(k) for k in unknown)
+                   + "; use only the ids " + ", ".join(f'"{i}"' for i in ids))
+        return {}, dict.fromkeys(ids, join_problems([message, *problems.values()]))
+    return views, problems
+
+
+def parse_views(text: str, instance_ids: Sequence[str]) -> dict[str, ViewSet]:
+    """Validate a model answer: ``{instance_id: ViewSet}`` for exactly `instance_ids`.
+
+    All or nothing (`parse_views_partial` keeps the valid instances of a partly bad answer):
+    raises `ViewParseError` listing every problem (missing instance, empty expression, ...)
+    in words the repair prompt can pass back to the model.
+    """
+    views, problems = parse_views_partial(text, instance_ids)
     if problems:
-        shown = problems[:8]
-        more = f" (and {len(problems) - 8} more problems)" if len(problems) > 8 else ""
-        raise ViewParseError("; ".join(shown) + more)
+        raise ViewParseError(join_problems(problems.values()))
     return views
 
 
@@ -879,11 +973,107 @@ def load_local_pretrained(what: str, model: str, path: Path, processor_cls: Any,
 Request = tuple[Image.Image, str]
 
 
-class TextGenerator(Protocol):
-    """What `generate_views` needs: one answer per (image, prompt), in order."""
+class Answer(str):
+    """A generated text that also says whether it was cut off at its token limit.
 
-    def generate(self, requests: list[Request], max_new_tokens: int = 256,
+    vLLM reports ``finish_reason == "length"``; for transformers ``generate`` it is an answer
+    that reached its `max_new_tokens` without writing EOS. A plain ``str`` (e.g. from a
+    scripted test generator) counts as not truncated: see `is_truncated`.
+    """
+
+    truncated: bool
+
+    def __new__(cls, text: str = "", truncated: bool = False) -> Answer:
+        obj = super().__new__(cls, text)
+        obj.truncated = bool(truncated)
+        return obj
+
+
+def is_truncated(text: str) -> bool:
+    """Was this answer cut off at its token limit (an `Answer` that says so)?"""
+    return bool(getattr(text, "truncated", False))
+
+
+class TextGenerator(Protocol):
+    """What `generate_views` needs: one answer per (image, prompt), in order.
+
+    `max_new_tokens` is one limit for all requests or one per request; answers may be
+    `Answer`s that say whether they were cut off at that limit.
+    """
+
+    def generate(self, requests: list[Request], max_new_tokens: int | Sequence[int] = 256,
                  batch_size: int = 8) -> list[str]: ...
+
+
+# -- token budget of an answer ---------------------------------------------------------------
+# A request's max_new_tokens follows what it asks for: the tokens of a reference answer of
+# the same size (the template backend's views of a worst-case instance, written as the JSON the
+# prompt asks for, with the tokenizer in use), times ANSWER_MARGIN, plus ANSWER_SLACK. Measured
+# with the tiny BPE and the character estimate, an instance entry is 60-75 tokens; LLaVA's
+# expressions run longer than the template's (the worked examples' appearance is 42 characters
+# against the template's 25) and an answer may be pretty-printed (newlines and indentation), so
+# 1.5x; the slack covers a code fence, a short preamble and EOS. Without a tokenizer,
+# CHARS_PER_TOKEN estimates: Llama's tokenizer writes this JSON at about 3.3 characters per
+# token, 3 errs on the long side. The model's context (minus the prompt) and a configured
+# max_new_tokens cap it; nothing else does.
+ANSWER_MARGIN = 1.5
+ANSWER_SLACK = 32
+CHARS_PER_TOKEN = 3.0
+BUDGET_VERSION = 1  # bump when the budget rule changes: part of the request-cache keys
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` without a tokenizer: one per CHARS_PER_TOKEN characters, rounded up."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def budget_for(reference: str, count_tokens: Callable[[str], int] | None = None,
+               cap: int | None = None) -> int:
+    """max_new_tokens for an answer like `reference`: its tokens (`count_tokens`, else
+    `estimate_tokens`) x ANSWER_MARGIN + ANSWER_SLACK, at most `cap` when given.
+    Shared by the view and the distractor generators."""
+    count = count_tokens or estimate_tokens
+    budget = math.ceil(ANSWER_MARGIN * count(reference)) + ANSWER_SLACK
+    return min(budget, int(cap)) if cap is not None else budget
+
+
+def reference_answer(n_instances: int) -> str:
+    """The JSON answer for `n_instances` that the budget is measured on: each entry is the
+    template backend's views (`stages.multiview.template_views`) of a worst-case instance -- a
+    7-digit COCO ann id, the longest COCO category name and colour words, a position with both
+    a vertical and a side word, a neighbour -- written like the prompt's example answer."""
+    from stages.multiview import template_views
+
+    image = {"width": 640, "height": 480}
+    cat = "baseball glove"
+    neighbour = {"ann_id": 1, "category": cat, "bbox": [500.0, 20.0, 120.0, 90.0],
+                 "image": image}
+    inst = {"ann_id": 2, "category": cat, "bbox": [460.0, 330.0, 160.0, 120.0], "image": image}
+    entry = template_views(inst, [neighbour], "purple", {1: "orange"})
+    return json.dumps({str(2_000_000 + k): entry for k in range(n_instances)})
+
+
+def views_budget(n_instances: int, count_tokens: Callable[[str], int] | None = None,
+                 cap: int | None = None) -> int:
+    """max_new_tokens of a request whose answer covers `n_instances` (see `budget_for`)."""
+    return budget_for(reference_answer(max(1, n_instances)), count_tokens, cap)
+
+
+def _per_request(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(max_new_tokens, int):
+        return [int(max_new_tokens)] * n
+    budgets = [int(b) for b in max_new_tokens]
+    if len(budgets) != n:
+        raise ValueError(f"{len(budgets)} max_new_tokens for {n} requests")
+    return budgets
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context (positions) from its config (LLaVA: its text model's), or None."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 @dataclass
@@ -895,27 +1085,61 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    truncated: int = 0
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def greedy_generate(model: Any, tokenizer: Any, inputs: Any, max_new_tokens: int,
-                    stats: GenerationStats, torch: Any, pad_id: int) -> list[str]:
+def _eos_ids(model: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def greedy_generate(model: Any, tokenizer: Any, inputs: Any,
+                    max_new_tokens: int | Sequence[int], stats: GenerationStats, torch: Any,
+                    pad_id: int, context: int | None = None) -> list[Answer]:
     """One greedy `generate` call on a left-padded batch: only the new text, stripped, and the
-    call's requests, tokens and seconds added to `stats` (shared by the VLM and LLM backends)."""
+    call's requests, tokens and seconds added to `stats` (shared by the VLM and LLM backends).
+
+    `max_new_tokens` is one limit or one per row; each row's limit is also capped by
+    `context` minus its prompt length. The call generates up to the largest limit; a row's
+    answer is cut at its own limit (greedy decoding: the same tokens as a call with that
+    limit) and is `truncated` when no EOS came within it.
+    """
+    n = int(inputs["input_ids"].shape[0])
+    budgets = _per_request(max_new_tokens, n)
+    if context is not None:
+        lengths = [int(x) for x in inputs["attention_mask"].sum(dim=1).tolist()]
+        budgets = [max(0, min(b, context - length)) for b, length in zip(budgets, lengths,
+                                                                           strict=True)]
+    limit = max(budgets, default=0)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=pad_id)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    if limit > 0:
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=limit, do_sample=False,
+                                 num_beams=1, pad_token_id=pad_id)
+        rows = out[:, inputs["input_ids"].shape[1]:].tolist()
+    else:  # every prompt fills the context: nothing can be generated
+        rows = [[] for _ in range(n)]
     stats.seconds += time.perf_counter() - t0
     stats.batches += 1
-    stats.requests += len(new)
+    stats.requests += n
     stats.prompt_tokens += int(inputs["attention_mask"].sum())
-    stats.generated_tokens += int((new != pad_id).sum())
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    eos = _eos_ids(model)
+    answers = []
+    for row, budget in zip(rows, budgets, strict=True):
+        row = row[:budget]
+        stop = next((k for k, tok in enumerate(row) if tok in eos), None)
+        tokens = row if stop is None else row[:stop]
+        stats.generated_tokens += len(tokens) + (stop is not None)
+        stats.truncated += stop is None
+        answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                              truncated=stop is None))
+    return answers
 
 
 def llava_prompt(prompt: str) -> str:
@@ -964,7 +1188,12 @@ class HFGenerator:
             tuple(int(x * 255) for x in mean[:3]) if mean else CLIP_MEAN_RGB  # type: ignore[assignment]
         )
         self.stats = GenerationStats()
+        self.context = context_length(self.model)
         self._torch = torch
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` with this model's tokenizer (no special tokens): answer budgets."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity, for manifests and cache keys."""
@@ -990,8 +1219,9 @@ class HFGenerator:
         return inputs
 
     def _run(self, requests: Sequence[Request], batch_size: int,
-             step: Callable[[Any], list[Any]]) -> list[Any]:
-        """Apply `step` to batches of similar prompt length; results in request order."""
+             step: Callable[[Any, list[int]], list[Any]]) -> list[Any]:
+        """Apply `step(inputs, request indices)` to batches of similar prompt length; results
+        in request order."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         # Sorting by prompt length keeps padding (wasted compute) low; order is restored.
@@ -999,19 +1229,26 @@ class HFGenerator:
         results: list[Any] = [None] * len(requests)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            for i, res in zip(idx, step(self._encode([requests[i] for i in idx])), strict=True):
+            results_ = step(self._encode([requests[i] for i in idx]), idx)
+            for i, res in zip(idx, results_, strict=True):
                 results[i] = res
         return results
 
-    def generate(self, requests: list[Request], max_new_tokens: int = 256,
-                 batch_size: int = 8) -> list[str]:
-        """One greedy answer per (image, prompt), in order; only the new text is returned."""
+    def generate(self, requests: list[Request], max_new_tokens: int | Sequence[int] = 256,
+                 batch_size: int = 8) -> list[Answer]:
+        """One greedy answer per (image, prompt), in order; only the new text is returned.
+
+        `max_new_tokens`: one limit or one per request, each capped by the model's context
+        minus the request's prompt; an answer that hits its limit is `truncated`.
+        """
         torch = self._torch
         pad_id = self.tokenizer.pad_token_id
+        budgets = _per_request(max_new_tokens, len(requests))
 
-        def step(inputs: Any) -> list[str]:
-            return greedy_generate(self.model, self.tokenizer, inputs, max_new_tokens,
-                                   self.stats, torch, pad_id)
+        def step(inputs: Any, idx: list[int]) -> list[Answer]:
+            return greedy_generate(self.model, self.tokenizer, inputs,
+                                   [budgets[i] for i in idx], self.stats, torch, pad_id,
+                                   self.context)
 
         return self._run(requests, batch_size, step)
 
@@ -1023,7 +1260,7 @@ class HFGenerator:
         """
         torch = self._torch
 
-        def step(inputs: Any) -> list[torch.Tensor]:
+        def step(inputs: Any, idx: list[int]) -> list[torch.Tensor]:
             with torch.inference_mode():
                 out = self.model.generate(
                     **inputs, max_new_tokens=1, do_sample=False, num_beams=1,
@@ -1041,7 +1278,7 @@ class HFGenerator:
 
 def vllm_requests(requests: Sequence[Request],
                   schema: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
-                  *, max_new_tokens: int = 256,
+                  *, max_new_tokens: int | Sequence[int] = 256,
                   format_prompt: Callable[[str], str] = llava_prompt,
                   image_keys: Sequence[Hashable] | None = None,
                   fill: tuple[int, int, int] | Literal["average"] | None = None,
@@ -1054,10 +1291,12 @@ def vllm_requests(requests: Sequence[Request],
     prefix cache reuses the image tokens, which come first in LLaVA's prompt. Images are
     grouped by `image_keys` (e.g. image ids) or else by object identity, and padded to a
     square once per image. `schema` is one JSON schema for all requests or one per request
-    (None: free text); it goes under ``"structured_outputs": {"json": schema}`` (vLLM >= 0.12
-    naming; `VLLMGenerator` converts for older versions).
+    (None: free text); it goes under ``"structured_outputs": {"json": schema}`` (vLLM >= 0.10.2
+    naming; `vllm_sampling_params` converts for older versions). `max_new_tokens` is one limit
+    or one per request (``max_tokens``).
     """
     n = len(requests)
+    budgets = _per_request(max_new_tokens, n)
     keys = list(image_keys) if image_keys is not None else [id(img) for img, _ in requests]
     if len(keys) != n:
         raise ValueError(f"{len(keys)} image_keys for {n} requests")
@@ -1077,7 +1316,7 @@ def vllm_requests(requests: Sequence[Request],
         image, text = requests[i]
         if keys[i] not in padded:
             padded[keys[i]] = pad_to_square(image, fill)[0]
-        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": int(max_new_tokens)}
+        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": budgets[i]}
         if schemas[i] is not None:
             params["structured_outputs"] = {"json": dict(schemas[i])}  # type: ignore[arg-type]
         out.append({
@@ -1090,8 +1329,10 @@ def vllm_requests(requests: Sequence[Request],
 
 
 def parse_vllm_outputs(outputs: Sequence[Any],
-                       stats: GenerationStats | None = None) -> list[str]:
-    """Texts of vLLM ``RequestOutput``-like objects (``.outputs[0].text``), in order.
+                       stats: GenerationStats | None = None) -> list[Answer]:
+    """Texts of vLLM ``RequestOutput``-like objects (``.outputs[0].text``), in order, as
+    `Answer`s: truncated when ``.outputs[0].finish_reason == "length"`` (the max_tokens limit
+    or the model's context was reached before the answer ended).
 
     Token counts (``.outputs[0].token_ids``, ``.prompt_token_ids``) go into `stats` when given,
     for tokens/s. A request with no completion yields "" (parse_views then reports it).
@@ -1100,13 +1341,31 @@ def parse_vllm_outputs(outputs: Sequence[Any],
     for out in outputs:
         completions = getattr(out, "outputs", None) or []
         first = completions[0] if completions else None
-        texts.append((getattr(first, "text", "") or "").strip() if first is not None else "")
+        text = (getattr(first, "text", "") or "").strip() if first is not None else ""
+        truncated = getattr(first, "finish_reason", None) == "length"
+        texts.append(Answer(text, truncated=truncated))
         if stats is not None:
             stats.requests += 1
+            stats.truncated += truncated
             stats.prompt_tokens += len(getattr(out, "prompt_token_ids", None) or [])
             if first is not None:
                 stats.generated_tokens += len(getattr(first, "token_ids", None) or [])
     return texts
+
+
+def without_leading_bos(text: str, tokenizer: Any) -> str:
+    """`text` without a BOS its chat template wrote, when the tokenizer adds one itself.
+
+    vLLM tokenizes a text prompt with the tokenizer's special tokens, so a template that writes
+    BOS (``{{ bos_token }}...``) would give the model two; LLaVA-1.5's template writes none
+    and is unchanged.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None or not text.startswith(bos):
+        return text
+    adds_bos = tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+    return text[len(bos):] if adds_bos else text
 
 
 _VLLM_HINT = ("vLLM is not installed: pip install nemo-pipe[vllm] (quoted in zsh: "
@@ -1116,7 +1375,10 @@ _VLLM_HINT = ("vLLM is not installed: pip install nemo-pipe[vllm] (quoted in zsh
 
 def vllm_sampling_params(vllm: Any, params: Mapping[str, Any]) -> Any:
     """vLLM SamplingParams from a plain dict, with the JSON schema under whichever name the
-    installed vLLM uses (structured_outputs from 0.10.2, guided_decoding before)."""
+    installed vLLM uses: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))``
+    from vLLM 0.10.2 (vllm-project/vllm#22772), ``SamplingParams(guided_decoding=
+    GuidedDecodingParams(json=...))`` before (that name was deprecated in 0.10.2 and removed in
+    0.12.0, vllm-project/vllm#29326)."""
     params = dict(params)
     structured = params.pop("structured_outputs", None)
     sp = vllm.SamplingParams
@@ -1124,12 +1386,23 @@ def vllm_sampling_params(vllm: Any, params: Mapping[str, Any]) -> Any:
         return sp(**params)
     try:
         from vllm.sampling_params import StructuredOutputsParams
-
-        return sp(**params, structured_outputs=StructuredOutputsParams(**structured))
-    except ImportError:
+    except ImportError:  # vLLM < 0.10.2
         from vllm.sampling_params import GuidedDecodingParams
 
         return sp(**params, guided_decoding=GuidedDecodingParams(**structured))
+    return sp(**params, structured_outputs=StructuredOutputsParams(**structured))
+
+
+def _image_token_count(processor: Any) -> int | None:
+    """Tokens one square image takes in a prompt (its ``<image>`` expanded), measured once
+    with the model's processor (LLaVA-1.5: 576); None when the processor cannot say."""
+    try:
+        text = llava_prompt("x")
+        image = Image.new("RGB", (336, 336), CLIP_MEAN_RGB)
+        expanded = processor(text=[text], images=[image])["input_ids"][0]
+        return len(expanded) - len(processor.tokenizer(text)["input_ids"]) + 1
+    except Exception:  # another processor API: vLLM's own length cap still applies
+        return None
 
 
 def _import_vllm() -> Any:
@@ -1161,17 +1434,28 @@ class VLLMGenerator:
                 enable_prefix_caching=True, limit_mm_per_prompt={"image": 1}, **llm_kwargs,
             )
         self._format: Callable[[str], str] = llava_prompt
+        self._tokenizer: Any = None
+        self.max_model_len = int(max_model_len)
+        self._image_tokens: int | None = None
         try:
             from transformers import AutoProcessor
 
             with hf_offline():
                 processor = AutoProcessor.from_pretrained(self.path)
+            self._tokenizer = getattr(processor, "tokenizer", None)
+            self._image_tokens = _image_token_count(processor)
             if getattr(processor, "chat_template", None):
-                self._format = lambda p: processor.apply_chat_template(
-                    _conversation(None, p), add_generation_prompt=True)
+                self._format = lambda p: without_leading_bos(processor.apply_chat_template(
+                    _conversation(None, p), add_generation_prompt=True), self._tokenizer)
         except Exception:  # no processor files: LLaVA-1.5's format is the right default
             log.warning("no processor chat template in %s; using LLaVA-1.5's format", self.path)
         self.stats = GenerationStats()
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` with the model's tokenizer (answer budgets); an estimate without."""
+        if self._tokenizer is None:
+            return estimate_tokens(text)
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "vllm", "model": self.model_name, "path": str(self.path),
@@ -1180,14 +1464,25 @@ class VLLMGenerator:
     def _sampling_params(self, params: Mapping[str, Any]) -> Any:
         return vllm_sampling_params(self._vllm, params)
 
-    def generate(self, requests: list[Request], max_new_tokens: int = 256,
+    def generate(self, requests: list[Request], max_new_tokens: int | Sequence[int] = 256,
                  batch_size: int = 8,
                  schema: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
-                 ) -> list[str]:
-        """One greedy answer per request, in order (`batch_size` is vLLM's business: ignored)."""
+                 ) -> list[Answer]:
+        """One greedy answer per request, in order (`batch_size` is vLLM's business: ignored).
+
+        Each request's max_tokens is capped by `max_model_len` minus its prompt (text tokens
+        plus the image's, `_image_token_count`); vLLM also stops a request at `max_model_len`
+        itself (finish_reason "length"). Either way the answer is `truncated`.
+        """
         del batch_size
         items = vllm_requests(requests, schema, max_new_tokens=max_new_tokens,
                               format_prompt=self._format)
+        if self._tokenizer is not None and self._image_tokens is not None:
+            for it in items:  # cap by the context minus the prompt (text + image tokens)
+                text_ids = self._tokenizer(it["inputs"]["prompt"])["input_ids"]
+                room = self.max_model_len - (len(text_ids) - 1 + self._image_tokens)
+                params = it["sampling_params"]
+                params["max_tokens"] = max(1, min(params["max_tokens"], room))
         t0 = time.perf_counter()
         outputs = self.llm.generate([it["inputs"] for it in items],
                                     [self._sampling_params(it["sampling_params"]) for it in items],
@@ -1195,7 +1490,7 @@ class VLLMGenerator:
         self.stats.seconds += time.perf_counter() - t0
         self.stats.batches += 1
         texts = parse_vllm_outputs(outputs, self.stats)
-        result = [""] * len(requests)
+        result = [Answer("")] * len(requests)
         for item, text in zip(items, texts, strict=True):
             result[item["index"]] = text
         return result
@@ -1205,31 +1500,53 @@ class VLLMGenerator:
 # prompt -> parse -> repair
 
 
-def _default_max_new_tokens(n_instances: int) -> int:
-    # ~70 Llama tokens per instance entry in practice; generous margin, bounded.
-    return min(4096, 64 + 96 * n_instances)
+# Failure reasons of an instance (the first word of its `failures` row's reason).
+TRUNCATED = "truncated"  # the last answer was cut off at its token limit before this instance
+INVALID = "invalid"  # the last answer had no usable entry for it (bad JSON, empty view, ...)
+UNREADABLE_IMAGE = "unreadable_image"  # the image file could not be read: nothing generated
 
 
-ViewsOutcome = tuple[dict[str, ViewSet] | None, int, list[str]]
+class ViewsOutcome(NamedTuple):
+    """What the model gave for one image.
+
+    `views`: the instances with valid views (a partly bad answer keeps its valid instances);
+    `attempts`: generation rounds used; `errors`: one message per rejected answer
+    (``"attempt N: ..."``), also when a later attempt succeeded; `failed`: instance id ->
+    ``"<reason>: attempt N: <why>"`` for every instance still without views after the last
+    attempt, reason `TRUNCATED` or `INVALID`.
+    """
+
+    views: dict[str, ViewSet]
+    attempts: int
+    errors: list[str]
+    failed: dict[str, str]
+
+
+@dataclass
+class _Prompt:
+    """One request in flight: the instances it shows, those it asks for, its text."""
+
+    group: list[Instance]
+    targets: list[str]
+    text: str
 
 
 @dataclass
 class _Job:
-    """One image's requests in flight: prompt groups, pending prompts, results so far."""
+    """One image's requests in flight and its results so far."""
 
     image: Image.Image
     ids: list[str]
-    groups: list[list[Instance]]
-    targets: list[list[str]]
-    prompts: dict[int, str]  # group index -> prompt still to answer
+    prompts: dict[int, _Prompt]  # group index -> request still to answer
     views: dict[str, ViewSet]
     errors: list[str]
+    failed: dict[str, str]
     attempts: int = 0
 
     def outcome(self) -> ViewsOutcome:
-        if self.prompts:
-            return None, self.attempts, self.errors
-        return {iid: self.views[iid] for iid in self.ids}, self.attempts, self.errors
+        return ViewsOutcome({i: self.views[i] for i in self.ids if i in self.views},
+                            self.attempts, list(self.errors),
+                            {i: self.failed[i] for i in self.ids if i in self.failed})
 
 
 def _new_job(image: Image.Image, instances: Sequence[Instance], per_instance: bool) -> _Job:
@@ -1241,10 +1558,19 @@ def _new_job(image: Image.Image, instances: Sequence[Instance], per_instance: bo
         groups = [[inst, *[o for o in instances if o is not inst]] for inst in instances]
     else:
         groups = [instances] if instances else []
-    targets = [[g[0].instance_id] if per_instance else ids for g in groups]
-    prompts = {gi: build_prompt(g, per_instance, image_size=image.size)
+    prompts = {gi: _Prompt(g, [g[0].instance_id] if per_instance else list(ids),
+                           build_prompt(g, per_instance, image_size=image.size))
                for gi, g in enumerate(groups)}
-    return _Job(image, ids, groups, targets, prompts, {}, [])
+    return _Job(image, ids, prompts, {}, [], {})
+
+
+def _rejection(problems: Mapping[str, str], truncated: bool, budget: int) -> str:
+    """Why an answer's unusable part was rejected, for the error log and the repair prompt."""
+    text = join_problems(problems.values())
+    if truncated:
+        return (f"the answer was cut off at its limit of {budget} tokens before it was "
+                f"complete; answer with the compact JSON object only ({text})")
+    return text
 
 
 def generate_views_many(generator: TextGenerator,
@@ -1257,13 +1583,17 @@ def generate_views_many(generator: TextGenerator,
 
     Each round sends the pending requests of every image in a single `generator.generate`
     call, so the generator can batch across images (one request per image would leave a batch
-    of one). `on_done(i, outcome)` is called as soon as image `i` is finished (success or final
-    failure), e.g. to put it in a request cache before the other images are done.
+    of one). Each request's max_new_tokens is `views_budget` of the instances it asks for
+    (counted with ``generator.count_tokens`` when it has one), at most `max_new_tokens` when
+    that is given; the generator caps it further by its context. `on_done(i, outcome)` is
+    called as soon as image `i` is finished (all views, or the last attempt), e.g. to put it
+    in a request cache before the other images are done.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
     state = [_new_job(image, instances, per_instance) for image, instances in jobs]
     use_schema = bool(getattr(generator, "supports_schema", False))
+    count_tokens = getattr(generator, "count_tokens", None)
     done: set[int] = set()
 
     def finish(i: int) -> None:
@@ -1278,33 +1608,42 @@ def generate_views_many(generator: TextGenerator,
         pending = [(i, gi) for i, job in enumerate(state) if i not in done for gi in job.prompts]
         if not pending:
             break
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens or _default_max_new_tokens(
-                max(len(state[i].targets[gi]) for i, gi in pending)),
-            "batch_size": batch_size,
-        }
+        asked = [state[i].prompts[gi] for i, gi in pending]
+        budgets = [views_budget(len(p.targets), count_tokens, max_new_tokens) for p in asked]
+        kwargs: dict[str, Any] = {"max_new_tokens": budgets, "batch_size": batch_size}
         if use_schema:
-            kwargs["schema"] = [json_schema(state[i].targets[gi]) for i, gi in pending]
-        outputs = generator.generate([(state[i].image, state[i].prompts[gi])
-                                      for i, gi in pending], **kwargs)
+            kwargs["schema"] = [json_schema(p.targets) for p in asked]
+        outputs = generator.generate([(state[i].image, p.text)
+                                      for (i, _), p in zip(pending, asked, strict=True)],
+                                     **kwargs)
         if len(outputs) != len(pending):
             raise RuntimeError(f"generator returned {len(outputs)} answers for "
                                f"{len(pending)} requests")
         for i in {i for i, _ in pending}:
             state[i].attempts = attempt
-        for (i, gi), text in zip(pending, outputs, strict=True):
+        for (i, gi), req, text, budget in zip(pending, asked, outputs, budgets, strict=True):
             job = state[i]
-            try:
-                job.views.update(parse_views(text, job.targets[gi]))
-            except ViewParseError as exc:
-                tag = f" (instance {job.targets[gi][0]})" if per_instance else ""
-                job.errors.append(f"attempt {attempt}{tag}: {exc}")
-                job.prompts[gi] = build_repair_prompt(text, str(exc), job.groups[gi],
-                                                      per_instance, image_size=job.image.size)
-            else:
+            views, problems = parse_views_partial(text, req.targets)
+            job.views.update(views)
+            if not problems:
                 del job.prompts[gi]
+                continue
+            truncated = is_truncated(text)
+            why = _rejection(problems, truncated, budget)
+            tag = f" (instance {req.targets[0]})" if per_instance else ""
+            job.errors.append(f"attempt {attempt}{tag}: {why}")
+            if attempt < max_attempts:  # repair only the instances without valid views
+                req.targets = [t for t in req.targets if t in problems]
+                req.text = build_repair_prompt(text, why, req.group, per_instance,
+                                               image_size=job.image.size, targets=req.targets)
+                continue
+            reason = TRUNCATED if truncated else INVALID
+            for iid, problem in problems.items():
+                job.failed[iid] = (f"{reason}: attempt {attempt}{tag}: "
+                                   + (why if truncated else problem))
+            del job.prompts[gi]
         for i in sorted({i for i, _ in pending}):
-            if not state[i].prompts or attempt == max_attempts:
+            if not state[i].prompts:
                 finish(i)
     return [job.outcome() for job in state]
 
@@ -1313,17 +1652,18 @@ def generate_views(generator: TextGenerator, image: Image.Image, instances: Sequ
                    max_attempts: int = 3, *, per_instance: bool = False,
                    max_new_tokens: int | None = None, batch_size: int = 8,
                    ) -> ViewsOutcome:
-    """Multi-view expressions for every instance of one image.
+    """Multi-view expressions for every instance of one image, as a `ViewsOutcome`.
 
-    Returns ``(views, attempts, errors)``: `views` maps each instance id to its ViewSet, or is
-    None when some answer was still unusable after `max_attempts` (then `errors` says why);
-    `attempts` is the number of generation rounds used; `errors` holds one message per rejected
-    answer (``"attempt N: ..."``), also when a later attempt succeeded. A rejected answer is
-    retried with the repair prompt (previous answer + error). Bad model output never raises;
-    errors of the generator itself (OOM, ...) do.
+    Each answer is validated per instance (`parse_views_partial`): the valid instances keep
+    their views, and only the others are asked again, with the repair prompt (the previous
+    answer, why it was rejected, and the ids still needed), up to `max_attempts` rounds in
+    all; what is still missing then is in `failed` with its reason (`TRUNCATED` when the last
+    answer was cut off at its token limit, else `INVALID`). Bad model output never raises;
+    errors of the generator itself (OOM, ...) do. `max_new_tokens`: an extra cap on each
+    request's budget (`views_budget`), None for none.
 
     With ``per_instance=True`` each instance gets its own prompt (the others as context), all
-    sent in one batch per round; the result is all or nothing, like the one-prompt mode.
+    sent in one batch per round.
     """
     return generate_views_many(generator, [(image, instances)], max_attempts,
                                per_instance=per_instance, max_new_tokens=max_new_tokens,
@@ -1416,9 +1756,8 @@ def _load_image(images_dir: Path, meta: Mapping[str, Any]) -> Image.Image:
 
 
 def _outcome_record(outcome: ViewsOutcome) -> dict[str, Any]:
-    views, attempts, errors = outcome
-    return {"views": None if views is None else {k: v.model_dump() for k, v in views.items()},
-            "attempts": attempts, "errors": errors}
+    return {"views": {k: v.model_dump() for k, v in outcome.views.items()},
+            "attempts": outcome.attempts, "errors": outcome.errors, "failed": outcome.failed}
 
 
 KILL_HOOK_ENV = "NEMO_PIPE_TEST_KILL_AFTER_REQUESTS"
@@ -1453,9 +1792,11 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
 
     images_dir = Path(payload["images_dir"])
     key = model_key(p.backend, p.model)
+    cap = None if p.max_new_tokens is None else int(p.max_new_tokens)
     gen_params = {"backend": p.backend, "per_instance": bool(p.per_instance),
-                  "max_attempts": int(p.max_attempts), "max_new_tokens": int(p.max_new_tokens)}
-    counts = {"generated": 0, "cached": 0}
+                  "max_attempts": int(p.max_attempts), "max_new_tokens": cap,
+                  "budget": BUDGET_VERSION}
+    counts: dict[str, Any] = {"generated": 0, "cached": 0}
     plans: list[tuple[int, Sequence[Mapping[str, Any]], list[Instance], str]] = []
     records: dict[int, dict[str, Any]] = {}
     with RequestCache(payload["cache"]) as cache:
@@ -1478,7 +1819,8 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
                 todo.append(plan)
         generator = get_generator(p.backend, p.model, p.device) if todo else None
         stats = getattr(generator, "stats", None)
-        before = (stats.generated_tokens, stats.seconds, stats.requests) if stats else (0, 0.0, 0)
+        before = ((stats.generated_tokens, stats.seconds, stats.requests, stats.truncated)
+                  if stats else (0, 0.0, 0, 0))
         chunk = max(1, int(p.batch_size))  # images per round trip: bounds what a kill loses
         for start in range(0, len(todo), chunk):
             jobs, live = [], []
@@ -1486,7 +1828,9 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
                 try:
                     image = _load_image(images_dir, plan[1][0]["image"])
                 except InputError as exc:
-                    records[plan[0]] = {"views": None, "attempts": 0, "errors": [str(exc)]}
+                    why = f"{UNREADABLE_IMAGE}: {exc}"
+                    records[plan[0]] = {"views": {}, "attempts": 0, "errors": [str(exc)],
+                                        "failed": {i.instance_id: why for i in plan[2]}}
                     continue
                 jobs.append((image, plan[2]))
                 live.append(plan)
@@ -1501,28 +1845,46 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
 
             generate_views_many(generator, jobs, int(p.max_attempts),  # type: ignore[arg-type]
                                 per_instance=bool(p.per_instance),
-                                max_new_tokens=int(p.max_new_tokens),
+                                max_new_tokens=cap,
                                 batch_size=int(p.batch_size), on_done=on_done)
         if stats is not None:  # this shard's share of the process-wide generator totals
             counts["generated_tokens"] = stats.generated_tokens - before[0]
             counts["generation_seconds"] = round(stats.seconds - before[1], 3)
             counts["model_requests"] = stats.requests - before[2]
+            counts["truncated_answers"] = stats.truncated - before[3]
+    rows, failures, reasons = _rows_and_failures(p, plans, records)
+    counts["failure_reasons"] = reasons
+    return rows, failures, counts
+
+
+def _rows_and_failures(p: Any, plans: Sequence[tuple[int, Sequence[Mapping[str, Any]],
+                                                     list[Instance], str]],
+                       records: Mapping[int, Mapping[str, Any]],
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """View rows of every instance with views; one failure row per (image, reason message)
+    with the instances that share it; failed instances counted per reason word."""
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    reasons: dict[str, int] = {}
     for image_id, refs, _, phash in plans:
         record = records[image_id]
-        if record["views"] is None:
-            errors = record.get("errors") or ["no answer"]
-            failures.append({"image_id": image_id,
-                             "ann_ids": sorted({int(r["ann_id"]) for r in refs}),
-                             "reason": errors[-1], "attempts": int(record["attempts"]),
-                             "prompt_hash": phash})
-            continue
+        views_of = record.get("views") or {}
+        failed = record.get("failed") or {}
+        attempts = int(record["attempts"])
+        by_reason: dict[str, set[int]] = {}
         for ref in refs:
-            views = record["views"][str(ref["ann_id"])]
+            views = views_of.get(str(ref["ann_id"]))
+            if views is None:
+                why = failed.get(str(ref["ann_id"])) or f"{INVALID}: no answer"
+                by_reason.setdefault(why, set()).add(int(ref["ann_id"]))
+                continue
             rows.extend({"ref_id": ref["ref_id"], "image_id": image_id, "ann_id": ref["ann_id"],
                          "view": view, "text": views[view], "backend": p.backend,
-                         "model": p.model, "prompt_hash": phash,
-                         "attempts": int(record["attempts"])}
+                         "model": p.model, "prompt_hash": phash, "attempts": attempts}
                         for view in VIEWS if views.get(view))
-    return rows, failures, counts
+        for why, ann_ids in by_reason.items():
+            failures.append({"image_id": image_id, "ann_ids": sorted(ann_ids), "reason": why,
+                             "attempts": attempts, "prompt_hash": phash})
+            word = why.split(":", 1)[0]
+            reasons[word] = reasons.get(word, 0) + len(ann_ids)
+    return rows, failures, reasons

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import fake_vllm
 import pytest
 
 from pipeline.errors import InputError
@@ -392,7 +393,10 @@ def test_run_llm_backend_with_the_tiny_model(tiny: CausalLMGenerator, tmp_path: 
     assert tiny.stats.requests - before == attempts  # every attempt went to the model
     assert all(1 <= r["attempts"] <= 2 for r in records)
     failed = sum(r["distractors"] is None for r in records)
-    assert sum(1 for r in rejected if r[3].startswith("unparseable: ")) == failed
+    # random weights with a 16-token cap: cut off at the limit (or, rarely, EOS: unparseable)
+    assert sum(1 for r in rejected if r[3].startswith(("truncated: ", "unparseable: "))) == failed
+    assert sum(1 for r in rejected if r[3].startswith("truncated: ")) == sum(
+        bool(r.get("truncated")) for r in records)
     assert all(r[2] == "" for r in rejected if r[3].startswith("unparseable: "))
     # the parsed answers account for every other row (random weights: usually none)
     parsed = sum(len(r["distractors"]) for r in records if r["distractors"] is not None)
@@ -407,10 +411,122 @@ def test_vllm_text_requests_and_missing_vllm() -> None:
     from stages.augment_llm import VLLMTextGenerator, distractor_schema, vllm_text_requests
 
     schema = distractor_schema(2)
-    items = vllm_text_requests(["p1", "p2"], 64, lambda p: f"<u>{p}</u>", schema)
-    assert [it["inputs"]["prompt"] for it in items] == ["<u>p1</u>", "<u>p2</u>"]
+    items = vllm_text_requests([[1, 5, 6], [1, 7]], [64, 70], schema)
+    assert [it["inputs"] for it in items] == [{"prompt_token_ids": [1, 5, 6]},
+                                              {"prompt_token_ids": [1, 7]}]
     assert items[0]["sampling_params"] == {"temperature": 0.0, "max_tokens": 64,
                                            "structured_outputs": {"json": schema}}
+    assert items[1]["sampling_params"]["max_tokens"] == 70
     assert schema["properties"]["distractors"]["maxItems"] == 2
     with pytest.raises(InputError, match="vllm"):
         VLLMTextGenerator("tiny")
+
+
+# --------------------------------------------------------------------------------------------
+# token budget and truncation (issue 17)
+
+
+def test_distractor_budget_by_hand() -> None:
+    from stages.augment_llm import distractor_budget
+
+    # '{"distractors": ["the man in red in front of", "the man in red in front of"]}'
+    # is 17 + 28 + 2 + 28 + 2 = 77 characters: ceil(77 / 3) = 26 tokens; 1.5 x 26 = 39; + 32
+    assert distractor_budget("the man in red", 2) == 71
+    # one item: 17 + 28 + 2 = 47 characters: 16 tokens; 24; + 32
+    assert distractor_budget("the man in red", 1) == 56
+    # whitespace words of that answer: 1 + 7 + 7 = 15; ceil(22.5) = 23; + 32
+    assert distractor_budget("the man in red", 2, lambda t: len(t.split())) == 55
+    assert distractor_budget("the man in red", 2, cap=60) == 60
+
+
+class RecordingGenerator(FakeGenerator):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.budgets: list[list[int]] = []
+
+    def generate(self, prompts: list[str], max_new_tokens: object = 96,
+                 batch_size: int = 8) -> list[str]:
+        self.budgets.append(list(max_new_tokens))  # type: ignore[call-overload]
+        return super().generate(prompts, batch_size=batch_size)
+
+
+def test_run_llm_backend_budget_follows_each_sentence(tmp_path: Path) -> None:
+    from stages.augment_llm import distractor_budget
+
+    gen = RecordingGenerator()
+    run_llm_backend([(1, "the man in red", None), (2, S1, None)], ["swap_color"], 2, "fake",
+                    "cpu", tmp_path / "c.sqlite", generator=gen)
+    assert gen.budgets == [[71, distractor_budget(S1, 2)]]
+    assert distractor_budget(S1, 2) > 71  # a longer sentence gets more
+    capped = RecordingGenerator()
+    run_llm_backend([(1, "the man in red", None)], ["swap_color"], 2, "fake", "cpu",
+                    tmp_path / "d.sqlite", generator=capped, max_new_tokens=50)
+    assert capped.budgets == [[50]]
+
+
+def test_run_llm_backend_names_truncated_answers(tmp_path: Path) -> None:
+    from stages.vlm import Answer
+
+    class Cut(FakeGenerator):
+        def generate(self, prompts: list[str], max_new_tokens: object = 96,
+                     batch_size: int = 8) -> list[str]:
+            return [Answer('{"distractors": ["the man in blue shirt on', truncated=True)
+                    for _ in prompts]
+
+    _, rejected, _ = run_llm_backend([(1, S1, None)], ["swap_color"], 2, "fake", "cpu",
+                                     tmp_path / "c.sqlite", generator=Cut(), max_attempts=1)
+    assert [r[3].split(":")[0] for r in rejected] == ["truncated"]
+    assert "cut off at its token limit" in rejected[0][3]
+    # the same broken text without the limit reached is unparseable
+    _, rejected, _ = run_llm_backend(
+        [(1, S1, None)], ["swap_color"], 2, "fake", "cpu", tmp_path / "d.sqlite",
+        generator=FakeGenerator(default='{"distractors": ["the man in blue shirt on'),
+        max_attempts=1)
+    assert rejected[0][3].startswith("unparseable: the answer is not valid JSON")
+
+
+# --------------------------------------------------------------------------------------------
+# the vLLM text engine against strict stand-ins (tests/fake_vllm.py), both API shapes
+
+
+@pytest.mark.parametrize("api", ["new", "old"])
+def test_vllm_text_generator_strict_stand_ins_and_one_bos(
+        api: str, tiny_work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.augment_llm import VLLMTextGenerator, distractor_budget, distractor_schema
+
+    llm_cls = fake_vllm.install(monkeypatch, api)
+    answers = {"the man in red shirt on left": ('{"distractors": ["the man in blue shirt on '
+                                                'left"]}', "stop")}
+
+    def respond(ids: list[int], sp: object) -> tuple[str, str]:
+        text = tok.decode(ids)
+        for sentence, answer in answers.items():
+            if json.dumps(sentence) in text:
+                return answer
+        return '{"distractors": ["the woman', "length"
+
+    monkeypatch.setenv("NEMO_WORK_DIR", str(tiny_work))
+    llm_cls.respond = staticmethod(respond)
+    gen = VLLMTextGenerator("tiny", per_kind=1)
+    llm = llm_cls.instances[-1]
+    tok = llm.get_tokenizer()
+    accepted, rejected, counts = run_llm_backend(
+        [(1, S1, None), (2, S2, None)], ["swap_color"], 1, "tiny", "cpu",
+        tmp_path / "c.sqlite", generator=gen, max_attempts=1)
+    assert accepted == [(1, "swap_color", "the man in blue shirt on left")]
+    assert [(r[0], r[3].split(":")[0]) for r in rejected] == [(2, "truncated")]
+    assert gen.stats.truncated == 1 and counts["generated"] == 2
+    # the ids vLLM got: the chat template's text encoded once, with exactly one BOS
+    bos = tok.bos_token_id
+    for seen, sentence in zip(llm.seen, (S1, S2), strict=True):
+        ids = seen["ids"]
+        assert "prompt" not in seen["prompt"] and ids[0] == bos and ids.count(bos) == 1
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": build_kind_prompt("swap_color", sentence, 1)}],
+            add_generation_prompt=True, tokenize=False)
+        assert tok(text)["input_ids"][:2] == [bos, bos]  # what a text prompt would have given
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        params = seen["params"]
+        holder = params.structured_outputs if api == "new" else params.guided_decoding
+        assert holder.json == distractor_schema(1) and params.temperature == 0.0
+        assert params.max_tokens == distractor_budget(sentence, 1, gen.count_tokens)

@@ -123,3 +123,73 @@ def test_clusters_key_follows_embed_config(demo, work, checkpoint, tmp_path):
 def test_unknown_split_is_an_error(demo, work, checkpoint):
     with pytest.raises(InputError, match="multiview.splits"):
         pipe_for(demo, work, checkpoint, "multiview.splits=[training]").run("multiview")
+
+
+class _CutAfterAllButLast:
+    """A stand-in model: valid views for every instance of the prompt except the last listed,
+    where its answer is cut off at the token limit (an image of one instance gets a full one)."""
+
+    def __init__(self) -> None:
+        from stages.vlm import GenerationStats
+
+        self.stats = GenerationStats()
+
+    def generate(self, requests, max_new_tokens=256, batch_size=8):
+        import json
+        import re
+
+        from stages.vlm import Answer
+
+        out = []
+        for _, prompt in requests:
+            ids = re.findall(r'^- instance id "(\d+)"', prompt, flags=re.M)
+            entry = {"appearance": "the thing", "action": None, "spatial": "the thing here",
+                     "appearance_alt": "the other thing"}
+            text = json.dumps({i: entry for i in ids})
+            truncated = len(ids) > 1
+            if truncated:
+                text = text[:text.rindex(f'"{ids[-1]}"') + 12]
+            self.stats.requests += 1
+            self.stats.truncated += truncated
+            out.append(Answer(text, truncated=truncated))
+        return out
+
+
+def test_partly_valid_truncated_answers_in_views_failures_manifest_and_status(
+        demo, work, checkpoint, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from stages import vlm
+
+    monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), _CutAfterAllButLast())
+    sets = ["multiview.backend=hf", "multiview.model=tiny", "multiview.device=cpu",
+            "multiview.max_attempts=1"]
+    pipe = pipe_for(demo, work, checkpoint, *sets)
+    pipe.run("multiview")
+    views = pq.read_table(pipe.artifact_dir("multiview") / "views").to_pylist()
+    failures = pq.read_table(pipe.artifact_dir("multiview") / "failures").to_pylist()
+    # by hand from the REFER file: the train instances of each image
+    refs = pickle.loads((demo.refer_root / "refcoco" / "refs(unc).p").read_bytes())
+    anns: dict[int, set[int]] = {}
+    for r in refs:
+        if r["split"] == "train":
+            anns.setdefault(r["image_id"], set()).add(r["ann_id"])
+    multi = {i for i, a in anns.items() if len(a) > 1}
+    assert multi and len(multi) < len(anns)
+    failed = {(f["image_id"], a) for f in failures for a in f["ann_ids"]}
+    assert {f["reason"].split(":")[0] for f in failures} == {"truncated"}
+    assert {i for i, _ in failed} == multi and len(failed) == len(multi)  # one per image
+    viewed = {(v["image_id"], v["ann_id"]) for v in views}
+    everything = {(i, a) for i, ids in anns.items() for a in ids}
+    assert viewed | failed == everything and not viewed & failed  # the good ones are kept
+    stats = pipe.store.manifest("refcoco", "multiview", pipe.resolve("multiview").key)["stats"]
+    assert stats["failure_reasons"] == {"truncated": len(multi)}
+    assert stats["failed_instances"] == len(multi) == stats["truncated_answers"]
+    args = ["status", "--stage", "multiview", "--dataset", "refcoco", "--work-dir", str(work),
+            "--data-root", str(demo.refer_root), "--images", str(demo.images_dir)]
+    for s in ["embed.model=tiny", f"embed.pretrained={checkpoint}", *sets]:
+        args += ["--set", s]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert f'"truncated": {len(multi)}' in shown.output

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(work, demo, *extra, env=None):
@@ -63,3 +66,26 @@ def test_kill_mid_generation_resumes_without_regenerating(demo, tmp_path):
     assert again.returncode == 0, again.stderr
     _, m = manifest(work)
     assert m["stats"]["generated_requests"] == 0 and m["stats"]["cached_requests"] == n_images
+
+
+def test_gpu_multiview_script_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu_multiview_run.py (the GPU record of issue 17) works end to end at tiny
+    size: a random model with EOS off writes every request's whole budget, so each request is
+    exactly `cap` tokens and every instance a `truncated` failure."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "benchmarks/gpu_multiview_run.py", "--tiny",
+                          "--out", str(out), "--scratch", str(tmp_path / "scratch"),
+                          "--max-instances", "2", "--stage-images", "12",
+                          "--max-new-tokens", "40"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    figures = json.loads((out / "gpu_multiview.json").read_text())
+    assert all("error" not in figures[part] for part in ("build", "mixed", "stage")), figures
+    mixed = figures["mixed"]
+    assert (mixed["images"], mixed["instances"]) == (2, 3)  # one image of 1, one of 2
+    assert mixed["generated_tokens"] == 40 * mixed["model_requests"] == 80
+    assert mixed["failure_reasons"] == {"truncated": 3} and mixed["requests_per_s"] > 0
+    assert mixed["budget_per_instance_count"] == {"1": 40, "2": 40}
+    stats = figures["stage"]["stats"]
+    assert stats["failure_reasons"] == {"truncated": stats["instances"]}
+    assert stats["generated_tokens"] == 40 * stats["generated_requests"]

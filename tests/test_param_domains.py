@@ -219,6 +219,7 @@ GOOD: list[tuple[list[str], str, Any]] = [
     (["multiview.per_instance=true"], "multiview.per_instance", True),
     (["multiview.max_attempts=1"], "multiview.max_attempts", 1),
     (["multiview.max_new_tokens=16"], "multiview.max_new_tokens", 16),
+    (["multiview.max_new_tokens=null"], "multiview.max_new_tokens", None),
     (["multiview.images_per_shard=1"], "multiview.images_per_shard", 1),
     (["multiview.limit_images=0"], "multiview.limit_images", 0),
     (["multiview.batch_size=1"], "multiview.batch_size", 1),

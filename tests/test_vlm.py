@@ -7,6 +7,7 @@ from_pretrained (the path real checkpoints take); nothing touches the network.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import fake_vllm
 import pytest
 from PIL import Image
 
@@ -277,8 +279,8 @@ IMAGE = Image.new("RGB", (120, 90), (20, 40, 60))
 def test_generate_views_repairs_then_succeeds() -> None:
     malformed = '{"101": {"appearance": "the man", "action": null'
     gen = ScriptedGenerator([malformed, "```json\n" + json.dumps(VALID) + "\n```"])
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES)
-    assert attempts == 2 and views is not None and list(views) == IDS
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES)
+    assert attempts == 2 and list(views) == IDS and failed == {}
     assert len(errors) == 1 and errors[0].startswith("attempt 1: the answer is not valid JSON")
     first, second = (call["requests"][0][1] for call in gen.calls)
     assert first == build_prompt(INSTANCES, image_size=IMAGE.size)
@@ -288,8 +290,10 @@ def test_generate_views_repairs_then_succeeds() -> None:
 
 def test_generate_views_gives_up_after_max_attempts() -> None:
     gen = ScriptedGenerator(["no json here", '{"101": {}}', "{oops"])
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES, max_attempts=3)
-    assert views is None and attempts == 3 and len(errors) == 3
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES, max_attempts=3)
+    assert views == {} and attempts == 3 and len(errors) == 3
+    assert list(failed) == IDS and all(f.startswith("invalid: attempt 3: ") for f in
+                                       failed.values())
     assert "no JSON object" in errors[0]
     assert 'missing instance(s) "102"' in errors[1]
     assert "not valid JSON" in errors[2]
@@ -300,8 +304,8 @@ def test_generate_views_per_instance_retries_only_failures() -> None:
     ok_man = json.dumps({"101": VALID["101"]})
     ok_lady = json.dumps({"102": VALID["102"]})
     gen = ScriptedGenerator([ok_man, "garbage", ok_lady], supports_schema=True)
-    views, attempts, errors = generate_views(gen, IMAGE, INSTANCES, per_instance=True)
-    assert views is not None and list(views) == IDS and attempts == 2
+    views, attempts, errors, failed = generate_views(gen, IMAGE, INSTANCES, per_instance=True)
+    assert list(views) == IDS and attempts == 2 and failed == {}
     assert [len(c["requests"]) for c in gen.calls] == [2, 1]
     assert len(errors) == 1 and errors[0].startswith("attempt 1 (instance 102): no JSON object")
     # a generator that supports structured decoding gets one schema per request
@@ -311,7 +315,7 @@ def test_generate_views_per_instance_retries_only_failures() -> None:
 
 
 def test_generate_views_no_instances() -> None:
-    assert generate_views(ScriptedGenerator([]), IMAGE, []) == ({}, 0, [])
+    assert generate_views(ScriptedGenerator([]), IMAGE, []) == ({}, 0, [], {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,9 +453,11 @@ def test_first_step_logits_batched_match_unbatched(tiny: vlm.HFGenerator) -> Non
 
 
 def test_generate_views_with_tiny_model_never_raises(tiny: vlm.HFGenerator) -> None:
-    views, attempts, errors = generate_views(tiny, IMAGE, INSTANCES, max_attempts=2,
-                                             max_new_tokens=8)
-    assert views is None and attempts == 2 and len(errors) == 2  # random weights: no JSON
+    views, attempts, errors, failed = generate_views(tiny, IMAGE, INSTANCES, max_attempts=2,
+                                                     max_new_tokens=8)
+    assert views == {} and attempts == 2 and len(errors) == 2  # random weights: no JSON
+    assert list(failed) == IDS
+    assert all(re.match(r"(truncated|invalid): attempt 2: ", f) for f in failed.values())
 
 
 def test_tiny_causal_lm_loads_back_and_generates(tmp_path: Path) -> None:
@@ -520,47 +526,111 @@ def test_vllm_generator_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "GPU" in str(info.value)
 
 
-def test_vllm_generator_with_a_stand_in_vllm(monkeypatch: pytest.MonkeyPatch,
-                                             tiny_dir: Path) -> None:
-    """The VLLMGenerator glue (params conversion, order restore) against a fake vllm module."""
-    import types
+@pytest.fixture(params=["new", "old"])
+def strict_vllm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                ) -> tuple[type, str]:
+    """A strict fake `vllm` (tests/fake_vllm.py) in both API shapes: (its LLM class, shape)."""
+    return fake_vllm.install(monkeypatch, request.param), request.param
 
-    calls: list[dict[str, Any]] = []
 
-    class FakeLLM:
-        def __init__(self, model: str, **kwargs: Any) -> None:
-            self.model, self.kwargs = model, kwargs
+def _schema_of(params: Any, api: str) -> dict[str, Any] | None:
+    """The JSON schema a SamplingParams carries, under the shape's own name."""
+    holder = params.structured_outputs if api == "new" else params.guided_decoding
+    return None if holder is None else holder.json
 
-        def generate(self, prompts: list[dict[str, Any]], sampling_params: list[Any],
-                     use_tqdm: bool = True) -> list[SimpleNamespace]:
-            calls.append({"prompts": prompts, "params": sampling_params})
-            return [SimpleNamespace(prompt_token_ids=[0, 1], outputs=[SimpleNamespace(
-                text=p["prompt"].split("\n", 1)[1], token_ids=[5, 6, 7])]) for p in prompts]
 
-    fake = types.ModuleType("vllm")
-    fake.LLM = FakeLLM  # type: ignore[attr-defined]
-    fake.SamplingParams = lambda **kw: {"sampling": kw}  # type: ignore[attr-defined]
-    fake_sp = types.ModuleType("vllm.sampling_params")
-    fake_sp.StructuredOutputsParams = lambda **kw: {"structured": kw}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake_sp)
+def test_strict_stand_ins_reject_the_other_api_and_unknown_names(
+        monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> None:
+    """The stand-ins are strict, so the code's calls below are checked against real names."""
+    for api, other in (("new", "guided_decoding"), ("old", "structured_outputs")):
+        fake_vllm.install(monkeypatch, api)
+        import vllm
+        import vllm.sampling_params as sp
 
+        with pytest.raises(TypeError):
+            vllm.SamplingParams(max_tokens=5, **{other: None})
+        with pytest.raises(TypeError):
+            vllm.SamplingParams(temperature=0.0, max_new_tokens=5)
+        with pytest.raises(TypeError):
+            vllm.LLM(model=str(tiny_dir), not_an_engine_arg=1)
+        assert hasattr(sp, "StructuredOutputsParams") is (api == "new")
+        assert hasattr(sp, "GuidedDecodingParams") is (api == "old")
+
+
+def test_vllm_generator_against_strict_stand_ins(strict_vllm: tuple[type, str],
+                                                 tiny_dir: Path) -> None:
+    """VLLMGenerator in both API shapes: schema under the right name, per-request max_tokens,
+    finish_reason "length" -> truncated, request order restored, one BOS."""
+    llm_cls, api = strict_vllm
+    llm_cls.respond = staticmethod(lambda ids, sp: (
+        f" answer {sp.max_tokens} ", "length" if sp.max_tokens == 7 else "stop"))
     gen = vlm.VLLMGenerator("tiny", cache_dir=tiny_dir.parent)
-    assert gen.llm.model == str(tiny_dir) and gen.llm.kwargs["enable_prefix_caching"]
+    llm = llm_cls.instances[-1]
+    assert llm.model == str(tiny_dir) and llm.kwargs["enable_prefix_caching"] is True
+    assert llm.kwargs["max_model_len"] == 4096
     a, b = Image.new("RGB", (10, 10)), Image.new("RGB", (12, 10))
     schema = json_schema(["1"])
-    texts = gen.generate([(a, "q0"), (b, "q1"), (a, "q2")], max_new_tokens=9,
+    texts = gen.generate([(a, "q0"), (b, "q1"), (a, "q2")], max_new_tokens=[9, 7, 11],
                          schema=[schema, None, schema])
-    assert texts == ["q0 ASSISTANT:", "q1 ASSISTANT:", "q2 ASSISTANT:"]  # request order
-    sent = calls[0]
-    assert [p["prompt"] for p in sent["prompts"]] == [
+    assert texts == ["answer 9", "answer 7", "answer 11"]  # request order
+    assert [vlm.is_truncated(t) for t in texts] == [False, True, False]
+    sent = llm.seen  # image-grouped: q0, q2, q1
+    assert [s["prompt"]["prompt"] for s in sent] == [
         "USER: <image>\nq0 ASSISTANT:", "USER: <image>\nq2 ASSISTANT:",
-        "USER: <image>\nq1 ASSISTANT:"]  # the tiny processor's chat template, image-grouped
-    assert sent["params"][0] == {"sampling": {"temperature": 0.0, "max_tokens": 9,
-                                              "structured_outputs": {"structured": {
-                                                  "json": schema}}}}
-    assert sent["params"][2] == {"sampling": {"temperature": 0.0, "max_tokens": 9}}
-    assert gen.stats.generated_tokens == 9 and gen.describe()["backend"] == "vllm"
+        "USER: <image>\nq1 ASSISTANT:"]
+    assert [s["params"].max_tokens for s in sent] == [9, 11, 7]
+    assert [s["params"].temperature for s in sent] == [0.0] * 3
+    assert [_schema_of(s["params"], api) for s in sent] == [schema, schema, None]
+    bos = gen._tokenizer.bos_token_id
+    assert all(s["ids"][0] == bos and s["ids"].count(bos) == 1 for s in sent)
+    assert gen.stats.truncated == 1 and gen.describe()["backend"] == "vllm"
+
+
+def test_vllm_generator_caps_max_tokens_by_the_context(monkeypatch: pytest.MonkeyPatch,
+                                                       tiny_dir: Path,
+                                                       tiny: vlm.HFGenerator) -> None:
+    llm_cls = fake_vllm.install(monkeypatch, "new")
+    req = (IMAGE, "Describe the man.")
+    # the prompt's length as the HF processor feeds it (text, BOS and the expanded image)
+    length = int(tiny._encode([req])["attention_mask"].sum())
+    gen = vlm.VLLMGenerator("tiny", cache_dir=tiny_dir.parent, max_model_len=length + 5)
+    assert gen._image_tokens == 16  # the tiny LLaVA: (32 / 8) ** 2 patches
+    gen.generate([req], max_new_tokens=50)
+    gen.generate([req], max_new_tokens=3)
+    assert [s["params"].max_tokens for s in llm_cls.instances[-1].seen] == [5, 3]
+
+
+def test_vlm_prompt_never_gets_a_second_bos(tiny_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    bos = tok.bos_token_id
+    written = tok.bos_token + "USER: <image>\nq ASSISTANT:"  # a template that writes BOS
+    assert tok(written)["input_ids"][:2] == [bos, bos]  # what vLLM would have tokenized
+    ids = tok(vlm.without_leading_bos(written, tok))["input_ids"]
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert vlm.without_leading_bos("USER: q", tok) == "USER: q"  # LLaVA-1.5: unchanged
+
+
+def test_multiview_vllm_backend_end_to_end_with_strict_stand_ins(
+        strict_vllm: tuple[type, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_model_backend -> get_generator -> VLLMGenerator -> SamplingParams of the installed
+    shape; the stand-in answers exactly what the schema asks for, so every view is kept."""
+    llm_cls, api = strict_vllm
+
+    def respond(ids: list[int], sp: Any) -> tuple[str, str]:
+        wanted = _schema_of(sp, api)["required"]
+        return _answer([int(i) for i in wanted]), "stop"
+
+    llm_cls.respond = staticmethod(respond)
+    monkeypatch.setenv("NEMO_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setattr(vlm, "_GENERATORS", {})
+    by_image, payload = _scene(tmp_path)
+    rows, failures, counts = vlm.run_model_backend(_params(backend="vllm", max_new_tokens=None),
+                                                   by_image, payload)
+    assert failures == [] and len(rows) == 4 * 3 and counts["generated"] == 2
+    assert [s["params"].max_tokens for s in llm_cls.instances[-1].seen] == [
+        vlm.views_budget(2, vlm._GENERATORS[("vllm", "tiny", "cpu")].count_tokens)] * 2
 
 
 def test_tiny_cache_goes_under_nemo_work_dir(monkeypatch: pytest.MonkeyPatch,
@@ -668,7 +738,7 @@ def test_run_model_backend_caches_every_finished_image(tmp_path: Path,
     gen = ScriptedGenerator([_answer([100, 101]), "nope", _answer([200, 201], static=True)])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert counts == {"generated": 2, "cached": 0} and failures == []
+    assert counts == {"generated": 2, "cached": 0, "failure_reasons": {}} and failures == []
     assert [len(c["requests"]) for c in gen.calls] == [2, 1]  # both images in one batch
     by_ref = {(r["ref_id"], r["view"]): r for r in rows}
     assert len(rows) == 4 * 3  # three views per referent
@@ -683,13 +753,13 @@ def test_run_model_backend_caches_every_finished_image(tmp_path: Path,
     monkeypatch.delitem(vlm._GENERATORS, ("hf", "tiny", "cpu"))
     monkeypatch.setattr(vlm, "get_generator", lambda *a: pytest.fail("model loaded"))
     again = vlm.run_model_backend(_params(), by_image, payload)
-    assert again[2] == {"generated": 0, "cached": 2}
+    assert again[2] == {"generated": 0, "cached": 2, "failure_reasons": {}}
     assert again[0] == rows and again[1] == []
     # a generation parameter that changes the output is part of the key
     monkeypatch.setattr(vlm, "get_generator", lambda *a: ScriptedGenerator(
         [_answer([100, 101]), _answer([200, 201])]))
     assert vlm.run_model_backend(_params(max_new_tokens=9), by_image, payload)[2] == {
-        "generated": 2, "cached": 0}
+        "generated": 2, "cached": 0, "failure_reasons": {}}
 
 
 def test_run_model_backend_records_failures(tmp_path: Path,
@@ -699,17 +769,19 @@ def test_run_model_backend_records_failures(tmp_path: Path,
     gen = ScriptedGenerator(["garbage", "still garbage"])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert rows == [] and counts == {"generated": 1, "cached": 0}
+    assert rows == [] and counts["generated"] == 1 and counts["cached"] == 0
+    assert counts["failure_reasons"] == {"invalid": 2, "unreadable_image": 2}
     bad_output, bad_image = failures
     assert bad_output["ann_ids"] == [100, 101] and bad_output["attempts"] == 2
-    assert "no JSON object" in bad_output["reason"]
-    assert bad_image["image_id"] == 2 and "cannot read image" in bad_image["reason"]
+    assert bad_output["reason"].startswith("invalid: attempt 2: no JSON object")
+    assert bad_image["image_id"] == 2
+    assert bad_image["reason"].startswith("unreadable_image: cannot read image")
     # the model failure is cached (not regenerated); the unreadable image is retried
     Image.new("RGB", (40, 40)).save(Path(payload["images_dir"]) / "2.jpg")
     gen2 = ScriptedGenerator([_answer([200, 201])])
     monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen2)
     rows, failures, counts = vlm.run_model_backend(_params(), by_image, payload)
-    assert counts == {"generated": 1, "cached": 1} and len(gen2.calls) == 1
+    assert (counts["generated"], counts["cached"]) == (1, 1) and len(gen2.calls) == 1
     assert [f["image_id"] for f in failures] == [1] and {r["image_id"] for r in rows} == {2}
 
 
@@ -720,7 +792,8 @@ def test_run_model_backend_with_the_tiny_model(tmp_path: Path, tiny_dir: Path,
     monkeypatch.setenv("NEMO_WORK_DIR", str(tmp_path / "work"))
     rows, failures, counts = vlm.run_model_backend(_params(max_attempts=1), by_image, payload)
     assert counts["generated"] == 1 and rows == []  # random weights write no JSON
-    assert failures[0]["attempts"] == 1 and failures[0]["reason"].startswith("attempt 1: ")
+    assert failures[0]["attempts"] == 1
+    assert re.match(r"(invalid|truncated): attempt 1: ", failures[0]["reason"])
     assert (tmp_path / "work" / ".cache" / "tiny-llava").is_dir()
 
 
@@ -759,3 +832,154 @@ def test_multiview_params_have_what_the_backend_reads() -> None:
     for name in ("backend", "model", "device", "per_instance", "max_attempts",
                  "max_new_tokens", "batch_size"):
         assert hasattr(params, name), name
+
+
+# --------------------------------------------------------------------------------------------
+# token budget per request, per-instance validation, truncation (issue 17)
+
+# The template backend's views of the worst-case instance `reference_answer` uses, written out
+# by hand: "baseball glove" (the longest COCO name) in purple, box centre at (540, 390) of a
+# 640x480 image (bottom right), its neighbour's centre at x = 560 (so "left of"), box area
+# 6.25% of the image ("medium-sized").
+TEMPLATE_ENTRY = ('{"appearance": "the purple baseball glove", "action": null, "spatial": '
+                  '"the baseball glove on the bottom right, left of the orange baseball glove", '
+                  '"appearance_alt": "the medium-sized purple baseball glove"}')
+DOG = Instance(instance_id="103", category="dog", bbox=(5, 60, 20, 20), expressions=["dog"])
+
+
+def test_budget_per_request_for_1_and_8_instances_by_hand() -> None:
+    one = '{"2000000": ' + TEMPLATE_ENTRY + "}"
+    assert vlm.reference_answer(1) == one and len(one) == 220
+    eight = "{" + ", ".join(f'"{2000000 + k}": {TEMPLATE_ENTRY}' for k in range(8)) + "}"
+    assert vlm.reference_answer(8) == eight and len(eight) == 1760  # 8 x 218 + 7 x 2 + 2
+    # no tokenizer: ceil(chars / 3) tokens, x 1.5 rounded up, + 32
+    assert vlm.views_budget(1) == 143  # ceil(220 / 3) = 74; ceil(111.0) = 111; + 32
+    assert vlm.views_budget(8) == 913  # ceil(1760 / 3) = 587; ceil(880.5) = 881; + 32
+    assert vlm.views_budget(2) == 253  # 440 chars: 147 tokens; ceil(220.5) = 221; + 32
+    # the tokenizer in use when there is one
+    assert vlm.views_budget(1, lambda t: len(t) // 10) == 65  # 22 tokens: 33 + 32
+    assert vlm.views_budget(8, lambda t: len(t) // 10) == 296  # 176 tokens: 264 + 32
+    # a configured max_new_tokens is a cap, not a replacement
+    assert vlm.views_budget(8, cap=384) == 384 and vlm.views_budget(1, cap=384) == 143
+
+
+def test_each_request_gets_the_budget_of_the_instances_it_asks_for() -> None:
+    eight = [Instance(instance_id=str(200 + k), category="dog") for k in range(8)]
+    good8 = {str(200 + k): VALID["101"] for k in range(8)}
+    gen = ScriptedGenerator([json.dumps(VALID), json.dumps(good8)])
+    vlm.generate_views_many(gen, [(IMAGE, INSTANCES), (IMAGE, eight)])
+    assert gen.calls[0]["max_new_tokens"] == [253, 913]
+    capped = ScriptedGenerator([json.dumps(VALID), json.dumps(good8)])
+    vlm.generate_views_many(capped, [(IMAGE, INSTANCES), (IMAGE, eight)], max_new_tokens=384)
+    assert capped.calls[0]["max_new_tokens"] == [253, 384]
+    # a generator with a tokenizer counts with it
+    counting = ScriptedGenerator([json.dumps(VALID)])
+    counting.count_tokens = lambda t: len(t) // 10  # type: ignore[attr-defined]
+    generate_views(counting, IMAGE, INSTANCES)
+    assert counting.calls[0]["max_new_tokens"] == [98]  # 44 tokens: 66 + 32
+
+
+def test_one_bad_instance_among_good_ones_is_repaired_alone() -> None:
+    dog = _entry("the small brown dog", "the dog sitting on the grass", "the dog at the bottom")
+    first = {"101": VALID["101"], "102": _entry(appearance=""), "103": dog}
+    gen = ScriptedGenerator([json.dumps(first), json.dumps({"102": VALID["102"]})],
+                            supports_schema=True)
+    views, attempts, errors, failed = generate_views(gen, IMAGE, [MAN, LADY, DOG])
+    assert failed == {} and attempts == 2 and list(views) == ["101", "102", "103"]
+    assert views["101"] == ViewSet(**VALID["101"]) and views["103"] == ViewSet(**dog)
+    assert views["102"] == ViewSet(**VALID["102"])
+    assert errors == ['attempt 1: instance "102": "appearance" must be a non-empty string']
+    (repair_image, repair), = gen.calls[1]["requests"]  # one request, for the bad one only
+    assert 'one key per instance id of only these instances: "102" (the other' in repair
+    assert all(f'instance id "{i}"' in repair for i in ("101", "102", "103"))  # context kept
+    assert gen.calls[1]["schema"][0]["required"] == ["102"]
+    assert gen.calls[1]["max_new_tokens"] == [143]  # the budget of one instance
+    # no attempt left: the good ones keep their views, the bad one is a failure with its reason
+    gen = ScriptedGenerator([json.dumps(first)])
+    views, attempts, errors, failed = generate_views(gen, IMAGE, [MAN, LADY, DOG],
+                                                     max_attempts=1)
+    assert list(views) == ["101", "103"]
+    assert failed == {"102": 'invalid: attempt 1: instance "102": "appearance" must be a '
+                             "non-empty string"}
+
+
+def test_parse_views_partial_keeps_valid_entries() -> None:
+    good, bad = vlm.parse_views_partial(json.dumps({"101": VALID["101"]}), IDS)
+    assert list(good) == ["101"] and list(bad) == ["102"] and "missing" in bad["102"]
+    # a broken object keeps its complete entries
+    cut = json.dumps(VALID)[:json.dumps(VALID).index('"102"') + 12]
+    good, bad = vlm.parse_views_partial("Sure: " + cut, IDS)
+    assert list(good) == ["101"] and bad["102"].startswith("the answer is not valid JSON")
+    # an unknown id spoils the whole answer
+    good, bad = vlm.parse_views_partial(json.dumps({**VALID, "9": VALID["101"]}), IDS)
+    assert good == {} and set(bad) == set(IDS)
+
+
+def test_truncated_answer_is_its_own_failure_reason() -> None:
+    full = json.dumps(VALID)
+    cut = full[:full.index('"102"') + 20]  # 101 complete, 102 cut off
+    gen = ScriptedGenerator([vlm.Answer(cut, truncated=True)])
+    views, _, errors, failed = generate_views(gen, IMAGE, INSTANCES, max_attempts=1)
+    assert list(views) == ["101"] and list(failed) == ["102"]
+    assert failed["102"].startswith("truncated: attempt 1: the answer was cut off at its limit "
+                                    "of 253 tokens")
+    # the same text ending without the token limit is a malformed answer, not a truncated one
+    views, _, _, failed = generate_views(ScriptedGenerator([cut]), IMAGE, INSTANCES,
+                                         max_attempts=1)
+    assert list(views) == ["101"] and failed["102"].startswith("invalid: attempt 1: ")
+    # with an attempt left, only the missing instance is asked again, with its own budget
+    gen = ScriptedGenerator([vlm.Answer(cut, truncated=True), json.dumps({"102": VALID["102"]})])
+    views, attempts, _, failed = generate_views(gen, IMAGE, INSTANCES)
+    assert list(views) == IDS and failed == {} and attempts == 2
+    assert gen.calls[1]["max_new_tokens"] == [143]
+    assert "cut off at its limit of 253 tokens" in gen.calls[1]["requests"][0][1]
+
+
+def test_run_model_backend_publishes_good_instances_and_counts_truncation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    by_image, payload = _scene(tmp_path)
+    full = _answer([100, 101])
+    cut = full[:full.index('"101"') + 15]  # image 1: 100 complete, cut off in 101
+    bad = json.loads(_answer([200, 201]))
+    bad["201"]["spatial"] = ""  # image 2: 201 invalid
+    gen = ScriptedGenerator([vlm.Answer(cut, truncated=True), json.dumps(bad)])
+    monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), gen)
+    rows, failures, counts = vlm.run_model_backend(_params(max_attempts=1), by_image, payload)
+    assert {(r["ann_id"], r["view"]) for r in rows} == {
+        (a, v) for a in (100, 200) for v in ("appearance", "action", "spatial")}
+    assert [(f["image_id"], f["ann_ids"], f["reason"].split(":")[0]) for f in failures] == [
+        (1, [101], "truncated"), (2, [201], "invalid")]
+    assert counts["failure_reasons"] == {"truncated": 1, "invalid": 1}
+
+
+def test_hf_truncation_eos_and_context_cap(tiny: vlm.HFGenerator,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    req = [(IMAGE, "Describe the man.")]
+    config = tiny.model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", None)  # never stops: every limit is reached
+    before = tiny.stats.generated_tokens
+    (a,) = tiny.generate(req, max_new_tokens=5)
+    assert vlm.is_truncated(a) and tiny.stats.generated_tokens - before == 5
+    # per-request limits in one batch: each answer is cut at its own limit
+    before = tiny.stats.generated_tokens
+    short, long = tiny.generate(req * 2, max_new_tokens=[2, 6], batch_size=2)
+    assert tiny.stats.generated_tokens - before == 8 and short.truncated and long.truncated
+    assert short == tiny.generate(req, max_new_tokens=2)[0]
+    # the context caps the limit: prompt length + 3 positions leave 3 new tokens
+    length = int(tiny._encode(req)["attention_mask"].sum())
+    monkeypatch.setattr(tiny, "context", length + 3)
+    before = tiny.stats.generated_tokens
+    (c,) = tiny.generate(req, max_new_tokens=50)
+    assert c.truncated and tiny.stats.generated_tokens - before == 3
+    monkeypatch.setattr(tiny, "context", length)  # no room at all: empty, truncated
+    assert tiny.generate(req, max_new_tokens=50) == [""] and tiny.stats.truncated >= 4
+    monkeypatch.setattr(tiny, "context", None)
+    # EOS within the limit: not truncated (make the model's first greedy token the EOS)
+    import torch
+
+    with torch.inference_mode():
+        out = tiny.model.generate(**tiny._encode(req), max_new_tokens=1, do_sample=False,
+                                  pad_token_id=tiny.tokenizer.pad_token_id)
+    monkeypatch.setattr(config, "eos_token_id", int(out[0, -1]))
+    (d,) = tiny.generate(req, max_new_tokens=5)
+    assert d == "" and not vlm.is_truncated(d)
