@@ -26,7 +26,7 @@ request's token budget follows its instance count (`stages.vlm.views_budget`);
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -68,8 +68,8 @@ class MultiviewParams(Params):
     splits: Splits = Field(["train"], description="splits whose referents get views")
     per_instance: bool = Field(False, description="one request per instance, not per image")
     max_attempts: Count = Field(3, description="generation + repair attempts per request")
-    max_new_tokens: int | None = Field(
-        None, ge=16, le=INT_MAX,
+    max_new_tokens: Annotated[int, Field(ge=16, le=INT_MAX)] | None = Field(
+        None,
         description="cap on each request's answer tokens (null: none; the budget follows the "
                     "request's instance count, see stages.vlm)")
     images_per_shard: Count = Field(256, description="images per resumable shard")

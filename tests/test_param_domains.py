@@ -105,7 +105,7 @@ BAD: list[tuple[list[str], str]] = [
     (["multiview.per_instance=1"], "multiview.per_instance: must be true or false (got 1)"),
     (["multiview.max_attempts=0"], "multiview.max_attempts: must be an integer >= 1 (got 0)"),
     (["multiview.max_new_tokens=15"],
-     "multiview.max_new_tokens: must be an integer >= 16 (got 15)"),
+     "multiview.max_new_tokens: must be an integer >= 16 or null (got 15)"),
     (["multiview.images_per_shard=0"],
      "multiview.images_per_shard: must be an integer >= 1 (got 0)"),
     (["multiview.limit_images=-1"], "multiview.limit_images: must be an integer >= 0 (got -1)"),
