@@ -6,7 +6,12 @@
 # Each stage runs in its own process, so its manifest's peak memory is that stage's own.
 # Prints a markdown table (stage, rows, seconds, peak MiB) per executor. Not part of make test.
 #
+# After each executor's run, `nemo-pipe audit` checks the published training material (split
+# leaks, positives among negatives, duplicates, own image, K) and the script stops on a finding.
+#
 #   benchmarks/scale_run.sh [N_IMAGES=20000] [OUT=/tmp/nemo-scale]
+#   EXECUTORS="local" benchmarks/scale_run.sh ...   # only the local executor
+#   SKIP_LLAVA=1 benchmarks/scale_run.sh ...        # without the tiny-LLaVA multiview run
 set -euo pipefail
 N=${1:-20000}
 OUT=${2:-/tmp/nemo-scale}
@@ -25,13 +30,14 @@ mkdir -p "$OUT"
 if [ ! -d "$OUT/data/refer" ]; then
   /usr/bin/time -v "$NEMO" demo-data "$OUT/data" --n-images "$N" 2> "$OUT/demo-data.time"
 fi
-for executor in local dask; do
+for executor in ${EXECUTORS:-local dask}; do
   work="$OUT/work-$executor"
   for stage in "${STAGES[@]}"; do
     "$NEMO" run --stage "$stage" --dataset refcoco --data-root "$OUT/data/refer" \
       --images "$OUT/data/images/train2014" --work-dir "$work" --executor "$executor" \
       --workers 2 "${SETS[@]}" > /dev/null
   done
+  "$NEMO" audit --dataset refcoco --work-dir "$work" "${SETS[@]}" --json "$OUT/audit-$executor.json"
   echo "### executor: $executor ($N images, $(nproc) cores)"
   .venv/bin/python - "$work" <<'PY'
 import json, sys
@@ -52,6 +58,7 @@ print(f"| **total** | | {total:.1f} | |")
 PY
 done
 
+[ -n "${SKIP_LLAVA:-}" ] && exit 0
 # the real VLM path at a size CPU can afford: tiny LLaVA, 200 images (ingest reused)
 "$NEMO" run --stage multiview --dataset refcoco --data-root "$OUT/data/refer" \
   --images "$OUT/data/images/train2014" --work-dir "$OUT/work-local" "${SETS[@]}" \
