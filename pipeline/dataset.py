@@ -250,7 +250,11 @@ class NemoDataset(torch.utils.data.Dataset):
                 "artifact directory); re-run `nemo-pipe run --stage shards`")
         if not (d / MANIFEST).is_file():
             raise FileNotFoundError(f"{d} has no {MANIFEST}; re-run `nemo-pipe run --stage shards`")
-        manifest = read_json(d / MANIFEST)
+        try:
+            manifest = read_json(d / MANIFEST)
+        except ValueError:
+            raise ValueError(f"{d / MANIFEST} is not valid JSON: the artifact is damaged; "
+                             "rebuild it with `nemo-pipe run --stage shards`") from None
         stage = manifest.get("stage") if isinstance(manifest, dict) else None
         if stage != "shards":
             raise ValueError(
@@ -259,6 +263,14 @@ class NemoDataset(torch.utils.data.Dataset):
         version = manifest.get("schema_version")
         if not isinstance(version, str) or version not in SCHEMA_VERSIONS:
             raise ValueError(_version_help(version, str(d / MANIFEST)))
+        from pipeline.verify import quick_check
+
+        problems = quick_check(d, identity=False)  # marked corrupt, missing/extra/cut files
+        if problems:
+            raise ValueError(
+                f"{problems[0]}: the shards artifact is damaged and must not be trained on; "
+                "rebuild it with `nemo-pipe run --stage shards` (`nemo-pipe verify` lists every "
+                "problem)")
 
     def available_splits(self) -> list[str]:
         """Split directories of the artifact that hold at least one part file."""

@@ -39,13 +39,19 @@ class Problem:
         return f"{self.artifact / self.file}: {self.what}"
 
 
-def _listed(artifact: Path) -> tuple[dict, list[Problem]]:
-    """The manifest's `files`, or the problem that makes it unusable."""
+def _listed(artifact: Path, identity: bool = True) -> tuple[dict, list[Problem]]:
+    """The manifest's `files`, or the problem that makes it unusable. With `identity`, the
+    manifest must name this artifact's stage and key (its place in the store)."""
     try:
         manifest = read_json(artifact / MANIFEST)
     except (OSError, ValueError) as exc:
         return {}, [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
     files = manifest.get("files") if isinstance(manifest, dict) else None
+    if identity and isinstance(files, dict) and (manifest.get("key") != artifact.name
+                                    or manifest.get("stage") != artifact.parent.name):
+        return {}, [Problem(artifact, MANIFEST,
+                            f"manifest of another artifact ({manifest.get('stage')} "
+                            f"{manifest.get('key')}, here {artifact.parent.name} {artifact.name})")]
     if not isinstance(files, dict) or not all(
             isinstance(v, dict) and isinstance(v.get("sha256"), str)
             and isinstance(v.get("bytes"), int) for v in files.values()):
@@ -75,6 +81,13 @@ def verify_artifact(artifact: Path) -> list[Problem]:
             if rows != want["rows"]:
                 problems.append(Problem(artifact, rel,
                                         f"{rows} rows, manifest says {want['rows']}"))
+    return problems + _unlisted(artifact, listed)
+
+
+def _unlisted(artifact: Path, listed: dict) -> list[Problem]:
+    """Files the manifest does not list: never published by the engine, so never trusted (a
+    reader globbing `part-*.parquet` would take them in)."""
+    problems = []
     for path in sorted(artifact.rglob("*")):
         rel = path.relative_to(artifact).as_posix()
         if path.is_file() and rel not in listed and rel not in (MANIFEST, SUCCESS, CORRUPT):
@@ -82,14 +95,16 @@ def verify_artifact(artifact: Path) -> list[Problem]:
     return problems
 
 
-def quick_check(artifact: Path) -> list[Problem]:
-    """Cheap integrity check before reusing a cached artifact: not marked corrupt, and every
-    listed file is there with its listed size (a deleted or truncated part). `verify_artifact`
-    also re-hashes; stages re-hash what they read."""
+def quick_check(artifact: Path, identity: bool = True) -> list[Problem]:
+    """Cheap integrity check before reusing a cached artifact: not marked corrupt, a manifest
+    of this artifact, every listed file there with its listed size (a deleted or truncated
+    part) and no unlisted file. `verify_artifact`
+    also re-hashes; stages re-hash what they read. `identity=False` for a copy of an artifact
+    outside the store (a trainer's shards on a local disk, under another name)."""
     marked = corrupt_marks(artifact)
     if marked:
         return marked
-    files, problems = _listed(artifact)
+    files, problems = _listed(artifact, identity)
     for rel, want in sorted(files.items()):
         path = artifact / rel
         if not path.is_file():
@@ -97,7 +112,7 @@ def quick_check(artifact: Path) -> list[Problem]:
         elif path.stat().st_size != want["bytes"]:
             problems.append(Problem(artifact, rel, f"{path.stat().st_size} bytes, manifest says "
                                                    f"{want['bytes']}"))
-    return problems
+    return problems + (_unlisted(artifact, files) if files else [])
 
 
 def corrupt_marks(artifact: Path) -> list[Problem]:

@@ -7,6 +7,7 @@ mosaics are computed with PIL/numpy from cell offsets worked out by hand.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -135,8 +136,18 @@ def write_shards(root: Path, images_dir: Path, rows: dict[str, list[dict]],
             table = pa.Table.from_pylist(chunk, schema=SPLIT_SCHEMA)
             write_table(table, root / split / f"part-{f:05d}.parquet", parquet_version,
                         row_group_rows)
+    seal(root, manifest_version)
+
+
+def seal(root: Path, manifest_version: str = "1") -> None:
+    """Publish a hand-built shards dir as the engine does: a manifest listing every file with
+    its size and sha256, then `_SUCCESS`."""
+    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size,
+                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(root.rglob("*"))
+             if p.is_file() and not p.name.startswith("_")}
     (root / "_manifest.json").write_text(json.dumps(
-        {"stage": "shards", "schema_version": manifest_version, "key": "test"}))
+        {"stage": "shards", "schema_version": manifest_version, "key": "test", "files": files}))
     (root / "_SUCCESS").write_text("")
 
 
@@ -360,6 +371,7 @@ def thumbed(shards, tmp_path_factory) -> tuple[Shards, dict[int, bytes]]:
         write_table(pa.Table.from_pylist([r for r in rows if r["pack"] == pack],
                                          schema=THUMB_SCHEMA),
                     root / "thumbnails" / f"part-{n:05d}.parquet", "1", 256)
+    seal(root)
     return Shards(root, shards.images, shards.rows, shards.masks, shards.sizes), thumbs
 
 
@@ -415,7 +427,7 @@ def test_thumbnail_pack_missing_is_an_error(thumbed, tmp_path):
     root = tmp_path / "shards"
     shutil.copytree(sh.root, root)
     (root / "thumbnail_packs" / "part-00001.jpgs").unlink()
-    with pytest.raises(FileNotFoundError, match="part-00001.jpgs"):
+    with pytest.raises(ValueError, match="thumbnail_packs/part-00001.jpgs: missing"):
         NemoDataset(root, "train", sh.images)
 
 
