@@ -147,6 +147,13 @@ def run_audit(pipe: Pipeline, train_split: str | None = None,
     built = {s: pipe.artifact_dir(s) for s in ("ingest", *AUDITED_STAGES)
              if s in states and states[s].state == "done"}
     hint = f"nemo-pipe run --stage shards --dataset {dataset}"
+    corrupt = [s for s in ("ingest", *AUDITED_STAGES)
+               if s in states and states[s].state == "corrupt"]
+    if corrupt:  # a damaged table is no evidence either way: never a clean or skipped check
+        raise InputError(
+            f"cannot audit {dataset}: {', '.join(corrupt)} under the current config is corrupt "
+            f"({states[corrupt[0]].note}); rebuild it with `nemo-pipe run --stage {corrupt[-1]} "
+            f"--dataset {dataset}` (a corrupt artifact is rebuilt), then audit again")
     if not any(s in built for s in AUDITED_STAGES):
         why = ", ".join(f"{s} {states[s].state}" for s in AUDITED_STAGES if s in states)
         notes = [states[s].note for s in AUDITED_STAGES
