@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 class EmbedParams(Params):
     model: Name = Field("ViT-B-16", description="open_clip model name, or `tiny`")
     pretrained: Name | None = Field(
-        "openai", description="open_clip pretrained tag (weights already cached) or a local "
-                              "checkpoint file; null for a seeded random init")
+        "auto", description="open_clip pretrained tag (weights already cached) or a local "
+                            "checkpoint file; null for a seeded random init; auto: `openai` "
+                            "for an open_clip model, null for `tiny` (it has no weights)")
     batch_size: NonNegInt = runtime_field(0, "images/texts per forward pass (0: largest that "
                                              "fits)")
     device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
@@ -53,6 +54,17 @@ class EmbedParams(Params):
     strict: bool = runtime_field(False, "an undecodable image is fatal instead of recorded")
     images_per_shard: Count = Field(1024, description="images per resumable shard")
     texts_per_shard: Count = Field(16384, description="sentences per resumable shard")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_for_the_model(cls, data: Any) -> Any:
+        """`auto` weights become what the model has: `--set embed.model=tiny` alone must not go
+        looking for OpenAI weights of a model that has none. Resolved here, so the key and the
+        manifest hold the weights actually used."""
+        if isinstance(data, dict) and data.get("pretrained", "auto") == "auto":
+            tiny = str(data.get("model", "ViT-B-16")).strip().lower() == "tiny"
+            data = {**data, "pretrained": None if tiny else "openai"}
+        return data
 
 
 def _is_file_spec(pretrained: str | None) -> bool:

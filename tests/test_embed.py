@@ -214,3 +214,24 @@ def test_bad_model_config_fails_before_any_work(demo, work, tmp_path):
                       sets=["embed.model=tiny", "embed.pretrained=null",
                             "embed.batch_size=100000000"], progress=False).run("embed_images")
     assert not (work / "refcoco" / "ingest").exists()  # nothing ran
+
+
+def test_tiny_alone_needs_no_pretrained_setting(demo, tmp_path, checkpoint):
+    """`--set embed.model=tiny` alone works: `auto` weights are none for the tiny model (it has
+    no pretrained tag), `openai` for an open_clip model; explicit values are kept."""
+    def params(*sets):
+        return open_pipeline("refcoco", tmp_path / "w", sets=list(sets),
+                             data_root=demo.refer_root,
+                             images=demo.images_dir).resolve("embed_texts")
+
+    tiny = params("embed.model=tiny")
+    assert tiny.params.pretrained is None
+    assert tiny.key == params("embed.model=tiny", "embed.pretrained=null").key
+    assert params().params.pretrained == "openai"
+    assert params("embed.pretrained=auto").params.pretrained == "openai"
+    explicit = params("embed.model=tiny", f"embed.pretrained={checkpoint}")
+    assert explicit.params.pretrained == str(checkpoint)
+    res = run_cli("run", "--stage", "embed_texts", "--dataset", "refcoco", "--work-dir",
+                  str(tmp_path / "w"), "--data-root", str(demo.refer_root), "--images",
+                  str(demo.images_dir), "--set", "embed.model=tiny")
+    assert res.returncode == 0, res.stderr
