@@ -106,12 +106,6 @@ class UpstreamFile:
         except (pa.ArrowException, OSError) as exc:  # matched the hash, yet not Parquet
             raise self._corrupt(f"cannot be parsed as Parquet ({exc})") from None
 
-    def verified_path(self) -> Path:
-        """The file's path after hashing it, for libraries that only open paths. Prefer
-        `read_bytes` (faiss: `deserialize_index`): this reads the file twice."""
-        self.read_bytes()
-        return self.path
-
     def __str__(self) -> str:
         return f"{self.path}#{self.sha256[:12]}"
 
