@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.context import ShardWriter  # noqa: E402
+from pipeline.stage import ShardWriter  # noqa: E402
 from stages.embed import (  # noqa: E402
     EmbedParams,
     _embed_images_shard,
@@ -69,10 +69,9 @@ def ceiling(paths: list[Path], params: EmbedParams, batch: int) -> float:
 
 
 def full(paths: list[Path], params: EmbedParams, batch: int, out: Path) -> tuple[float, dict]:
-    payload = {"items": [(i, str(p)) for i, p in enumerate(paths)],
-               "params": params.model_dump(), "batch": batch}
+    payload = {"items": [(i, str(p)) for i, p in enumerate(paths)], "batch": batch}
     t0 = time.perf_counter()
-    stats = _embed_images_shard(payload, ShardWriter(out, 0, "1"))
+    stats = _embed_images_shard(payload, ShardWriter(out, 0, "1", params))
     return len(paths) / (time.perf_counter() - t0), stats
 
 

@@ -24,10 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.context import peak_rss_mb  # noqa: E402
 from pipeline.executor import LocalExecutor  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
-from pipeline.runner import Pipeline  # noqa: E402
+from pipeline.runner import Pipeline, peak_rss_mb  # noqa: E402
 from pipeline.stage import RunEnv, Stage  # noqa: E402
 from stages.negatives import Negatives  # noqa: E402
 

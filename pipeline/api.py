@@ -22,7 +22,7 @@ from pipeline.errors import (
 )
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.io import read_json, write_json
-from pipeline.registry import load_registry
+from pipeline.registry import dataset_spec, load_registry
 from pipeline.runner import Pipeline
 from pipeline.stage import RunEnv
 
@@ -93,8 +93,6 @@ def open_pipeline(
     executor: Executor | None = None,
     progress: bool = True,
 ) -> Pipeline:
-    from stages.datasets import dataset_spec
-
     work = (Path(work_dir) if work_dir else default_work_dir()).absolute()
     check_work_dir(work)
     registry = load_registry()

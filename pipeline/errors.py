@@ -22,6 +22,11 @@ class InputError(NemoError):
     """Input data (dataset files, images, models) that is missing or malformed."""
 
 
+class MissingLibrary(NemoError):
+    """An optional library a stage needs under the current config is not installed; the
+    message names the nemo-pipe extra that installs it."""
+
+
 class LockBusy(NemoError):
     """Another run holds the artifact's lock and the caller asked not to wait."""
 

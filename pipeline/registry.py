@@ -1,25 +1,38 @@
-"""Stage registry and DAG order.
+"""Stage registry and DAG order: the engine's one hook into the stages.
 
-The engine finds stages through a module that exposes `STAGES` (a sequence of Stage classes);
-by default that is the `stages` package. Nothing here knows what a stage computes.
+The engine names no stage module. It finds what the stages provide through one module, by
+default the `stages` package, which exposes:
+
+- `STAGES`: the Stage classes;
+- `COMMANDS`: typer command functions the CLI mounts next to its own (calibrate, report, ...);
+- `dataset_spec(dataset) -> (spec, dir name)`: what a `--dataset` value names (optional; by
+  default the value is both).
+
+Nothing here knows what a stage computes.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import Any
 
 from pipeline.errors import NemoError
 from pipeline.stage import Stage
 
+STAGES_MODULE = "stages"
+
+StageClass = type[Stage[Any]]
+
 
 class Registry:
-    def __init__(self, stage_classes: Iterable[type[Stage]] = ()) -> None:
-        self._stages: dict[str, type[Stage]] = {}
+    def __init__(self, stage_classes: Iterable[StageClass] = ()) -> None:
+        self._stages: dict[str, StageClass] = {}
         for cls in stage_classes:
             self.register(cls)
 
-    def register(self, cls: type[Stage]) -> None:
+    def register(self, cls: StageClass) -> None:
         if cls.name in self._stages:
             raise ValueError(f"stage {cls.name!r} registered twice")
         self._stages[cls.name] = cls
@@ -27,7 +40,7 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._stages)
 
-    def get(self, name: str) -> type[Stage]:
+    def get(self, name: str) -> StageClass:
         try:
             return self._stages[name]
         except KeyError:
@@ -36,9 +49,9 @@ class Registry:
                 "(see `nemo-pipe list-stages`)"
             ) from None
 
-    def sections(self) -> dict[str, type[Stage]]:
+    def sections(self) -> dict[str, StageClass]:
         """Config section -> the stage class whose params model defines it."""
-        out: dict[str, type[Stage]] = {}
+        out: dict[str, StageClass] = {}
         for cls in self._stages.values():
             sec = cls.config_section()
             if sec in out and out[sec].params_model is not cls.params_model:
@@ -85,7 +98,23 @@ class Registry:
         return order
 
 
-def load_registry(module: str = "stages") -> Registry:
-    mod = importlib.import_module(module)
-    stages: Sequence[type[Stage]] = mod.STAGES
+def _hooks(module: str) -> ModuleType:
+    return importlib.import_module(module)
+
+
+def load_registry(module: str = STAGES_MODULE) -> Registry:
+    """The stages `module` exposes as `STAGES`."""
+    stages: Sequence[StageClass] = _hooks(module).STAGES
     return Registry(stages)
+
+
+def load_commands(module: str = STAGES_MODULE) -> list[Callable[..., Any]]:
+    """The typer command functions `module` exposes as `COMMANDS` (none if it has none)."""
+    return list(getattr(_hooks(module), "COMMANDS", ()))
+
+
+def dataset_spec(dataset: str, module: str = STAGES_MODULE) -> tuple[str, str]:
+    """What a `--dataset` value names, as `module`'s `dataset_spec` reads it: the spec the
+    stages get (`RunEnv.dataset`) and the dataset's dir name under the work dir."""
+    hook = getattr(_hooks(module), "dataset_spec", None)
+    return hook(dataset) if hook is not None else (dataset, dataset)

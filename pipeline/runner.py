@@ -9,39 +9,42 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 from pipeline.cache import ArtifactStore, artifact_key
 from pipeline.config import Config
-from pipeline.context import (
-    SHARD_MARKERS,
-    STAGING,
-    StageContext,
-    peak_rss_mb,
-    prune_resume_state,
-)
 from pipeline.errors import NemoError, StorageError, UpstreamCorrupt
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.io import MANIFEST, SUCCESS, describe_file, library_versions, write_json
 from pipeline.registry import Registry
-from pipeline.stage import Params, RunEnv, Stage, key_params
+from pipeline.shards import clear_resume_state, prune_resume_state
+from pipeline.stage import P, Params, RunEnv, Stage, StageContext, key_params
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and finished children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 1024, 1)
+
+
 @dataclass
-class Resolved:
-    """A stage bound to its params and key under the current config."""
+class Resolved(Generic[P]):
+    """A stage bound to its params and key under the current config (what its run sees as
+    `ctx.resolved`)."""
 
     name: str
-    stage: Stage
-    params: Params
+    stage: Stage[P]
+    params: P
     key: str
     upstream: dict[str, str]
     fingerprint: dict[str, Any]
@@ -84,14 +87,14 @@ class Pipeline:
     env: RunEnv
     executor: Executor = field(default_factory=LocalExecutor)
     progress: bool = True
-    _resolved: dict[str, Resolved] = field(default_factory=dict)
+    _resolved: dict[str, Resolved[Any]] = field(default_factory=dict)
 
     @property
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.env.work_dir, {self.env.dataset: self.env.dir_name})
 
     # -- keys ----------------------------------------------------------------------------
-    def resolve(self, name: str) -> Resolved:
+    def resolve(self, name: str) -> Resolved[Any]:
         if name in self._resolved:
             return self._resolved[name]
         cls = self.registry.get(name)
@@ -100,7 +103,7 @@ class Pipeline:
         upstream = {dep: self.resolve(dep).key for dep in stage.upstream(params)}
         shared = {s: self.config.params_for(s) for s in cls.uses_sections}
         fingerprint = stage.fingerprint(self.env, params)
-        r = Resolved(cls.name, stage, params, "", upstream, fingerprint, shared)
+        r: Resolved[Any] = Resolved(cls.name, stage, params, "", upstream, fingerprint, shared)
         r.key = artifact_key(cls.name, cls.version, r.key_params(), upstream, fingerprint)
         self._resolved[name] = r
         return r
@@ -184,10 +187,12 @@ class Pipeline:
         return plan
 
     def execute(self, plan: list[PlanItem], wait: bool = True) -> None:
-        """Run the items of a plan that need it, after every stage's preflight check."""
+        """Run the items of a plan that need it, after every stage's checks (optional
+        libraries, then preflight)."""
         for item in plan:  # every check before any work
             if item.needs_run:
                 r = self.resolve(item.name)
+                r.stage.check_libraries(r.params)
                 r.stage.preflight(self.env, r.params)
         rebuilt: set[tuple[str, str]] = set()
         for item in plan:
@@ -233,7 +238,7 @@ class Pipeline:
                         f"{exc.artifact}/{exc.file} {exc.what}, and rebuilding {exc.stage} "
                         f"failed: {inner}") from None
 
-    def _execute(self, r: Resolved, force: bool, wait: bool) -> None:
+    def _execute(self, r: Resolved[Any], force: bool, wait: bool) -> None:
         try:
             self._execute_locked(r, force, wait)
         except OSError as exc:
@@ -246,7 +251,7 @@ class Pipeline:
                 "permissions (or choose another --work-dir), then rerun: finished shards "
                 "are kept and resumed") from exc
 
-    def _execute_locked(self, r: Resolved, force: bool, wait: bool) -> None:
+    def _execute_locked(self, r: Resolved[Any], force: bool, wait: bool) -> None:
         store, dataset = self.store, self.env.dataset
         with store.lock(dataset, r.name, r.key, wait=wait):
             if store.is_published(dataset, r.name, r.key) and not force:
@@ -256,11 +261,7 @@ class Pipeline:
                 shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
             prune_resume_state(tmp, r.key)
-            ctx = StageContext(
-                stage=r.stage, params=r.params, env=self.env, key=r.key, tmp_dir=tmp,
-                store=store, upstream_keys=r.upstream, fingerprint=r.fingerprint,
-                executor=self.executor, progress=self.progress, shared=r.shared,
-            )
+            ctx = StageContext(r, self.env, tmp, store, self.executor, self.progress)
             started = time.perf_counter()
             try:
                 r.stage.run(ctx)
@@ -276,9 +277,8 @@ class Pipeline:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
 
-    def _finalize(self, r: Resolved, ctx: StageContext, tmp: Path) -> None:
-        shutil.rmtree(tmp / SHARD_MARKERS, ignore_errors=True)
-        shutil.rmtree(tmp / STAGING, ignore_errors=True)
+    def _finalize(self, r: Resolved[Any], ctx: StageContext[Any], tmp: Path) -> None:
+        clear_resume_state(tmp)
         files = {
             p.relative_to(tmp).as_posix(): describe_file(p)
             for p in sorted(tmp.rglob("*"))

@@ -1,23 +1,47 @@
-"""The Stage protocol: what a stage declares and the one method it implements.
+"""The stage author's whole contract: what a stage declares, the one method it implements, and
+what that method is given.
 
 A stage reads like its `run`: the engine owns keys, shards, resume, locks, manifests and
-publishing, so a stage only declares its inputs, parameters and version, and writes tables
-through the :class:`~pipeline.context.StageContext` it is given.
+publishing, so a stage only declares its inputs, parameters (a :class:`Params` model; the stage
+is a ``Stage[ThatModel]``), optional libraries and version, and writes tables through the
+:class:`StageContext` it is given. Everything a stage imports from the engine is here.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from pipeline.errors import MissingLibrary, UpstreamCorrupt
+from pipeline.io import part_name, read_json, write_parquet
+from pipeline.shards import ShardFn, ShardRuntime, ShardWriter
+from pipeline.upstream import (
+    UpstreamFile,
+    UpstreamTable,
+    manifest_files,
+    upstream_file,
+    upstream_table,
+)
 
-    from pipeline.context import StageContext
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.cache import ArtifactStore
+    from pipeline.executor import Executor
+    from pipeline.runner import Resolved
+
+__all__ = [
+    "INT_MAX", "Count", "Cosine", "Device", "Domain", "Name", "NonNegInt", "ParamDomainError",
+    "Params", "RunEnv", "Seed", "ShardTask", "ShardWriter", "Splits", "Stage", "StageContext",
+    "key_params", "runtime_field",
+]
 
 INT_MAX = 2**31 - 1
 """Upper bound of every count and size: they reach int32 columns and C ints (faiss, numpy)."""
@@ -111,17 +135,44 @@ class RunEnv:
         return self.name or self.dataset
 
 
-class Stage(ABC):
-    """One step of the DAG.
+P = TypeVar("P", bound=Params)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One deterministic slice of a stage's work; `payload` must be small and picklable. The
+    shard function gets the stage's params from its writer (`writer.params`), not the payload."""
+
+    index: int
+    payload: Any
+
+
+def _importable(module: str) -> bool:
+    """Whether `import module` would find it, without importing it (vLLM takes seconds); a
+    module already imported (or stood in for in sys.modules) counts."""
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class Stage(ABC, Generic[P]):
+    """One step of the DAG, generic over its params model: ``class Negatives(Stage[
+    NegativesParams])`` sets `params_model` and types `ctx.params` and every hook's `params`.
 
     Class attributes:
         name: the stage's name on the CLI and in the artifact layout.
         version: bump when the meaning or layout of the output changes; it is part of the key.
         inputs: names of upstream stages whose artifacts `run` reads.
         section: config namespace of the params (defaults to `name`; stages may share one).
-        params_model: the pydantic model of the params.
+        params_model: the pydantic model of the params (set from the type argument).
         tables: names of the tables the stage writes (`<key>/<table>/part-*.parquet`).
         libraries: distributions whose versions are recorded in the manifest.
+        requires: optional libraries the stage needs, importable module -> the nemo-pipe extra
+            that installs it (`{"vllm": "vllm"}`); `required_libraries` may make it depend on
+            the params. The runner checks them before any stage of a run starts.
         uses_sections: other config sections whose params the stage reads (e.g. a stage that
             embeds its own texts reads `embed`); their output-affecting params join its key.
     """
@@ -133,7 +184,23 @@ class Stage(ABC):
     params_model: ClassVar[type[Params]] = Params
     tables: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
+    requires: ClassVar[Mapping[str, str]] = {}
     uses_sections: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            origin = get_origin(base)
+            if not (isinstance(origin, type) and issubclass(origin, Stage)):
+                continue
+            (model,) = get_args(base)
+            if not (isinstance(model, type) and issubclass(model, Params)):
+                continue  # a generic intermediate (`Stage[P]`): the subclass names the model
+            declared = cls.__dict__.get("params_model")
+            if declared is not None and declared is not model:
+                raise TypeError(f"{cls.__name__}: params_model {declared.__name__} differs "
+                                f"from the type argument {model.__name__}")
+            cls.params_model = model
 
     @classmethod
     def config_section(cls) -> str:
@@ -144,11 +211,26 @@ class Stage(ABC):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def upstream(self, params: Params) -> tuple[str, ...]:
+    def upstream(self, params: P) -> tuple[str, ...]:
         """The stages this one reads under `params` (default: `inputs`). A parameter may add an
         input (e.g. shards reads hard_negatives only when asked to), so that the key never
         depends on which artifacts happen to exist."""
         return self.inputs
+
+    def required_libraries(self, params: P) -> Mapping[str, str]:
+        """The optional libraries this stage needs under `params` (default: `requires`), as
+        importable module -> nemo-pipe extra; e.g. vLLM only when `backend == "vllm"`."""
+        return self.requires
+
+    def check_libraries(self, params: P) -> None:
+        """MissingLibrary naming the extra to install when a required module is not there."""
+        for module, extra in self.required_libraries(params).items():
+            if not _importable(module):
+                raise MissingLibrary(
+                    f"stage {self.name!r} needs the optional library {module!r}, which is not "
+                    f"installed (config section {self.config_section()!r}); install it with "
+                    f"pip install 'nemo-pipe[{extra}]', or change the config so the stage "
+                    "does not need it")
 
     @classmethod
     def check_config(cls, sections: Mapping[str, Params]) -> None:
@@ -156,12 +238,12 @@ class Stage(ABC):
         config loads, before anything resolves or runs; raise ConfigError naming the keys."""
         return None
 
-    def resolve_params(self, env: RunEnv, params: Params) -> Params:
+    def resolve_params(self, env: RunEnv, params: P) -> P:
         """Fill dataset-dependent defaults (e.g. K from the data manifest) before keying, so the
         key and the manifest hold the values actually used."""
         return params
 
-    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
+    def fingerprint(self, env: RunEnv, params: P) -> dict[str, Any]:
         """Digest of external inputs (files outside the work dir) that determine the output.
 
         Part of the key, so an edited input file yields a new artifact. Stages that only read
@@ -169,11 +251,118 @@ class Stage(ABC):
         """
         return {}
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
+    def preflight(self, env: RunEnv, params: P) -> None:
         """Check, before any stage of the run starts, what would otherwise fail mid-run
         (unknown model, missing weights file, not enough memory). Most stages need none."""
         return None
 
     @abstractmethod
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[P]) -> None:
         """Compute the stage's tables and write them through `ctx`."""
+
+
+@dataclass
+class StageContext(Generic[P]):
+    """What a running stage sees: its resolved binding (stage, params, key, upstream keys;
+    the runner's :class:`~pipeline.runner.Resolved`), upstream artifacts through verifying
+    readers, a writer for small tables, and sharded execution with resume."""
+
+    resolved: Resolved[P]
+    env: RunEnv
+    tmp_dir: Path
+    store: ArtifactStore
+    executor: Executor
+    progress: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _shards: ShardRuntime | None = None
+
+    # -- the resolved binding -----------------------------------------------------------
+    @property
+    def stage(self) -> Stage[P]:
+        return self.resolved.stage
+
+    @property
+    def params(self) -> P:
+        return self.resolved.params
+
+    @property
+    def key(self) -> str:
+        return self.resolved.key
+
+    @property
+    def upstream_keys(self) -> dict[str, str]:
+        return self.resolved.upstream
+
+    @property
+    def shared(self) -> dict[str, Params]:
+        """Params of the other config sections the stage declared in `uses_sections`."""
+        return self.resolved.shared
+
+    # -- reading upstream ---------------------------------------------------------------
+    def upstream_dir(self, stage: str) -> Path:
+        if stage not in self.upstream_keys:
+            raise KeyError(
+                f"stage {self.stage.name!r} reads {stage!r} without declaring it in `inputs`"
+            )
+        return self.store.artifact_dir(self.env.dataset, stage, self.upstream_keys[stage])
+
+    def read_table(self, stage: str, table: str) -> pa.Table:
+        """A whole upstream table, every part verified against the upstream manifest."""
+        return self.upstream_table(stage, table).read()
+
+    def upstream_table(self, stage: str, table: str) -> UpstreamTable:
+        """A picklable, verifying reference to an upstream table, for shard payloads; read it
+        with `.read()` (or part by part: `.parts[i].read_table()`). Never hand shard workers
+        a plain path: what they read would not be checked."""
+        d = self.upstream_dir(stage)
+        return upstream_table(d, stage, self.upstream_keys[stage],
+                              manifest_files(self.upstream_manifest(stage), d), table)
+
+    def upstream_file(self, stage: str, rel: str) -> UpstreamFile:
+        """A verifying reference to one upstream file (e.g. `texts.faiss`): `.read_bytes()`."""
+        d = self.upstream_dir(stage)
+        return upstream_file(d, stage, self.upstream_keys[stage],
+                             manifest_files(self.upstream_manifest(stage), d), rel)
+
+    def upstream_manifest(self, stage: str) -> dict[str, Any]:
+        """The upstream's manifest, read once per run of this stage (its `files` hashes are
+        what every later read is checked against)."""
+        if stage not in self._manifests:
+            d = self.upstream_dir(stage)
+            try:
+                manifest = read_json(d / "_manifest.json")
+                if not isinstance(manifest, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise UpstreamCorrupt(
+                    f"upstream manifest {d / '_manifest.json'} cannot be read ({exc}); "
+                    f"rebuild it with `nemo-pipe run --stage {stage} --force`",
+                    stage=stage, key=self.upstream_keys[stage], artifact=str(d),
+                    file="_manifest.json", what="manifest unreadable") from None
+            self._manifests[stage] = manifest
+        return self._manifests[stage]
+
+    # -- writing ------------------------------------------------------------------------
+    def write_table(self, table: str, data: pa.Table, part: int = 0) -> None:
+        """Write a whole (small) table, or one part of it, outside of shards."""
+        write_parquet(data, self.tmp_dir / table / part_name(part), self.stage.version)
+
+    def record(self, **stats: Any) -> None:
+        """Add stage statistics to the manifest (`nemo-pipe status` shows some)."""
+        self.stats.update(stats)
+
+    # -- shards -------------------------------------------------------------------------
+    def run_shards(self, fn: ShardFn, tasks: Sequence[ShardTask],
+                   desc: str = "shards") -> list[dict[str, Any]]:
+        """Run `fn(payload, writer)` for each task not finished by an earlier attempt; the
+        writer (a ``ShardWriter[P]``) carries the stage's params.
+
+        `fn` must be a module-level function (it may run in another process). Returns each
+        shard's stats dict in task order, including those recorded by earlier attempts.
+        """
+        if self._shards is None:
+            self._shards = ShardRuntime(self.stage.name, self.stage.version, self.key,
+                                        self.tmp_dir, self.executor, self.progress, self.stats)
+        return self._shards.run(fn, tasks, self.params, desc)

@@ -25,9 +25,21 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import read_table_dir
-from pipeline.stage import Count, Device, Name, Params, RunEnv, Seed, Splits, Stage, runtime_field
+from pipeline.stage import (
+    Count,
+    Device,
+    Name,
+    Params,
+    RunEnv,
+    Seed,
+    ShardTask,
+    ShardWriter,
+    Splits,
+    Stage,
+    StageContext,
+    runtime_field,
+)
 from pipeline.upstream import UpstreamTable
 from stages.datasets import check_splits
 
@@ -61,19 +73,21 @@ class AugmentParams(Params):
         return kinds
 
 
-class Augment(Stage):
+class Augment(Stage[AugmentParams]):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
     version = "2"  # 2: llm backend budgets per request, "truncated: ..." rejections
     inputs = ("ingest",)
-    params_model = AugmentParams
     tables = ("distractors", "rejected")
     libraries = ("pyarrow", "lemminflect")
     uses_sections = ("embed",)  # the report's cosine uses the shared CLIP text encoder
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
-        p: AugmentParams = params  # type: ignore[assignment]
+    def required_libraries(self, params: AugmentParams) -> dict[str, str]:
+        return {"vllm": "vllm"} if params.backend == "llm" and params.llm_engine == "vllm" else {}
+
+    def preflight(self, env: RunEnv, params: AugmentParams) -> None:
+        p = params
         check_splits("augment.splits", p.splits, env.dataset)
         if p.backend == "llm" and p.llm_engine == "vllm":
             from stages.vlm import _import_vllm
@@ -84,11 +98,11 @@ class Augment(Stage):
 
             resolve_model_path(p.model)  # a clear error now if the model is not available
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[AugmentParams]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        p: AugmentParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         refs = ctx.read_table("ingest", "refs")
         refs = refs.filter(pc.is_in(refs.column("split"), pa.array(p.splits)))
         keep = set(refs.column("ref_id").to_pylist())
@@ -100,7 +114,7 @@ class Augment(Stage):
                 for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
         tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard], "dirs": dirs,
-                               "params": p.model_dump(), "cache": cache})
+                               "cache": cache})
                  for n, s in enumerate(range(0, len(ids), p.sentences_per_shard))]
         stats = ctx.run_shards(_augment_shard, tasks, desc="augment")
         ctx.record(sentences=len(ids), report=self._report(ctx, p),
@@ -184,12 +198,12 @@ def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
                         image_size=scene["images"][ref["image_id"]])
 
 
-def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) -> dict[str, Any]:
     import pyarrow as pa
 
     from stages.augment_rules import generate_validated
 
-    p = AugmentParams(**payload["params"])
+    p = writer.params
     scene = _scene(payload["dirs"])
     ok: list[tuple[int, str, str]] = []
     bad: list[tuple[int, str, str, str]] = []

@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.context import StageContext
-from pipeline.stage import Cosine, Params, Stage
+from pipeline.stage import Cosine, Params, Stage, StageContext
 from stages.embed import EmbedParams, embedding_array
 
 HIST_BINS = 20
@@ -25,25 +24,24 @@ class ClustersParams(Params):
     include_original: bool = Field(False, description="add the original sentences to mu")
 
 
-class Clusters(Stage):
+class Clusters(Stage[ClustersParams]):
     """Per-instance cluster centre mu and spread of the multi-view expressions."""
 
     name = "clusters"
     version = "1"
     # embed_texts is upstream so that a change of CLIP weights (in its key) reaches this key
     inputs = ("multiview", "ingest", "embed_texts")
-    params_model = ClustersParams
     tables = ("clusters", "view_embeddings")
     libraries = ("pyarrow", "torch", "open_clip_torch", "numpy")
     uses_sections = ("embed",)
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[ClustersParams]) -> None:
         import numpy as np
         import pyarrow as pa
 
         from stages.embed import encode_sentences
 
-        p: ClustersParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         embed: EmbedParams = ctx.shared["embed"]  # type: ignore[assignment]
         views = ctx.read_table("multiview", "views").sort_by([("ann_id", "ascending"),
                                                               ("view", "ascending")])

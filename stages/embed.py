@@ -23,10 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
-from pipeline.stage import Count, Device, Name, NonNegInt, Params, RunEnv, Stage, runtime_field
+from pipeline.stage import (
+    Count,
+    Device,
+    Name,
+    NonNegInt,
+    Params,
+    RunEnv,
+    ShardTask,
+    ShardWriter,
+    Stage,
+    StageContext,
+    runtime_field,
+)
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 
@@ -115,15 +126,14 @@ def embeddings_matrix(column: pa.ChunkedArray | pa.Array, dtype: Any = None) -> 
     return flat.reshape(-1, d).astype(dtype or np.float32, copy=False)
 
 
-class _EmbedStage(Stage):
+class _EmbedStage(Stage[EmbedParams]):
     section = "embed"
-    params_model = EmbedParams
     inputs = ("ingest",)
     tables = ("embeddings",)
     libraries = ("pyarrow", "torch", "open_clip_torch", "pillow")
 
-    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
-        p: EmbedParams = params  # type: ignore[assignment]
+    def fingerprint(self, env: RunEnv, params: EmbedParams) -> dict[str, Any]:
+        p = params
         if not _is_file_spec(p.pretrained):
             return {}
         path = Path(p.pretrained).expanduser()  # type: ignore[arg-type]
@@ -134,10 +144,10 @@ class _EmbedStage(Stage):
                              "an existing local file or an open_clip pretrained tag")
         return {"weights_xxh3": found.digest}
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
+    def preflight(self, env: RunEnv, params: EmbedParams) -> None:
         from stages.clip_models import check_memory, check_model_spec
 
-        p: EmbedParams = params  # type: ignore[assignment]
+        p = params
         check_model_spec(p.model, p.pretrained)
         if p.batch_size:
             bundle = get_bundle(p.model, p.pretrained, p.device)
@@ -157,10 +167,10 @@ class EmbedImages(_EmbedStage):
     version = "1"
     tables = ("embeddings", "errors")
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[EmbedParams]) -> None:
         from stages.clip_models import auto_batch_size
 
-        p: EmbedParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         manifest = load_data_manifest(ctx.env.dataset)
         _, images_dir = data_locations(ctx.env, manifest)
         images = ctx.read_table("ingest", "images").select(["image_id", "file_name"])
@@ -175,7 +185,7 @@ class EmbedImages(_EmbedStage):
             chunk = order[start:start + p.images_per_shard]
             tasks.append(ShardTask(n, {
                 "items": [(ids[i], str(images_dir / names[i])) for i in chunk],
-                "params": p.model_dump(), "batch": batch,
+                "batch": batch,
             }))
         stats = ctx.run_shards(_embed_images_shard, tasks, desc="embed images")
         failed = [f for s in stats for f in s["failed"]]
@@ -199,10 +209,10 @@ class EmbedTexts(_EmbedStage):
     name = "embed_texts"
     version = "1"
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[EmbedParams]) -> None:
         from stages.clip_models import auto_batch_size
 
-        p: EmbedParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id", "sent"])
         sents = sents.sort_by("sent_id")
         bundle = get_bundle(p.model, p.pretrained, p.device)
@@ -215,7 +225,7 @@ class EmbedTexts(_EmbedStage):
             ShardTask(n, {"sent_id": sid[s:s + p.texts_per_shard],
                           "ref_id": rid[s:s + p.texts_per_shard],
                           "text": text[s:s + p.texts_per_shard],
-                          "params": p.model_dump(), "batch": batch})
+                          "batch": batch})
             for n, s in enumerate(range(0, len(sid), p.texts_per_shard))
         ]
         stats = ctx.run_shards(_embed_texts_shard, tasks, desc="embed texts")
@@ -276,7 +286,8 @@ def decoded_batches(items: Iterable[Any], decode: Callable[[Any], Any], batch_si
             yield batch
 
 
-def _embed_images_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _embed_images_shard(payload: dict[str, Any],
+                        writer: ShardWriter[EmbedParams]) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
     import torch
@@ -284,7 +295,7 @@ def _embed_images_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[st
     from stages.clip_models import encode_image_batch
 
     started = time.perf_counter()
-    p = EmbedParams(**payload["params"])
+    p = writer.params
     bundle = get_bundle(p.model, p.pretrained, p.device)
     threads = p.workers or (os.cpu_count() or 1)
     timing = {"read_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
@@ -321,10 +332,10 @@ def _embed_images_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[st
             **timing}
 
 
-def _embed_texts_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _embed_texts_shard(payload: dict[str, Any], writer: ShardWriter[EmbedParams]) -> dict[str, Any]:
     import pyarrow as pa
 
-    p = EmbedParams(**payload["params"])
+    p = writer.params
     t0 = time.perf_counter()
     p = p.model_copy(update={"batch_size": payload["batch"]})
     vectors = encode_sentences(p, payload["text"])

@@ -29,8 +29,16 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.context import StageContext
-from pipeline.stage import Count, NonNegInt, ParamDomainError, Params, RunEnv, Splits, Stage
+from pipeline.stage import (
+    Count,
+    NonNegInt,
+    ParamDomainError,
+    Params,
+    RunEnv,
+    Splits,
+    Stage,
+    StageContext,
+)
 from stages.datasets import check_splits, load_data_manifest
 from stages.refer_io import other_referent_sentences
 from stages.text.negative_rules import DROP_REASONS, TextRules, drop_reason
@@ -120,29 +128,28 @@ def take_quotas(available: dict[str, list[tuple[float, int, str, str]]], mix: di
     return out
 
 
-class HardNegatives(Stage):
+class HardNegatives(Stage[HardNegativesParams]):
     """Ranked hard-negative texts per training sentence from four labelled sources."""
 
     name = "hard_negatives"
     version = "2"  # 2: split rule, positives and normalised duplicates dropped
     inputs = ("ingest", "embed_texts", "index", "clusters", "augment")
-    params_model = HardNegativesParams
     tables = ("hard_negatives",)
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")
     uses_sections = ("clusters", "embed")
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
-        p: HardNegativesParams = params  # type: ignore[assignment]
+    def preflight(self, env: RunEnv, params: HardNegativesParams) -> None:
+        p = params
         check_splits("hard_negatives.source_splits", p.source_splits, env.dataset)
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[HardNegativesParams]) -> None:
         import faiss
         import numpy as np
         import pyarrow as pa
 
         from stages.embed import embeddings_matrix, encode_sentences
 
-        p: HardNegativesParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         threshold = ctx.shared["clusters"].threshold  # type: ignore[attr-defined]
         train_split = load_data_manifest(ctx.env.dataset).train_split
         refs = {r["ref_id"]: r for r in ctx.read_table("ingest", "refs").to_pylist()}

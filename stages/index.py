@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from pipeline.context import StageContext
-from pipeline.stage import Count, NonNegInt, Params, Seed, Stage
+from pipeline.stage import Count, NonNegInt, Params, Seed, Stage, StageContext
 from stages.embed import embeddings_matrix
 
 if TYPE_CHECKING:
@@ -94,21 +93,20 @@ def ivf_recall(index: Any, x: np.ndarray, params: IndexParams) -> float:
     return round(float(hits) / (len(sample) * k), 4)
 
 
-class Index(Stage):
+class Index(Stage[IndexParams]):
     """FAISS indices (`images.faiss`, `texts.faiss`) over the embeddings, with id maps."""
 
     name = "index"
     version = "1"
     inputs = ("embed_images", "embed_texts")
-    params_model = IndexParams
     tables = ("image_ids", "text_ids")
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy")
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[IndexParams]) -> None:
         import faiss
         import pyarrow as pa
 
-        p: IndexParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         images = ctx.read_table("embed_images", "embeddings")
         texts = ctx.read_table("embed_texts", "embeddings")
         built = {}

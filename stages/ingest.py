@@ -23,10 +23,19 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
-from pipeline.stage import Count, NonNegInt, Params, RunEnv, Stage, runtime_field
+from pipeline.stage import (
+    Count,
+    NonNegInt,
+    Params,
+    RunEnv,
+    ShardTask,
+    ShardWriter,
+    Stage,
+    StageContext,
+    runtime_field,
+)
 from stages.datasets import DataManifest, load_data_manifest
 from stages.refer_geometry import annotation_problem
 from stages.refer_io import Ref, ReferData, locate_inputs, read_refer
@@ -83,12 +92,11 @@ def _parse(manifest: DataManifest, data_root: Path, digest_key: str) -> ReferDat
     return _parsed[digest_key]
 
 
-class Ingest(Stage):
+class Ingest(Stage[IngestParams]):
     """Read a REFER-format dataset into Parquet tables (images, objects, refs, sentences, ...)."""
 
     name = "ingest"
     version = "2"  # 2: bad geometry and unreadable image paths are errors rows
-    params_model = IngestParams
     tables = ("images", "objects", "refs", "sentences", "categories", "errors")
     libraries = ("pyarrow", "pycocotools", "pillow")
 
@@ -114,7 +122,7 @@ class Ingest(Stage):
             listing = [(int(i), str(f)) for i, f in json.loads(memo)]
         return manifest, data_root, images_dir, digest_key, listing
 
-    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
+    def fingerprint(self, env: RunEnv, params: IngestParams) -> dict[str, Any]:
         manifest, _, images_dir, digest_key, listing = self._inputs(env)
         digests = _image_digests(env, images_dir, listing)
         h = hashlib.sha256()
@@ -124,10 +132,10 @@ class Ingest(Stage):
         return {"inputs": hashlib.sha256(digest_key.encode()).hexdigest()[:32],
                 "images": h.hexdigest()[:32], "n_images": len(listing)}
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[IngestParams]) -> None:
         import pyarrow as pa
 
-        params: IngestParams = ctx.params  # type: ignore[assignment]
+        params = ctx.params
         manifest, data_root, images_dir, digest_key, listing = self._inputs(ctx.env)
         data = _parse(manifest, data_root, digest_key)
         inst_path = manifest.instances_path(data_root)
@@ -350,7 +358,7 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, An
             "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
-def _ingest_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _ingest_shard(payload: dict[str, Any], writer: ShardWriter[IngestParams]) -> dict[str, Any]:
     import pyarrow as pa
 
     images_dir = Path(payload["images_dir"])

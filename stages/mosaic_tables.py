@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import ConfigError, InputError
-from pipeline.stage import INT_MAX, ParamDomainError, Params, RunEnv, Stage
+from pipeline.stage import (
+    INT_MAX,
+    ParamDomainError,
+    Params,
+    RunEnv,
+    ShardTask,
+    ShardWriter,
+    Stage,
+    StageContext,
+)
 from pipeline.upstream import UpstreamTable
 from stages.datasets import load_data_manifest
 
@@ -105,13 +113,12 @@ def select_negatives(
     return chosen, kept
 
 
-class MosaicTables(Stage):
+class MosaicTables(Stage[MosaicParams]):
     """Per training sentence: the tau-filtered top-K negative images and allowed quadrants."""
 
     name = "mosaic_tables"
     version = "1"
     inputs = ("negatives", "ingest")
-    params_model = MosaicParams
     tables = ("mosaic",)
     libraries = ("pyarrow", "numpy")
 
@@ -128,8 +135,8 @@ class MosaicTables(Stage):
                 f"k={p.k}, m={m}); lower mosaic_tables.k or pass --set negatives.m={p.k} "
                 "(or more)")
 
-    def resolve_params(self, env: RunEnv, params: Params) -> Params:
-        p: MosaicParams = params  # type: ignore[assignment]
+    def resolve_params(self, env: RunEnv, params: MosaicParams) -> MosaicParams:
+        p = params
         manifest = load_data_manifest(env.dataset)
         defaults = manifest.defaults
         update: dict[str, Any] = {}
@@ -149,14 +156,14 @@ class MosaicTables(Stage):
                 f"{exc.errors()[0]['msg']}; fix the manifest's defaults or set "
                 "mosaic_tables.k and mosaic_tables.tau_ti / tau_ii explicitly") from None
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[MosaicParams]) -> None:
         import numpy as np
 
-        p: MosaicParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         parts = ctx.upstream_table("negatives", "negatives").parts
         sentences = ctx.upstream_table("ingest", "sentences")
         tasks = [ShardTask(int(Path(part.rel).stem.split("-")[1]),
-                           {"part": part, "sentences": sentences, "params": p.model_dump()})
+                           {"part": part, "sentences": sentences})
                  for part in parts]
         stats = ctx.run_shards(_mosaic_shard, tasks, desc="filter")
         n = sum(s["queries"] for s in stats)
@@ -207,13 +214,13 @@ def _tokens_by_sent(sentences: UpstreamTable) -> dict[int, list[str]]:
     return _TOKENS[sentences.ident]
 
 
-def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter[MosaicParams]) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
 
     from stages.positional import quadrants_for_tokens
 
-    p = MosaicParams(**payload["params"])
+    p = writer.params
     neg = payload["part"].read_table()
     cand = neg.column("cand_image_ids").combine_chunks()
     offsets = cand.offsets.to_numpy()

@@ -30,7 +30,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.stage import (
     INT_MAX,
@@ -40,8 +39,11 @@ from pipeline.stage import (
     NonNegInt,
     Params,
     RunEnv,
+    ShardTask,
+    ShardWriter,
     Splits,
     Stage,
+    StageContext,
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
@@ -79,31 +81,33 @@ class MultiviewParams(Params):
     device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
 
 
-class Multiview(Stage):
+class Multiview(Stage[MultiviewParams]):
     """Appearance / action / spatial expressions per instance from a VLM (or templates)."""
 
     name = "multiview"
     version = "2"  # 2: per-instance validation, budgets per request, reason words in failures
     inputs = ("ingest",)
-    params_model = MultiviewParams
     tables = ("views", "failures")
     libraries = ("pyarrow", "transformers", "torch", "pillow")
 
-    def fingerprint(self, env: RunEnv, params: Params) -> dict[str, Any]:
-        p: MultiviewParams = params  # type: ignore[assignment]
+    def required_libraries(self, params: MultiviewParams) -> dict[str, str]:
+        return {"vllm": "vllm"} if params.backend == "vllm" else {}
+
+    def fingerprint(self, env: RunEnv, params: MultiviewParams) -> dict[str, Any]:
+        p = params
         return {} if p.backend == "template" else {"prompt_version": PROMPT_VERSION}
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
-        p: MultiviewParams = params  # type: ignore[assignment]
+    def preflight(self, env: RunEnv, params: MultiviewParams) -> None:
+        p = params
         check_splits("multiview.splits", p.splits, env.dataset)
         if p.backend != "template":
             check_model_backend(p)
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[MultiviewParams]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        p: MultiviewParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         manifest = load_data_manifest(ctx.env.dataset)
         _, images_dir = data_locations(ctx.env, manifest)
         refs = ctx.read_table("ingest", "refs")
@@ -117,7 +121,7 @@ class Multiview(Stage):
                 for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
                                "splits": p.splits, "dirs": dirs,
-                               "images_dir": str(images_dir), "params": p.model_dump(),
+                               "images_dir": str(images_dir),
                                "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite")})
                  for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
         stats = ctx.run_shards(_multiview_shard, tasks, desc="views")
@@ -260,10 +264,11 @@ def _template_image(insts: list[dict[str, Any]], images_dir: str) -> dict[int, d
 
 
 # -- shard ----------------------------------------------------------------------------------
-def _multiview_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _multiview_shard(payload: dict[str, Any],
+                     writer: ShardWriter[MultiviewParams]) -> dict[str, Any]:
     import pyarrow as pa
 
-    p = MultiviewParams(**payload["params"])
+    p = writer.params
     by_image = instances_by_image(payload["dirs"], payload["splits"])
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []

@@ -18,9 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat
-from pipeline.stage import INT_MAX, Count, Device, Params, RunEnv, Splits, Stage, runtime_field
+from pipeline.stage import (
+    INT_MAX,
+    Count,
+    Device,
+    Params,
+    RunEnv,
+    ShardTask,
+    ShardWriter,
+    Splits,
+    Stage,
+    StageContext,
+    runtime_field,
+)
 from pipeline.upstream import UpstreamTable
 from stages.datasets import check_splits, load_data_manifest
 from stages.topm import select_topm
@@ -44,25 +55,24 @@ class NegativesParams(Params):
         "auto", "top-M method: sort (CPU), topk (GPU); auto picks by device; same output")
 
 
-class Negatives(Stage):
+class Negatives(Stage[NegativesParams]):
     """Top-M candidate negative images per training sentence, ranked by rho', with both scores."""
 
     name = "negatives"
     version = "1"
     inputs = ("ingest", "embed_images", "embed_texts")
-    params_model = NegativesParams
     tables = ("negatives",)
     libraries = ("pyarrow", "torch", "numpy")
 
-    def preflight(self, env: RunEnv, params: Params) -> None:
-        p: NegativesParams = params  # type: ignore[assignment]
+    def preflight(self, env: RunEnv, params: NegativesParams) -> None:
+        p = params
         check_splits("negatives.query_splits", p.query_splits, env.dataset)
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[NegativesParams]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        p: NegativesParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         manifest = load_data_manifest(ctx.env.dataset)
         refs = ctx.read_table("ingest", "refs")
         sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id"])
@@ -76,8 +86,7 @@ class Negatives(Stage):
                 "texts": ctx.upstream_table("embed_texts", "embeddings"),
                 "refs": ctx.upstream_table("ingest", "refs"),
                 "train_split": manifest.train_split}
-        tasks = [ShardTask(n, {"queries": queries[s:s + p.queries_per_shard], "dirs": dirs,
-                               "params": p.model_dump()})
+        tasks = [ShardTask(n, {"queries": queries[s:s + p.queries_per_shard], "dirs": dirs})
                  for n, s in enumerate(range(0, len(queries), p.queries_per_shard))]
         stats = ctx.run_shards(_negatives_shard, tasks, desc="search")
         pool = _pool(dirs)
@@ -275,12 +284,13 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
     }, schema=schema)
 
 
-def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _negatives_shard(payload: dict[str, Any],
+                     writer: ShardWriter[NegativesParams]) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
     import torch
 
-    p = NegativesParams(**payload["params"])
+    p = writer.params
     dirs = payload["dirs"]
     pool_ids, pool_vecs = _pool(dirs)
     img_ids, img_vecs = _cached("img:" + dirs["images"].ident,

@@ -28,9 +28,8 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat, part_name, read_json
-from pipeline.stage import INT_MAX, Count, Params, Stage
+from pipeline.stage import INT_MAX, Count, Params, ShardTask, ShardWriter, Stage, StageContext
 from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
 from stages.refer_io import other_referent_sentences
@@ -58,22 +57,21 @@ class ShardsParams(Params):
     images_per_pack: Count = Field(2048, description="thumbnails per pack file (shard)")
 
 
-class Shards(Stage):
+class Shards(Stage[ShardsParams]):
     """Training shards per split: text, image, target mask, mosaic negatives, hard negatives."""
 
     name = "shards"
     version = SCHEMA_VERSION
     inputs = ("ingest", "mosaic_tables")
-    params_model = ShardsParams
     tables = ("images", "train", "val", "test", "testA", "testB", "thumbnails")
     libraries = ("pyarrow", "pycocotools", "numpy")
 
-    def upstream(self, params: Params) -> tuple[str, ...]:
-        p: ShardsParams = params  # type: ignore[assignment]
+    def upstream(self, params: ShardsParams) -> tuple[str, ...]:
+        p = params
         return (*self.inputs, "hard_negatives") if p.with_hard_negatives else self.inputs
 
-    def run(self, ctx: StageContext) -> None:
-        p: ShardsParams = ctx.params  # type: ignore[assignment]
+    def run(self, ctx: StageContext[ShardsParams]) -> None:
+        p = ctx.params
         manifest = load_data_manifest(ctx.env.dataset)
         refs = ctx.read_table("ingest", "refs").select(["ref_id", "split"])
         split_of = dict(zip(refs.column("ref_id").to_pylist(), refs.column("split").to_pylist(),
@@ -95,8 +93,7 @@ class Shards(Stage):
             for start in range(0, len(ids), p.rows_per_part):
                 tasks.append(ShardTask(len(tasks), {
                     "split": split, "sent_ids": ids[start:start + p.rows_per_part],
-                    "train": split == manifest.train_split, "dirs": dirs,
-                    "params": p.model_dump()}))
+                    "train": split == manifest.train_split, "dirs": dirs}))
         thumb_tasks = (self._thumbnail_tasks(ctx, manifest, start=len(tasks)) if p.thumbnails
                        else [])
         stats = ctx.run_shards(_shards_shard, tasks + thumb_tasks, desc="join + thumbnails")
@@ -124,7 +121,7 @@ class Shards(Stage):
         """The training split's images (every mosaic cell shows one), in packs."""
         import pyarrow.compute as pc
 
-        p: ShardsParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         _, images_dir = data_locations(ctx.env, manifest)
         refs = ctx.read_table("ingest", "refs").select(["image_id", "split"])
         train = set(refs.filter(pc.equal(refs.column("split"), manifest.train_split))
@@ -133,12 +130,12 @@ class Shards(Stage):
         items = sorted((i, str(images_dir / f)) for i, f in zip(
             images.column("image_id").to_pylist(), images.column("file_name").to_pylist(),
             strict=True) if i in train)
-        return [ShardTask(start + n, {"kind": "thumbnails", "items": items[s:s + p.images_per_pack],
-                                      "params": p.model_dump()})
+        return [ShardTask(start + n, {"kind": "thumbnails",
+                                      "items": items[s:s + p.images_per_pack]})
                 for n, s in enumerate(range(0, len(items), p.images_per_pack))]
 
 
-def upstream_artifacts(ctx: StageContext) -> dict[str, dict[str, Any]]:
+def upstream_artifacts(ctx: StageContext[ShardsParams]) -> dict[str, dict[str, Any]]:
     """Key, version and params of every artifact this one was built from, transitively."""
     out: dict[str, dict[str, Any]] = {}
     todo = list(ctx.upstream_keys.items())
@@ -236,14 +233,14 @@ def same_image_negatives(look: dict[str, Any], ref: dict[str, Any],
     return [look["sent"][s][1] for s in kept]
 
 
-def _shards_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _shards_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
     if payload.get("kind") == "thumbnails":
         return _thumbnails_shard(payload, writer)
     return _rows_shard(payload, writer)
 
 
-def _thumbnails_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
-    p = ShardsParams(**payload["params"])
+def _thumbnails_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
+    p = writer.params
     index, failed = write_pack(writer.staging, Path(part_name(writer.index)).stem,
                                [tuple(i) for i in payload["items"]], p.thumbnail_size,
                                p.thumbnail_quality)
@@ -252,10 +249,10 @@ def _thumbnails_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str,
             "bytes": int(sum(index.column("length").to_pylist()))}
 
 
-def _rows_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
     import pyarrow as pa
 
-    p = ShardsParams(**payload["params"])
+    p = writer.params
     look = _lookups(payload["dirs"])
     rows: dict[str, list[Any]] = {c: [] for c in (
         "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",

@@ -26,9 +26,9 @@ import pytest
 from pipeline.api import open_pipeline
 from pipeline.errors import InputError
 from pipeline.io import describe_file, read_table_dir, schema_version_of, table_files, write_parquet
-from stages.audit import run_audit
-from stages.report import write_report
 from stages.text.normalise import normalise_sentence as norm
+from stages.tools.audit import run_audit
+from stages.tools.report import write_report
 
 SETS = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template",
         "shards.with_hard_negatives=true"]

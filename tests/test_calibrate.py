@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.api import open_pipeline
 from pipeline.errors import NemoError
-from stages.calibrate import (
+from stages.tools.calibrate import (
     COLUMNS,
     calibrate,
     calibrate_command,
@@ -162,7 +162,7 @@ def test_hand_counted_other_relevance_and_parts():
 
 def test_sparse_id_lookup_gives_the_same(monkeypatch):
     """Large image ids fall back from the direct-address table to a sorted-key search."""
-    import stages.calibrate as cal
+    import stages.tools.calibrate as cal
 
     dense = calibrate_tables(hand_tables(), [None, 0.7], [2, 3])
     monkeypatch.setattr(cal, "_DENSE_MAX_ID", 0)
@@ -174,8 +174,8 @@ def test_sparse_id_lookup_gives_the_same(monkeypatch):
                                              ("both", "minmax")])
 def test_grid_selection_equals_direct_select_negatives(relevance, scale):
     """The two-step selection per tau is select_negatives(MosaicParams(tau, K)) per point."""
-    from stages.calibrate import _grid_params, _select_grid
     from stages.mosaic_tables import select_negatives
+    from stages.tools.calibrate import _grid_params, _select_grid
 
     rng = np.random.default_rng(3)
     lengths = rng.integers(0, 40, size=60)

@@ -171,7 +171,7 @@ def test_dask_executor_equals_local(demo, tmp_path, checkpoint):
 
 
 def test_undecodable_image_is_recorded_not_fatal(tmp_path, checkpoint):
-    from pipeline.context import ShardWriter
+    from pipeline.stage import ShardWriter
     from stages.embed import EmbedParams, _embed_images_shard
 
     good = tmp_path / "good.jpg"
@@ -179,9 +179,8 @@ def test_undecodable_image_is_recorded_not_fatal(tmp_path, checkpoint):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(good.read_bytes()[:100])
     params = EmbedParams(model="tiny", pretrained=str(checkpoint), batch_size=2)
-    writer = ShardWriter(tmp_path / "out", 0, "1")
-    stats = _embed_images_shard({"items": [(1, str(good)), (2, str(bad))],
-                                 "params": params.model_dump(), "batch": 2}, writer)
+    writer = ShardWriter(tmp_path / "out", 0, "1", params)
+    stats = _embed_images_shard({"items": [(1, str(good)), (2, str(bad))], "batch": 2}, writer)
     assert stats["rows"] == 1
     assert [f[0] for f in stats["failed"]] == [2] and "undecodable" in stats["failed"][0][2]
     table = pq.read_table(tmp_path / "out" / "embeddings" / "part-00000.parquet")

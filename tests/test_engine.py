@@ -284,10 +284,10 @@ def test_dask_executor_output_equals_local(tmp_path, monkeypatch):
 def test_disk_full_mid_write_is_a_clear_error_and_resumes(tmp_path, toy_log, monkeypatch):
     import errno
 
-    import pipeline.context as context_module
+    import pipeline.shards as shards_module
     from pipeline.errors import StorageError
 
-    real = context_module.write_parquet
+    real = shards_module.write_parquet
     calls = {"n": 0}
 
     def flaky(table, path, *args, **kwargs):
@@ -296,14 +296,14 @@ def test_disk_full_mid_write_is_a_clear_error_and_resumes(tmp_path, toy_log, mon
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(table, path, *args, **kwargs)
 
-    monkeypatch.setattr(context_module, "write_parquet", flaky)
+    monkeypatch.setattr(shards_module, "write_parquet", flaky)
     pipe = make_pipe(tmp_path)
     with pytest.raises(StorageError, match="No space left on device.*rerun"):
         pipe.run("numbers")
     key = pipe.resolve("numbers").key
     assert not pipe.store.is_published("toy", "numbers", key)
     assert len(list((pipe.store.tmp_dir("toy", "numbers", key) / "_shards").iterdir())) == 2
-    monkeypatch.setattr(context_module, "write_parquet", real)
+    monkeypatch.setattr(shards_module, "write_parquet", real)
     make_pipe(tmp_path).run("numbers")
     assert pipe.store.is_published("toy", "numbers", key)
     assert log_lines(toy_log) == ["numbers 0", "numbers 1", "numbers 2", "numbers 2",

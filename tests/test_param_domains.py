@@ -431,7 +431,7 @@ def test_shipped_manifests_hold_valid_defaults():
 
 
 def test_calibrate_rejects_a_tau_outside_its_scale():
-    from stages.calibrate import _grid_params
+    from stages.tools.calibrate import _grid_params
 
     with pytest.raises(NemoError, match=r"tau -1 is outside \[0, 1\], the range of scale minmax"):
         _grid_params([-1.0], [3], "ti", "minmax")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.api import open_pipeline
 from pipeline.io import read_table_dir
-from stages.report import report_command, write_report
+from stages.tools.report import report_command, write_report
 
 SETS = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template"]
 TAU, K = 0.7, 20  # the sweep point checked against an independent computation

@@ -13,9 +13,8 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
-from pipeline.stage import Params, Stage, runtime_field
+from pipeline.stage import Params, ShardTask, ShardWriter, Stage, StageContext, runtime_field
 
 
 class NumbersParams(Params):
@@ -26,7 +25,8 @@ class NumbersParams(Params):
     bad_input: bool = False
 
 
-def _numbers_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+def _numbers_shard(payload: dict[str, Any],
+                   writer: ShardWriter[NumbersParams]) -> dict[str, Any]:
     import pyarrow as pa
 
     log = os.environ.get("TOY_LOG")
@@ -40,16 +40,15 @@ def _numbers_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, An
     return {"count": len(values)}
 
 
-class Numbers(Stage):
+class Numbers(Stage[NumbersParams]):
     """Integers in shards."""
 
     name = "numbers"
     version = "1"
-    params_model = NumbersParams
     tables = ("numbers",)
 
-    def run(self, ctx: StageContext) -> None:
-        p: NumbersParams = ctx.params  # type: ignore[assignment]
+    def run(self, ctx: StageContext[NumbersParams]) -> None:
+        p = ctx.params
         if p.bad_input:
             ctx.write_table("numbers", __import__("pyarrow").table({"value": [1]}))
             raise InputError("toy input is bad")
@@ -66,16 +65,15 @@ class SquaresParams(Params):
     power: int = 2
 
 
-class Squares(Stage):
+class Squares(Stage[SquaresParams]):
     """Powers of the numbers."""
 
     name = "squares"
     version = "1"
     inputs = ("numbers",)
-    params_model = SquaresParams
     tables = ("squares",)
 
-    def run(self, ctx: StageContext) -> None:
+    def run(self, ctx: StageContext[SquaresParams]) -> None:
         import pyarrow as pa
 
         log = os.environ.get("TOY_LOG")
@@ -83,7 +81,7 @@ class Squares(Stage):
             with Path(log).open("a") as f:
                 f.write("squares\n")
         values = ctx.read_table("numbers", "numbers").column("value").to_pylist()
-        p: SquaresParams = ctx.params  # type: ignore[assignment]
+        p = ctx.params
         ctx.write_table("squares", pa.table({"value": [v ** p.power for v in values]}))
 
 

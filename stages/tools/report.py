@@ -12,7 +12,8 @@ file with every image embedded as a base64 PNG data URI, inline CSS and no exter
 4. hard-negative counts by kind (`hard_negatives`, else the shards' `hn_kinds`) and augment's
    per-kind report;
 5. a contact sheet of training mosaics (`pipeline.preview.render_preview`);
-6. the audit of the training material (`stages.audit.run_audit`, what `nemo-pipe audit` prints).
+6. the audit of the training material (`stages.tools.audit.run_audit`, what `nemo-pipe audit`
+   prints).
 
 A section whose stage is not built under the current config says so. The negatives table is
 read one part file at a time, so memory stays at one part (8192 queries by default) however
@@ -707,7 +708,7 @@ def _section_mosaics(ctx: _Context, images_dir: Path | None, n: int) -> str:
 # -- 6. audit ----------------------------------------------------------------------------------
 def _section_audit(ctx: _Context) -> str:
     """The table `nemo-pipe audit` prints, from the same function."""
-    from stages.audit import check_detail, example_text, run_audit
+    from stages.tools.audit import check_detail, example_text, run_audit
 
     head = "<section id='audit'><h2>6. Audit of the training material</h2>"
     try:
