@@ -212,7 +212,7 @@ def test_cache_tau_k_relevance_rerun_mosaic_only_rank_by_reruns_negatives(demo, 
 def test_shortfall_reported_when_m_too_small(dyadic, caplog):
     base = dyadic()
     # K = auto: refcoco's data manifest says 800, far above m = 4 (an explicit K above m is a
-    # config error: tests/test_param_domains.py); the run warns and reports the shortfall
+    # config error: tests/pipeline/test_param_domains.py); the run warns and reports the shortfall
     pipe = reopen(base, "negatives.m=4", "mosaic_tables.tau_ti=null")
     assert pipe.resolve("mosaic_tables").params.k == 800
     with caplog.at_level("WARNING", logger="stages.mosaic_tables"):

@@ -35,7 +35,8 @@ def _numbers_shard(payload: dict[str, Any],
             f.write(f"numbers {payload['index']}\n")
     if os.environ.get("TOY_FAIL_AT") == str(payload["index"]):
         raise RuntimeError(f"simulated crash in shard {payload['index']}")
-    values = list(range(payload["start"], payload["stop"]))
+    offset = writer.params.offset  # the engine hands every shard the stage's params
+    values = list(range(offset + payload["start"], offset + payload["stop"]))
     writer.write_table("numbers", pa.table({"value": pa.array(values, pa.int64())}))
     return {"count": len(values)}
 
@@ -53,8 +54,7 @@ class Numbers(Stage[NumbersParams]):
             ctx.write_table("numbers", __import__("pyarrow").table({"value": [1]}))
             raise InputError("toy input is bad")
         tasks = [
-            ShardTask(i, {"index": i, "start": p.offset + s,
-                          "stop": p.offset + min(s + p.per_shard, p.n)})
+            ShardTask(i, {"index": i, "start": s, "stop": min(s + p.per_shard, p.n)})
             for i, s in enumerate(range(0, p.n, p.per_shard))
         ]
         stats = ctx.run_shards(_numbers_shard, tasks)

@@ -451,7 +451,7 @@ def _select_grid(
     but the largest K of each tau: the filter with the largest K keeps, per query, the first
     K_max survivors in rank order; the first K of those (K <= K_max) are the first K survivors,
     which ``select_negatives`` without a filter and ``k=K`` picks from the compacted lists.
-    tests/test_calibrate.py checks the equality against direct calls.
+    tests/stages/tools/test_calibrate.py checks the equality against direct calls.
     """
     import numpy as np
 

@@ -20,7 +20,7 @@ NEG = "negatives.queries_per_shard=40"  # several negatives parts, so one can be
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None
         ) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
@@ -129,7 +129,7 @@ def test_verify_marks_then_status_path_load_and_run(demo, tmp_path):
         [sys.executable, "-c", "from pipeline import api; "
          f"api.load('ingest', 'refcoco', table='sentences', work_dir={str(work)!r})"],
         capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert load.returncode != 0 and "ArtifactCorrupt" in load.stderr
 
     run = cli("run", "--stage", "ingest", *short)

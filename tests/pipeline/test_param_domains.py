@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError, InputError, NemoError
 from pipeline.registry import load_registry
 from pipeline.stage import RunEnv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REGISTRY = load_registry()
 SECTIONS = {sec: cls.params_model for sec, cls in REGISTRY.sections().items()}
 

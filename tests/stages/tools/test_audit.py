@@ -33,7 +33,7 @@ from stages.tools.report import write_report
 SETS = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template",
         "shards.with_hard_negatives=true"]
 RETRIEVED = {"same_image", "neighbour", "neighbour_same_class"}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 N_CLEAN = 3  # negatives per row in the hand-made clean set
 
 

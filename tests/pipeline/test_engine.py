@@ -23,7 +23,7 @@ from pipeline.runner import Pipeline
 from pipeline.stage import RunEnv
 from pipeline.verify import verify_store
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(__file__).resolve().parents[1]  # tests/: toy_stages.py
 
 
 def make_pipe(work: Path, *sets: str, workers: int = 1) -> Pipeline:
