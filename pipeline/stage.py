@@ -159,8 +159,9 @@ def _importable(module: str) -> bool:
 
 
 class Stage(ABC, Generic[P]):
-    """One step of the DAG, generic over its params model: ``class Negatives(Stage[
-    NegativesParams])`` sets `params_model` and types `ctx.params` and every hook's `params`.
+    """One step of the DAG, generic over its params model: in
+    ``class Negatives(Stage[NegativesParams])`` the type argument sets `params_model` and types
+    `ctx.params`, `writer.params` and every hook's `params`, with no casts.
 
     Class attributes:
         name: the stage's name on the CLI and in the artifact layout.
