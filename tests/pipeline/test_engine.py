@@ -23,7 +23,8 @@ from pipeline.runner import Pipeline
 from pipeline.stage import RunEnv
 from pipeline.verify import verify_store
 
-TESTS_DIR = Path(__file__).resolve().parents[1]  # tests/: toy_stages.py
+HERE = Path(__file__).resolve().parent  # this module, for subprocesses that import it
+TESTS_DIR = HERE.parent  # tests/: toy_stages.py
 
 
 def make_pipe(work: Path, *sets: str, workers: int = 1) -> Pipeline:
@@ -131,7 +132,7 @@ def test_sigkill_mid_run_resumes_byte_identical(tmp_path, toy_log):
     clean = make_pipe(tmp_path / "clean")
     clean.run("numbers")
     script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(TESTS_DIR)!r})
+        import sys; sys.path[:0] = [{str(HERE)!r}, {str(TESTS_DIR)!r}]
         from test_engine import make_pipe
         from pathlib import Path
         make_pipe(Path({str(tmp_path / "killed")!r})).run("numbers")
@@ -176,7 +177,7 @@ def test_lock_busy_without_wait(tmp_path):
 
 def test_concurrent_runs_one_waits_and_artifact_is_correct(tmp_path, toy_log):
     script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(TESTS_DIR)!r})
+        import sys; sys.path[:0] = [{str(HERE)!r}, {str(TESTS_DIR)!r}]
         from test_engine import make_pipe
         from pathlib import Path
         make_pipe(Path({str(tmp_path)!r}), "numbers.n=200", "numbers.per_shard=2").run("numbers")
