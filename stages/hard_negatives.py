@@ -4,8 +4,12 @@ Sources, in order (a short source's places go to the next one):
 1. `same_image`: sentences of the image's other referents whose targets do not overlap;
 2. `neighbour`: sentences of other images nearest to the target's cluster centre mu (FAISS text
    index) that fall outside the cluster: cos(e, mu) < `clusters.threshold`;
-3. `neighbour_same_class`: the same restricted to the target's COCO category (a dataset
-   sentence's class is its ref's category: exact and free);
+3. `neighbour_same_class`: the same restricted to the query's class. With `class_source`
+   `annotation` (default) a sentence's class is its ref's COCO category (exact and free); with
+   `extracted` it is the head-noun class of the expression itself (`stages.class_extract`, the
+   Ref-NMS-style mapping, synonym table only), on both sides: what generated expressions have,
+   and what the expression says even where the annotation disagrees. An expression without a
+   head-noun class ("right one") gets no same-class neighbours and is nobody's;
 4. `augmented`: the validated distractors of this sentence from `augment`, labelled by their
    edit kind (`swap_color`, `negation`, ...).
 Within a source, negatives are ranked by cosine to mu, hardest (highest) first, ties by
@@ -25,7 +29,7 @@ of the same source are counted per source and reason in the manifest
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -46,6 +50,7 @@ from stages.text.normalise import normalise_sentence
 
 SOURCES = ("same_image", "neighbour", "neighbour_same_class", "augmented")
 SENTENCE_SOURCES = SOURCES[:3]  # negatives that are dataset sentences (augmented: edits)
+ANY_CLASS = -1  # the class slot of the plain `neighbour` search (classes are COCO ids >= 0)
 
 
 class HardNegativesParams(Params):
@@ -54,6 +59,10 @@ class HardNegativesParams(Params):
         {"same_image": 2, "neighbour": 2, "neighbour_same_class": 2, "augmented": 2},
         description="per-source quotas, in source order")
     same_class: bool = Field(True, description="use the neighbour_same_class source")
+    class_source: Literal["annotation", "extracted"] = Field(
+        "annotation", description="class compared by neighbour_same_class: the ref's COCO "
+                                  "category (annotation) or the head-noun class of both "
+                                  "expressions (extracted)")
     search_k: Count = Field(64, description="first FAISS search depth (grows as needed)")
     max_search_k: Count = Field(
         8192, description="deepest FAISS search (>= search_k): neighbours are exact among this "
@@ -164,10 +173,11 @@ class HardNegatives(Stage[HardNegativesParams]):
             ctx.upstream_file("index", "texts.faiss").read_bytes(), dtype=np.uint8))
         row_sent = ctx.read_table("index", "text_ids").column("sent_id").to_numpy()
         text_ids: dict[str, int] = {}  # normalised text -> id: "Left." and "left" are one text
+        sent_class = sentence_classes(p.class_source, refs, sent_ref, sent_text)
         rows_info = {
             "sent_id": row_sent,
             "image_id": np.array([refs[sent_ref[int(x)]]["image_id"] for x in row_sent]),
-            "category_id": np.array([refs[sent_ref[int(x)]]["category_id"] for x in row_sent]),
+            "category_id": np.array([sent_class[int(x)] for x in row_sent], dtype=np.int64),
             "text_id": np.array([text_ids.setdefault(rules.norm[int(x)], len(text_ids))
                                  for x in row_sent]),
             "allowed": np.array([int(x) in rules.allowed for x in row_sent], dtype=bool),
@@ -209,13 +219,20 @@ class HardNegatives(Stage[HardNegativesParams]):
         # the positives' text ids: the searches skip them like the walk does
         positive_ids = {rid: np.array(sorted(text_ids[t] for t in rules.positives(rid)
                                              if t in text_ids), dtype=np.int64) for rid in mus}
-        mined = self._mine_neighbours(p, threshold, refs, mus, index, rows_info, positive_ids)
+        classes: dict[int, set[int]] = {rid: set() for rid in mus}
+        if p.same_class:  # the classes each referent's queries ask for
+            for sid in train:
+                if sent_class[sid] >= 0:
+                    classes[sent_ref[sid]].add(sent_class[sid])
+        mined = self._mine_neighbours(p, threshold, refs, mus, index, rows_info, positive_ids,
+                                      classes)
         drops: dict[str, dict[str, int]] = {}
         for sid in train:
             ref = refs[sent_ref[sid]]
             available = self._sources(
                 p, threshold, ref, mus[ref["ref_id"]], refs, refs_of_image, sents_of_ref,
-                sent_ref, emb, emb_row, distractors.get(sid, []), dist_emb, mined)
+                sent_ref, emb, emb_row, distractors.get(sid, []), dist_emb, mined,
+                sent_class[sid])
             for source in SENTENCE_SOURCES:
                 available[source] = [(sc, s, sent_text[s], source) for sc, s in available[source]]
             chosen = take_quotas(available, p.mix, p.n, exclude=rules.positives(ref["ref_id"]),
@@ -237,6 +254,8 @@ class HardNegatives(Stage[HardNegativesParams]):
             for k in kinds:
                 counts[k] = counts.get(k, 0) + 1
         per_source = {s: {r: drops.get(s, {}).get(r, 0) for r in DROP_REASONS} for s in SOURCES}
+        if p.class_source == "extracted":
+            ctx.record(training_sentences_without_class=sum(sent_class[s] < 0 for s in train))
         ctx.record(sentences=len(train), negatives_per_kind=counts,
                    mean_negatives=round(sum(map(len, out["texts"])) / max(1, len(train)), 3),
                    mu_from_own_sentences=fallback_mu, threshold=threshold,
@@ -246,13 +265,14 @@ class HardNegatives(Stage[HardNegativesParams]):
 
     def _mine_neighbours(self, p: HardNegativesParams, threshold: float, refs: dict[int, Any],
                          mus: dict[int, Any], index: Any, rows_info: dict[str, Any],
-                         positive_ids: dict[int, Any]) -> dict[int, tuple[list, list]]:
-        """Per referent (its sentences share mu): the neighbour and same-class lists, from
-        batched searches of growing depth; only what no batch covered is searched alone."""
+                         positive_ids: dict[int, Any], classes: dict[int, set[int]]
+                         ) -> dict[int, tuple[list, dict[int, list]]]:
+        """Per referent (its sentences share mu): the neighbour list and a same-class list per
+        class in `classes[rid]` (what its queries ask for), from batched searches of growing
+        depth; only what no batch covered is searched alone."""
         want = p.n + 1  # usable distinct texts: n, and one spare for a text taken earlier
-        todo = {(rid, kind) for rid in mus for kind in ("any", "class")
-                if kind == "any" or (p.same_class and refs[rid]["category_id"] >= 0)}
-        found: dict[tuple[int, str], list] = {}
+        todo = {(rid, c) for rid in mus for c in (ANY_CLASS, *classes[rid])}
+        found: dict[tuple[int, int], list] = {}
         depth = min(FIRST_PAGE, p.max_search_k)
         while todo:
             last = depth >= min(p.max_search_k, index.ntotal)
@@ -261,32 +281,33 @@ class HardNegatives(Stage[HardNegativesParams]):
             for start in range(0, len(rids), SEARCH_BLOCK):  # pages of one block in memory
                 block = set(rids[start:start + SEARCH_BLOCK])
                 pages = first_search_pages(index, {rid: mus[rid] for rid in block}, depth)
-                for rid, kind in pending:
+                for rid, c in pending:
                     if rid not in block:
                         continue
-                    ref = refs[rid]
                     got = nearest_outside(
                         index, rows_info, mus[rid], threshold, want, p.search_k,
-                        p.max_search_k, ref["image_id"],
-                        ref["category_id"] if kind == "class" else None, pages[rid],
-                        search=last, exclude=positive_ids[rid])
+                        p.max_search_k, refs[rid]["image_id"], None if c == ANY_CLASS else c,
+                        pages[rid], search=last, exclude=positive_ids[rid])
                     if got is not None:
-                        found[(rid, kind)] = got
+                        found[(rid, c)] = got
             todo = {t for t in todo if t not in found}
             depth = min(depth * 4, p.max_search_k, index.ntotal)
-        return {rid: (found[(rid, "any")], found.get((rid, "class"), [])) for rid in mus}
+        return {rid: (found[(rid, ANY_CLASS)], {c: found[(rid, c)] for c in classes[rid]})
+                for rid in mus}
 
     def _sources(self, p: HardNegativesParams, threshold: float, ref: dict[str, Any],
                  mu: Any, refs: dict[int, Any], refs_of_image: dict[int, list[int]],
                  sents_of_ref: dict[int, list[int]], sent_ref: dict[int, int], emb: Any,
                  emb_row: dict[int, int],
                  dists: list[dict[str, Any]], dist_emb: dict[str, Any],
-                 mined: dict[int, tuple[list, list]]) -> dict[str, list]:
+                 mined: dict[int, tuple[list, dict[int, list]]],
+                 query_class: int) -> dict[str, list]:
         """Candidates per source as (score, source_sent_id, text?, kind?), best first."""
         same_image = [(float(emb[emb_row[s]] @ mu), s) for s in
                       other_referent_sentences(ref, refs, refs_of_image, sents_of_ref)]
         same_image.sort(key=lambda x: (-x[0], x[1]))
-        neighbours, same_class = mined[ref["ref_id"]]
+        neighbours, by_class = mined[ref["ref_id"]]
+        same_class = by_class.get(query_class, [])
         augmented = sorted(((float(dist_emb[d["text"]] @ mu), d["sent_id"], d["text"],
                              d["kind"]) for d in dists), key=lambda x: (-x[0], x[2]))
         return {"same_image": same_image, "neighbour": neighbours,
@@ -295,6 +316,29 @@ class HardNegatives(Stage[HardNegativesParams]):
 
 FIRST_PAGE = 512
 SEARCH_BLOCK = 1024
+
+
+def sentence_classes(class_source: str, refs: dict[int, Any], sent_ref: dict[int, int],
+                     sent_text: dict[int, str]) -> dict[int, int]:
+    """The class `neighbour_same_class` compares, per sentence id; -1 for none.
+
+    `annotation`: the sentence's ref category (-1 for a no-target ref). `extracted`: the COCO
+    category of the expression's head noun (`stages.class_extract.extract_class`, table only: an
+    embedding fallback would need the CLIP model here and map almost any noun somewhere), -1
+    when it names none. Each distinct text is extracted once.
+    """
+    if class_source == "annotation":
+        return {s: int(refs[r]["category_id"]) for s, r in sent_ref.items()}
+    from stages.class_extract import extract_class
+
+    memo: dict[str, int] = {}
+    out: dict[int, int] = {}
+    for s, text in sent_text.items():
+        if text not in memo:
+            cid = extract_class(text)
+            memo[text] = -1 if cid is None else int(cid)
+        out[s] = memo[text]
+    return out
 
 
 def first_search_pages(index: Any, mus: dict[int, Any], depth: int) -> dict[int, tuple[Any, Any]]:

@@ -8,6 +8,16 @@ over the whole pool, own image excluded; a query whose pool scores are all equal
 `cosine` (raw). The first K survivors, in rank order, are the mosaic candidates. A query left
 with fewer than K is reported (`k_shortfall`), never silently padded.
 
+`k=all` keeps every survivor of the whole pool (the paper's uniform selection, K = the pool).
+The survivors are then the pool minus the own image minus the images with rho >= tau; a row
+stores whichever of survivors and exclusions is shorter, and the pool itself is written once
+(`pool.parquet`); `pipeline.mosaic_candidates` declares the layout and gives readers the set.
+The exclusions are exact over the whole pool, not just the top-M that `negatives` kept: they
+come from the stored candidates only when no unstored image can reach tau (the ranking score is
+the filter's and the M-th stored score is already below tau, or M covers the pool); other queries
+get their full score rows recomputed from the embeddings, as `negatives` computes them (rounded
+to its score dtype, scaled with its pool extremes).
+
 Positional words of the sentence restrict the quadrant of the positive (see stages.positional).
 tau, K and relevance default to the paper's values in the data manifest. Changing them re-runs
 this stage only; the expensive search in `negatives` stays cached.
@@ -22,8 +32,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.io import write_parquet
+from pipeline.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from pipeline.stage import (
     INT_MAX,
+    Count,
+    Device,
     ParamDomainError,
     Params,
     RunEnv,
@@ -31,12 +45,14 @@ from pipeline.stage import (
     ShardWriter,
     Stage,
     StageContext,
+    runtime_field,
 )
 from pipeline.upstream import UpstreamTable
 from stages.datasets import load_data_manifest
+from stages.negatives import _cached, _embeddings_by_id, _pool
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     import numpy as np
 
@@ -55,8 +71,11 @@ class MosaicParams(Params):
         "auto", description="exclude rho_ii >= tau_ii (null: no filter; auto: data manifest); "
                             "in [0, 1] on the minmax scale, [-1, 1] on the cosine scale")
     scale: Literal["minmax", "cosine"] = Field("minmax", description="scale tau applies on")
-    k: Annotated[int, Field(ge=MIN_K, le=INT_MAX)] | Literal["auto"] = Field(
-        "auto", description="negatives kept, >= 3 and <= negatives.m (auto: data manifest)")
+    k: Annotated[int, Field(ge=MIN_K, le=INT_MAX)] | Literal["auto", "all"] = Field(
+        "auto", description="negatives kept, >= 3 and <= negatives.m (auto: data manifest; "
+                            "all: every survivor of the whole pool)")
+    block: Count = runtime_field(256, "queries per matrix product when k=all recomputes scores")
+    device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N (k=all)")
 
     @model_validator(mode="after")
     def _tau_on_scale(self) -> MosaicParams:
@@ -113,14 +132,77 @@ def select_negatives(
     return chosen, kept
 
 
+def pool_exclusions(
+    offsets: np.ndarray,
+    flat_ids: np.ndarray,
+    rho_ti: np.ndarray,
+    rho_ii: np.ndarray,
+    extremes: dict[str, np.ndarray],
+    params: MosaicParams,
+    rank_by: str,
+    pool_ids: np.ndarray,
+    own_col: np.ndarray,
+    full_rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    block: int = 256,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per query, every pool image with rho >= tau (ascending ids), exact over the whole pool,
+    and which queries needed their full score rows.
+
+    The stored candidates (`offsets`, `flat_ids`, `rho_*`: the top-M by `rank_by`, descending)
+    hold all of a query's exclusions when M covers the pool, or when an unstored image cannot
+    be excluded: it scores at most the last stored value on `rank_by` and (unknown) up to +inf on
+    the other score, so the query is settled when that worst case passes the filter. The other
+    queries get `full_rows(rows)` -> (rho_ti, rho_ii) over the whole pool (rows x pool columns);
+    `own_col` is each query's pool column or -1. The filter is `select_negatives` itself, with
+    K out of the way, so both paths apply one rule.
+    """
+    import numpy as np
+
+    every = params.model_copy(update={"k": INT_MAX})
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    kept, _ = select_negatives(offsets, rho_ti, rho_ii, extremes, every)
+    rank = rho_ti if rank_by == "ti" else rho_ii
+    last = np.full(n, np.inf)
+    filled = np.flatnonzero(lengths > 0)
+    if len(filled):
+        last[filled] = np.minimum.reduceat(rank.astype(np.float64), offsets[filled])
+    worst = {"ti": np.full(n, np.inf), "ii": np.full(n, np.inf), rank_by: last}
+    settled, _ = select_negatives(np.arange(n + 1), worst["ti"], worst["ii"], extremes, every)
+    exact = settled | (lengths == len(pool_ids) - (own_col >= 0))
+
+    out: list[np.ndarray] = [np.sort(flat_ids[offsets[i]:offsets[i + 1]][
+        ~kept[offsets[i]:offsets[i + 1]]]) for i in range(n)]
+    todo = np.flatnonzero(~exact)
+    for start in range(0, len(todo), block):
+        rows = todo[start:start + block]
+        ti, ii = full_rows(rows)
+        valid = np.ones(ti.shape, dtype=bool)
+        has_own = own_col[rows] >= 0
+        valid[np.flatnonzero(has_own), own_col[rows][has_own]] = False
+        row_offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))])
+        sub = {k: v[rows] for k, v in extremes.items()}
+        keep, _ = select_negatives(row_offsets, ti[valid], ii[valid], sub, every)
+        ids = np.broadcast_to(pool_ids, ti.shape)[valid]
+        for j, i in enumerate(rows):
+            a, b = row_offsets[j], row_offsets[j + 1]
+            out[i] = ids[a:b][~keep[a:b]]  # pool order: ascending
+    return out, ~exact
+
+
 class MosaicTables(Stage[MosaicParams]):
     """Per training sentence: the tau-filtered top-K negative images and allowed quadrants."""
 
     name = "mosaic_tables"
-    version = "1"
-    inputs = ("negatives", "ingest")
+    version = "2"  # 2: pool.parquet, neg_from_pool and excluded_image_ids (k=all)
+    inputs = ("negatives", "ingest", "embed_images")
     tables = ("mosaic",)
-    libraries = ("pyarrow", "numpy")
+    libraries = ("pyarrow", "numpy", "torch")
+
+    def upstream(self, params: Params) -> tuple[str, ...]:
+        """k=all may recompute full score rows: it reads the sentence embeddings too."""
+        k = getattr(params, "k", None)
+        return (*self.inputs, "embed_texts") if k == "all" else self.inputs
 
     @classmethod
     def check_config(cls, sections: Mapping[str, Params]) -> None:
@@ -158,14 +240,28 @@ class MosaicTables(Stage[MosaicParams]):
 
     def run(self, ctx: StageContext[MosaicParams]) -> None:
         import numpy as np
+        import pyarrow as pa
 
         p = ctx.params
+        negatives = ctx.upstream_manifest("negatives")
         parts = ctx.upstream_table("negatives", "negatives").parts
         sentences = ctx.upstream_table("ingest", "sentences")
+        dirs = {"images": ctx.upstream_table("embed_images", "embeddings"),
+                "refs": ctx.upstream_table("ingest", "refs"),
+                "train_split": load_data_manifest(ctx.env.dataset).train_split}
+        pool_ids = _pool(dirs)[0]
+        whole = p.k == "all"
+        if whole:  # what the shards need to settle every query over the whole pool
+            dirs["texts"] = ctx.upstream_table("embed_texts", "embeddings")
+        pool = {"dirs": dirs, "rank_by": negatives["params"]["rank_by"],
+                "score_dtype": negatives["params"].get("score_dtype", "float32")}
         tasks = [ShardTask(int(Path(part.rel).stem.split("-")[1]),
-                           {"part": part, "sentences": sentences})
+                           {"part": part, "sentences": sentences,
+                            **({"pool": pool} if whole else {})})
                  for part in parts]
         stats = ctx.run_shards(_mosaic_shard, tasks, desc="filter")
+        write_parquet(pa.table({"image_id": pa.array(pool_ids, pa.int64())}),
+                      ctx.tmp_dir / POOL_FILE, self.version)
         n = sum(s["queries"] for s in stats)
         short = sum(s["short"] for s in stats)
         kept_hist = np.sum([s["kept_hist"] for s in stats], axis=0).tolist() if stats else []
@@ -174,16 +270,25 @@ class MosaicTables(Stage[MosaicParams]):
             share_short_of_k=round(short / n, 4) if n else 0.0,
             kept_mean=round(sum(s["kept_sum"] for s in stats) / n, 2) if n else 0.0,
             kept_min=min((s["kept_min"] for s in stats), default=0),
-            kept_histogram={"bins": HIST_BINS, "range": [0, p.k], "counts": kept_hist},
+            kept_histogram={"bins": HIST_BINS, "range": [0, _k_range(p.k, len(pool_ids))],
+                            "counts": kept_hist},
             rho_ti_histogram=_merge_hist(stats, "ti_hist"),
             rho_ii_histogram=_merge_hist(stats, "ii_hist"),
             with_positional_words=sum(s["positional"] for s in stats),
+            pool_images=len(pool_ids),
+            **({"rows_from_pool": sum(s["from_pool"] for s in stats),
+                "queries_recomputed": sum(s["recomputed"] for s in stats)} if whole else {}),
         )
-        negatives = ctx.upstream_manifest("negatives")
         ctx.extra.update(scale=p.scale, clip_model=negatives.get("clip_model", {}),
                          rank_by=negatives["params"]["rank_by"], m=negatives["params"]["m"])
         log = logging.getLogger(__name__)
         m = negatives["params"]["m"]
+        if whole:
+            if short:
+                log.warning("%d of %d queries have fewer than %d images left in the whole pool "
+                            "after filtering (tau is too low for this pool); see k_shortfall",
+                            short, n, MIN_K)
+            return
         if p.k > m:  # only with K = auto: check_config rejects an explicit K above m
             log.warning("mosaic_tables.k=%d (the data manifest's K) is above negatives.m=%d: no "
                         "query can keep K negatives; pass --set negatives.m=%d or a smaller "
@@ -194,12 +299,17 @@ class MosaicTables(Stage[MosaicParams]):
                 "negatives.m=%d is too small for this tau); see k_shortfall", short, n, p.k, m)
 
 
+def _k_range(k: int | str, pool_size: int) -> int:
+    """The most negatives a query can keep: K, or the pool with k=all."""
+    return pool_size if k == "all" else int(k)
+
+
 def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:
     import numpy as np
 
     counts = np.sum([s[key] for s in stats], axis=0).tolist() if stats else []
     return {"bins": HIST_BINS, "range": [-1.0, 1.0], "counts": counts,
-            "of": "raw cosine of the kept negatives"}
+            "of": "raw cosine of the kept negatives among negatives' top-M"}
 
 
 _TOKENS: dict[str, dict[int, list[str]]] = {}
@@ -228,8 +338,19 @@ def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter[MosaicParams]) ->
     rho_ti = neg.column("rho_ti").combine_chunks().values.to_numpy(zero_copy_only=False)
     rho_ii = neg.column("rho_ii").combine_chunks().values.to_numpy(zero_copy_only=False)
     extremes = {k: neg.column(k).to_numpy() for k in ("ti_min", "ti_max", "ii_min", "ii_max")}
-    chosen, kept = select_negatives(offsets, rho_ti, rho_ii, extremes, p)
-    new_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+    if "pool" in payload:  # k=all
+        chosen, _ = select_negatives(offsets, rho_ti, rho_ii, extremes,
+                                     p.model_copy(update={"k": INT_MAX}))
+        lists = _whole_pool(neg, offsets, flat_ids, rho_ti, rho_ii, extremes, p, payload["pool"])
+        kept, need, top = lists["kept"], MIN_K, lists["pool_size"]
+    else:
+        chosen, kept = select_negatives(offsets, rho_ti, rho_ii, extremes, p)
+        new_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+        need = top = p.k
+        lists = {"neg": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(
+                     flat_ids[chosen].astype(np.int64), pa.int64())),
+                 "from_pool": np.zeros(len(kept), dtype=bool),
+                 "excluded": pa.nulls(len(kept), pa.list_(pa.int64())), "recomputed": 0}
 
     tokens = _tokens_by_sent(payload["sentences"])
     words, quads = [], []
@@ -242,18 +363,90 @@ def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter[MosaicParams]) ->
         "sent_id": neg.column("sent_id"),
         "ref_id": neg.column("ref_id"),
         "image_id": neg.column("image_id"),
-        "neg_image_ids": pa.ListArray.from_arrays(
-            pa.array(new_offsets), pa.array(flat_ids[chosen].astype(np.int64), pa.int64())),
-        "k_shortfall": pa.array(np.maximum(0, p.k - kept).astype(np.int32), pa.int32()),
+        "neg_image_ids": lists["neg"],
+        "k_shortfall": pa.array(np.maximum(0, need - kept).astype(np.int32), pa.int32()),
         "positional_words": pa.array(words, pa.list_(pa.string())),
         "allowed_quadrants": pa.array(quads, pa.list_(pa.int8())),
+        FROM_POOL: pa.array(lists["from_pool"], pa.bool_()),
+        EXCLUDED: lists["excluded"],
     }))
     bins = np.linspace(-1.0, 1.0, HIST_BINS + 1)
     return {
-        "queries": len(kept), "short": int((kept < p.k).sum()),
+        "queries": len(kept), "short": int((kept < need).sum()),
         "kept_sum": int(kept.sum()), "kept_min": int(kept.min()) if len(kept) else 0,
-        "kept_hist": np.histogram(kept, bins=HIST_BINS, range=(0, p.k))[0].tolist(),
+        "kept_hist": np.histogram(kept, bins=HIST_BINS, range=(0, top))[0].tolist(),
         "ti_hist": np.histogram(rho_ti[chosen].astype(np.float64), bins=bins)[0].tolist(),
         "ii_hist": np.histogram(rho_ii[chosen].astype(np.float64), bins=bins)[0].tolist(),
         "positional": sum(1 for w in words if w),
+        "from_pool": int(lists["from_pool"].sum()), "recomputed": int(lists["recomputed"]),
     }
+
+
+def _whole_pool(neg: Any, offsets: np.ndarray, flat_ids: np.ndarray, rho_ti: np.ndarray,
+                rho_ii: np.ndarray, extremes: dict[str, np.ndarray], p: MosaicParams,
+                pool: dict[str, Any]) -> dict[str, Any]:
+    """k=all: each row's exact exclusions over the whole pool, stored as survivors or as
+    exclusions, whichever list is shorter (survivors on a tie: a listed row needs no pool)."""
+    import numpy as np
+    import pyarrow as pa
+
+    pool_ids = _pool(pool["dirs"])[0]
+    images = neg.column("image_id").to_numpy()
+    col = np.searchsorted(pool_ids, images)
+    found = col < len(pool_ids)
+    found[found] = pool_ids[col[found]] == images[found]
+    own_col = np.where(found, col, -1)
+    rows = _FullRows(pool, neg.column("sent_id").to_numpy(), images, p.device)
+    excluded, recomputed = pool_exclusions(offsets, flat_ids, rho_ti, rho_ii, extremes, p,
+                                           pool["rank_by"], pool_ids, own_col, rows, p.block)
+    n_excluded = np.array([len(e) for e in excluded], dtype=np.int64)
+    kept = len(pool_ids) - (own_col >= 0) - n_excluded
+    from_pool = kept > n_excluded
+    listed = [None if fp else uniform_candidates(
+        {"image_id": img, FROM_POOL: True, EXCLUDED: e}, pool_ids).tolist()
+        for img, e, fp in zip(images.tolist(), excluded, from_pool.tolist(), strict=True)]
+    return {"kept": kept, "pool_size": len(pool_ids), "from_pool": from_pool,
+            "neg": pa.array(listed, pa.list_(pa.int64())),
+            "excluded": pa.array([e.tolist() if fp else None for e, fp in zip(
+                excluded, from_pool.tolist(), strict=True)], pa.list_(pa.int64())),
+            "recomputed": int(recomputed.sum())}
+
+
+class _FullRows:
+    """Full score rows of some queries over the pool, as `negatives` computes them: float32
+    products on the device (one image-to-image row per distinct image), rounded to the
+    negatives table's score dtype. The embeddings load on the first call only."""
+
+    def __init__(self, pool: dict[str, Any], sent_ids: np.ndarray, image_ids: np.ndarray,
+                 device: str) -> None:
+        self.pool, self.sent_ids, self.image_ids, self.device = pool, sent_ids, image_ids, device
+        self._loaded: tuple[Any, ...] | None = None
+
+    def _load(self) -> tuple[Any, ...]:
+        if self._loaded is None:
+            import torch
+
+            from stages.clip_models import resolve_device
+
+            dirs = self.pool["dirs"]
+            device = resolve_device(self.device)
+            images = _cached("img:" + dirs["images"].ident,
+                             lambda: _embeddings_by_id(dirs["images"], "image_id"))
+            texts = _cached("txt:" + dirs["texts"].ident,
+                            lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
+            pool_t = torch.from_numpy(_pool(dirs)[1]).to(device)
+            self._loaded = (device, images, texts, pool_t)
+        return self._loaded
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+        import torch
+
+        device, (img_ids, img_vecs), (txt_ids, txt_vecs), pool_t = self._load()
+        t = txt_vecs[np.searchsorted(txt_ids, self.sent_ids[rows])]
+        distinct, inverse = np.unique(self.image_ids[rows], return_inverse=True)
+        v = img_vecs[np.searchsorted(img_ids, distinct)]
+        ti = (torch.from_numpy(t).to(device) @ pool_t.T).cpu().numpy()
+        ii = (torch.from_numpy(v).to(device) @ pool_t.T).cpu().numpy()[inverse.reshape(-1)]
+        dtype = np.float16 if self.pool["score_dtype"] == "float16" else np.float32
+        return ti.astype(dtype, copy=False), ii.astype(dtype, copy=False)

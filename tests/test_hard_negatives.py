@@ -178,3 +178,102 @@ def test_shards_with_hard_negatives(demo, work):
         assert row["hn_texts"] == h["neg_texts"] and row["hn_kinds"] == h["neg_kinds"]
     plain = pipe_for(demo, work)
     assert "hard_negatives" not in [i.name for i in plain.plan("shards")]
+
+
+# -- class_source=extracted: hand-made sentences whose head noun disagrees with the annotation --
+# (template, the class a reader gives its head noun, by hand: COCO 1 person, 3 car, 17 cat,
+# 18 dog; "thing" names no class)
+CLASS_TEMPLATES = [("{c} dog on the {p}", 18), ("{c} man on the {p}", 1),
+                   ("{c} cat on the {p}", 17), ("{c} thing on the {p}", None),
+                   ("{c} car on the {p}", 3)]
+COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "gray", "pink", "purple"]
+PLACES = ["left", "right", "top", "bottom", "middle", "center"]
+
+
+def rewrite_sentences(demo, out):
+    """A copy of the demo's refcoco whose sentences cycle through CLASS_TEMPLATES, whatever the
+    ref's category: returns the data root and sent_id -> hand class."""
+    import pickle
+    import shutil
+
+    src = demo.refer_root / "refcoco"
+    dst = out / "refcoco"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "instances.json", dst / "instances.json")
+    refs = pickle.loads((src / "refs(unc).p").read_bytes())
+    hand, j = {}, 0
+    for ref in refs:
+        for s in ref["sentences"]:
+            template, cls = CLASS_TEMPLATES[j % len(CLASS_TEMPLATES)]
+            text = template.format(c=COLOURS[(j // 5) % 10], p=PLACES[(j // 50) % 6])
+            s.update(sent=text, raw=text, tokens=text.split())
+            hand[s["sent_id"]] = cls
+            j += 1
+    assert j <= 300  # every text distinct
+    (dst / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return out, hand
+
+
+@pytest.mark.parametrize("class_source", ["annotation", "extracted"])
+def test_same_class_neighbours_by_class_source(demo, work, tmp_path, class_source):
+    root, hand = rewrite_sentences(demo, tmp_path / "refer")
+    pipe = open_pipeline("refcoco", work, data_root=root, images=demo.images_dir, progress=False,
+                         sets=[*BASE, "hard_negatives.mix={neighbour_same_class: 5}",
+                               "hard_negatives.n=5", "clusters.threshold=0.9999",
+                               f"hard_negatives.class_source={class_source}"])
+    pipe.run("hard_negatives")
+    refs = {r["ref_id"]: r for r in table(pipe, "ingest", "refs").to_pylist()}
+    sents = table(pipe, "ingest", "sentences").to_pylist()
+    ref_of = {s["sent_id"]: s["ref_id"] for s in sents}
+    text = {s["sent_id"]: s["sent"] for s in sents}
+    emb_t = table(pipe, "embed_texts", "embeddings")
+    emb = dict(zip(emb_t.column("sent_id").to_pylist(),
+                   embeddings_matrix(emb_t.column("embedding")), strict=True))
+    clusters = table(pipe, "clusters", "clusters")
+    mu_of = dict(zip(clusters.column("ann_id").to_pylist(),
+                     embeddings_matrix(clusters.column("mu")), strict=True))
+
+    def cls(s):
+        c = hand[s] if class_source == "extracted" else refs[ref_of[s]]["category_id"]
+        return -1 if c is None else c
+
+    rows = table(pipe, "hard_negatives", "hard_negatives").to_pylist()
+    disagree = differ = 0
+    for r in rows:
+        sid = r["sent_id"]
+        ref = refs[ref_of[sid]]
+        mu = mu_of[ref["ann_ids"][0]]
+        disagree += hand[sid] != ref["category_id"]
+        # every training sentence of another image with the query's class, cos < threshold,
+        # best first; none at all for a query without a class
+        cands = sorted((-float(emb[s] @ mu), s) for s in emb
+                       if cls(sid) >= 0 and cls(s) == cls(sid)
+                       and refs[ref_of[s]]["image_id"] != ref["image_id"]
+                       and refs[ref_of[s]]["split"] == "train" and float(emb[s] @ mu) < 0.9999)
+        want = [s for _, s in cands[:5]]  # texts are distinct, none is the referent's own
+        got = [src for src, kind in zip(r["neg_source_ids"], r["neg_kinds"], strict=True)
+               if kind == "neighbour_same_class"]
+        assert got == want, (sid, text[sid])
+        other = [s for _, s in sorted(
+            (-float(emb[s] @ mu), s) for s in emb
+            if refs[ref_of[s]]["image_id"] != ref["image_id"]
+            and refs[ref_of[s]]["split"] == "train" and float(emb[s] @ mu) < 0.9999
+            and (refs[ref_of[s]]["category_id"] == ref["category_id"]
+                 if class_source == "extracted" else
+                 hand[sid] is not None and hand[s] == hand[sid]))][:5]
+        differ += other != want
+    assert disagree > 20 and differ > 20  # the two class sources really give other neighbours
+    assert any(hand[r["sent_id"]] is None for r in rows)
+
+
+def test_sentence_classes_hand_case():
+    from stages.hard_negatives import sentence_classes
+
+    refs = {1: {"category_id": 1}, 2: {"category_id": 18}, 3: {"category_id": -1}}
+    sent_ref = {10: 1, 11: 1, 20: 2, 21: 2, 30: 3}
+    sent_text = {10: "black dog on the left", 11: "man in red shirt", 20: "white car",
+                 21: "right one", 30: "cat on the sofa"}
+    assert sentence_classes("annotation", refs, sent_ref, sent_text) == {
+        10: 1, 11: 1, 20: 18, 21: 18, 30: -1}
+    assert sentence_classes("extracted", refs, sent_ref, sent_text) == {
+        10: 18, 11: 1, 20: 3, 21: -1, 30: 17}

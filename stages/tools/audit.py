@@ -498,7 +498,7 @@ class _Audit:
 
         c = self.checks["k_shortfall"]
         _tally(c, f"{table} rows", len(sent_ids))
-        if k is None:
+        if k is None or k == "all":  # k=all: K is the whole pool, nothing to check against
             return
         expected = np.maximum(0, int(k) - lengths)
         bad_rows = np.flatnonzero((k_shortfall != expected) | (lengths > int(k)))

@@ -394,7 +394,8 @@ def _section_scores_and_kept(ctx: _Context, taus: Sequence[float], ks: Sequence[
     sweep: list[float | None] = sorted({*map(float, taus)} | (
         {float(current_tau)} if isinstance(current_tau, float) else set()))
     sweep.append(None)
-    k_list = sorted({int(k) for k in (ks if ks is not None else KS)} | {int(mp.k)})
+    current = {int(mp.k)} if isinstance(mp.k, int) else set()  # k=all has no single K
+    k_list = sorted({int(k) for k in (ks if ks is not None else KS)} | current)
     scan = _scan_negatives(neg.dir / "negatives", mp, sweep, k_list, max_sweep_queries)
     return (_scores_html(ctx, head2, mp, scan) + "\n"
             + _kept_html(ctx, head3, mp, scan, sweep, k_list, current_tau))

@@ -28,9 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 REGISTRY = load_registry()
 SECTIONS = {sec: cls.params_model for sec, cls in REGISTRY.sections().items()}
 
+K_DOMAIN = "mosaic_tables.k: must be an integer >= 3 or one of auto, all"
+
 # -- hand-written tables -------------------------------------------------------------------
 # (--set items, words the error must contain). The words name the key, the allowed values and
 # the value given, as a user would read them.
+
 BAD: list[tuple[list[str], str]] = [
     # ingest
     (["ingest.strict=1"], "ingest.strict: must be true or false (got 1)"),
@@ -77,12 +80,12 @@ BAD: list[tuple[list[str], str]] = [
     (["mosaic_tables.tau_ti=-1"],
      "mosaic_tables.tau_ti: must be a number in [0, 1] (mosaic_tables.scale=minmax), "
      "null (no filter) or auto (got -1)"),
-    (["mosaic_tables.k=0"], "mosaic_tables.k: must be an integer >= 3 or auto (got 0)"),
-    (["mosaic_tables.k=2"], "mosaic_tables.k: must be an integer >= 3 or auto (got 2)"),
-    (["mosaic_tables.k=true"], "mosaic_tables.k: must be an integer >= 3 or auto (got true)"),
-    (["mosaic_tables.k=-5"], "mosaic_tables.k: must be an integer >= 3 or auto (got -5)"),
-    (["mosaic_tables.k=2.5"], "mosaic_tables.k: must be an integer >= 3 or auto (got 2.5)"),
-    (["mosaic_tables.k=many"], "mosaic_tables.k: must be an integer >= 3 or auto (got many)"),
+    (["mosaic_tables.k=0"], f"{K_DOMAIN} (got 0)"),
+    (["mosaic_tables.k=2"], f"{K_DOMAIN} (got 2)"),
+    (["mosaic_tables.k=true"], f"{K_DOMAIN} (got true)"),
+    (["mosaic_tables.k=-5"], f"{K_DOMAIN} (got -5)"),
+    (["mosaic_tables.k=2.5"], f"{K_DOMAIN} (got 2.5)"),
+    (["mosaic_tables.k=many"], f"{K_DOMAIN} (got many)"),
     (["mosaic_tables.k=900", "negatives.m=500"],
      "mosaic_tables.k: must be <= negatives.m, the candidates kept per query (got k=900, m=500)"),
     (["mosaic_tables.relevance=neither"],
@@ -97,6 +100,9 @@ BAD: list[tuple[list[str], str]] = [
     (["mosaic_tables.tau_ti=high"], "mosaic_tables.tau_ti: must be a number, null or auto "
                                     "(got high)"),
     (["mosaic_tables.scale=log"], "mosaic_tables.scale: must be one of minmax, cosine (got log)"),
+    (["mosaic_tables.block=0"], "mosaic_tables.block: must be an integer >= 1 (got 0)"),
+    (["mosaic_tables.device=tpu"],
+     "mosaic_tables.device: must be auto, cpu, cuda or cuda:N (got tpu)"),
     # multiview
     (["multiview.backend=openai"],
      "multiview.backend: must be one of hf, vllm, template (got openai)"),
@@ -145,6 +151,8 @@ BAD: list[tuple[list[str], str]] = [
      "hard_negatives.mix: must be a mapping of strings to integers >= 0"),
     (["hard_negatives.mix={}"], "hard_negatives.mix: at least one source needs a quota > 0"),
     (["hard_negatives.same_class=1"], "hard_negatives.same_class: must be true or false (got 1)"),
+    (["hard_negatives.class_source=guess"],
+     "hard_negatives.class_source: must be one of annotation, extracted (got guess)"),
     (["hard_negatives.search_k=0"], "hard_negatives.search_k: must be an integer >= 1 (got 0)"),
     (["hard_negatives.source_splits=[]"],
      "hard_negatives.source_splits: must be a non-empty list of non-empty strings (got [])"),
@@ -204,6 +212,9 @@ GOOD: list[tuple[list[str], str, Any]] = [
     (["mosaic_tables.k=200"], "mosaic_tables.k", 200),
     (["mosaic_tables.k=3"], "mosaic_tables.k", 3),
     (["mosaic_tables.k=auto"], "mosaic_tables.k", "auto"),
+    (["mosaic_tables.k=all"], "mosaic_tables.k", "all"),
+    (["mosaic_tables.block=1"], "mosaic_tables.block", 1),
+    (["mosaic_tables.device=cpu"], "mosaic_tables.device", "cpu"),
     (["mosaic_tables.k=800", "negatives.m=800"], "mosaic_tables.k", 800),
     (["mosaic_tables.tau_ti=1"], "mosaic_tables.tau_ti", 1.0),
     (["mosaic_tables.tau_ti=0"], "mosaic_tables.tau_ti", 0.0),
@@ -242,6 +253,7 @@ GOOD: list[tuple[list[str], str, Any]] = [
     (["hard_negatives.mix={neighbour: 8}"], "hard_negatives.mix",
      {"same_image": 0, "neighbour": 8, "neighbour_same_class": 0, "augmented": 0}),
     (["hard_negatives.same_class=false"], "hard_negatives.same_class", False),
+    (["hard_negatives.class_source=extracted"], "hard_negatives.class_source", "extracted"),
     (["hard_negatives.source_splits=[train, val, train]"], "hard_negatives.source_splits",
      ["train", "val"]),
     (["hard_negatives.search_k=8192"], "hard_negatives.search_k", 8192),
@@ -293,7 +305,7 @@ def test_a_config_file_is_checked_the_same_way(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("mosaic_tables:\n  k: true\n  tau_ti: -1\n")
     msg = _error_file(cfg)
-    assert "mosaic_tables.k: must be an integer >= 3 or auto (got true)" in msg
+    assert f"{K_DOMAIN} (got true)" in msg
     cfg.write_text("mosaic_tables:\n  k: 200\n  tau_ti: -1\n")
     assert "mosaic_tables.tau_ti: must be a number in [0, 1]" in _error_file(cfg)
     # a --set after the file fixes it
@@ -312,7 +324,7 @@ def test_each_bad_key_gets_its_own_line_and_a_fix():
     lines = msg.splitlines()  # the CLI prints "error: " before the first line
     assert len(lines) == 2
     assert lines[0].startswith("mosaic_tables.relevance: must be one of ti, ii, both (got x)")
-    assert lines[1].startswith("error: mosaic_tables.k: must be an integer >= 3 or auto (got 2)")
+    assert lines[1].startswith(f"error: {K_DOMAIN} (got 2)")
     # how to fix: the --set to use and the default
     assert "pass --set mosaic_tables.k=VALUE (the default is auto)" in msg
 
@@ -448,10 +460,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 ISSUE_CASES = [
     ("mosaic_tables.tau_ti=-1", "mosaic_tables.tau_ti: must be a number in [0, 1]"),
-    ("mosaic_tables.k=0", "mosaic_tables.k: must be an integer >= 3 or auto (got 0)"),
-    ("mosaic_tables.k=2", "mosaic_tables.k: must be an integer >= 3 or auto (got 2)"),
-    ("mosaic_tables.k=true", "mosaic_tables.k: must be an integer >= 3 or auto (got true)"),
-    ("mosaic_tables.k=-5", "mosaic_tables.k: must be an integer >= 3 or auto (got -5)"),
+    ("mosaic_tables.k=0", f"{K_DOMAIN} (got 0)"),
+    ("mosaic_tables.k=2", f"{K_DOMAIN} (got 2)"),
+    ("mosaic_tables.k=true", f"{K_DOMAIN} (got true)"),
+    ("mosaic_tables.k=-5", f"{K_DOMAIN} (got -5)"),
 ]
 
 

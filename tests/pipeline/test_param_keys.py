@@ -38,6 +38,7 @@ RUNTIME = {
     "ingest.strict", "ingest.threads",
     "embed.batch_size", "embed.device", "embed.workers", "embed.strict",
     "negatives.block", "negatives.device", "negatives.selection",
+    "mosaic_tables.block", "mosaic_tables.device",
     "multiview.batch_size", "multiview.device",
     "augment.batch_size", "augment.device",
 }
