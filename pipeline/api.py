@@ -93,7 +93,7 @@ def open_pipeline(
     executor: Executor | None = None,
     progress: bool = True,
 ) -> Pipeline:
-    from stages.datasets import dataset_spec
+    from stages.refer.manifests import dataset_spec
 
     work = (Path(work_dir) if work_dir else default_work_dir()).absolute()
     check_work_dir(work)

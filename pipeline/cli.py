@@ -226,7 +226,7 @@ def verify(
         check_work_dir(work)
         names: dict[str, str] = {}
         if dataset is not None:
-            from stages.datasets import dataset_spec
+            from stages.refer.manifests import dataset_spec
 
             spec, name = dataset_spec(dataset)
             names, dataset = {spec: name}, spec
@@ -374,8 +374,8 @@ def preview(
         from pipeline.api import check_published
 
         check_published(pipe, "shards")
-        from stages.datasets import load_data_manifest
         from stages.ingest import data_locations
+        from stages.refer.manifests import load_data_manifest
 
         _, images_dir = data_locations(pipe.env, load_data_manifest(pipe.env.dataset))
     except NemoError as exc:
@@ -397,7 +397,7 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
 ) -> None:
     """Write a synthetic REFER-format dataset (all five layouts, real JPEGs, broken cases)."""
-    from stages.synthetic_refer import write_demo_data
+    from stages.refer.synthetic import write_demo_data
 
     try:
         summary = write_demo_data(out, n_images=n_images, seed=seed)

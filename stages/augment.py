@@ -29,7 +29,7 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import read_table_dir
 from pipeline.stage import Count, Device, Name, Params, RunEnv, Seed, Splits, Stage, runtime_field
 from pipeline.upstream import UpstreamTable
-from stages.datasets import check_splits
+from stages.refer.manifests import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
 REPORT_SAMPLE = 2000

@@ -27,8 +27,8 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import InputError
 from pipeline.filehash import FileHashCache
 from pipeline.stage import Count, Device, Name, NonNegInt, Params, RunEnv, Stage, runtime_field
-from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
+from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
     import numpy as np

@@ -31,8 +31,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.context import StageContext
 from pipeline.stage import Count, NonNegInt, ParamDomainError, Params, RunEnv, Splits, Stage
-from stages.datasets import check_splits, load_data_manifest
-from stages.refer_io import other_referent_sentences
+from stages.refer.files import other_referent_sentences
+from stages.refer.manifests import check_splits, load_data_manifest
 from stages.text.negative_rules import DROP_REASONS, TextRules, drop_reason
 from stages.text.normalise import normalise_sentence
 

@@ -25,7 +25,7 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import INT_MAX, ParamDomainError, Params, RunEnv, Stage
 from pipeline.upstream import UpstreamTable
-from stages.datasets import load_data_manifest
+from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

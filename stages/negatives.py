@@ -22,8 +22,8 @@ from pipeline.context import ShardTask, ShardWriter, StageContext
 from pipeline.io import ParquetFormat
 from pipeline.stage import INT_MAX, Count, Device, Params, RunEnv, Splits, Stage, runtime_field
 from pipeline.upstream import UpstreamTable
-from stages.datasets import check_splits, load_data_manifest
 from stages.ops.topm import select_topm
+from stages.refer.manifests import check_splits, load_data_manifest
 
 if TYPE_CHECKING:
     import numpy as np
