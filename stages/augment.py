@@ -65,7 +65,8 @@ class Augment(Stage):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
-    version = "2"  # 2: llm backend budgets per request, "truncated: ..." rejections
+    version = "3"  # 3: one lexicon (issue 14): more prepositions, -ing verbs, geometry words
+    # 2: llm backend budgets per request, "truncated: ..." rejections
     inputs = ("ingest",)
     params_model = AugmentParams
     tables = ("distractors", "rejected")
@@ -170,7 +171,7 @@ def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
 
 def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
     """The boxes a spatial swap is checked against (single-target refs only)."""
-    from stages.augment_rules import SceneContext
+    from stages.text.distractor_rules import SceneContext
 
     if len(ref["ann_ids"]) != 1:
         return None
@@ -187,7 +188,7 @@ def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
 def _augment_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
     import pyarrow as pa
 
-    from stages.augment_rules import generate_validated
+    from stages.text.distractor_rules import generate_validated
 
     p = AugmentParams(**payload["params"])
     scene = _scene(payload["dirs"])

@@ -109,7 +109,7 @@ class MosaicTables(Stage):
     """Per training sentence: the tau-filtered top-K negative images and allowed quadrants."""
 
     name = "mosaic_tables"
-    version = "1"
+    version = "2"  # 2: "higher" and "lowermost" are positional words (one lexicon, issue 14)
     inputs = ("negatives", "ingest")
     params_model = MosaicParams
     tables = ("mosaic",)
@@ -211,7 +211,7 @@ def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any
     import numpy as np
     import pyarrow as pa
 
-    from stages.positional import quadrants_for_tokens
+    from stages.text.positional import quadrants_for_tokens
 
     p = MosaicParams(**payload["params"])
     neg = payload["part"].read_table()
