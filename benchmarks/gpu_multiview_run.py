@@ -211,7 +211,7 @@ def run_stage(model_dir: Path, work: Path, device: str, n_images: int, batch_siz
               max_new_tokens: int | None, max_attempts: int) -> dict[str, Any]:
     """The multiview stage end to end through the pipeline, on the synthetic demo data."""
     from pipeline.api import open_pipeline
-    from stages.synthetic_refer import write_demo_data
+    from stages.refer.synthetic import write_demo_data
 
     demo = write_demo_data(work / "demo", n_images=n_images)
     sets = ["multiview.backend=hf", f"multiview.model={model_dir}",

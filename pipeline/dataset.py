@@ -554,7 +554,7 @@ class NemoDataset(torch.utils.data.Dataset):
         quadrants = list(range(4))
         if self.positional_constraint:
             allowed = sorted({int(q) for q in row["allowed_quadrants"] or []} & set(quadrants))
-            quadrants = allowed or quadrants  # empty = unconstrained, as stages.positional does
+            quadrants = allowed or quadrants  # empty: unconstrained (stages.text.positional)
         # choice without replacement returns the picks in uniformly random order, which is the
         # random placement of the negatives into the remaining quadrants.
         picks = rng.choice(len(candidates), size=MOSAIC_NEGATIVES, replace=False)

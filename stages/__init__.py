@@ -43,7 +43,7 @@ def __getattr__(name: str) -> Any:  # PEP 562: `STAGES` is computed when first r
 
 
 def dataset_spec(dataset: str) -> tuple[str, str]:
-    """(spec, dir name) of a `--dataset` value; see `stages.datasets.dataset_spec`."""
-    from stages.datasets import dataset_spec as spec
+    """(spec, dir name) of a `--dataset` value; see `stages.refer.manifests.dataset_spec`."""
+    from stages.refer.manifests import dataset_spec as spec
 
     return spec(dataset)

@@ -1,7 +1,7 @@
 """augment: semantic distractors of each training sentence (minimal edits that make it wrong).
 
 Kinds: swap_color, swap_spatial, swap_count, negation, role_reversal. The `rules` backend
-(stages.augment_rules) edits one slot with lexicons and lemminflect, deterministically for a
+(stages.text.distractor_rules) edits one slot with lexicons and lemminflect, deterministically for a
 seed; every distractor is validated (differs from the source, head noun kept, edit confined to
 the slot) and a spatial swap is rejected when its new words would describe another instance of
 the same category in the image (checked with the boxes): it must be false for the target, not
@@ -41,7 +41,7 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
-from stages.datasets import check_splits
+from stages.refer.manifests import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
 REPORT_SAMPLE = 2000
@@ -77,7 +77,8 @@ class Augment(Stage[AugmentParams]):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
-    version = "2"  # 2: llm backend budgets per request, "truncated: ..." rejections
+    version = "3"  # 3: one lexicon (issue 14): more prepositions, -ing verbs, geometry words
+    # 2: llm backend budgets per request, "truncated: ..." rejections
     inputs = ("ingest",)
     tables = ("distractors", "rejected")
     libraries = ("pyarrow", "lemminflect")
@@ -184,7 +185,7 @@ def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
 
 def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
     """The boxes a spatial swap is checked against (single-target refs only)."""
-    from stages.augment_rules import SceneContext
+    from stages.text.distractor_rules import SceneContext
 
     if len(ref["ann_ids"]) != 1:
         return None
@@ -201,7 +202,7 @@ def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
 def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) -> dict[str, Any]:
     import pyarrow as pa
 
-    from stages.augment_rules import generate_validated
+    from stages.text.distractor_rules import generate_validated
 
     p = writer.params
     scene = _scene(payload["dirs"])

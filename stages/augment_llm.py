@@ -61,7 +61,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stages.augment_rules import (
+from stages.text.distractor_rules import (
     COLORS,
     KINDS,
     SPATIAL_OPPOSITES,
@@ -332,7 +332,8 @@ def diff_span(source_tokens: Sequence[str], new_tokens: Sequence[str]) -> tuple[
 
 
 def _word_lemmas(word: str) -> set[str]:
-    from stages.augment_rules import _lemmas, _noun_lemma
+    from stages.text.distractor_rules import lemmas as _lemmas
+    from stages.text.distractor_rules import noun_lemma as _noun_lemma
 
     out = {word, _noun_lemma(word) or word}
     for lemmas in _lemmas(word).values():
@@ -389,7 +390,7 @@ _NEGATION_WORDS = frozenset({
 
 
 def _is_count_word(word: str) -> bool:
-    from stages.augment_rules import _NUMBERS
+    from stages.text.distractor_rules import NUMBERS as _NUMBERS
 
     return word in _NUMBERS
 

@@ -38,8 +38,8 @@ from pipeline.stage import (
     StageContext,
     runtime_field,
 )
-from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
+from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
     import numpy as np

@@ -6,7 +6,7 @@ Sources, in order (a short source's places go to the next one):
    index) that fall outside the cluster: cos(e, mu) < `clusters.threshold`;
 3. `neighbour_same_class`: the same restricted to the query's class. With `class_source`
    `annotation` (default) a sentence's class is its ref's COCO category (exact and free); with
-   `extracted` it is the head-noun class of the expression itself (`stages.class_extract`, the
+   `extracted` it is the head-noun class of the expression itself (`stages.text.class_extract`, the
    Ref-NMS-style mapping, synonym table only), on both sides: what generated expressions have,
    and what the expression says even where the annotation disagrees. An expression without a
    head-noun class ("right one") gets no same-class neighbours and is nobody's;
@@ -43,8 +43,8 @@ from pipeline.stage import (
     Stage,
     StageContext,
 )
-from stages.datasets import check_splits, load_data_manifest
-from stages.refer_io import other_referent_sentences
+from stages.refer.files import other_referent_sentences
+from stages.refer.manifests import check_splits, load_data_manifest
 from stages.text.negative_rules import DROP_REASONS, TextRules, drop_reason
 from stages.text.normalise import normalise_sentence
 
@@ -323,13 +323,14 @@ def sentence_classes(class_source: str, refs: dict[int, Any], sent_ref: dict[int
     """The class `neighbour_same_class` compares, per sentence id; -1 for none.
 
     `annotation`: the sentence's ref category (-1 for a no-target ref). `extracted`: the COCO
-    category of the expression's head noun (`stages.class_extract.extract_class`, table only: an
+    category of the expression's head noun (`stages.text.class_extract.extract_class`, table
+    only: an
     embedding fallback would need the CLIP model here and map almost any noun somewhere), -1
     when it names none. Each distinct text is extracted once.
     """
     if class_source == "annotation":
         return {s: int(refs[r]["category_id"]) for s, r in sent_ref.items()}
-    from stages.class_extract import extract_class
+    from stages.text.class_extract import extract_class
 
     memo: dict[str, int] = {}
     out: dict[int, int] = {}

@@ -4,7 +4,7 @@ Tables (keyed by ids): images, objects (every annotation of the referenced image
 compressed COCO RLE equal to pycocotools' `annToMask`), refs, sentences, categories, errors.
 Images and annotations are checked in parallel shards of `images_per_shard`; a killed run
 resumes from the finished shards. A missing, unreadable or undecodable image and an annotation
-with bad geometry (see `stages.refer_geometry`) are recorded in `errors` and the refs that use
+with bad geometry (see `stages.refer.geometry`) are recorded in `errors` and the refs that use
 them dropped; with `ingest.strict=true` either is fatal instead (a bad annotation no ref points
 at is always only recorded: nothing is trained on it).
 """
@@ -36,9 +36,9 @@ from pipeline.stage import (
     StageContext,
     runtime_field,
 )
-from stages.datasets import DataManifest, load_data_manifest
-from stages.refer_geometry import annotation_problem
-from stages.refer_io import Ref, ReferData, locate_inputs, read_refer
+from stages.refer.files import Ref, ReferData, locate_inputs, read_refer
+from stages.refer.geometry import annotation_problem
+from stages.refer.manifests import DataManifest, load_data_manifest
 
 log = logging.getLogger(__name__)
 

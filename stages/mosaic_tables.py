@@ -18,7 +18,7 @@ the filter's and the M-th stored score is already below tau, or M covers the poo
 get their full score rows recomputed from the embeddings, as `negatives` computes them (rounded
 to its score dtype, scaled with its pool extremes).
 
-Positional words of the sentence restrict the quadrant of the positive (see stages.positional).
+Positional words of the sentence restrict the quadrant of the positive (see stages.text.positional).
 tau, K and relevance default to the paper's values in the data manifest. Changing them re-runs
 this stage only; the expensive search in `negatives` stays cached.
 """
@@ -48,8 +48,8 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
-from stages.datasets import load_data_manifest
 from stages.negatives import _cached, _embeddings_by_id, _pool
+from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -194,7 +194,9 @@ class MosaicTables(Stage[MosaicParams]):
     """Per training sentence: the tau-filtered top-K negative images and allowed quadrants."""
 
     name = "mosaic_tables"
-    version = "2"  # 2: pool.parquet, neg_from_pool and excluded_image_ids (k=all)
+    # 2: pool.parquet, neg_from_pool and excluded_image_ids (k=all)
+    # 3: and "higher" / "lowermost" are positional words (one lexicon, issue 14)
+    version = "3"
     inputs = ("negatives", "ingest", "embed_images")
     tables = ("mosaic",)
     libraries = ("pyarrow", "numpy", "torch")
@@ -328,7 +330,7 @@ def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter[MosaicParams]) ->
     import numpy as np
     import pyarrow as pa
 
-    from stages.positional import quadrants_for_tokens
+    from stages.text.positional import quadrants_for_tokens
 
     p = writer.params
     neg = payload["part"].read_table()

@@ -47,8 +47,8 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
-from stages.datasets import check_splits, load_data_manifest
 from stages.ingest import data_locations
+from stages.refer.manifests import check_splits, load_data_manifest
 
 VIEWS = ("appearance", "action", "spatial", "appearance_alt")
 # Bump when the prompt text or its examples change: model-backend keys depend on it.

@@ -33,8 +33,8 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
-from stages.datasets import check_splits, load_data_manifest
-from stages.topm import select_topm
+from stages.ops.topm import select_topm
+from stages.refer.manifests import check_splits, load_data_manifest
 
 if TYPE_CHECKING:
     import numpy as np

@@ -30,9 +30,9 @@ from pydantic import Field
 
 from pipeline.io import ParquetFormat, part_name, read_json
 from pipeline.stage import INT_MAX, Count, Params, ShardTask, ShardWriter, Stage, StageContext
-from stages.datasets import load_data_manifest
 from stages.ingest import data_locations
-from stages.refer_io import other_referent_sentences
+from stages.refer.files import other_referent_sentences
+from stages.refer.manifests import load_data_manifest
 from stages.text.negative_rules import DROP_REASONS, TextRules
 from stages.thumbnails import TABLE as THUMBNAILS
 from stages.thumbnails import write_pack

@@ -10,7 +10,7 @@ DATASETS = ["refcoco", "refcoco+", "refcocog-umd", "refcocog-google", "grefcoco"
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The synthetic REFER-format data, written once per test session (read-only for tests)."""
-    from stages.synthetic_refer import write_demo_data
+    from stages.refer.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo") / "data", n_images=40, seed=0)
 

@@ -27,7 +27,7 @@ from stages.augment_llm import (
     parse_distractors,
     run_llm_backend,
 )
-from stages.augment_rules import KINDS, Distractor, SceneContext, validate
+from stages.text.distractor_rules import KINDS, Distractor, SceneContext, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pipeline.api import open_pipeline
 from pipeline.errors import InputError
 from pipeline.io import sha256_file
-from stages.datasets import load_data_manifest
+from stages.refer.manifests import load_data_manifest
 
 TABLES = ["images", "objects", "refs", "sentences", "categories", "errors"]
 

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from pipeline.api import open_pipeline
 from pipeline.cli import app
 from pipeline.errors import NemoError
-from stages.datasets import load_data_manifest
 from stages.embed import embeddings_matrix, encode_sentences
+from stages.refer.manifests import load_data_manifest
 from stages.text.normalise import normalise_sentence as norm
 
 BASE = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template"]

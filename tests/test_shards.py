@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from pipeline.api import open_pipeline
 from pipeline.io import schema_version_of, table_files
-from stages.datasets import load_data_manifest
+from stages.refer.manifests import load_data_manifest
 from stages.shards import SCHEMA_VERSION
 from stages.text.normalise import normalise_sentence as norm
 

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.api import open_pipeline
 from pipeline.dataset import NemoDataset
 from pipeline.verify import verify_artifact
-from stages.datasets import load_data_manifest
+from stages.refer.manifests import load_data_manifest
 from stages.thumbnails import thumbnail_size
 
 

@@ -119,7 +119,7 @@ def audit_command(dataset: str, work_dir: Path | None = None, config: Path | Non
     """`nemo-pipe audit --dataset D [--json OUT]`: open the pipeline as the CLI does, audit,
     and write the JSON report (via a temp file and a rename) when asked."""
     from pipeline.api import open_pipeline
-    from stages.datasets import load_data_manifest
+    from stages.refer.manifests import load_data_manifest
 
     pipe = open_pipeline(dataset, work_dir, config, sets, data_root, images, progress=False)
     result = run_audit(pipe, train_split=load_data_manifest(dataset).train_split)
@@ -177,7 +177,7 @@ def run_audit(pipe: Pipeline, train_split: str | None = None,
 
 def _train_split(dataset: str) -> str:
     try:
-        from stages.datasets import load_data_manifest
+        from stages.refer.manifests import load_data_manifest
 
         return load_data_manifest(dataset).train_split
     except NemoError:

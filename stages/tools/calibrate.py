@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
 from stages.mosaic_tables import TAU_RANGE, MosaicParams, select_negatives
-from stages.positional import quadrants_for_tokens
+from stages.text.positional import quadrants_for_tokens
 
 if TYPE_CHECKING:
     import numpy as np

@@ -74,8 +74,8 @@ def preview(
 ) -> None:
     """Contact sheet of training samples: mosaics, target mask, sentence and hard negatives."""
     from pipeline.api import check_published
-    from stages.datasets import load_data_manifest
     from stages.ingest import data_locations
+    from stages.refer.manifests import load_data_manifest
 
     pipe = opts.open()
     key = pipe.resolve("shards").key
@@ -101,7 +101,7 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
 ) -> None:
     """Write a synthetic REFER-format dataset (all five layouts, real JPEGs, broken cases)."""
-    from stages.synthetic_refer import write_demo_data
+    from stages.refer.synthetic import write_demo_data
 
     try:
         summary = write_demo_data(out, n_images=n_images, seed=seed)

@@ -122,8 +122,8 @@ def report_command(dataset: str, out_html: Path, work_dir: Path | None = None,
     pipe = open_pipeline(dataset, work_dir, config, sets, data_root, images, progress=False)
     images_dir: Path | None = None
     try:
-        from stages.datasets import load_data_manifest
         from stages.ingest import data_locations
+        from stages.refer.manifests import load_data_manifest
 
         _, images_dir = data_locations(pipe.env, load_data_manifest(dataset))
     except NemoError as exc:
@@ -619,7 +619,7 @@ def _section_hard_negatives(ctx: _Context) -> str:
 
 def _train_split(ctx: _Context) -> str:
     try:
-        from stages.datasets import load_data_manifest
+        from stages.refer.manifests import load_data_manifest
 
         return load_data_manifest(ctx.dataset).train_split
     except NemoError:

@@ -426,7 +426,7 @@ def _manifest(tmp_path: Path, defaults: str) -> str:
     ("  k: 800\n  tau: 0.85\n  gamma: 2\n", "defaults.gamma"),
 ])
 def test_data_manifest_defaults_have_the_same_domains(tmp_path, defaults, words):
-    from stages.datasets import load_data_manifest
+    from stages.refer.manifests import load_data_manifest
 
     path = _manifest(tmp_path, defaults)
     with pytest.raises(InputError) as info:
@@ -435,7 +435,7 @@ def test_data_manifest_defaults_have_the_same_domains(tmp_path, defaults, words)
 
 
 def test_shipped_manifests_hold_valid_defaults():
-    from stages.datasets import known_datasets, load_data_manifest
+    from stages.refer.manifests import known_datasets, load_data_manifest
 
     for name in known_datasets():
         d = load_data_manifest(name).defaults

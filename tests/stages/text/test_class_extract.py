@@ -1,4 +1,4 @@
-"""stages.class_extract: COCO category of a referring expression's head noun.
+"""stages.text.class_extract: COCO category of a referring expression's head noun.
 
 Expected ids are literal COCO ids written by hand (1 person, 17 cat, 58 hot dog, ...), not
 computed with the module; the decisions behind the debatable ones are in the module docstring.
@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from stages.class_extract import (
+from stages.text.class_extract import (
     COCO_CATEGORIES,
     SYNONYMS,
     candidate_nouns,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, NemoError
-from stages.datasets import DataManifest
+from stages.refer.manifests import DataManifest
 
 NO_TARGET = -1
 

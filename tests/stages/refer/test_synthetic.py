@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from stages.synthetic_refer import COCO_CATEGORIES, write_demo_data
+from stages.refer.synthetic import COCO_CATEGORIES, write_demo_data
 
 # pycocotools 2.0.8 under numpy 2 warns on every decode; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -432,7 +432,7 @@ def test_existing_output_is_refused(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    import stages.synthetic_refer as synth
+    import stages.refer.synthetic.writer as synth
 
     calls = []
 
@@ -442,7 +442,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         Image.fromarray(pixels).save(path, "JPEG")
 
-    monkeypatch.setattr(synth, "_save_jpeg", failing_save)
+    monkeypatch.setattr(synth, "save_jpeg", failing_save)
     with pytest.raises(KeyboardInterrupt):
         write_demo_data(tmp_path / "out", n_images=12)
     assert list(tmp_path.iterdir()) == []

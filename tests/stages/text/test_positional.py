@@ -1,4 +1,4 @@
-"""stages.positional: positional words of referring expressions and allowed mosaic quadrants.
+"""stages.text.positional: positional words of referring expressions and allowed mosaic quadrants.
 
 The expected values below are written by hand from the product spec (quadrants: 0 top-left,
 1 top-right, 2 bottom-left, 3 bottom-right), not computed with the module.
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages import positional as positional_module
-from stages.positional import (
+from stages.text import positional as positional_module
+from stages.text.positional import (
     CANONICAL,
     WORD_FORMS,
     allowed_quadrants,
@@ -46,8 +46,10 @@ CASES = [
     ("uppermost window", ["top"], T),
     ("the high one", ["top"], T),
     ("highest kite", ["top"], T),
+    ("higher kite", ["top"], T),  # a comparative, like "lower"
     ("bottom cake", ["bottom"], B),
     ("lower bunk", ["bottom"], B),
+    ("lowermost shelf", ["bottom"], B),
     ("low branch", ["bottom"], B),
     ("lowest drawer", ["bottom"], B),
     ("bottommost book", ["bottom"], B),
@@ -68,7 +70,6 @@ CASES = [
     ("lefty", [], ALL),
     ("rightful owner", [], ALL),
     ("topping", [], ALL),
-    ("higher kite", [], ALL),
     ("alright", [], ALL),
     ("plate below the cup", [], ALL),
     ("dog under the table", [], ALL),
@@ -247,8 +248,8 @@ def test_word_forms_table():
     expected = {
         "left": {"left", "leftmost", "lefthand"},
         "right": {"right", "rightmost", "righthand"},
-        "top": {"top", "upper", "topmost", "high", "highest", "uppermost"},
-        "bottom": {"bottom", "lower", "low", "lowest", "bottommost"},
+        "top": {"top", "upper", "topmost", "high", "higher", "highest", "uppermost"},
+        "bottom": {"bottom", "lower", "low", "lowest", "bottommost", "lowermost"},
     }
     for canonical, forms in expected.items():
         assert {k for k, v in WORD_FORMS.items() if v == canonical} == forms

@@ -6,7 +6,7 @@ rewrites, VLM outputs) do not, so their head noun is mapped to one of COCO's 80 
 hand-written synonym table first, then (optionally) an embedding similarity fallback, as Ref-NMS
 does with GloVe (spaCy nouns -> cosine to the COCO category names -> threshold gamma). The
 pipeline injects the CLIP text encoder as that embedding (:func:`embedding_fallback`), so this
-module needs no model and no parser: stdlib, numpy and lemminflect only.
+module needs no model and no parser: numpy, lemminflect and the word lists of stages.text.lexicon.
 
 Pipeline of :func:`extract_class`
 ---------------------------------
@@ -83,6 +83,23 @@ from functools import lru_cache
 
 import lemminflect
 import numpy as np
+
+from stages.text.lexicon import (
+    AUXILIARIES,
+    COLOR_SET,
+    CONJUNCTIONS,
+    DETERMINERS,
+    FREQUENT_VERBS,
+    ING_NOUNS,
+    NUMBERS,
+    OTHER_COLOR_WORDS,
+    PREPOSITIONS,
+    PRO_FORMS,
+    PRONOUNS,
+    RELATIVES,
+    SPATIAL_WORDS,
+)
+from stages.text.phrases import ing_is_noun
 
 __all__ = [
     "COCO_CATEGORIES",
@@ -297,55 +314,30 @@ _TRANSPARENT = _wordset(
 
 # Never a head: positions, ordinals, numbers, generic nouns, colours, common adjectives and
 # adverbs, determiners and pronouns. Many of these read as nouns to lemminflect ("left",
-# "white", "one", "that", "her").
-_NON_HEAD = _wordset(
-    "left right leftmost rightmost lefthand righthand middle mid center centre central front "
-    "back rear side top bottom upper lower corner edge end tip part portion piece bit half whole "
-    "rest area spot place section space background foreground distance way direction "
-    "first second third fourth fifth sixth seventh eighth ninth tenth last latter former "
-    "one ones two three four five six seven eight nine ten dozen lone single only "
-    "thing things stuff object item something anything everything nothing anyone everyone "
-    "picture pic pics photo photograph image frame shot scene view camera "
-    "red blue green yellow white black brown pink purple gray grey tan beige silver gold golden "
-    "dark light bright colored coloured colorful striped plaid checkered spotted maroon navy "
-    "teal turquoise cream khaki violet magenta crimson burgundy ivory multicolored "
-    "big bigger biggest small smaller smallest large larger largest little tiny huge giant "
-    "tall taller tallest short shorter shortest long longer longest fat thin skinny old older "
-    "oldest young younger youngest new empty full partial partially main entire same "
-    "different other another others closest closer nearest far farther farthest further "
-    "furthest close visible hidden blurry blurred cut dirty clean wooden metal plastic "
-    "a an the this these those my your his her its our their some any all both each every "
-    "either neither no none few several many much more most very just also not there here "
-    "it he she they them him we you i me us what"
+# "white", "one", "that", "her"). The shared lists come from stages.text.lexicon; "orange" is
+# left out of the colours, as it may be the fruit (COCO 55).
+_NON_HEAD = (
+    SPATIAL_WORDS | frozenset(NUMBERS) | PRO_FORMS | (COLOR_SET - {"orange"}) | OTHER_COLOR_WORDS
+    | DETERMINERS | PRONOUNS | _wordset(
+        "mid rear side corner edge end tip part portion piece bit half whole rest area spot "
+        "place section space distance way direction last latter former dozen lone single only "
+        "thing things stuff object item something anything everything nothing anyone everyone "
+        "picture pic pics photo photograph image frame shot scene view camera "
+        "big bigger biggest small smaller smallest large larger largest little tiny huge giant "
+        "tall taller tallest short shorter shortest long longer longest fat thin skinny old "
+        "older oldest young younger youngest new empty full partial partially main entire same "
+        "different others visible hidden blurry blurred cut dirty clean wooden metal plastic "
+        "none much more very just also not"
+    )
 )
 
 # "left of the man" is beside the man; "picture of a dog" is a picture: no "of" transparency.
 # ("leftmost of the two umbrellas" is partitive, like "one of": it continues.)
 _NO_OF_CONTINUE = _wordset("left right picture pic pics photo photograph image frame")
-# Pro-forms standing for the head noun: the word before them is a modifier ("orange one").
-_PRO_FORMS = _wordset("one ones")
 
-_PREPOSITIONS = _wordset(
-    "about above across after against along alongside amid among around at atop before behind "
-    "below beneath beside besides between beyond by despite down during except for from in "
-    "inside into near next of off on onto opposite out outside over past per through "
-    "throughout to toward towards under underneath unlike until up upon via with within "
-    "without like than as while w"
-)
-# Boundaries only once a noun has been seen; before it they are modifiers or determiners.
-_LATE_BOUNDARIES = _wordset(
-    "that which who whose whom where when and or but plus nor "
-    "is are was were be being been am has have had does do did can could will would should "
-    "may might must holds wears sits stands looks eats rides carries faces leans lays lies "
-    "walks runs plays watches hits throws swings reaches stares smiles talks touches waits "
-    "uses kneels shows appears seems goes gets takes sleeps drinks reads points grabs pulls "
-    "pushes hugs"
-)
-# -ing words that are nouns in referring expressions, not verb forms.
-_ING_NOUNS = _wordset(
-    "building painting ceiling railing awning earring pudding dumpling wedding bedding "
-    "stuffing filling dressing siding clothing icing topping frosting"
-)
+# Boundaries only once a noun has been seen; before it they are modifiers or determiners
+# ("that dog", "black and white cat"). Prepositions are boundaries always.
+_LATE_BOUNDARIES = RELATIVES | CONJUNCTIONS | AUXILIARIES | frozenset(FREQUENT_VERBS.values())
 
 _TABLE_WORDS = frozenset(SYNONYMS) | frozenset(_WEAK) | _TRANSPARENT
 
@@ -389,18 +381,24 @@ def _lemma(token: str) -> str:
     return key
 
 
-@lru_cache(maxsize=65536)
-def _is_verb_ing(token: str) -> bool:
-    """A participle like "holding"/"wearing" (lemminflect gives a different verb lemma)."""
-    if not token.endswith("ing") or token in _ING_NOUNS or token in _TABLE_WORDS:
+def _is_verb_ing(token: str, next_token: str | None) -> bool:
+    """A participle like "holding"/"wearing" (lemminflect gives a different verb lemma); an
+    -ing noun only when a noun phrase follows ("man crossing the street", not "crossing
+    sign": :func:`stages.text.phrases.ing_is_noun`)."""
+    if not token.endswith("ing") or token in _TABLE_WORDS or ing_is_noun(token, next_token):
         return False
+    return _has_verb_lemma(token)
+
+
+@lru_cache(maxsize=65536)
+def _has_verb_lemma(token: str) -> bool:
     verb = lemminflect.getAllLemmas(token, upos="VERB").get("VERB", ())
     return any(v != token for v in verb)
 
 
 @lru_cache(maxsize=65536)
 def _is_noun(token: str, key: str) -> bool:
-    if key in _TABLE_WORDS:
+    if key in _TABLE_WORDS or token in ING_NOUNS:  # lemminflect knows "flooring" as a verb only
         return True
     if token in _NON_HEAD or key in _NON_HEAD or not token.isalpha():
         return False
@@ -450,18 +448,19 @@ def candidate_nouns(tokens: str | Sequence[str]) -> list[str]:
     units = _units(_normalise(tokens))
     for i, (surface, key, is_phrase) in enumerate(units):
         if not is_phrase:
-            if surface in _PREPOSITIONS:
+            if surface in PREPOSITIONS:
                 out.extend(reversed(chunk))
                 chunk = []
                 if surface == "of" and last_content not in _NO_OF_CONTINUE:
                     seen_noun, last_content = False, None
                     continue
                 return _dedupe(out)
-            if surface in _LATE_BOUNDARIES or _is_verb_ing(surface):
+            next_surface = units[i + 1][0] if i + 1 < len(units) else None
+            if surface in _LATE_BOUNDARIES or _is_verb_ing(surface, next_surface):
                 if seen_noun:
                     break
                 continue
-        pro_form_next = i + 1 < len(units) and units[i + 1][0] in _PRO_FORMS
+        pro_form_next = i + 1 < len(units) and units[i + 1][0] in PRO_FORMS
         if _is_noun(surface, key) and not pro_form_next:
             chunk.append(key)
             seen_noun = True

@@ -1,4 +1,4 @@
-"""Exact top-M selection (stages.topm) and the negatives block search against numpy oracles.
+"""Exact top-M selection (stages.ops.topm) and the negatives block search, against numpy.
 
 The demo pool is too small for the sampled threshold to engage, so these tests use pools of
 thousands of columns, dyadic values (many exact ties) and rows built to defeat the sample.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages.negatives import search_block
-from stages.topm import SAMPLE_STRIDE, select_topm, sortable_descending
+from stages.ops.topm import SAMPLE_STRIDE, select_topm, sortable_descending
 
 
 def oracle_topm(scores: np.ndarray, m: int) -> np.ndarray:

@@ -17,15 +17,15 @@ canonical   surface forms
 ==========  ================================================================================
 left        left, leftmost, lefthand
 right       right, rightmost, righthand
-top         top, upper, topmost, uppermost, high, highest
-bottom      bottom, lower, low, lowest, bottommost
+top         top, upper, topmost, uppermost, high, higher, highest
+bottom      bottom, lower, low, lowest, bottommost, lowermost
 ==========  ================================================================================
 
 * Tokens are split on ``-`` first, so "left-hand", "right-hand", "top-left", "bottom-right",
   "bottom-most", "left-most", "far-left" work through their parts; "left hand", "far left" and
   "upper left corner" work naturally ("hand", "far", "corner" are not positional).
 * Only the listed forms count; nothing matches inside a longer word: "bright", "upright",
-  "copyright", "alright", "highway", "highlight", "higher", "topping", "stop", "laptop",
+  "copyright", "alright", "highway", "highlight", "topping", "stop", "laptop",
   "tabletop", "lefty", "leftover", "rightful", "flowers", "slower", "lowered", "bottoms" do NOT
   match. Known, accepted noise: a listed form used in a non-spatial sense still counts ("tank
   top", "high chair", "low table", "lower the bar") - at worst it over-restricts the quadrant.
@@ -86,6 +86,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from stages.text.lexicon import HOUR_WORDS, POSITION_FORMS
+
 __all__ = [
     "CANONICAL",
     "WORD_FORMS",
@@ -95,31 +97,10 @@ __all__ = [
     "tokenize",
 ]
 
-CANONICAL: tuple[str, ...] = ("left", "right", "top", "bottom")
-
-WORD_FORMS: dict[str, str] = {
-    # left
-    "left": "left",
-    "leftmost": "left",
-    "lefthand": "left",
-    # right
-    "right": "right",
-    "rightmost": "right",
-    "righthand": "right",
-    # top
-    "top": "top",
-    "upper": "top",
-    "topmost": "top",
-    "uppermost": "top",
-    "high": "top",
-    "highest": "top",
-    # bottom
-    "bottom": "bottom",
-    "lower": "bottom",
-    "low": "bottom",
-    "lowest": "bottom",
-    "bottommost": "bottom",
-}
+# The positional word forms (stages.text.lexicon, shared with the distractor rules) and the
+# directions they name: left, right, top, bottom.
+WORD_FORMS = POSITION_FORMS
+CANONICAL: tuple[str, ...] = tuple(dict.fromkeys(POSITION_FORMS.values()))
 
 ALL_QUADRANTS: tuple[int, ...] = (0, 1, 2, 3)
 
@@ -132,12 +113,8 @@ _BITS_TO_WORDS = tuple(
     tuple(w for i, w in enumerate(CANONICAL) if b >> i & 1) for b in range(1 << len(CANONICAL))
 )
 
-_HOUR_WORDS = (
-    "one", "two", "three", "four", "five", "six",
-    "seven", "eight", "nine", "ten", "eleven", "twelve",
-)  # fmt: skip
 _HOURS: dict[str, int] = {str(h): h for h in range(1, 13)}
-_HOURS.update({w: h for h, w in enumerate(_HOUR_WORDS, start=1)})
+_HOURS.update({w: h for h, w in enumerate(HOUR_WORDS, start=1)})
 
 
 def _clock_word(hour: int) -> str:
