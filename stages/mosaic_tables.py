@@ -62,6 +62,19 @@ class MosaicParams(Params):
                          "null (no filter) or auto", tau)
         return self
 
+    def taus(self) -> dict[str, Any]:
+        """`active_taus` of these params: the threshold each score is filtered at."""
+        return active_taus(self.relevance, self.tau_ti, self.tau_ii)
+
+
+def active_taus(relevance: str, tau_ti: Any, tau_ii: Any) -> dict[str, Any]:
+    """`{"tau_ti": ..., "tau_ii": ...}`: the threshold that applies to each score under
+    `relevance` (`ti`, `ii`, or `both`, which filters on each score at its own threshold), None
+    for a score the relevance does not use. The one place that says which tau a relevance uses:
+    the stage, its resolved params, `report` and `calibrate` all ask it."""
+    return {"tau_ti": tau_ti if relevance in ("ti", "both") else None,
+            "tau_ii": tau_ii if relevance in ("ii", "both") else None}
+
 
 def scaled(rho: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: str) -> np.ndarray:
     """Scores on the declared scale, in float64."""
@@ -90,12 +103,13 @@ def select_negatives(
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(n), lengths)
     excluded = np.zeros(len(row), dtype=bool)
-    if params.relevance in ("ti", "both") and params.tau_ti is not None:
-        s = scaled(rho_ti, extremes["ti_min"][row], extremes["ti_max"][row], params.scale)
-        excluded |= s >= params.tau_ti
-    if params.relevance in ("ii", "both") and params.tau_ii is not None:
-        s = scaled(rho_ii, extremes["ii_min"][row], extremes["ii_max"][row], params.scale)
-        excluded |= s >= params.tau_ii
+    rho = {"tau_ti": ("ti", rho_ti), "tau_ii": ("ii", rho_ii)}
+    for key, tau in params.taus().items():
+        if tau is not None:
+            rel, scores = rho[key]
+            s = scaled(scores, extremes[f"{rel}_min"][row], extremes[f"{rel}_max"][row],
+                       params.scale)
+            excluded |= s >= tau
     keep = ~excluded
     running = np.cumsum(keep)
     before_row = np.concatenate([[0], running])[offsets[:-1]]
@@ -135,11 +149,8 @@ class MosaicTables(Stage):
         update: dict[str, Any] = {}
         if p.k == "auto":
             update["k"] = defaults.k
-        for rel, key in (("ti", "tau_ti"), ("ii", "tau_ii")):
-            if p.relevance not in (rel, "both"):
-                update[key] = None  # unused: keep it out of the key
-            elif getattr(p, key) == "auto":
-                update[key] = defaults.tau
+        for key, tau in p.taus().items():  # an unused tau is None: kept out of the key
+            update[key] = defaults.tau if tau == "auto" else tau
         try:  # validated again: the manifest's values must fit the domain too
             return MosaicParams(**{**p.model_dump(), **update})
         except ValidationError as exc:

@@ -296,13 +296,9 @@ class _Scan:
 
 
 def _sweep_params(mp: MosaicParams, tau: float | None) -> MosaicParams:
-    update: dict[str, Any] = {"tau_ti": None, "tau_ii": None}
-    if tau is not None:
-        if mp.relevance in ("ti", "both"):
-            update["tau_ti"] = tau
-        if mp.relevance in ("ii", "both"):
-            update["tau_ii"] = tau
-    return mp.model_copy(update=update)
+    from stages.mosaic_tables import active_taus
+
+    return mp.model_copy(update=active_taus(mp.relevance, tau, tau))
 
 
 def _candidate_arrays(t: Any) -> tuple[np.ndarray, dict[str, np.ndarray],
