@@ -124,6 +124,8 @@ class Stage(ABC):
         libraries: distributions whose versions are recorded in the manifest.
         uses_sections: other config sections whose params the stage reads (e.g. a stage that
             embeds its own texts reads `embed`); their output-affecting params join its key.
+        renamed_keys: old config keys still accepted for this stage's, `{"old_section.name":
+            "section.name"}`: a key that moved keeps working, with a deprecation warning.
     """
 
     name: ClassVar[str]
@@ -134,6 +136,7 @@ class Stage(ABC):
     tables: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
     uses_sections: ClassVar[tuple[str, ...]] = ()
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def config_section(cls) -> str:

@@ -10,8 +10,9 @@ from stages.mosaic_tables import MosaicTables
 from stages.multiview import Multiview
 from stages.negatives import Negatives
 from stages.shards import Shards
+from stages.thumbnails import Thumbnails
 
 STAGES = [Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables, Multiview, Clusters,
-          Augment, HardNegatives, Shards]
+          Augment, HardNegatives, Thumbnails, Shards]
 
 __all__ = ["STAGES"]
