@@ -81,8 +81,10 @@ hard-negatives: setup
 	$(RUN) --stage augment
 	$(RUN) --stage hard_negatives
 
-# training shards per split, read by pipeline.dataset.NemoDataset
+# thumbnails (their own stage: a tau/K sweep never re-encodes them) + training shards per split,
+# read by pipeline.training.dataset.NemoDataset
 shards: setup
+	$(RUN) --stage thumbnails
 	$(RUN) --stage shards
 
 preview: setup

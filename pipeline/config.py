@@ -7,6 +7,7 @@ the bad key, the bad value and what would be accepted, so a typo never passes si
 from __future__ import annotations
 
 import difflib
+import logging
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from pydantic.fields import FieldInfo
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 from pipeline.stage import INT_MAX, Domain, ParamDomainError, Params
+
+log = logging.getLogger(__name__)
 
 
 class Config:
@@ -229,6 +232,33 @@ def _describe_errors(errors: list[dict[str, Any]], section: str, model: type[Bas
     return msgs
 
 
+def apply_renamed_keys(raw: dict[str, Any], registry: Registry) -> None:
+    """Move each value given under a renamed key (a stage's `renamed_keys`) to the key that
+    replaced it, with a deprecation warning; the two set to different values is an error."""
+    for name in registry.names():
+        for old, new in registry.get(name).renamed_keys.items():
+            old_section, old_name = old.split(".", 1)
+            values = raw.get(old_section)
+            if not isinstance(values, dict) or old_name not in values:
+                continue
+            value = values.pop(old_name)
+            new_section, new_name = new.split(".", 1)
+            target = raw.get(new_section)
+            if target is None:
+                target = raw[new_section] = {}
+            if not isinstance(target, dict):
+                raise ConfigError(f"config section {new_section!r} must be a mapping, got "
+                                  f"{target!r}")
+            if new_name in target and target[new_name] != value:
+                raise ConfigError(
+                    f"{old} and {new} are both set ({format_value(value)} and "
+                    f"{format_value(target[new_name])}); {old} is the old name of {new}: "
+                    f"drop it and keep {new}")
+            target[new_name] = value
+            log.warning("config key %s is deprecated, use %s (took %s=%s)", old, new, new,
+                        format_value(value))
+
+
 def load_config(
     registry: Registry, config_file: Path | None = None, sets: Sequence[str] = ()
 ) -> Config:
@@ -238,6 +268,7 @@ def load_config(
         path, value = parse_set(item)
         _merge(raw, path, value, f"--set {item!r}")
 
+    apply_renamed_keys(raw, registry)
     sections = registry.sections()
     unknown = sorted(set(raw) - set(sections))
     if unknown:

@@ -176,6 +176,8 @@ class Stage(ABC, Generic[P]):
             the params. The runner checks them before any stage of a run starts.
         uses_sections: other config sections whose params the stage reads (e.g. a stage that
             embeds its own texts reads `embed`); their output-affecting params join its key.
+        renamed_keys: old config keys still accepted for this stage's, `{"old_section.name":
+            "section.name"}`: a key that moved keeps working, with a deprecation warning.
     """
 
     name: ClassVar[str]
@@ -187,6 +189,7 @@ class Stage(ABC, Generic[P]):
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
     requires: ClassVar[Mapping[str, str]] = {}
     uses_sections: ClassVar[tuple[str, ...]] = ()
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

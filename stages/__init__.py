@@ -31,9 +31,10 @@ def _stages() -> tuple[type, ...]:
     from stages.multiview import Multiview
     from stages.negatives import Negatives
     from stages.shards import Shards
+    from stages.thumbnails import Thumbnails
 
     return (Ingest, EmbedImages, EmbedTexts, Index, Negatives, MosaicTables, Multiview,
-            Clusters, Augment, HardNegatives, Shards)
+            Clusters, Augment, HardNegatives, Thumbnails, Shards)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: `STAGES` is computed when first read

@@ -11,7 +11,7 @@ with fewer than K is reported (`k_shortfall`), never silently padded.
 `k=all` keeps every survivor of the whole pool (the paper's uniform selection, K = the pool).
 The survivors are then the pool minus the own image minus the images with rho >= tau; a row
 stores whichever of survivors and exclusions is shorter, and the pool itself is written once
-(`pool.parquet`); `pipeline.mosaic_candidates` declares the layout and gives readers the set.
+(`pool.parquet`); `pipeline.training.mosaic_candidates` declares the layout and gives readers the set.
 The exclusions are exact over the whole pool, not just the top-M that `negatives` kept: they
 come from the stored candidates only when no unstored image can reach tau (the ranking score is
 the filter's and the M-th stored score is already below tau, or M covers the pool); other queries
@@ -33,7 +33,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.io import write_parquet
-from pipeline.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from pipeline.stage import (
     INT_MAX,
     Count,
@@ -47,6 +46,7 @@ from pipeline.stage import (
     StageContext,
     runtime_field,
 )
+from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from pipeline.upstream import UpstreamTable
 from stages.negatives import _cached, _embeddings_by_id, _pool
 from stages.refer.manifests import load_data_manifest
@@ -89,6 +89,19 @@ class MosaicParams(Params):
                          "null (no filter) or auto", tau)
         return self
 
+    def taus(self) -> dict[str, Any]:
+        """`active_taus` of these params: the threshold each score is filtered at."""
+        return active_taus(self.relevance, self.tau_ti, self.tau_ii)
+
+
+def active_taus(relevance: str, tau_ti: Any, tau_ii: Any) -> dict[str, Any]:
+    """`{"tau_ti": ..., "tau_ii": ...}`: the threshold that applies to each score under
+    `relevance` (`ti`, `ii`, or `both`, which filters on each score at its own threshold), None
+    for a score the relevance does not use. The one place that says which tau a relevance uses:
+    the stage, its resolved params, `report` and `calibrate` all ask it."""
+    return {"tau_ti": tau_ti if relevance in ("ti", "both") else None,
+            "tau_ii": tau_ii if relevance in ("ii", "both") else None}
+
 
 def scaled(rho: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: str) -> np.ndarray:
     """Scores on the declared scale, in float64."""
@@ -117,12 +130,13 @@ def select_negatives(
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(n), lengths)
     excluded = np.zeros(len(row), dtype=bool)
-    if params.relevance in ("ti", "both") and params.tau_ti is not None:
-        s = scaled(rho_ti, extremes["ti_min"][row], extremes["ti_max"][row], params.scale)
-        excluded |= s >= params.tau_ti
-    if params.relevance in ("ii", "both") and params.tau_ii is not None:
-        s = scaled(rho_ii, extremes["ii_min"][row], extremes["ii_max"][row], params.scale)
-        excluded |= s >= params.tau_ii
+    rho = {"tau_ti": ("ti", rho_ti), "tau_ii": ("ii", rho_ii)}
+    for key, tau in params.taus().items():
+        if tau is not None:
+            rel, scores = rho[key]
+            s = scaled(scores, extremes[f"{rel}_min"][row], extremes[f"{rel}_max"][row],
+                       params.scale)
+            excluded |= s >= tau
     keep = ~excluded
     running = np.cumsum(keep)
     before_row = np.concatenate([[0], running])[offsets[:-1]]
@@ -226,11 +240,8 @@ class MosaicTables(Stage[MosaicParams]):
         update: dict[str, Any] = {}
         if p.k == "auto":
             update["k"] = defaults.k
-        for rel, key in (("ti", "tau_ti"), ("ii", "tau_ii")):
-            if p.relevance not in (rel, "both"):
-                update[key] = None  # unused: keep it out of the key
-            elif getattr(p, key) == "auto":
-                update[key] = defaults.tau
+        for key, tau in p.taus().items():  # an unused tau is None: kept out of the key
+            update[key] = defaults.tau if tau == "auto" else tau
         try:  # validated again: the manifest's values must fit the domain too
             return MosaicParams(**{**p.model_dump(), **update})
         except ValidationError as exc:

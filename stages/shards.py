@@ -5,7 +5,8 @@ quadrants, training split only) and hard negatives into `<split>/part-*.parquet`
 groups for random access, plus an `images` table (id -> file, size) for the positives and
 negatives. Evaluation splits pass through unaugmented. The manifest carries a schema version
 and the key and params of every upstream artifact (tau, K, CLIP model, ...), so a trainer can
-log exactly what it trained on; `pipeline.dataset.NemoDataset` reads these shards.
+log exactly what it trained on; `pipeline.training.dataset.NemoDataset` reads these shards. The
+layout (tables, columns, schema versions) is declared once, in `pipeline.training.schema`.
 
 Hard negatives (training split only; evaluation rows have none): with
 `shards.with_hard_negatives` they come from the hard_negatives stage (ranked, labelled by source
@@ -16,31 +17,42 @@ or edit kind, scored by cosine to the cluster centre); otherwise, with
 training image is never a negative), never a text equal (normalised) to a sentence of the query's
 referent, never a repeated text; the drops are counted per reason in the manifest.
 
-Thumbnails (`shards.thumbnails`, on by default): small JPEG copies of the training images in
-`thumbnails/` (see stages.thumbnails), from which the reader fills mosaic cells; a mosaic then
-costs about what a single image does instead of four full decodes.
+Thumbnails (`shards.thumbnails`, on by default): small JPEG copies of the training images, from
+which the reader fills mosaic cells (a mosaic then costs about what a single image does instead
+of four full decodes). They are the `thumbnails` stage's artifact, an upstream of this one, so a
+tau or K sweep never re-encodes them: the manifest's `thumbnails` field records its key, its
+place relative to this directory and the size and sha256 of each of its files (every one
+re-hashed here before it is referenced), and the reader finds the packs through it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from pipeline.io import ParquetFormat, part_name, read_json
-from pipeline.stage import INT_MAX, Count, Params, ShardTask, ShardWriter, Stage, StageContext
-from stages.ingest import data_locations
+from pipeline.io import ParquetFormat, read_json
+from pipeline.stage import Count, Params, ShardTask, ShardWriter, Stage, StageContext
+from pipeline.training.schema import (
+    ALL_QUADRANTS,
+    IMAGE_COLUMNS,
+    IMAGES_TABLE,
+    ROW_COLUMNS,
+    SCHEMA_VERSION_FIELD,
+    SHARDS_SCHEMA_VERSION,
+    SHARDS_STAGE,
+    SPLIT_TABLES,
+    THUMBNAILS_FIELD,
+    THUMBNAILS_STAGE,
+    UPSTREAM_ARTIFACTS_FIELD,
+    ThumbnailsRef,
+    row_schema,
+)
 from stages.refer.files import other_referent_sentences
 from stages.refer.manifests import load_data_manifest
 from stages.text.negative_rules import DROP_REASONS, TextRules
-from stages.thumbnails import TABLE as THUMBNAILS
-from stages.thumbnails import write_pack
-
-# 2: same columns as 1; training rows' same-image negatives follow the split and positive rules,
-# evaluation rows have none
-SCHEMA_VERSION = "2"
-ALL_QUADRANTS = [0, 1, 2, 3]
 
 
 class ShardsParams(Params):
@@ -50,25 +62,23 @@ class ShardsParams(Params):
     rows_per_part: Count = Field(16384, description="sentences per Parquet part")
     rows_per_group: Count = Field(256, description="rows per row group (random access)")
     thumbnails: bool = Field(
-        True, description="pack small JPEG copies of the training images for mosaic cells")
-    thumbnail_size: int = Field(320, ge=16, le=INT_MAX,
-                                description="longest side of a thumbnail (pixels)")
-    thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of thumbnails")
-    images_per_pack: Count = Field(2048, description="thumbnails per pack file (shard)")
+        True, description="use the thumbnails stage's small JPEG copies of the training images "
+                          "for mosaic cells (an upstream, referenced from the manifest)")
 
 
 class Shards(Stage[ShardsParams]):
     """Training shards per split: text, image, target mask, mosaic negatives, hard negatives."""
 
-    name = "shards"
-    version = SCHEMA_VERSION
+    name = SHARDS_STAGE
+    version = SHARDS_SCHEMA_VERSION
     inputs = ("ingest", "mosaic_tables")
-    tables = ("images", "train", "val", "test", "testA", "testB", "thumbnails")
+    tables = (IMAGES_TABLE, *SPLIT_TABLES)
     libraries = ("pyarrow", "pycocotools", "numpy")
 
     def upstream(self, params: ShardsParams) -> tuple[str, ...]:
         p = params
-        return (*self.inputs, "hard_negatives") if p.with_hard_negatives else self.inputs
+        return (*self.inputs, *((THUMBNAILS_STAGE,) if p.thumbnails else ()),
+                *(("hard_negatives",) if p.with_hard_negatives else ()))
 
     def run(self, ctx: StageContext[ShardsParams]) -> None:
         p = ctx.params
@@ -94,19 +104,13 @@ class Shards(Stage[ShardsParams]):
                 tasks.append(ShardTask(len(tasks), {
                     "split": split, "sent_ids": ids[start:start + p.rows_per_part],
                     "train": split == manifest.train_split, "dirs": dirs}))
-        thumb_tasks = (self._thumbnail_tasks(ctx, manifest, start=len(tasks)) if p.thumbnails
-                       else [])
-        stats = ctx.run_shards(_shards_shard, tasks + thumb_tasks, desc="join + thumbnails")
-        stats, thumb_stats = stats[:len(tasks)], stats[len(tasks):]
+        stats = ctx.run_shards(_rows_shard, tasks, desc="join")
+        images = ctx.read_table("ingest", "images").select(list(IMAGE_COLUMNS))
+        ctx.write_table(IMAGES_TABLE, images)
+        ctx.extra[SCHEMA_VERSION_FIELD] = SHARDS_SCHEMA_VERSION
+        ctx.extra[UPSTREAM_ARTIFACTS_FIELD] = upstream_artifacts(ctx)
         if p.thumbnails:
-            ctx.record(thumbnails=sum(s["thumbnails"] for s in thumb_stats),
-                       thumbnail_failures=[f for s in thumb_stats for f in s["failed"]][:20],
-                       thumbnail_bytes=sum(s["bytes"] for s in thumb_stats))
-        images = ctx.read_table("ingest", "images").select(["image_id", "file_name", "width",
-                                                            "height"])
-        ctx.write_table("images", images)
-        ctx.extra["schema_version"] = SCHEMA_VERSION
-        ctx.extra["upstream_artifacts"] = upstream_artifacts(ctx)
+            ctx.extra[THUMBNAILS_FIELD] = thumbnails_reference(ctx).to_json()
         rows: dict[str, int] = {}
         for task, s in zip(tasks, stats, strict=True):
             rows[task.payload["split"]] = rows.get(task.payload["split"], 0) + s["rows"]
@@ -116,23 +120,6 @@ class Shards(Stage[ShardsParams]):
         if not p.with_hard_negatives and p.same_image_negatives:
             ctx.record(same_image_dropped={r: sum(s.get("dropped", {}).get(r, 0) for s in stats)
                                            for r in DROP_REASONS})
-
-    def _thumbnail_tasks(self, ctx: StageContext, manifest: Any, start: int) -> list[ShardTask]:
-        """The training split's images (every mosaic cell shows one), in packs."""
-        import pyarrow.compute as pc
-
-        p = ctx.params
-        _, images_dir = data_locations(ctx.env, manifest)
-        refs = ctx.read_table("ingest", "refs").select(["image_id", "split"])
-        train = set(refs.filter(pc.equal(refs.column("split"), manifest.train_split))
-                    .column("image_id").to_pylist())
-        images = ctx.read_table("ingest", "images").select(["image_id", "file_name"])
-        items = sorted((i, str(images_dir / f)) for i, f in zip(
-            images.column("image_id").to_pylist(), images.column("file_name").to_pylist(),
-            strict=True) if i in train)
-        return [ShardTask(start + n, {"kind": "thumbnails",
-                                      "items": items[s:s + p.images_per_pack]})
-                for n, s in enumerate(range(0, len(items), p.images_per_pack))]
 
 
 def upstream_artifacts(ctx: StageContext[ShardsParams]) -> dict[str, dict[str, Any]]:
@@ -148,6 +135,23 @@ def upstream_artifacts(ctx: StageContext[ShardsParams]) -> dict[str, dict[str, A
                       **({"model": m["model"]} if "model" in m else {})}
         todo.extend(m.get("upstream", {}).items())
     return dict(sorted(out.items()))
+
+
+def thumbnails_reference(ctx: StageContext) -> ThumbnailsRef:
+    """The record of the thumbnails artifact these shards use: its key, its directory relative
+    to this artifact's, and every file's size and sha256. Each file is re-hashed against its
+    manifest first: the shards publish a reference to those bytes, so they are checked like any
+    upstream bytes a stage consumes (a mismatch raises UpstreamCorrupt, and the runner rebuilds
+    the thumbnails)."""
+    manifest = ctx.upstream_manifest(THUMBNAILS_STAGE)
+    files = {rel: {"bytes": f["bytes"], "sha256": f["sha256"]}
+             for rel, f in sorted(manifest["files"].items())}
+    for rel in files:
+        ctx.upstream_file(THUMBNAILS_STAGE, rel).read_bytes()
+    here = ctx.store.artifact_dir(ctx.env.dataset, ctx.stage.name, ctx.key)
+    where = Path(os.path.relpath(ctx.upstream_dir(THUMBNAILS_STAGE), here)).as_posix()
+    return ThumbnailsRef(ctx.upstream_keys[THUMBNAILS_STAGE], str(manifest["version"]), where,
+                         files)
 
 
 _CACHE: dict[str, Any] = {}
@@ -233,31 +237,12 @@ def same_image_negatives(look: dict[str, Any], ref: dict[str, Any],
     return [look["sent"][s][1] for s in kept]
 
 
-def _shards_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
-    if payload.get("kind") == "thumbnails":
-        return _thumbnails_shard(payload, writer)
-    return _rows_shard(payload, writer)
-
-
-def _thumbnails_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
-    p = writer.params
-    index, failed = write_pack(writer.staging, Path(part_name(writer.index)).stem,
-                               [tuple(i) for i in payload["items"]], p.thumbnail_size,
-                               p.thumbnail_quality)
-    writer.write_table(THUMBNAILS, index)
-    return {"thumbnails": index.num_rows, "failed": failed,
-            "bytes": int(sum(index.column("length").to_pylist()))}
-
-
 def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
     import pyarrow as pa
 
     p = writer.params
     look = _lookups(payload["dirs"])
-    rows: dict[str, list[Any]] = {c: [] for c in (
-        "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
-        "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
-        "hn_texts", "hn_kinds", "hn_scores")}
+    rows: dict[str, list[Any]] = {c: [] for c in ROW_COLUMNS}
     with_hn = 0
     dropped: dict[str, int] = {}
     for sid in payload["sent_ids"]:
@@ -283,18 +268,10 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
             ("neg_image_ids", mosaic["neg_image_ids"] if mosaic else []),
             ("k_shortfall", mosaic["k_shortfall"] if mosaic else 0),
             ("positional_words", mosaic["positional_words"] if mosaic else []),
-            ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else ALL_QUADRANTS),
+            ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else list(ALL_QUADRANTS)),
             ("hn_texts", hn), ("hn_kinds", kinds), ("hn_scores", scores),
         ):
             rows[col].append(value)
-    rle_type = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
-    types = {"sent_id": pa.int64(), "ref_id": pa.int64(), "image_id": pa.int64(),
-             "split": pa.string(), "sent": pa.string(), "category_id": pa.int32(),
-             "ann_ids": pa.list_(pa.int64()), "no_target": pa.bool_(), "mask_rle": rle_type,
-             "neg_image_ids": pa.list_(pa.int64()), "k_shortfall": pa.int32(),
-             "positional_words": pa.list_(pa.string()),
-             "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
-             "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
-    table = pa.table({c: pa.array(v, types[c]) for c, v in rows.items()})
+    table = pa.Table.from_pydict(rows, schema=row_schema())
     writer.write_table(payload["split"], table, ParquetFormat(row_group_rows=p.rows_per_group))
     return {"rows": table.num_rows, "with_hn": with_hn, "dropped": dropped}

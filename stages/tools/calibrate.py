@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
-from stages.mosaic_tables import TAU_RANGE, MosaicParams, select_negatives
+from stages.mosaic_tables import TAU_RANGE, MosaicParams, active_taus, select_negatives
 from stages.text.positional import quadrants_for_tokens
 
 if TYPE_CHECKING:
@@ -232,10 +232,7 @@ def _grid_params(taus: list[float | None], ks: list[int], relevance: str,
             # built unvalidated: the sweep may look at K < 3 (mosaic_tables' minimum); tau and
             # the names were checked above
             p = MosaicParams.model_construct(
-                relevance=relevance,
-                tau_ti=tau if relevance in ("ti", "both") else None,
-                tau_ii=tau if relevance in ("ii", "both") else None,
-                scale=scale, k=k)
+                relevance=relevance, **active_taus(relevance, tau, tau), scale=scale, k=k)
             grid.append((tau, k, p))
     return grid
 

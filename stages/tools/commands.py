@@ -84,7 +84,7 @@ def preview(
                         f"--stage shards --dataset {opts.dataset}` first")
     check_published(pipe, "shards")
     _, images_dir = data_locations(pipe.env, load_data_manifest(pipe.env.dataset))
-    from pipeline.preview import render_preview
+    from pipeline.training.preview import render_preview
 
     try:
         path = render_preview(pipe.artifact_dir("shards"), images_dir, out, split=split, n=n,

@@ -11,7 +11,7 @@ file with every image embedded as a base64 PNG data URI, inline CSS and no exter
    `stages.mosaic_tables.select_negatives` (the stage's own filter), also as tables;
 4. hard-negative counts by kind (`hard_negatives`, else the shards' `hn_kinds`) and augment's
    per-kind report;
-5. a contact sheet of training mosaics (`pipeline.preview.render_preview`);
+5. a contact sheet of training mosaics (`pipeline.training.preview.render_preview`);
 6. the audit of the training material (`stages.tools.audit.run_audit`, what `nemo-pipe audit`
    prints).
 
@@ -297,13 +297,9 @@ class _Scan:
 
 
 def _sweep_params(mp: MosaicParams, tau: float | None) -> MosaicParams:
-    update: dict[str, Any] = {"tau_ti": None, "tau_ii": None}
-    if tau is not None:
-        if mp.relevance in ("ti", "both"):
-            update["tau_ti"] = tau
-        if mp.relevance in ("ii", "both"):
-            update["tau_ii"] = tau
-    return mp.model_copy(update=update)
+    from stages.mosaic_tables import active_taus
+
+    return mp.model_copy(update=active_taus(mp.relevance, tau, tau))
 
 
 def _candidate_arrays(t: Any) -> tuple[np.ndarray, dict[str, np.ndarray],
@@ -690,7 +686,7 @@ def _section_mosaics(ctx: _Context, images_dir: Path | None, n: int) -> str:
         return (head + "<p class='note'>No mosaic sample: no images dir was given (pass "
                 "<code>--images DIR</code>, the COCO train2014 folder, or set "
                 "<code>NEMO_IMAGES</code>).</p></section>")
-    from pipeline.preview import render_preview
+    from pipeline.training.preview import render_preview
 
     split = _train_split(ctx)
     with tempfile.TemporaryDirectory(prefix="nemo-report-") as tmp:

@@ -170,12 +170,13 @@ BAD: list[tuple[list[str], str]] = [
     (["shards.rows_per_part=0"], "shards.rows_per_part: must be an integer >= 1 (got 0)"),
     (["shards.rows_per_group=0"], "shards.rows_per_group: must be an integer >= 1 (got 0)"),
     (["shards.thumbnails=1"], "shards.thumbnails: must be true or false (got 1)"),
-    (["shards.thumbnail_size=15"], "shards.thumbnail_size: must be an integer >= 16 (got 15)"),
-    (["shards.thumbnail_quality=0"],
-     "shards.thumbnail_quality: must be an integer in [1, 100] (got 0)"),
-    (["shards.thumbnail_quality=101"],
-     "shards.thumbnail_quality: must be an integer in [1, 100] (got 101)"),
-    (["shards.images_per_pack=0"], "shards.images_per_pack: must be an integer >= 1 (got 0)"),
+    (["thumbnails.size=15"], "thumbnails.size: must be an integer >= 16 (got 15)"),
+    (["thumbnails.quality=0"], "thumbnails.quality: must be an integer in [1, 100] (got 0)"),
+    (["thumbnails.quality=101"], "thumbnails.quality: must be an integer in [1, 100] (got 101)"),
+    (["thumbnails.images_per_pack=0"],
+     "thumbnails.images_per_pack: must be an integer >= 1 (got 0)"),
+    # the old shards.* names are checked as the keys they stand for
+    (["shards.thumbnail_size=15"], "thumbnails.size: must be an integer >= 16 (got 15)"),
 ]
 
 # (--set items, "section.key", the value it must load as). Exact types matter: 200 is an int,
@@ -264,9 +265,10 @@ GOOD: list[tuple[list[str], str, Any]] = [
     (["shards.rows_per_part=1"], "shards.rows_per_part", 1),
     (["shards.rows_per_group=1"], "shards.rows_per_group", 1),
     (["shards.thumbnails=false"], "shards.thumbnails", False),
-    (["shards.thumbnail_size=16"], "shards.thumbnail_size", 16),
-    (["shards.thumbnail_quality=100"], "shards.thumbnail_quality", 100),
-    (["shards.images_per_pack=1"], "shards.images_per_pack", 1),
+    (["thumbnails.size=16"], "thumbnails.size", 16),
+    (["thumbnails.quality=100"], "thumbnails.quality", 100),
+    (["thumbnails.images_per_pack=1"], "thumbnails.images_per_pack", 1),
+    (["shards.images_per_pack=1"], "thumbnails.images_per_pack", 1),  # the old name
 ]
 
 
@@ -360,7 +362,7 @@ INT_ONLY = [(s, n) for s, n, i in FIELDS
 def test_the_walk_found_the_fields():
     """Guards the walk itself against finding nothing (a hand count of today's fields)."""
     assert ("mosaic_tables", "k") in NUMERIC and ("mosaic_tables", "tau_ti") in NUMERIC
-    assert ("clusters", "threshold") in NUMERIC and ("shards", "thumbnail_quality") in NUMERIC
+    assert ("clusters", "threshold") in NUMERIC and ("thumbnails", "quality") in NUMERIC
     assert ("shards", "thumbnails") in BOOLEAN and ("shards", "thumbnails") not in NUMERIC
     assert len(NUMERIC) >= 37 and len(BOOLEAN) >= 9  # counted by hand in stages/*.py
 
@@ -488,7 +490,7 @@ def test_cli_status_and_path_refuse_a_bad_config_too(tmp_path):
     work = tmp_path / "w"
     for cmd in (["status"], ["path", "--stage", "shards"]):
         res = _cli(*cmd, "--dataset", "refcoco", "--work-dir", str(work),
-                   "--set", "shards.thumbnail_quality=0")
+                   "--set", "thumbnails.quality=0")
         assert res.returncode == 2, res.stderr
-        assert "shards.thumbnail_quality: must be an integer in [1, 100] (got 0)" in res.stderr
+        assert "thumbnails.quality: must be an integer in [1, 100] (got 0)" in res.stderr
         assert not work.exists()

@@ -206,7 +206,7 @@ def test_unused_tau_stays_out_of_the_key(keys_of):
 def test_generator_values_are_in_the_declared_domain():
     """Spot checks of the generator against hand-picked expectations."""
     assert other_valid_value("mosaic_tables", "k", []) == "mosaic_tables.k=3"
-    assert other_valid_value("shards", "thumbnail_quality", []) == "shards.thumbnail_quality=91"
+    assert other_valid_value("thumbnails", "quality", []) == "thumbnails.quality=91"
     assert other_valid_value("embed", "device", []) == "embed.device=cpu"
     assert other_valid_value("clusters", "threshold", []) == "clusters.threshold=0.9"
     assert other_valid_value("negatives", "query_splits", []) == (

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_negatives import load, pipe_for, reopen, replace_embeddings
 
-from pipeline.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
+from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from stages.mosaic_tables import MosaicParams, pool_exclusions
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.api import open_pipeline
 from pipeline.cli import app
-from pipeline.dataset import NemoDataset, collate_fn
+from pipeline.training.dataset import NemoDataset, collate_fn
 
 SETS = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template"]
 

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 
 from pipeline.api import open_pipeline
 from pipeline.io import schema_version_of, table_files
+from pipeline.training.schema import SHARDS_SCHEMA_VERSION as SCHEMA_VERSION
 from stages.refer.manifests import load_data_manifest
-from stages.shards import SCHEMA_VERSION
 from stages.text.normalise import normalise_sentence as norm
 
 
@@ -111,7 +111,8 @@ def test_manifest_names_every_upstream_artifact(demo, work):
     m = json.loads((pipe.artifact_dir("shards") / "_manifest.json").read_text())
     assert m["schema_version"] == SCHEMA_VERSION
     up = m["upstream_artifacts"]
-    assert set(up) == {"ingest", "embed_images", "embed_texts", "negatives", "mosaic_tables"}
+    assert set(up) == {"ingest", "embed_images", "embed_texts", "negatives", "mosaic_tables",
+                       "thumbnails"}
     assert up["mosaic_tables"]["params"]["k"] == 5
     assert up["mosaic_tables"]["params"]["tau_ti"] == 0.75  # G-Ref paper default
     assert up["embed_images"]["model"]["model"] == "nemo-tiny"
@@ -123,4 +124,5 @@ def test_tau_sweep_reruns_mosaic_and_shards_only(demo, work):
     plan = {i.name: i.state
             for i in pipe_for(demo, work, "refcoco", "mosaic_tables.tau_ti=0.5").plan("shards")}
     assert plan == {"ingest": "cached", "embed_images": "cached", "embed_texts": "cached",
-                    "negatives": "cached", "mosaic_tables": "stale", "shards": "stale"}
+                    "negatives": "cached", "mosaic_tables": "stale", "thumbnails": "cached",
+                    "shards": "stale"}

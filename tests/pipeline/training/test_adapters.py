@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import adapters as ad
+from pipeline.training import adapters as ad
 
 W, H = 123, 77  # odd, landscape
 ROWS, COLS = (20, 49), (30, 79)  # inclusive pixel rows / cols of the target rectangle
@@ -212,6 +212,20 @@ def test_cris_nearest_option_is_binary():
     y0, y1, x0, x1 = bbox(mask.numpy() > 0)
     assert abs(y0 - math.ceil(s * (ROWS[0] - 0.5) + by)) <= 1
     assert abs(x1 - math.floor(s * (COLS[1] + 0.5))) <= 1
+
+
+def test_cv2_warp_nearest_by_hand():
+    src = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    up = ad.cv2_warp_affine(src, np.array([[2.0, 0, 0], [0, 2.0, 0]]), (9, 7), "nearest", 99)
+    # OpenCV INTER_NEAREST: dst x reads src floor(x / 2 + 0.5); past the source, the border
+    cols = [0, 1, 1, 2, 2, 3, 3, None, None]
+    rows = [0, 1, 1, 2, 2, None, None]
+    want = np.array([[99 if r is None or c is None else src[r, c] for c in cols] for r in rows],
+                    np.uint8)
+    np.testing.assert_array_equal(up, want)
+    rgb = np.stack([src, src + 1, src + 2], axis=-1)
+    np.testing.assert_array_equal(
+        ad.cv2_warp_affine(rgb, np.array([[1.0, 0, 0], [0, 1.0, 0]]), (4, 3), "nearest"), rgb)
 
 
 def test_cv2_warp_identity_and_constant():

@@ -1,0 +1,425 @@
+"""Training-side reader of a ``shards`` artifact: a thin PyTorch ``Dataset`` with NeMo mosaics.
+
+The ``shards`` stage writes everything a training loop needs per sentence (mask RLE, ranked mosaic
+negative candidates, allowed quadrants, ranked hard-negative texts) so that this reader does no
+retrieval at all: it only decodes a few JPEGs and one RLE per sample. It is kept *thin* on
+purpose: importing it pulls in torch, numpy, pyarrow, pillow and pycocotools only (plus the
+stdlib-only :mod:`pipeline.io`), never open_clip / faiss / transformers / dask / polars / typer,
+so a training environment does not need the preprocessing stack.
+
+Layout read: see :mod:`pipeline.training.schema` (shards schema "1", "2" or "3": the same
+columns; the thumbnails, small JPEG copies of the training images from which mosaic cells are
+filled, are their own artifact since "3", found through the shards manifest). What is checked
+before anything is read: :mod:`pipeline.training.artifact`.
+
+Sample dict (``NemoDataset[i]``)::
+
+    image               PIL.Image (RGB, W x H of the positive image), or what `transform` returns
+    mask                np.uint8 H x W in {0, 1} (union of the targets; zeros for no-target)
+    sentence            str
+    hard_negatives      list[str]: first `n_hard_negatives` of hn_texts (train split, curriculum on)
+    hard_negative_kinds list[str]: their provenance kinds, aligned with hard_negatives
+    meta                {sent_id, ref_id, image_id, split, index, epoch, is_mosaic, quadrant,
+                         source_image_ids, no_target}
+
+Mosaic geometry: :mod:`pipeline.training.mosaic`. Determinism: every random draw of sample
+``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` and nothing
+else (:mod:`pipeline.training.sampling`), so a sample does not depend on the number of DataLoader
+workers, on the order of access, or on what was read before.
+
+Epochs and DataLoader workers: :meth:`NemoDataset.set_epoch` writes the epoch into a one-element
+tensor in shared memory. Non-persistent workers get a fresh copy of the dataset every epoch, and
+persistent workers (fork or spawn) read the shared tensor, so calling ``set_epoch(e)`` before
+iterating the loader for epoch ``e`` is enough in both cases (don't call it mid-epoch). An
+alternative that needs no shared state is a sampler-driven epoch: index the dataset with
+``(epoch, index)`` tuples, e.g. from a sampler that yields them; the tuple's epoch wins.
+"""
+
+from __future__ import annotations
+
+import io
+import operator
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.training.artifact import RowGroups, ShardsArtifact
+from pipeline.training.mosaic import CELL_FITS, SizeFit, cell_boxes, cell_fit_of, compose
+from pipeline.training.sampling import (
+    draw_mosaic_u,
+    first_hard_negatives,
+    plan_mosaic,
+    sample_rng,
+)
+from pipeline.training.schema import IMAGES_TABLE, SHARDS_SCHEMA_VERSIONS, TRAIN_SPLIT
+
+__all__ = ["SCHEMA_VERSIONS", "NemoDataset", "collate_fn", "decode_rle"]
+
+SCHEMA_VERSIONS = SHARDS_SCHEMA_VERSIONS
+"""Shards schema versions this reader understands (manifest and every Parquet file)."""
+
+# Only the columns a sample needs are decoded; the others (category_id, ann_ids, k_shortfall,
+# positional_words, hn_scores) stay on disk.
+READ_COLUMNS = (
+    "sent_id", "ref_id", "image_id", "split", "sent", "no_target", "mask_rle",
+    "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds",
+)
+
+Transform = Callable[[Any, Any], tuple[Any, Any]]
+
+
+class _ProcessLocal:
+    """Open Parquet files, the row-group LRU cache and open thumbnail packs of ONE process.
+
+    Never pickled and rebuilt when the pid changes: a forked worker must not share the parent's
+    file objects, and a spawned worker must not receive (unpicklable) handles.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.files: dict[int, pq.ParquetFile] = {}
+        self.groups: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self.packs: dict[int, int] = {}  # thumbnail pack index -> open file descriptor
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            for fd in self.packs.values():
+                os.close(fd)
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """The uint8 {0, 1} H x W (C-contiguous) mask of a compressed COCO RLE row."""
+    counts = rle["counts"]
+    obj = {"size": [int(v) for v in rle["size"]],
+           "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return np.ascontiguousarray(mask_utils.decode(obj), dtype=np.uint8)
+
+
+class NemoDataset(torch.utils.data.Dataset):
+    """One split of a ``shards`` artifact as a map-style dataset (one item per sentence).
+
+    Args:
+        shards_dir: the ``shards`` artifact directory (``nemo-pipe path --stage shards``).
+        split: ``train``, ``val``, ``test``, ``testA``, ``testB`` (whatever the artifact has).
+        images_dir: directory the ``file_name`` column is relative to.
+        gamma: NeMo augmentation ratio: probability that a train sample becomes a mosaic (the
+            paper's best is 0.5-0.6). Eval splits never augment.
+        n_hard_negatives: hard-negative texts returned per sample (0: none), for C3*-style
+            losses; taken best first from the row's ranked ``hn_texts``. Train split only.
+        positional_constraint: put the positive only in the row's ``allowed_quadrants`` (so
+            "the man on the left" stays on the left of the mosaic).
+        curriculum_start_epoch: epochs before it train without any augmentation (no mosaic, no
+            hard negatives), as the hard-negative curriculum prescribes.
+        seed: with the epoch and the index, the only source of randomness.
+        transform: ``transform(image, mask) -> (image, mask)``, applied last.
+        cell_fit: "stretch" (default, the paper's code) or "letterbox".
+        thumbnails: fill mosaic cells from the thumbnails the shards were built with (several
+            times cheaper than decoding the originals); None (default) uses them when the
+            shards have them, True requires them, False always decodes the originals (at
+            reduced size).
+        thumbnails_dir: where the thumbnails artifact is, when it is not at the place the shards'
+            manifest records (``../../thumbnails/<key>`` from the shards dir, as in the work
+            dir); it must still be that very artifact (same key and files).
+    """
+
+    #: Row groups (256 rows each in a real artifact) cached per process; random access over a
+    #: shuffled split mostly misses, so a small cache only serves neighbouring indices.
+    row_group_cache_size: int = 8
+
+    def __init__(
+        self,
+        shards_dir: str | os.PathLike[str],
+        split: str,
+        images_dir: str | os.PathLike[str],
+        gamma: float = 0.6,
+        n_hard_negatives: int = 0,
+        positional_constraint: bool = False,
+        curriculum_start_epoch: int = 0,
+        seed: int = 0,
+        transform: Transform | None = None,
+        cell_fit: str = "stretch",
+        thumbnails: bool | None = None,
+        thumbnails_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if int(n_hard_negatives) < 0:
+            raise ValueError(f"n_hard_negatives must be >= 0, got {n_hard_negatives!r}")
+        if int(curriculum_start_epoch) < 0:
+            raise ValueError(f"curriculum_start_epoch must be >= 0, got {curriculum_start_epoch!r}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed!r}")
+        if cell_fit not in CELL_FITS:
+            raise ValueError(f"cell_fit must be one of {CELL_FITS}, got {cell_fit!r}")
+        if transform is not None and not callable(transform):
+            raise TypeError("transform must be callable as transform(image, mask)")
+
+        self.shards_dir = Path(shards_dir)
+        self.split = str(split)
+        self.images_dir = Path(images_dir)
+        self.gamma = float(gamma)
+        self.n_hard_negatives = int(n_hard_negatives)
+        self.positional_constraint = bool(positional_constraint)
+        self.curriculum_start_epoch = int(curriculum_start_epoch)
+        self.seed = int(seed)
+        self.transform = transform
+        self.cell_fit = cell_fit
+
+        self._artifact = artifact = ShardsArtifact(self.shards_dir)
+        split_files = artifact.split_files(self.split)
+        self._files = [str(p) for p in split_files]
+        self._groups = RowGroups.of(split_files, READ_COLUMNS)
+        self._images = artifact.images()
+        self._thumbs = artifact.thumbnails(thumbnails, thumbnails_dir)
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(
+                f"images directory {self.images_dir} does not exist (the `file_name` column of "
+                f"{self.shards_dir / IMAGES_TABLE} is relative to it; pass the --images dir used "
+                "for the pipeline run)")
+        # Shared memory, so set_epoch reaches persistent DataLoader workers too (see module doc).
+        self._epoch_cell = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._local: _ProcessLocal | None = None
+
+    @property
+    def uses_thumbnails(self) -> bool:
+        return self._thumbs is not None
+
+    def available_splits(self) -> list[str]:
+        """Split directories of the artifact that hold at least one part file."""
+        return self._artifact.available_splits()
+
+    # --------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and cached row groups stay in the process that made them.
+        state = self.__dict__.copy()
+        state["_local"] = None
+        return state
+
+    def _process_local(self) -> _ProcessLocal:
+        local = self._local
+        if local is None or local.pid != os.getpid():
+            local = self._local = _ProcessLocal()
+        return local
+
+    # ------------------------------------------------------------------------------ epoch API
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch_cell.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random draws and the curriculum stage; call before each epoch."""
+        epoch = operator.index(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch_cell.fill_(epoch)
+
+    def augmenting(self, epoch: int | None = None) -> bool:
+        """Whether samples of ``epoch`` may be augmented (train split, curriculum reached)."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.split == TRAIN_SPLIT and epoch >= self.curriculum_start_epoch
+
+    # ---------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return self._groups.length
+
+    def __repr__(self) -> str:
+        return (f"NemoDataset({str(self.shards_dir)!r}, split={self.split!r}, len={len(self)}, "
+                f"gamma={self.gamma}, n_hard_negatives={self.n_hard_negatives}, "
+                f"positional_constraint={self.positional_constraint}, "
+                f"curriculum_start_epoch={self.curriculum_start_epoch}, seed={self.seed}, "
+                f"cell_fit={self.cell_fit!r}, epoch={self.epoch})")
+
+    def image_path(self, image_id: int) -> Path:
+        try:
+            return self.images_dir / self._images[int(image_id)]
+        except KeyError:
+            raise KeyError(
+                f"image_id {image_id} is referenced by {self.shards_dir / self.split} but missing "
+                f"from {self.shards_dir / IMAGES_TABLE}; the artifact is inconsistent: re-run "
+                "`nemo-pipe run --stage shards --force`") from None
+
+    def row(self, index: int) -> dict[str, Any]:
+        """The Parquet row of sample ``index`` (needed columns only), via the row-group cache."""
+        index = self._normalize_index(index)
+        file, group, offset = self._groups.locate(index)
+        key = (file, group)
+        local = self._process_local()
+        table = local.groups.get(key)
+        if table is None:
+            pf = local.files.get(file)
+            if pf is None:
+                pf = local.files[file] = pq.ParquetFile(self._files[file])
+            table = pf.read_row_group(group, columns=list(READ_COLUMNS))
+            local.groups[key] = table
+            while len(local.groups) > max(1, self.row_group_cache_size):
+                local.groups.popitem(last=False)
+        else:
+            local.groups.move_to_end(key)
+        return table.slice(offset, 1).to_pylist()[0]
+
+    def _normalize_index(self, index: int) -> int:
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        return i
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(index, tuple):  # sampler-driven epoch: (epoch, index)
+            epoch, index = (operator.index(v) for v in index)
+            if epoch < 0:
+                raise ValueError(f"epoch must be >= 0, got {epoch}")
+        else:
+            epoch = self.epoch
+        index = self._normalize_index(index)
+        row = self.row(index)
+        rng = sample_rng(self.seed, epoch, index)
+        augment = self.augmenting(epoch)
+        u = draw_mosaic_u(rng)
+
+        image_id = int(row["image_id"])
+        plan = None
+        if augment and u < self.gamma:
+            plan = plan_mosaic(image_id, row["neg_image_ids"], row["allowed_quadrants"], rng,
+                               self.positional_constraint)
+
+        mask = decode_rle(row["mask_rle"])
+        height, width = mask.shape
+        if plan is not None and min(width, height) < 2:
+            plan = None  # a 1-pixel-wide or -high positive has an empty cell: keep it single
+        # in a mosaic the positive is shown in one cell: decode it at reduced size too
+        fit = (None if plan is None
+               else cell_fit_of(cell_boxes(width, height)[plan[0]], self.cell_fit))
+        positive, size = self._load_rgb(image_id, fit)
+        if size != (width, height):
+            raise ValueError(
+                f"sent_id {row['sent_id']}: mask is {width}x{height} but image "
+                f"{self.image_path(image_id)} is {size[0]}x{size[1]}; the "
+                "shards and the images dir do not match")
+
+        if plan is None:
+            image, quadrant, sources = positive, None, [image_id]
+        else:
+            quadrant, sources = plan
+            image, mask = compose(positive, mask, quadrant, sources, self.cell_fit,
+                                  self._load_rgb)
+
+        if augment and self.n_hard_negatives:
+            hard, kinds = first_hard_negatives(row["hn_texts"], row["hn_kinds"],
+                                               self.n_hard_negatives)
+        else:
+            hard, kinds = [], []
+
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return {
+            "image": image,
+            "mask": mask,
+            "sentence": row["sent"],
+            "hard_negatives": hard,
+            "hard_negative_kinds": kinds,
+            "meta": {
+                "sent_id": int(row["sent_id"]),
+                "ref_id": int(row["ref_id"]),
+                "image_id": image_id,
+                "split": row["split"],
+                "index": index,
+                "epoch": epoch,
+                "is_mosaic": plan is not None,
+                "quadrant": quadrant,
+                "source_image_ids": sources,
+                "no_target": bool(row["no_target"]),
+            },
+        }
+
+    # ---------------------------------------------------------------------------------- images
+    def _thumbnail(self, image_id: int) -> tuple[bytes, tuple[int, int]] | None:
+        """(JPEG bytes, original size) of an image's thumbnail, or None if it has none."""
+        found = self._thumbs.find(image_id) if self._thumbs is not None else None
+        if found is None:
+            return None
+        pack, offset, length, size = found
+        local = self._process_local()
+        fd = local.packs.get(pack)
+        if fd is None:
+            fd = local.packs[pack] = os.open(self._thumbs.paths[pack], os.O_RDONLY)
+        return os.pread(fd, length, offset), size
+
+    def _load_rgb(self, image_id: int, fit: SizeFit | None = None
+                  ) -> tuple[Image.Image, tuple[int, int]]:
+        """Decode an image as RGB; return it and its full (header) size.
+
+        With ``fit`` (header size -> target size) the image is shown in a mosaic cell: it comes
+        from its thumbnail when the artifact has one, and libjpeg downscales by 1/2, 1/4 or 1/8
+        while decoding (``Image.draft``), never below the target. A positive shown alone is
+        decoded at full size.
+        """
+        thumb = self._thumbnail(image_id) if fit is not None else None
+        if thumb is not None:
+            data, size = thumb  # the original's size: the fit is computed from it
+            return _decode_rgb(io.BytesIO(data), fit(size)), size
+        path = self.image_path(image_id)
+        try:
+            with open(path, "rb") as f:
+                im = Image.open(f)
+                size = im.size
+                return _decode_rgb(im, fit(size) if fit is not None else None), size
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"image {path} (image_id {image_id}) not found; is images_dir right?") from None
+
+
+def _decode_rgb(source: Image.Image | io.BytesIO, draft: tuple[int, int] | None) -> Image.Image:
+    """Decode an opened image (or JPEG bytes) as RGB, at reduced size when `draft` is given."""
+    im = source if isinstance(source, Image.Image) else Image.open(source)
+    if draft is not None:
+        im.draft("RGB", draft)
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch samples for a training step.
+
+    Images / masks are stacked when they are tensors of one shape (after a `transform`), and
+    kept as lists otherwise (PIL images, arrays, ragged sizes). Hard negatives are padded with
+    "" to N = the largest count in the batch, with ``hard_negative_mask`` (bool, B x N) marking
+    real entries, so a C3*-style loss can score N negatives per image and mask the padding.
+    """
+    if not batch:
+        raise ValueError("collate_fn got an empty batch")
+
+    def stack(values: list[Any]) -> Any:
+        if all(isinstance(v, torch.Tensor) for v in values) and len(
+                {tuple(v.shape) for v in values}) == 1:
+            return torch.stack(values)
+        return values
+
+    n = max(len(s["hard_negatives"]) for s in batch)
+    valid = torch.zeros((len(batch), n), dtype=torch.bool)
+    texts, kinds = [], []
+    for i, s in enumerate(batch):
+        hard = list(s["hard_negatives"])
+        kind = list(s.get("hard_negative_kinds", []))[: len(hard)]
+        valid[i, : len(hard)] = True
+        texts.append(hard + [""] * (n - len(hard)))
+        kinds.append(kind + [""] * (n - len(kind)))
+    return {
+        "image": stack([s["image"] for s in batch]),
+        "mask": stack([s["mask"] for s in batch]),
+        "sentence": [s["sentence"] for s in batch],
+        "hard_negatives": texts,
+        "hard_negative_kinds": kinds,
+        "hard_negative_mask": valid,
+        "meta": [s["meta"] for s in batch],
+    }

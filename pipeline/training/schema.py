@@ -1,0 +1,135 @@
+"""The layout of a `shards` artifact and of the `thumbnails` artifact it references.
+
+ONE declaration of table names, column names and types, schema versions and the manifest fields,
+imported by the stages that write them (`stages/shards.py`, `stages/thumbnails.py`) and by the
+reader that reads them (`pipeline.training.dataset`), so the two cannot drift apart. Stdlib only at
+import (pyarrow is imported by the functions that build Arrow schemas): the reader stays thin and
+the stage modules stay cheap to import.
+
+Shards (one directory per table, `part-*.parquet`, every file's schema version in its metadata)::
+
+    <shards>/_manifest.json          {"stage": "shards", "schema_version": "3",
+                                      "upstream_artifacts": {...}, "thumbnails": {reference}}
+    <shards>/images/                 image_id, file_name, width, height
+    <shards>/<split>/                one row per sentence (ROW_SCHEMA), sorted by sent_id
+
+Thumbnails (their own artifact since shards schema 3; inside the shards dir before)::
+
+    <thumbnails>/thumbnails/part-NNNNN.parquet   image_id -> pack, offset, length, width, height
+                                                 (of the thumbnail), src_width, src_height
+    <thumbnails>/thumbnail_packs/part-NNNNN.jpgs the thumbnails' JPEG files, concatenated
+
+The shards manifest's `thumbnails` field (:class:`ThumbnailsRef`) names the thumbnails artifact the
+shards were built with: its key, its directory relative to the shards directory, and the size and
+sha256 of each of its files, so a reader given only the shards directory finds the packs and can
+tell that they are the ones the shards were built against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# -- shards ------------------------------------------------------------------------------------
+SHARDS_STAGE = "shards"
+SHARDS_SCHEMA_VERSION = "3"
+"""Written by the shards stage (its stage version, in the manifest and every Parquet file).
+1: first layout. 2: same columns; training rows' same-image negatives follow the split and
+positive rules, evaluation rows have none. 3: same columns; the thumbnails are their own
+artifact, referenced by the manifest's `thumbnails` field instead of stored inside."""
+SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3"})
+"""Shards schema versions the reader understands (manifest and every Parquet file)."""
+
+SCHEMA_VERSION_FIELD = "schema_version"
+UPSTREAM_ARTIFACTS_FIELD = "upstream_artifacts"
+THUMBNAILS_FIELD = "thumbnails"  # the manifest field holding the ThumbnailsRef (schema >= 3)
+
+IMAGES_TABLE = "images"
+IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
+SPLIT_TABLES = ("train", "val", "test", "testA", "testB")
+TRAIN_SPLIT = "train"
+ALL_QUADRANTS = (0, 1, 2, 3)  # quadrant order: top-left, top-right, bottom-left, bottom-right
+
+ROW_COLUMNS = (
+    "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
+    "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
+    "hn_texts", "hn_kinds", "hn_scores",
+)
+"""The columns of a split table, in file order."""
+
+
+def row_schema() -> pa.Schema:
+    """The Arrow schema of a split table (ROW_COLUMNS with their types)."""
+    import pyarrow as pa
+
+    rle = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+    types = {"sent_id": pa.int64(), "ref_id": pa.int64(), "image_id": pa.int64(),
+             "split": pa.string(), "sent": pa.string(), "category_id": pa.int32(),
+             "ann_ids": pa.list_(pa.int64()), "no_target": pa.bool_(), "mask_rle": rle,
+             "neg_image_ids": pa.list_(pa.int64()), "k_shortfall": pa.int32(),
+             "positional_words": pa.list_(pa.string()),
+             "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
+             "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
+    return pa.schema([(c, types[c]) for c in ROW_COLUMNS])
+
+
+# -- thumbnails --------------------------------------------------------------------------------
+THUMBNAILS_STAGE = "thumbnails"
+THUMBNAILS_SCHEMA_VERSION = "1"
+"""Written by the thumbnails stage (its stage version, in every index file)."""
+THUMBNAILS_SCHEMA_VERSIONS = frozenset({"1"})
+THUMBNAILS_TABLE = "thumbnails"
+THUMBNAIL_PACKS = "thumbnail_packs"  # a directory of its own: `thumbnails/` stays plain Parquet
+PACK_SUFFIX = ".jpgs"
+THUMBNAIL_COLUMNS = ("image_id", "pack", "offset", "length", "width", "height", "src_width",
+                     "src_height")
+
+
+def thumbnails_schema() -> pa.Schema:
+    """The Arrow schema of the thumbnails index (THUMBNAIL_COLUMNS with their types)."""
+    import pyarrow as pa
+
+    types = {"image_id": pa.int64(), "pack": pa.string(), "offset": pa.int64(),
+             "length": pa.int32(), "width": pa.int32(), "height": pa.int32(),
+             "src_width": pa.int32(), "src_height": pa.int32()}
+    return pa.schema([(c, types[c]) for c in THUMBNAIL_COLUMNS])
+
+
+@dataclass(frozen=True)
+class ThumbnailsRef:
+    """What a shards manifest says about the thumbnails artifact it was built with.
+
+    `path` is the thumbnails artifact's directory relative to the shards directory (in the work
+    dir `../../thumbnails/<key>`, so a copy of the whole dataset directory keeps working);
+    `files` maps each of its files to its `bytes` and `sha256`, as its own manifest lists them.
+    """
+
+    key: str
+    version: str
+    path: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": THUMBNAILS_STAGE, "key": self.key, "version": self.version,
+                "path": self.path, "files": self.files}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ThumbnailsRef | None:
+        """The reference in a shards manifest; None when it has none (no thumbnails, or a
+        schema 1/2 artifact that holds them inside). Raises ValueError when it is malformed."""
+        ref = manifest.get(THUMBNAILS_FIELD)
+        if ref is None:
+            return None
+        ok = (isinstance(ref, dict) and ref.get("stage") == THUMBNAILS_STAGE
+              and all(isinstance(ref.get(k), str) for k in ("key", "version", "path"))
+              and isinstance(ref.get("files"), dict)
+              and all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                      and isinstance(v.get("bytes"), int) for v in ref["files"].values()))
+        if not ok:
+            raise ValueError(f"the manifest's {THUMBNAILS_FIELD!r} field is malformed")
+        return cls(ref["key"], ref["version"], ref["path"],
+                   {k: {"bytes": v["bytes"], "sha256": v["sha256"]}
+                    for k, v in ref["files"].items()})
