@@ -11,7 +11,8 @@ with fewer than K is reported (`k_shortfall`), never silently padded.
 `k=all` keeps every survivor of the whole pool (the paper's uniform selection, K = the pool).
 The survivors are then the pool minus the own image minus the images with rho >= tau; a row
 stores whichever of survivors and exclusions is shorter, and the pool itself is written once
-(`pool.parquet`); `pipeline.training.mosaic_candidates` declares the layout and gives readers the set.
+(`pool.parquet`); `pipeline.training.mosaic_candidates` declares the layout and gives
+readers the set.
 The exclusions are exact over the whole pool, not just the top-M that `negatives` kept: they
 come from the stored candidates only when no unstored image can reach tau (the ranking score is
 the filter's and the M-th stored score is already below tau, or M covers the pool); other queries
