@@ -195,16 +195,15 @@ def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:
             "of": "raw cosine of the kept negatives"}
 
 
-_TOKENS: dict[str, dict[int, list[str]]] = {}
-
-
 def _tokens_by_sent(sentences: UpstreamTable) -> dict[int, list[str]]:
-    if sentences.ident not in _TOKENS:
+    from pipeline.process_cache import process_cached
+
+    def build() -> dict[int, list[str]]:
         t = sentences.read(["sent_id", "tokens"])
-        _TOKENS.clear()
-        _TOKENS[sentences.ident] = dict(zip(t.column("sent_id").to_pylist(),
-                                            t.column("tokens").to_pylist(), strict=True))
-    return _TOKENS[sentences.ident]
+        return dict(zip(t.column("sent_id").to_pylist(), t.column("tokens").to_pylist(),
+                        strict=True))
+
+    return process_cached("mosaic_tables.tokens", sentences.ident, build, max_entries=1)
 
 
 def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
