@@ -278,10 +278,6 @@ def run_llm_backend(
         check_kind,
     )
 
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be >= 1")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     for kind in kinds:
         check_kind(kind)

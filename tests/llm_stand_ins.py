@@ -4,10 +4,11 @@
   records every call (requests, budgets, schemas);
 * `FakeGenerator` / `NoGenerator`: answers keyed by (kind, sentence) for distractor prompts;
   the second fails if asked anything (a cached request regenerated);
-* `view_entry` / `VALID`: hand-written view answers;
+* `view_entry` / `VALID`: hand-written view answers for the instances `MAN` and `LADY`;
 * fixtures: `tiny_dir` (the tiny LLaVA, built once per session), `tiny` (it, loaded by the HF
-  generator, once per module), `strict_vllm` (tests/fake_vllm.py in both API shapes), and
-  `fresh_generators` (an empty per-process generator cache before and after a test).
+  generator, once per module), `tiny_work` / `tiny_lm` (the tiny causal LM under a work dir
+  of the module, loaded by `get_generator`), `strict_vllm` (tests/fake_vllm.py in both API
+  shapes), and `fresh_generators` (an empty per-process generator cache before and after).
 
 tests/conftest.py registers the fixtures for every test (``pytest_plugins``).
 """
@@ -24,6 +25,20 @@ import pytest
 from PIL import Image
 
 from pipeline import process_cache
+
+
+def _instances() -> tuple[Any, Any]:
+    from stages.text.view_prompts import Instance
+
+    return (Instance(instance_id=101, category="person", bbox=(10, 40, 30, 50),
+                     expressions=[b"left", b"man", b"Man"]),
+            Instance(instance_id="102", category="person", bbox=(60, 35, 30, 60),
+                     expressions=["lady", "Woman on right", "woman"]))
+
+
+MAN, LADY = _instances()
+INSTANCES = [MAN, LADY]
+IDS = ["101", "102"]
 
 
 def view_entry(appearance: str = "the young man with glasses", action: str | None = "the man "
@@ -99,6 +114,22 @@ def tiny(tiny_dir: Path) -> Any:
     from stages.models.generation.hf_engine import HFVisionGenerator
 
     return HFVisionGenerator("tiny", device="cpu", dtype="auto", cache_dir=tiny_dir.parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-work")
+
+
+@pytest.fixture
+def tiny_lm(tiny_work: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The tiny causal LM as the augment stage gets it (built under `tiny_work`)."""
+    from stages.models.generation.engines import get_generator
+
+    monkeypatch.setenv("NEMO_WORK_DIR", str(tiny_work))
+    process_cache.clear("generator")  # loaded afresh under this NEMO_WORK_DIR
+    yield get_generator("hf", "tiny", "cpu", images=False)
+    process_cache.clear("generator")
 
 
 @pytest.fixture(params=["new", "old"])

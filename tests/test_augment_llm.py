@@ -16,12 +16,10 @@ import fake_vllm
 import pytest
 from llm_stand_ins import FakeGenerator, NoGenerator
 
-from pipeline import process_cache
 from pipeline.request_cache import RequestCache
 from stages.augment import run_llm_backend
 from stages.augment_rules import KINDS, SceneContext, validate
 from stages.models.generation.answers import Answer
-from stages.models.generation.engines import get_generator
 from stages.models.generation.vllm_engine import VLLMTextGenerator
 from stages.text.distractor_answers import build_distractor
 from stages.text.distractor_prompts import build_kind_prompt, distractor_budget, distractor_schema
@@ -186,22 +184,9 @@ def test_bad_arguments(tmp_path: Path) -> None:
 # the real (tiny) causal LM
 
 
-@pytest.fixture(scope="module")
-def tiny_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny-work")
-
-
-@pytest.fixture
-def tiny(tiny_work: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("NEMO_WORK_DIR", str(tiny_work))
-    process_cache.clear("generator")  # loaded afresh under this NEMO_WORK_DIR
-    yield get_generator("hf", "tiny", "cpu", images=False)
-    process_cache.clear("generator")
-
-
-def test_run_llm_backend_with_the_tiny_model(tiny: Any, tmp_path: Path) -> None:
+def test_run_llm_backend_with_the_tiny_model(tiny_lm: Any, tmp_path: Path) -> None:
     sentences = [(1, S1, None), (2, S2, None)]
-    before = tiny.stats.requests
+    before = tiny_lm.stats.requests
     accepted, rejected, counts = run_llm_backend(
         sentences, KINDS, 2, "tiny", "cpu", tmp_path / "tiny.sqlite", max_attempts=2,
         batch_size=4, max_new_tokens=16)
@@ -212,7 +197,7 @@ def test_run_llm_backend_with_the_tiny_model(tiny: Any, tmp_path: Path) -> None:
         records = [cache.get(*k) for k in keys]
     assert len(keys) == 10 and {k[0] for k in keys} == {"causal-lm:tiny-v1-seed0"}
     attempts = sum(r["attempts"] for r in records)
-    assert tiny.stats.requests - before == attempts  # every attempt went to the model
+    assert tiny_lm.stats.requests - before == attempts  # every attempt went to the model
     assert all(1 <= r["attempts"] <= 2 for r in records)
     failed = sum(r["distractors"] is None for r in records)
     # random weights with a 16-token cap: cut off at the limit (or, rarely, EOS: unparseable)

@@ -158,6 +158,13 @@ def _judge(task: Task[J], live: _Live[J], request: Request, text: str, budget: i
     live.requests.remove(request)
 
 
+def _check_limits(max_attempts: int, batch_size: int) -> None:
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+
+
 def run_requests(generator: Any, task: Task[J], jobs: Iterable[J], *, max_attempts: int = 3,
                  batch_size: int = 8, max_new_tokens: int | None = None,
                  on_done: Callable[[J, Outcome], None] | None = None) -> list[Outcome]:
@@ -170,10 +177,7 @@ def run_requests(generator: Any, task: Task[J], jobs: Iterable[J], *, max_attemp
     request. `on_done(job, outcome)` is called as soon as a job is finished, e.g. to put it in
     a request cache before the others are done.
     """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be >= 1")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    _check_limits(max_attempts, batch_size)
     use_schema = bool(getattr(generator, "supports_schema", False))
     count_tokens = getattr(generator, "count_tokens", None)
     outcomes: dict[int, Outcome] = {}
@@ -283,6 +287,7 @@ def run_cached(task: Task[J], plans: Sequence[Plan[J]], *, cache: str | os.PathL
     """
     from pipeline.request_cache import RequestCache
 
+    _check_limits(max_attempts, batch_size)  # before any cache read or model load
     records: dict[str, dict[str, Any]] = {}
     counts = {"generated": 0, "cached": 0}
     usage: dict[str, Any] | None = None

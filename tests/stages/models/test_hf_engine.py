@@ -8,21 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llm_stand_ins import IDS, INSTANCES, MAN
 from PIL import Image
 
-from pipeline import process_cache
 from stages.models.generation.answers import is_truncated
 from stages.models.generation.engines import get_generator
 from stages.models.generation.hf_engine import HFTextGenerator
 from stages.text.distractor_prompts import build_kind_prompt
-from stages.text.view_prompts import Instance, build_prompt, generate_views
+from stages.text.view_prompts import build_prompt, generate_views
 
-MAN = Instance(instance_id=101, category="person", bbox=(10, 40, 30, 50),
-               expressions=[b"left", b"man", b"Man"])
-LADY = Instance(instance_id="102", category="person", bbox=(60, 35, 30, 60),
-                expressions=["lady", "Woman on right", "woman"])
-INSTANCES = [MAN, LADY]
-IDS = ["101", "102"]
 IMAGE = Image.new("RGB", (120, 90), (20, 40, 60))
 
 
@@ -109,19 +103,6 @@ def test_hf_truncation_eos_and_context_cap(tiny: Any,
 
 # --------------------------------------------------------------------------------------------
 # the tiny causal LM
-
-
-@pytest.fixture(scope="module")
-def tiny_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny-work")
-
-
-@pytest.fixture
-def tiny_lm(tiny_work: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("NEMO_WORK_DIR", str(tiny_work))
-    process_cache.clear("generator")  # loaded afresh under this NEMO_WORK_DIR
-    yield get_generator("hf", "tiny", "cpu", images=False)
-    process_cache.clear("generator")
 
 
 def test_tiny_model_loads_through_from_pretrained(tiny_lm: HFTextGenerator,

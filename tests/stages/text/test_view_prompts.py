@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from llm_stand_ins import VALID, ScriptedGenerator
+from llm_stand_ins import IDS, INSTANCES, LADY, MAN, VALID, ScriptedGenerator
 from llm_stand_ins import view_entry as _entry
 from PIL import Image
 
@@ -30,12 +30,6 @@ from stages.text.view_prompts import (
 
 ROOT = Path(__file__).resolve().parents[3]
 
-MAN = Instance(instance_id=101, category="person", bbox=(10, 40, 30, 50),
-               expressions=[b"left", b"man", b"Man"])
-LADY = Instance(instance_id="102", category="person", bbox=(60, 35, 30, 60),
-                expressions=["lady", "Woman on right", "woman"])
-INSTANCES = [MAN, LADY]
-IDS = ["101", "102"]
 IMAGE = Image.new("RGB", (120, 90), (20, 40, 60))
 
 
