@@ -14,10 +14,9 @@ users and as a baseline).
 
 Model backends go through the request loop the augment stage uses too
 (stages.models.generation.loop). Generation is the expensive stage, so they resume per request:
-every finished
-request (success or recorded failure) goes to a request cache keyed by (model, prompt hash,
-image id) as soon as it is done; after a kill nothing finished is generated again, and a
-changed prompt redoes only what changed. Answers are validated per instance: the valid
+every finished request (success or recorded failure) goes to a request cache keyed by (model,
+prompt hash, image id) as soon as it is done; after a kill nothing finished is generated again,
+and a changed prompt redoes only what changed. Answers are validated per instance: the valid
 instances of an answer keep their views, only the others are retried with a repair prompt and,
 failing that, recorded in `failures` with their reason (`truncated`: cut off at the token limit;
 `invalid`; `unreadable_image`), counted per reason in the manifest (`failure_reasons`). Each
