@@ -3,14 +3,14 @@
 No real weights can be fetched, so the model is LLaVA-1.5-7B's architecture (CLIP ViT-L/14 at
 336 px, 576 image tokens; Llama-2-7B text model, 4096 context) with seeded random weights,
 saved with ``save_pretrained`` and loaded back by the stage's own hf path
-(``stages.vlm.HFGenerator`` through ``run_model_backend`` / the pipeline). Throughput does not
-depend on the weights; a random model never writes EOS (``generation_config.eos_token_id`` is
-set to None, as ../shared/gpu/README.md advises), so every request writes its whole token
-budget and ends as a `truncated` failure: the failure reasons show the truncation path at
-scale, not answer quality. The tokenizer is the project's small test BPE with LLaVA's
-``<image>`` token (no Llama tokenizer offline): it writes the prompt and the reference answer
-in more tokens than Llama's would (about 2.2 characters a token, against Llama's 3.3), so the
-budgets here are about 1.5x a real run's.
+(``HFVisionGenerator`` through ``stages.multiview.run_model_backend`` / the pipeline).
+Throughput does not depend on the weights; a random model never writes EOS
+(``generation_config.eos_token_id`` is set to None, as ../shared/gpu/README.md advises), so
+every request writes its whole token budget and ends as a `truncated` failure: the failure
+reasons show the truncation path at scale, not answer quality. The tokenizer is the project's
+small test BPE with LLaVA's ``<image>`` token (no Llama tokenizer offline): it writes the
+prompt and the reference answer in more tokens than Llama's would (about 2.2 characters a
+token, against Llama's 3.3), so the budgets here are about 1.5x a real run's.
 
 Parts (each in its own try block; figures go to ``$OUT/gpu_multiview.json`` as they come):
 
@@ -76,18 +76,19 @@ def build_model(out_dir: Path, size: str, device: str, seed: int = 0) -> dict[st
         LlavaProcessor,
     )
 
-    from stages.vlm import _IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, _build_tokenizer
+    from stages.models.llava import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
+    from stages.models.tiny import build_tokenizer
 
     spec = SIZES[size]
     t0 = time.perf_counter()
-    tokenizer = _build_tokenizer(image_token=True)
+    tokenizer = build_tokenizer(image_token=True)
     vision = CLIPVisionConfig(**spec["vision"])
     text = LlamaConfig(**spec["text"], bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=False)
     side, patch = spec["vision"]["image_size"], spec["vision"]["patch_size"]
     config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=(side // patch) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -164,8 +165,9 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
     """`run_model_backend` on images of 1..max_instances instances in one shard."""
     import torch
 
-    from stages import vlm
-    from stages.multiview import MultiviewParams
+    from stages.models.generation.engines import get_generator
+    from stages.multiview import MultiviewParams, run_model_backend
+    from stages.text.view_prompts import views_budget
 
     by_image = synthetic_scene(work / "images", per_count, max_instances)
     p = MultiviewParams(backend="hf", model=str(model_dir), device=device,
@@ -174,12 +176,12 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
     payload = {"image_ids": sorted(by_image), "images_dir": str(work / "images"),
                "cache": str(work / "requests.sqlite")}
     t0 = time.perf_counter()
-    generator = vlm.get_generator("hf", str(model_dir), device)
+    generator = get_generator("hf", str(model_dir), device)
     load_seconds = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rows, failures, counts = vlm.run_model_backend(p, by_image, payload)
+    rows, failures, counts = run_model_backend(p, by_image, payload)
     wall = time.perf_counter() - t0
     seconds = counts.get("generation_seconds") or wall
     requests = counts.get("model_requests", 0)
@@ -194,7 +196,7 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
         "generated_tokens": counts.get("generated_tokens"),
         "tokens_per_s": round(counts.get("generated_tokens", 0) / seconds, 1) if seconds else None,
         "budget_per_instance_count": {
-            k: vlm.views_budget(k, getattr(generator, "count_tokens", None), max_new_tokens)
+            k: views_budget(k, getattr(generator, "count_tokens", None), max_new_tokens)
             for k in range(1, max_instances + 1)},
         "view_rows": len(rows), "failure_rows": len(failures),
         "failure_reasons": counts.get("failure_reasons"),

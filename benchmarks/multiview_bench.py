@@ -22,7 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.vlm import HFGenerator, Instance, build_prompt  # noqa: E402
+from stages.models.generation.hf_engine import HFVisionGenerator  # noqa: E402
+from stages.text.view_prompts import Instance, build_prompt  # noqa: E402
 
 
 def requests(n: int) -> list[tuple[Image.Image, str]]:
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    gen = HFGenerator("tiny", device="cpu")
+    gen = HFVisionGenerator("tiny", device="cpu")
     reqs = requests(args.requests)
     gen.generate(reqs[:2], max_new_tokens=4, batch_size=2)  # warm-up
     timings = {}

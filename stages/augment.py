@@ -7,11 +7,13 @@ the slot) and a spatial swap is rejected when its new words would describe anoth
 the same category in the image (checked with the boxes): it must be false for the target, not
 true for a neighbour. Rejected ones are kept with their reason.
 
-The `llm` backend (stages.augment_llm) asks any Hugging Face causal LM (local dir, cached id, or
-`tiny` in tests) with a few-shot prompt per kind for JSON, batched, repairs bad answers, puts
-every finished request in the shared request cache (resume per request, like multiview), and
-applies the same validity checks as the rules. Each request's token budget follows its sentence
-(`stages.augment_llm.distractor_budget`); an answer cut off at it is rejected as `truncated`.
+The `llm` backend asks any Hugging Face causal LM (local dir, cached id, or `tiny` in tests)
+with a few-shot prompt per kind for JSON (stages.text.distractor_prompts), through the request
+loop multiview uses too (stages.models.generation.loop): batched, bad answers repaired, every
+finished request put in the shared request cache (resume per request), and the answers held to
+the same validity checks as the rules (stages.text.distractor_answers). Each request's token
+budget follows its sentence (`distractor_budget`); an answer cut off at it is rejected as
+`truncated`, one still unusable otherwise as `unparseable`.
 
 The report per kind (count, share valid, mean CLIP cosine to the source, examples) goes to the
 manifest (`nemo-pipe status --stage augment` shows it). CLIP text embeddings barely move under
@@ -20,6 +22,9 @@ small edits, so a kind's label comes from its edit, never from the cosine.
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,14 +95,10 @@ class Augment(Stage[AugmentParams]):
     def preflight(self, env: RunEnv, params: AugmentParams) -> None:
         p = params
         check_splits("augment.splits", p.splits, env.dataset)
-        if p.backend == "llm" and p.llm_engine == "vllm":
-            from stages.vlm import _import_vllm
+        if p.backend == "llm":
+            from stages.models.generation.engines import check_engine
 
-            _import_vllm()  # a clear error now when vLLM is not installed
-        if p.backend == "llm" and p.model.strip().lower() != "tiny":
-            from stages.vlm import resolve_model_path
-
-            resolve_model_path(p.model)  # a clear error now if the model is not available
+            check_engine(p.llm_engine, p.model)  # vLLM or the model missing: an error now
 
     def run(self, ctx: StageContext[AugmentParams]) -> None:
         import pyarrow as pa
@@ -156,14 +157,15 @@ class Augment(Stage[AugmentParams]):
         return report
 
 
-_CACHE: dict[str, Any] = {}
-_VLLM: dict[tuple[str, int], Any] = {}  # one vLLM engine per worker process
-
-
 def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
     """Per-process lookups: sentence text, the target box and same-class boxes per ref."""
-    if dirs["refs"].ident in _CACHE:
-        return _CACHE[dirs["refs"].ident]
+    from pipeline.process_cache import process_cached
+
+    return process_cached("augment.scene", dirs["refs"].ident, lambda: _read_scene(dirs),
+                          max_entries=1)
+
+
+def _read_scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
     refs = {r["ref_id"]: r for r in dirs["refs"].read().to_pylist()}
     sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
     objects = dirs["objects"].read().select(
@@ -173,14 +175,12 @@ def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
     by_image: dict[int, list[dict[str, Any]]] = {}
     for o in objects:
         by_image.setdefault(o["image_id"], []).append(o)
-    _CACHE.clear()
-    _CACHE[dirs["refs"].ident] = {
+    return {
         "refs": refs, "images": images, "objects": by_image,
         "sent": dict(zip(sents.column("sent_id").to_pylist(),
                          zip(sents.column("ref_id").to_pylist(), sents.column("sent").to_pylist(),
                              strict=True), strict=True)),
     }
-    return _CACHE[dirs["refs"].ident]
 
 
 def scene_context(scene: dict[str, Any], ref: dict[str, Any]) -> Any:
@@ -210,20 +210,13 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) 
     bad: list[tuple[int, str, str, str]] = []
     counts: dict[str, int] = {}
     if p.backend == "llm":
-        from stages.augment_llm import VLLMTextGenerator, run_llm_backend
-
         items = []
         for sid in payload["sent_ids"]:
             rid, text = scene["sent"][sid]
             items.append((sid, text, scene_context(scene, scene["refs"][rid])))
-        generator = None
-        if p.llm_engine == "vllm":
-            if (p.model, p.per_kind) not in _VLLM:
-                _VLLM[(p.model, p.per_kind)] = VLLMTextGenerator(p.model, p.per_kind)
-            generator = _VLLM[(p.model, p.per_kind)]
         ok, bad, counts = run_llm_backend(items, list(p.kinds), p.per_kind, p.model, p.device,
                                           Path(payload["cache"]), max_attempts=p.max_attempts,
-                                          batch_size=p.batch_size, generator=generator)
+                                          batch_size=p.batch_size, engine=p.llm_engine)
     else:
         for sid in payload["sent_ids"]:
             rid, text = scene["sent"][sid]
@@ -246,3 +239,102 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) 
         "reason": pa.array([b[3] for b in bad], pa.string()),
     }))
     return {"distractors": len(ok), "rejected": len(bad), **counts}
+
+
+# -- llm backend ----------------------------------------------------------------------------
+def run_llm_backend(
+    sentences: Sequence[tuple[int, str, Any]],
+    kinds: Sequence[str],
+    per_kind: int,
+    model: str,
+    device: str,
+    cache_path: str | os.PathLike[str],
+    max_attempts: int = 2,
+    batch_size: int = 8,
+    *,
+    engine: str = "hf",
+    generator: Any = None,
+    max_new_tokens: int | None = None,
+) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, str]], dict[str, int]]:
+    """Distractors of `sentences` (``(sent_id, text, SceneContext or None)``) by a causal LM.
+
+    Returns ``(accepted, rejected, counts)``: accepted ``(sent_id, kind, text)``, rejected
+    ``(sent_id, kind, text, reason)`` (`stages.text.distractor_answers` says how answers are
+    judged), counts ``{"generated": requests answered by the model in this call, "cached":
+    requests read from the cache}``. Rows come in input order (sentence, then kind, then model
+    order).
+
+    One request per (sentence, kind), through the shared request loop (`run_cached`): sent
+    `batch_size` at a time (requests being repaired first), finished when the answer parses or
+    after `max_attempts` answers (each retry with the repair prompt), and put in the request
+    cache at `cache_path` at once, keyed by (model, hash of the prompt, `max_attempts`,
+    `max_new_tokens` and the budget rule, ``"<sent_id>:<kind>"``). The cached value is the
+    parsed list (or None for a failure) with attempts, errors and whether the last answer was
+    cut off, so a rerun never regenerates a finished request, re-judges cached answers with
+    the current validation, and loads no model when everything is cached. An answer still
+    unparseable after the last attempt is rejected as ``"truncated: ..."`` when it was cut off
+    at its token limit, else ``"unparseable: ..."``.
+
+    `engine`: ``hf`` or ``vllm`` (`get_generator`). `generator`: any object with
+    ``generate(prompts, max_new_tokens=, batch_size=)`` instead (tests inject a scripted one);
+    its ``cache_key`` attribute, if any, is the cache's model key, else ``f"custom:{model}"``.
+    """
+    from pipeline.request_cache import prompt_hash
+    from stages.models.generation.answers import BUDGET_VERSION
+    from stages.models.generation.engines import get_generator, model_key
+    from stages.models.generation.loop import Outcome, Plan, run_cached
+    from stages.text.distractor_answers import judge_answer
+    from stages.text.distractor_prompts import (
+        PROMPT_VERSION,
+        TARGET,
+        DistractorJob,
+        DistractorTask,
+        build_kind_prompt,
+        check_kind,
+    )
+
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    for kind in kinds:
+        check_kind(kind)
+    if generator is not None:
+        key = str(getattr(generator, "cache_key", None) or f"custom:{model}")
+    else:
+        key = model_key(engine, model, images=False)
+    cap = None if max_new_tokens is None else int(max_new_tokens)
+    gen_params = {"prompt_version": PROMPT_VERSION, "max_attempts": int(max_attempts),
+                  "max_new_tokens": cap, "budget": BUDGET_VERSION}
+    plans = []
+    rows = []
+    for sent_id, sentence, context in sentences:
+        for kind in kinds:
+            item = f"{int(sent_id)}:{kind}"
+            phash = prompt_hash(build_kind_prompt(kind, sentence, per_kind), gen_params)
+            plans.append(Plan(item, phash, functools.partial(DistractorJob, sentence, kind)))
+            rows.append((int(sent_id), sentence, kind, context, item))
+
+    def to_record(job: DistractorJob, outcome: Outcome) -> dict[str, Any]:
+        failed = outcome.failed.get(TARGET)
+        return {"distractors": outcome.values.get(TARGET), "attempts": outcome.attempts,
+                "errors": outcome.errors,
+                "truncated": failed is not None and failed.startswith("truncated:")}
+
+    records, counts, _ = run_cached(
+        DistractorTask(per_kind), plans, cache=cache_path, model_key=key,
+        load_generator=lambda: (generator if generator is not None else
+                                get_generator(engine, model, device, images=False)),
+        to_record=to_record, max_attempts=max_attempts, batch_size=batch_size,
+        max_new_tokens=cap)
+    accepted: list[tuple[int, str, str]] = []
+    rejected: list[tuple[int, str, str, str]] = []
+    for sent_id, sentence, kind, context, item in rows:
+        record = records[item]
+        if record["distractors"] is None:
+            errors = record.get("errors") or ["no answer"]
+            last = str(errors[-1]).split(": ", 1)[-1]
+            word = "truncated" if record.get("truncated") else "unparseable"
+            rejected.append((sent_id, kind, "", f"{word}: {last}"))
+            continue
+        ok, bad = judge_answer(sentence, kind, record["distractors"], per_kind, context)
+        accepted.extend((sent_id, kind, t) for t in ok)
+        rejected.extend((sent_id, kind, t, r) for t, r in bad)
+    return accepted, rejected, counts

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-    from stages.clip_models import ClipBundle
+    from stages.models.clip import ClipBundle
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +84,17 @@ def _is_file_spec(pretrained: str | None) -> bool:
 
 
 # -- model cache: each process (driver or dask worker) loads a model once --------------------
-_BUNDLES: dict[tuple[str, str | None, str], ClipBundle] = {}
-
-
 def get_bundle(model: str, pretrained: str | None, device: str = "auto") -> ClipBundle:
-    key = (model, pretrained, device)
-    if key not in _BUNDLES:
-        from stages.clip_models import load_clip
+    from pipeline.process_cache import process_cached
+    from stages.models.clip import load_clip
 
-        _BUNDLES[key] = load_clip(model, pretrained, device)
-    return _BUNDLES[key]
+    return process_cached("clip", (model, pretrained, device),
+                          lambda: load_clip(model, pretrained, device))
 
 
 def encode_sentences(params: EmbedParams, texts: Sequence[str]) -> np.ndarray:
     """The shared text encoder: (n, d) float32, L2-normalised, same model as `embed_texts`."""
-    from stages.clip_models import auto_batch_size, encode_texts
+    from stages.models.clip import auto_batch_size, encode_texts
 
     bundle = get_bundle(params.model, params.pretrained, params.device)
     batch = params.batch_size or auto_batch_size(bundle, "text", cap=512)
@@ -145,7 +141,7 @@ class _EmbedStage(Stage[EmbedParams]):
         return {"weights_xxh3": found.digest}
 
     def preflight(self, env: RunEnv, params: EmbedParams) -> None:
-        from stages.clip_models import check_memory, check_model_spec
+        from stages.models.clip import check_memory, check_model_spec
 
         p = params
         check_model_spec(p.model, p.pretrained)
@@ -168,7 +164,7 @@ class EmbedImages(_EmbedStage):
     tables = ("embeddings", "errors")
 
     def run(self, ctx: StageContext[EmbedParams]) -> None:
-        from stages.clip_models import auto_batch_size
+        from stages.models.clip import auto_batch_size
 
         p = ctx.params
         manifest = load_data_manifest(ctx.env.dataset)
@@ -210,7 +206,7 @@ class EmbedTexts(_EmbedStage):
     version = "1"
 
     def run(self, ctx: StageContext[EmbedParams]) -> None:
-        from stages.clip_models import auto_batch_size
+        from stages.models.clip import auto_batch_size
 
         p = ctx.params
         sents = ctx.read_table("ingest", "sentences").select(["sent_id", "ref_id", "sent"])
@@ -292,7 +288,7 @@ def _embed_images_shard(payload: dict[str, Any],
     import pyarrow as pa
     import torch
 
-    from stages.clip_models import encode_image_batch
+    from stages.models.clip import encode_image_batch
 
     started = time.perf_counter()
     p = writer.params

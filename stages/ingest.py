@@ -81,15 +81,12 @@ def _hash_cache(env: RunEnv) -> FileHashCache:
     return FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite")
 
 
-_parsed: dict[str, ReferData] = {}
-
-
 def _parse(manifest: DataManifest, data_root: Path, digest_key: str) -> ReferData:
     """Parse once per process for a given content of the input files."""
-    if digest_key not in _parsed:
-        _parsed.clear()
-        _parsed[digest_key] = read_refer(manifest, data_root)
-    return _parsed[digest_key]
+    from pipeline.process_cache import process_cached
+
+    return process_cached("ingest.refer", digest_key, lambda: read_refer(manifest, data_root),
+                          max_entries=1)
 
 
 class Ingest(Stage[IngestParams]):

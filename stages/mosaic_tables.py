@@ -326,16 +326,15 @@ def _merge_hist(stats: list[dict[str, Any]], key: str) -> dict[str, Any]:
             "of": "raw cosine of the kept negatives among negatives' top-M"}
 
 
-_TOKENS: dict[str, dict[int, list[str]]] = {}
-
-
 def _tokens_by_sent(sentences: UpstreamTable) -> dict[int, list[str]]:
-    if sentences.ident not in _TOKENS:
+    from pipeline.process_cache import process_cached
+
+    def build() -> dict[int, list[str]]:
         t = sentences.read(["sent_id", "tokens"])
-        _TOKENS.clear()
-        _TOKENS[sentences.ident] = dict(zip(t.column("sent_id").to_pylist(),
-                                            t.column("tokens").to_pylist(), strict=True))
-    return _TOKENS[sentences.ident]
+        return dict(zip(t.column("sent_id").to_pylist(), t.column("tokens").to_pylist(),
+                        strict=True))
+
+    return process_cached("mosaic_tables.tokens", sentences.ident, build, max_entries=1)
 
 
 def _mosaic_shard(payload: dict[str, Any], writer: ShardWriter[MosaicParams]) -> dict[str, Any]:
@@ -440,7 +439,7 @@ class _FullRows:
         if self._loaded is None:
             import torch
 
-            from stages.clip_models import resolve_device
+            from stages.models.loading import resolve_device
 
             dirs = self.pool["dirs"]
             device = resolve_device(self.device)

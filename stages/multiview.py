@@ -3,8 +3,8 @@
 For every single-target referent of `multiview.splits`, a VLM is shown the image and the
 original expressions of every instance in it and writes an appearance, an action and a spatial
 expression, or a second appearance one (`appearance_alt`) where a view does not apply (the
-method notes' prompt and worked examples, stages.vlm). One request per image covers all its
-instances (`per_instance` asks per instance instead).
+method notes' prompt and worked examples, stages.text.view_prompts). One request per image covers
+all its instances (`per_instance` asks per instance instead).
 
 Backends: `hf` (transformers LLaVA, batched, the default `llava-hf/llava-1.5-7b-hf` or a local
 dir, `tiny` for tests), `vllm` (structured JSON decoding; only where installed with a GPU), and
@@ -12,19 +12,22 @@ dir, `tiny` for tests), `vllm` (structured JSON decoding; only where installed w
 pixels, position from the box, relation to the nearest other instance; for the demo, CPU-only
 users and as a baseline).
 
-Generation is the expensive stage, so model backends resume per request: every finished
-request (success or recorded failure) goes to a request cache keyed by (model, prompt hash,
-image id) as soon as it is done; after a kill nothing finished is generated again, and a
-changed prompt redoes only what changed. Answers are validated per instance: the valid
+Model backends go through the request loop the augment stage uses too
+(stages.models.generation.loop). Generation is the expensive stage, so they resume per request:
+every finished request (success or recorded failure) goes to a request cache keyed by (model,
+prompt hash, image id) as soon as it is done; after a kill nothing finished is generated again,
+and a changed prompt redoes only what changed. Answers are validated per instance: the valid
 instances of an answer keep their views, only the others are retried with a repair prompt and,
 failing that, recorded in `failures` with their reason (`truncated`: cut off at the token limit;
 `invalid`; `unreadable_image`), counted per reason in the manifest (`failure_reasons`). Each
-request's token budget follows its instance count (`stages.vlm.views_budget`);
+request's token budget follows its instance count (`stages.text.view_prompts.views_budget`);
 `max_new_tokens` only caps it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -73,7 +76,7 @@ class MultiviewParams(Params):
     max_new_tokens: Annotated[int, Field(ge=16, le=INT_MAX)] | None = Field(
         None,
         description="cap on each request's answer tokens (null: none; the budget follows the "
-                    "request's instance count, see stages.vlm)")
+                    "request's instance count, see stages.text.view_prompts)")
     images_per_shard: Count = Field(256, description="images per resumable shard")
     limit_images: NonNegInt = Field(0, description="only the first N images by id (0: all), "
                                                    "for trial runs and prompt comparisons")
@@ -150,25 +153,36 @@ class Multiview(Stage[MultiviewParams]):
 
 def check_model_backend(p: MultiviewParams) -> None:
     """Fail before any work when the model backend cannot run here."""
-    try:
-        from stages import vlm  # noqa: F401
-    except ImportError:
-        raise InputError(
-            f"multiview.backend={p.backend} is not available in this version of nemo-pipe; use "
-            "multiview.backend=template") from None
-    vlm.check_backend(p.backend, p.model)
+    check_backend(p.backend, p.model)
+
+
+def check_backend(backend: str, model: str) -> None:
+    """Fail before any work when `backend` cannot run `model` here; loads nothing heavy.
+
+    vLLM missing, an unknown backend, a model that is neither a local directory nor in the
+    local Hugging Face cache: all `InputError`s at preflight, not after hours of other stages.
+    """
+    from stages.models.generation.engines import ENGINES, check_engine
+
+    if backend == "template":
+        return
+    if backend not in ENGINES:
+        raise InputError(f"unknown multiview backend {backend!r}: use hf, vllm or template")
+    check_engine(backend, model)
 
 
 # -- instances ------------------------------------------------------------------------------
-_CACHE: dict[str, Any] = {}
-
-
 def instances_by_image(dirs: dict[str, UpstreamTable],
                        splits: list[str]) -> dict[int, list[dict]]:
-    """Per image: every single-target referent of `splits` with its annotation and sentences."""
-    key = dirs["refs"].ident + ",".join(splits)
-    if key in _CACHE:
-        return _CACHE[key]
+    """Per image: every single-target referent of `splits` with its annotation and sentences
+    (read once per process and upstream)."""
+    from pipeline.process_cache import process_cached
+
+    return process_cached("multiview.instances", dirs["refs"].ident + ",".join(splits),
+                          lambda: _read_instances(dirs, splits), max_entries=1)
+
+
+def _read_instances(dirs: dict[str, UpstreamTable], splits: list[str]) -> dict[int, list[dict]]:
     refs = dirs["refs"].read().to_pylist()
     sents = dirs["sentences"].read().select(["ref_id", "sent"]).to_pylist()
     objects = {o["ann_id"]: o for o in dirs["objects"].read().to_pylist()}
@@ -188,8 +202,6 @@ def instances_by_image(dirs: dict[str, UpstreamTable],
             "rle": obj["rle"], "sentences": texts.get(r["ref_id"], []),
             "image": images[r["image_id"]],
         })
-    _CACHE.clear()
-    _CACHE[key] = out
     return out
 
 
@@ -280,8 +292,6 @@ def _multiview_shard(payload: dict[str, Any],
             for inst in insts:
                 rows.extend(_view_rows(inst, views[inst["ann_id"]], "template", "", "", 1))
     else:
-        from stages.vlm import run_model_backend
-
         rows, failures, counts = run_model_backend(p, by_image, payload)
     writer.write_table("views", pa.table({
         "ref_id": pa.array([r["ref_id"] for r in rows], pa.int64()),
@@ -311,3 +321,136 @@ def _view_rows(inst: dict[str, Any], views: dict[str, str | None], backend: str,
              "view": v, "text": views[v], "backend": backend, "model": model,
              "prompt_hash": prompt_hash, "attempts": attempts}
             for v in VIEWS if views.get(v)]
+
+
+# -- model backends (hf, vllm): cache-first, resumable per image -----------------------------
+UNREADABLE_IMAGE = "unreadable_image"  # failure reason: the image file could not be read
+
+
+def instances_from_refs(refs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """One view-prompt `Instance` per annotation of an image, from the stage's referent rows.
+
+    Referents are grouped by ``ann_id`` (the instance id in the prompt and the answer): if two
+    referents point at the same object their sentences are merged, so the model is never asked
+    about one object twice under two ids.
+    """
+    from stages.text.view_prompts import Instance
+
+    by_ann: dict[str, dict[str, Any]] = {}
+    for ref in refs:
+        entry = by_ann.setdefault(str(ref["ann_id"]), {
+            "instance_id": str(ref["ann_id"]), "category": ref.get("category") or "",
+            "bbox": tuple(ref["bbox"]) if ref.get("bbox") is not None else None,
+            "expressions": [],
+        })
+        for sent in ref.get("sentences") or []:
+            if sent not in entry["expressions"]:
+                entry["expressions"].append(sent)
+    return [Instance(**entry) for entry in by_ann.values()]
+
+
+def _open_image_job(images_dir: Path, meta: Mapping[str, Any], instances: list[Any]) -> Any:
+    """The image's job for the request loop; an unreadable image is a `Skip` with its failure
+    record (not cached: fixing the file and rerunning retries it)."""
+    from PIL import Image
+
+    from stages.models.generation.loop import Skip
+    from stages.text.view_prompts import ViewJob
+
+    path = images_dir / str(meta["file_name"])
+    try:
+        with Image.open(path) as im:
+            return ViewJob(im.convert("RGB"), instances)
+    except (OSError, ValueError) as exc:  # missing, unreadable, truncated
+        error = str(InputError(f"cannot read image {path}: {exc}"))
+        why = f"{UNREADABLE_IMAGE}: {error}"
+        raise Skip({"views": {}, "attempts": 0, "errors": [error],
+                    "failed": {i.instance_id: why for i in instances}}) from None
+
+
+def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]],
+                      payload: Mapping[str, Any],
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The `hf` / `vllm` work for one shard: ``(rows, failures, counts)``.
+
+    `p` carries backend, model, device, per_instance, max_attempts, max_new_tokens and
+    batch_size; `by_image` maps image id -> the image's referent rows (ref_id, image_id,
+    ann_id, category, bbox, sentences, image metadata); `payload` has ``image_ids``,
+    ``images_dir`` and the request cache path ``cache``.
+
+    The images go through the shared request loop (`run_cached` with the `ViewTask`): every
+    finished image -- success or final failure -- is put in the request cache, keyed by
+    (`model_key`, hash of the prompt and generation params, image id), at once; a rerun (after
+    a kill, or with more images) generates only what is not there, and loads no model at all
+    when everything is cached. An unreadable image is a failure row but is not cached.
+    """
+    from pipeline.request_cache import prompt_hash
+    from stages.models.generation import engines
+    from stages.models.generation.answers import BUDGET_VERSION
+    from stages.models.generation.loop import Outcome, Plan, run_cached
+    from stages.text.view_prompts import ViewJob, ViewTask, build_prompt
+
+    images_dir = Path(payload["images_dir"])
+    cap = None if p.max_new_tokens is None else int(p.max_new_tokens)
+    gen_params = {"backend": p.backend, "per_instance": bool(p.per_instance),
+                  "max_attempts": int(p.max_attempts), "max_new_tokens": cap,
+                  "budget": BUDGET_VERSION}
+    plans = []
+    hashes: dict[int, str] = {}
+    for image_id in payload["image_ids"]:
+        refs = by_image.get(image_id) or []
+        if not refs:
+            continue
+        instances = instances_from_refs(refs)
+        meta = refs[0]["image"]
+        size = (int(meta["width"]), int(meta["height"]))
+        hashes[image_id] = prompt_hash(build_prompt(instances, image_size=size), gen_params)
+        plans.append(Plan(str(image_id), hashes[image_id],
+                          functools.partial(_open_image_job, images_dir, meta, instances)))
+
+    def to_record(job: ViewJob, outcome: Outcome) -> dict[str, Any]:
+        return {"views": {k: v.model_dump() for k, v in outcome.values.items()},
+                "attempts": outcome.attempts, "errors": outcome.errors,
+                "failed": outcome.failed}
+
+    records, counts, usage = run_cached(
+        ViewTask(bool(p.per_instance)), plans, cache=payload["cache"],
+        model_key=engines.model_key(p.backend, p.model),
+        load_generator=lambda: engines.get_generator(p.backend, p.model, p.device),
+        to_record=to_record, max_attempts=int(p.max_attempts), batch_size=int(p.batch_size),
+        max_new_tokens=cap)
+    rows, failures, reasons = _rows_and_failures(
+        p, [(i, by_image[i], hashes[i]) for i in hashes], {i: records[str(i)] for i in hashes})
+    return rows, failures, {**counts, **(usage or {}), "failure_reasons": reasons}
+
+
+def _rows_and_failures(p: Any, plans: Sequence[tuple[int, Sequence[Mapping[str, Any]], str]],
+                       records: Mapping[int, Mapping[str, Any]],
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """View rows of every instance with views; one failure row per (image, reason message)
+    with the instances that share it; failed instances counted per reason word."""
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    reasons: dict[str, int] = {}
+    for image_id, refs, phash in plans:
+        record = records[image_id]
+        views_of = record.get("views") or {}
+        failed = record.get("failed") or {}
+        attempts = int(record["attempts"])
+        by_reason: dict[str, set[int]] = {}
+        for ref in refs:
+            views = views_of.get(str(ref["ann_id"]))
+            if views is None:
+                why = failed.get(str(ref["ann_id"])) or "invalid: no answer"
+                by_reason.setdefault(why, set()).add(int(ref["ann_id"]))
+                continue
+            rows.extend({"ref_id": ref["ref_id"], "image_id": image_id, "ann_id": ref["ann_id"],
+                         "view": view, "text": views[view], "backend": p.backend,
+                         "model": p.model, "prompt_hash": phash, "attempts": attempts}
+                        for view in VIEWS if views.get(view))
+        for why, ann_ids in by_reason.items():
+            failures.append({"image_id": image_id, "ann_ids": sorted(ann_ids), "reason": why,
+                             "attempts": attempts, "prompt_hash": phash})
+            word = why.split(":", 1)[0]
+            reasons[word] = reasons.get(word, 0) + len(ann_ids)
+    return rows, failures, reasons

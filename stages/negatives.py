@@ -100,13 +100,10 @@ class Negatives(Stage[NegativesParams]):
 
 
 # -- per-process caches of the upstream matrices (built inside the worker, never pickled) ----
-_CACHE: dict[str, Any] = {}
-
-
 def _cached(key: str, build: Any) -> Any:
-    if key not in _CACHE:
-        _CACHE[key] = build()
-    return _CACHE[key]
+    from pipeline.process_cache import process_cached
+
+    return process_cached("negatives", key, build)
 
 
 def _embeddings_by_id(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np.ndarray]:

@@ -154,14 +154,15 @@ def thumbnails_reference(ctx: StageContext) -> ThumbnailsRef:
                          files)
 
 
-_CACHE: dict[str, Any] = {}
-
-
 def _lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
+    from pipeline.process_cache import process_cached
+
     key = "|".join(str(v) for v in dirs.values())  # UpstreamTable: dir and content hash
-    if key in _CACHE:
-        return _CACHE[key]
+    return process_cached("shards.lookups", key, lambda: _read_lookups(dirs), max_entries=1)
+
+
+def _read_lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     refs = dirs["refs"].read().to_pylist()
     sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
     objects = dirs["objects"].read().select(["ann_id", "rle"])
@@ -181,8 +182,7 @@ def _lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     hard = {}
     if "hard_negatives" in dirs:
         hard = {r["sent_id"]: r for r in dirs["hard_negatives"].read().to_pylist()}
-    _CACHE.clear()
-    _CACHE[key] = {
+    return {
         "train_split": dirs["train_split"],
         "hard": hard,
         "ref": ref_by_id,
@@ -196,7 +196,6 @@ def _lookups(dirs: dict[str, Any]) -> dict[str, Any]:
             ["sent_id", "neg_image_ids", "k_shortfall", "positional_words",
              "allowed_quadrants"]).to_pylist()},
     }
-    return _CACHE[key]
 
 
 def union_rle(rles: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:

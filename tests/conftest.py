@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the LLM tests (tiny models, strict vLLM stand-ins): tests/llm_stand_ins.py.
+pytest_plugins = ["llm_stand_ins"]
+
 DATASETS = ["refcoco", "refcoco+", "refcocog-umd", "refcocog-google", "grefcoco"]
 
 

@@ -20,8 +20,8 @@ from pipeline.api import open_pipeline
 from pipeline.errors import InputError
 from pipeline.executor import DaskExecutor
 from pipeline.io import sha256_file
-from stages.clip_models import save_tiny_checkpoint
 from stages.embed import embeddings_matrix
+from stages.models.clip import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

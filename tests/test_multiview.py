@@ -14,8 +14,8 @@ import torch
 
 from pipeline.api import open_pipeline
 from pipeline.errors import InputError
-from stages.clip_models import save_tiny_checkpoint
 from stages.embed import embeddings_matrix
+from stages.models.clip import save_tiny_checkpoint
 from stages.multiview import BASIC_COLORS
 
 SIDES = {"left", "right", "middle"}
@@ -130,7 +130,7 @@ class _CutAfterAllButLast:
     where its answer is cut off at the token limit (an image of one instance gets a full one)."""
 
     def __init__(self) -> None:
-        from stages.vlm import GenerationStats
+        from stages.models.generation.answers import GenerationStats
 
         self.stats = GenerationStats()
 
@@ -138,7 +138,7 @@ class _CutAfterAllButLast:
         import json
         import re
 
-        from stages.vlm import Answer
+        from stages.models.generation.answers import Answer
 
         out = []
         for _, prompt in requests:
@@ -160,9 +160,10 @@ def test_partly_valid_truncated_answers_in_views_failures_manifest_and_status(
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from stages import vlm
+    from stages.models.generation import engines
 
-    monkeypatch.setitem(vlm._GENERATORS, ("hf", "tiny", "cpu"), _CutAfterAllButLast())
+    stand_in = _CutAfterAllButLast()
+    monkeypatch.setattr(engines, "get_generator", lambda *args, **kwargs: stand_in)
     sets = ["multiview.backend=hf", "multiview.model=tiny", "multiview.device=cpu",
             "multiview.max_attempts=1"]
     pipe = pipe_for(demo, work, checkpoint, *sets)

@@ -1,4 +1,4 @@
-"""stages.clip_models against open_clip used directly (the oracle), with the built-in tiny model.
+"""stages.models.clip against open_clip used directly (the oracle), with the built-in tiny model.
 
 No weights can be downloaded here: real pretrained tags are only checked for their error path,
 and the cached-tag path is exercised with a fake Hugging Face cache holding a tiny checkpoint.
@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pipeline.errors import InputError
-from stages import clip_models as cm
+from stages.models import clip as cm
 
 TEXTS = [
     "a dog",

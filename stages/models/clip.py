@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from pipeline.errors import InputError
-from stages.hub import hf_offline
+from pipeline.process_cache import process_cached
+from stages.models.hub import hf_offline
+from stages.models.loading import DeviceError, resolve_device
 
 __all__ = [
     "TINY_MODEL",
@@ -69,14 +70,6 @@ _ACT_FACTOR = 4  # live activation tensors per (token, channel, layer): residual
 _SAFETY = 1.25  # multiplicative margin for allocator fragmentation and workspaces
 _OVERHEAD_BYTES = 64 * 2**20  # fixed margin (cuBLAS workspace, small buffers)
 _GIB = 2**30
-
-_REGISTER_LOCK = threading.Lock()
-_TINY_CONFIG_DIR: tempfile.TemporaryDirectory[str] | None = None
-
-
-class DeviceError(InputError, ValueError):
-    """An unknown or unavailable device (a ValueError for callers, an InputError for the CLI)."""
-
 
 class MemoryBudgetError(InputError, MemoryError):
     """The requested batch would not fit in free memory; the message says which batch size does."""
@@ -123,66 +116,25 @@ class _Spec:
 
 
 # --------------------------------------------------------------------------------------------
-# device
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> the current CUDA device if there is one, else CPU; `cpu`, `cuda`, `cuda:N`.
-
-    Raises DeviceError (a ValueError and an InputError) for anything unknown or unavailable,
-    rather than failing later inside torch with a less clear message.
-    """
-    text = str(device).strip().lower()
-    if text in ("auto", ""):
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        try:
-            dev = torch.device(text)
-        except RuntimeError:
-            raise DeviceError(
-                f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N "
-                "(e.g. --set embed.device=cuda:0)"
-            ) from None
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device {device!r} was requested but CUDA is not available here (torch "
-                f"{torch.__version__}, CUDA build {torch.version.cuda}); use device 'cpu' or "
-                "'auto' (e.g. --set embed.device=auto)"
-            )
-        count = torch.cuda.device_count()
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= count:
-            raise DeviceError(
-                f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
-                f"cuda:0 .. cuda:{count - 1}"
-            )
-        return torch.device("cuda", index)
-    raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-
-
-# --------------------------------------------------------------------------------------------
 # model spec
 
 
 def _register_tiny() -> None:
-    """Register `nemo-tiny` with open_clip through its public `add_model_config`.
+    """Register `nemo-tiny` with open_clip through its public `add_model_config`, once per
+    process.
 
-    The JSON lives in a temp dir kept for the whole process, so later rescans by open_clip
-    (any other `add_model_config` call) still find it.
+    The JSON lives in a temp dir kept (by the process cache) for the whole process, so later
+    rescans by open_clip (any other `add_model_config` call) still find it.
     """
-    global _TINY_CONFIG_DIR
-    with _REGISTER_LOCK:
-        if TINY_MODEL in open_clip.list_models():
-            return
-        if _TINY_CONFIG_DIR is None:
-            _TINY_CONFIG_DIR = tempfile.TemporaryDirectory(prefix="nemo-clip-configs-")
-        path = Path(_TINY_CONFIG_DIR.name) / f"{TINY_MODEL}.json"
-        path.write_text(json.dumps(TINY_CONFIG, indent=2))
-        open_clip.add_model_config(path)
+    process_cached("clip.tiny-config", TINY_MODEL, _write_tiny_config)
+
+
+def _write_tiny_config() -> tempfile.TemporaryDirectory[str]:
+    folder = tempfile.TemporaryDirectory(prefix="nemo-clip-configs-")
+    path = Path(folder.name) / f"{TINY_MODEL}.json"
+    path.write_text(json.dumps(TINY_CONFIG, indent=2))
+    open_clip.add_model_config(path)
+    return folder
 
 
 def _canonical_name(model: str) -> str:

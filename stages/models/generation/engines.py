@@ -1,0 +1,89 @@
+"""Which generator answers a stage's requests, and how the request cache names its model.
+
+`get_generator(backend, model, device, images=...)` is the process's generator for that
+model, loaded on first use through `pipeline.process_cache` (shards run in worker processes;
+each loads the model once and reuses it for every shard it gets, nothing large is pickled).
+`model_key` is the model's identity in the request cache, computed without loading anything,
+so a stage whose requests are all cached loads no model. `check_engine` fails a stage's
+preflight at once when the engine or the model is not available here.
+
+The tiny test model is resolved here, explicitly (`locate_model`): ``model="tiny"`` builds it
+with `stages.models.tiny`; every other name goes through `resolve_model_path`, which never does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.process_cache import process_cached
+from stages.models.loading import resolve_model_path
+from stages.models.tiny import is_tiny, tiny_identity, tiny_model_dir
+
+__all__ = ["ENGINES", "check_engine", "get_generator", "locate_model", "model_key"]
+
+ENGINES = ("hf", "vllm")
+
+
+def locate_model(model: str, images: bool, *, cache_dir: Path | None = None,
+                 seed: int = 0) -> tuple[Path, str | None]:
+    """(local directory, hub revision or None) of `model`: the tiny test model of that kind
+    (image-text when `images`, else text) for ``"tiny"``, else `resolve_model_path`."""
+    if is_tiny(model):
+        return tiny_model_dir(images, cache_dir, seed), None
+    return resolve_model_path(model)
+
+
+def model_key(backend: str, model: str, *, images: bool = True, seed: int = 0) -> str:
+    """The model's identity in the request cache: namespace + hub revision or local path.
+
+    The namespace is the backend for image-text models (``hf``, ``vllm``) and ``causal-lm``
+    (``vllm:causal-lm`` under vLLM) for text models. A hub snapshot is pinned by its commit,
+    so a re-downloaded newer revision is a new key. A local directory is identified by its
+    path only: replace its weights and you should clear the cache (or use a new directory).
+    """
+    namespace = backend if images else ("causal-lm" if backend == "hf" else
+                                         f"{backend}:causal-lm")
+    name = str(model).strip()
+    if is_tiny(name):
+        return f"{namespace}:{tiny_identity(images, seed)}"
+    path, revision = resolve_model_path(name)
+    return f"{namespace}:{name}@{revision}" if revision else f"{namespace}:{path}"
+
+
+def check_engine(engine: str, model: str) -> None:
+    """Fail before any work when `engine` cannot run `model` here; loads nothing heavy.
+
+    vLLM missing, an unknown engine, a model that is neither a local directory nor in the
+    local Hugging Face cache: all `InputError`s at preflight, not after hours of other stages.
+    """
+    if engine not in ENGINES:
+        raise InputError(f"unknown generation engine {engine!r}: use hf or vllm")
+    if engine == "vllm":
+        from stages.models.generation.vllm_engine import import_vllm
+
+        import_vllm()
+    if not is_tiny(model):
+        resolve_model_path(model)
+
+
+def get_generator(backend: str, model: str, device: str = "auto", *, images: bool = True) -> Any:
+    """The process's generator for (backend, model, device, images), loaded on first use.
+
+    `images`: requests are ``(image, prompt)`` pairs for an image-text model (multiview),
+    else prompts for a causal LM (augment). vLLM places itself on the GPUs (`device` unused).
+    """
+    if backend not in ENGINES:
+        raise InputError(f"unknown generation engine {backend!r}: use hf or vllm")
+
+    def load() -> Any:
+        if backend == "hf":
+            from stages.models.generation.hf_engine import HFTextGenerator, HFVisionGenerator
+
+            return (HFVisionGenerator if images else HFTextGenerator)(model, device=device)
+        from stages.models.generation.vllm_engine import VLLMTextGenerator, VLLMVisionGenerator
+
+        return (VLLMVisionGenerator if images else VLLMTextGenerator)(model)
+
+    return process_cached("generator", (backend, str(model), str(device), images), load)

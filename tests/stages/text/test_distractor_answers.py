@@ -1,0 +1,52 @@
+"""stages.text.distractor_answers: token spans of an edit and the same verdicts as
+augment_rules.validate, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.text.distractor_answers import build_distractor, candidate_reason, diff_span
+from stages.text.distractor_rules import Distractor, validate
+
+
+@pytest.mark.parametrize(("src", "new", "expected"), [
+    ("the man in red", "the man in blue", (3, 4, "red->blue")),
+    ("man holding umbrella", "man not holding umbrella", (1, 1, "->not")),
+    ("man who is not sitting", "man who is sitting", (3, 4, "not->")),
+    ("a red shirt", "an orange shirt", (0, 2, "a red->an orange")),
+    ("big dog chasing small cat", "small cat chasing big dog",
+     (0, 5, "big dog chasing small cat->small cat chasing big dog")),
+    ("dog", "cat", (0, 1, "dog->cat")),
+    ("left", "left", (1, 1, "->")),
+    ("a a", "a a a", (2, 2, "->a")),  # prefix and suffix never overlap
+    ("on the left side", "on the left", (3, 4, "side->")),
+])
+def test_diff_span(src: str, new: str, expected: tuple[int, int, str]) -> None:
+    start, end, slot = diff_span(src.split(), new.split())
+    assert (start, end, slot) == expected
+    before, after = slot.split("->")
+    s, d = src.split(), new.split()
+    assert s[:start] + after.split() + s[end:] == d and before.split() == s[start:end]
+
+
+def test_build_distractor_spans_and_validation() -> None:
+    src = "the man in red shirt on left"
+    ok = build_distractor("swap_color", src, "The man in BLUE shirt on left.")
+    assert ok == Distractor("swap_color", "the man in blue shirt on left", "red->blue", (3, 4))
+    assert validate(src, ok) is None and candidate_reason(src, ok) is None
+    # two real edits: the span is the first one, validate sees the second outside it
+    two = build_distractor("swap_color", src, "the man in green shirt on right")
+    assert two.span == (3, 4) and validate(src, two) == "edit outside slot"
+    # agreement is part of one edit; role reversal swaps two phrases
+    count = build_distractor("swap_count", "two little girls on left", "one little girl on left")
+    assert count.span == (0, 3) and validate("two little girls on left", count) is None
+    rr = build_distractor("role_reversal", "big dog chasing small cat", "small cat chasing big dog")
+    assert validate("big dog chasing small cat", rr) is None
+    # passes validate but edits no colour: not a colour swap
+    men = build_distractor("swap_color", "man holding a red umbrella",
+                           "men holding a red umbrella")
+    assert validate("man holding a red umbrella", men) is None
+    assert candidate_reason("man holding a red umbrella", men) == "not a swap_color edit"
+    neg = build_distractor("negation", "woman with a hat", "woman without a hat")
+    assert candidate_reason("woman with a hat", neg) is None
+
