@@ -145,11 +145,22 @@ class UpstreamTable:
         return self.ident
 
 
+def listed_files(manifest: Any, with_bytes: bool = False) -> dict[str, dict[str, Any]] | None:
+    """The manifest's `files` mapping (rel -> {"sha256", "bytes", ...}) when it is well formed,
+    else None: the one definition of a usable listing, for upstream reads and `verify` (which
+    also needs each file's size: `with_bytes`)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            and (not with_bytes or isinstance(v.get("bytes"), int)) for v in files.values()):
+        return None
+    return files
+
+
 def manifest_files(manifest: dict[str, Any], artifact: Path) -> dict[str, str]:
     """rel -> sha256 of every file the manifest lists; UpstreamCorrupt if it lists none."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()):
+    files = listed_files(manifest)
+    if files is None:
         raise UpstreamCorrupt(
             f"manifest {artifact / '_manifest.json'} has no valid `files` list; rebuild the "
             "artifact", stage=str(manifest.get("stage", artifact.parent.name)),

@@ -25,6 +25,7 @@ from pipeline.io import (
     sha256_file,
     write_json,
 )
+from pipeline.upstream import listed_files
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,14 @@ def _listed(artifact: Path, identity: bool = True) -> tuple[dict, list[Problem]]
         manifest = read_json(artifact / MANIFEST)
     except (OSError, ValueError) as exc:
         return {}, [Problem(artifact, MANIFEST, f"manifest unreadable ({exc})")]
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if identity and isinstance(files, dict) and (manifest.get("key") != artifact.name
-                                    or manifest.get("stage") != artifact.parent.name):
+    files = listed_files(manifest, with_bytes=True)
+    if files is None:
+        return {}, [Problem(artifact, MANIFEST, "manifest has no valid `files` list")]
+    if identity and (manifest.get("key") != artifact.name
+                     or manifest.get("stage") != artifact.parent.name):
         return {}, [Problem(artifact, MANIFEST,
                             f"manifest of another artifact ({manifest.get('stage')} "
                             f"{manifest.get('key')}, here {artifact.parent.name} {artifact.name})")]
-    if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("sha256"), str)
-            and isinstance(v.get("bytes"), int) for v in files.values()):
-        return {}, [Problem(artifact, MANIFEST, "manifest has no valid `files` list")]
     return files, []
 
 
