@@ -217,7 +217,7 @@ def _topk_exact(rank: Any, m: int) -> tuple[Any, Any]:
 
 def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndarray,
                  pool: Any, m: int, rank_by: str, device: Any, selection: str = "sort",
-                 threads: int = 2) -> dict[str, np.ndarray]:
+                 threads: int = 2, pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Both scores of the top-M pool columns of a block of queries, own image excluded.
 
     t: (B, d) text vectors; v: (U, d) the block's distinct query images, inverse: (B,) row of
@@ -225,10 +225,12 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     torch tensor on `device`. The sentences of one image share their image-to-image row, so it
     is computed, reduced and (for rank_by ii) ranked once per image. Returns idx (B, m') int32
     with m' = min(m, P), own-image entries marked -1, rho_ti and rho_ii at idx, and per-row
-    pool extremes of both scores. `selection`: `sort` (threshold then a sort of packed keys,
-    on the host: `_search_host`) or `topk` (torch.topk plus tie passes, on the device); both
-    exact.
+    pool extremes of both scores; with `pool_ids` (int32 (P,)), also ids: the pool ids at
+    idx (-1 where idx is), mapped where the work is spread (device or chunk threads).
+    `selection`: `sort` (threshold then a sort of packed keys, on the host: `_search_host`)
+    or `topk` (torch.topk plus tie passes, on the device); both exact.
     """
+    import numpy as np
     import torch
 
     inverse_t = torch.from_numpy(inverse).to(device)
@@ -238,7 +240,7 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     mm = min(m, ti.shape[1])
     if selection == "sort":
         return _search_host(ti.cpu().numpy(), ii.cpu().numpy(), inverse, own, mm, rank_by,
-                            threads)
+                            threads, pool_ids)
     result: dict[str, np.ndarray] = {}
     for name, scores, own_rows in (("ti", ti, own_t[inverse_t]), ("ii", ii, own_t)):
         lo, hi = _exclude_own(scores, own_rows)
@@ -253,6 +255,9 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
         rho_ti, rho_ii = vals, ii[inverse_t[:, None], idx_t]
     if mm == ti.shape[1]:  # only a top-M that takes the whole pool reaches the own image
         idx_t = torch.where(vals == float("-inf"), -1, idx_t)
+    if pool_ids is not None:
+        ids_t = torch.from_numpy(pool_ids.astype(np.int32, copy=False)).to(device)
+        result["ids"] = torch.where(idx_t >= 0, ids_t[idx_t.clamp(min=0)], -1).cpu().numpy()
     result["idx"] = idx_t.to(torch.int32).cpu().numpy()
     result["rho_ti"] = rho_ti.cpu().numpy()
     result["rho_ii"] = rho_ii.cpu().numpy()
@@ -260,7 +265,8 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
 
 
 def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.ndarray,
-                 mm: int, rank_by: str, threads: int) -> dict[str, np.ndarray]:
+                 mm: int, rank_by: str, threads: int,
+                 pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """`search_block` after the products, with numpy on the host. The text-to-image rows are
     taken CHUNK_ROWS at a time by each thread, which reduces, ranks and gathers a chunk while
     it is in cache (one pass over the block's scores from memory instead of four); the few
@@ -276,6 +282,9 @@ def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.nd
     if rank_by == "ii":
         by_image, by_image_vals = topm_with_values(ii, mm, threads)
     ii_flat = ii.reshape(-1)
+    if pool_ids is not None:
+        ids32 = np.append(pool_ids.astype(np.int32), np.int32(-1))  # [-1] -> -1
+        out["ids"] = np.empty((n, mm), np.int32)
 
     def chunk(start: int) -> None:
         rows = slice(start, start + CHUNK_ROWS)
@@ -293,6 +302,8 @@ def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.nd
             rank = out["rho_ti" if rank_by == "ti" else "rho_ii"][rows]
             idx = np.where(rank == -np.inf, -1, idx)
         out["idx"][rows] = idx
+        if pool_ids is not None:
+            out["ids"][rows] = ids32[idx]
 
     starts = range(0, n, CHUNK_ROWS)
     if threads <= 1 or len(starts) == 1:
@@ -400,10 +411,9 @@ class PartWriter:
             self.abort()
 
 
-def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
-                 schema: pa.Schema) -> pa.Table:
-    """One block's rows; own-image entries (idx -1, only when M reaches the pool size) are
-    dropped from the lists."""
+def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """One block's rows from `search_block` (with ids); own-image entries (idx -1, only when
+    M reaches the pool size) are dropped from the lists."""
     import numpy as np
     import pyarrow as pa
 
@@ -422,7 +432,7 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
         typ = schema.field(name).type
         return pa.ListArray.from_arrays(offsets, pa.array(values, typ.value_type), type=typ)
 
-    ids = pool_ids.astype(np.int32)[flat(idx) if full else flat(np.where(keep, idx, 0))]
+    ids = flat(r["ids"])
     return pa.table({
         "sent_id": pa.array(q[:, 0], pa.int64()),
         "ref_id": pa.array(q[:, 1], pa.int64()),
@@ -472,6 +482,7 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
                                                return_inverse=True)
             r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
                              inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
-                             p.rank_by, device, selection, threads=torch.get_num_threads())
-            out.write(_block_table(q[s:s + p.block], r, pool_ids, schema))
+                             p.rank_by, device, selection, threads=torch.get_num_threads(),
+                             pool_ids=pool_ids)
+            out.write(_block_table(q[s:s + p.block], r, schema))
     return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device)}
