@@ -112,10 +112,13 @@ def _embeddings_by_id(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np
 
     from stages.embed import embeddings_matrix
 
-    t = table.read()
+    t = table.read([id_col, "embedding"])
     ids = t.column(id_col).to_numpy()
+    vectors = embeddings_matrix(t.column("embedding"))
+    if len(ids) < 2 or bool((ids[1:] >= ids[:-1]).all()):  # the embed stages write in id order
+        return ids, vectors
     order = np.argsort(ids, kind="stable")
-    return ids[order], embeddings_matrix(t.column("embedding"))[order]
+    return ids[order], vectors[order]
 
 
 def _pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
