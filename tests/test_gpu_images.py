@@ -78,18 +78,20 @@ def images(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def odd_files(tmp_path_factory, images) -> dict[str, Path]:
-    """Files the tensor path must leave to PIL."""
+    """Files the tensor path must leave to PIL, and one corrupt JPEG it decodes as PIL does."""
     folder = tmp_path_factory.mktemp("odd")
     src = photo(320, 240, 99)
     out = {name: folder / name for name in (
         "rgb.png", "palette.png", "cmyk.jpg", "grey.jpg", "truncated.jpg", "garbage.jpg",
-        "missing.jpg")}
+        "cut_with_end_marker.jpg", "missing.jpg")}
     src.save(out["rgb.png"])
     src.convert("P").save(out["palette.png"])
     src.convert("CMYK").save(out["cmyk.jpg"], quality=90)
     src.convert("L").save(out["grey.jpg"], quality=90)
     data = images[0].read_bytes()
     out["truncated.jpg"].write_bytes(data[:len(data) // 2])
+    # passes the header checks; libjpeg on both paths fills the missing data with grey
+    out["cut_with_end_marker.jpg"].write_bytes(data[:len(data) // 2] + b"\xff\xd9")
     out["garbage.jpg"].write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 20 + b"\xff\xd9")
     return out
 
@@ -147,14 +149,15 @@ def test_stage_shard_gpu_path_on_cpu_equals_pil(tmp_path, images, odd_files):
     assert s_gpu["failed"] == s_pil["failed"]
     assert {f[1].rsplit("/", 1)[1] for f in s_pil["failed"]} == {
         "truncated.jpg", "garbage.jpg", "missing.jpg"}
-    assert s_gpu["pil_fallbacks"] == len(odd_files)  # every odd file, none of the photos
+    # every odd file but the decodable corrupt one, none of the photos
+    assert s_gpu["pil_fallbacks"] == len(odd_files) - 1
     a = embeddings_matrix(t_pil.column("embedding"))
     b = embeddings_matrix(t_gpu.column("embedding"))
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.999
     # the fallback images went through PIL: bit-identical stored embeddings
     n = len(images)
-    ok_odd = [k for k, i in enumerate(t_pil.column("image_id").to_pylist()) if i >= n]
+    ok_odd = [k for k, i in enumerate(t_pil.column("image_id").to_pylist()) if n <= i < n + 4]
     assert len(ok_odd) == 4 and np.array_equal(a[ok_odd], b[ok_odd])
 
 
@@ -210,6 +213,30 @@ def test_unsupported_preprocessing_is_refused():
     transform = open_clip.image_transform(224, is_train=False, resize_mode="longest")
     with pytest.raises(UnsupportedPreprocess, match="embed.decode=pil"):
         TensorPreprocess.from_transform(transform)
+
+
+def test_batched_decode_equals_per_image_decode(images, odd_files, bundle):
+    """The producer's batched decode (nvjpeg's mode on CUDA), run on CPU: the same pixels,
+    the same PIL fallbacks and errors as decoding one by one in the reading threads."""
+    prep = TensorPreprocess.from_transform(bundle.preprocess)
+
+    def pil(item):
+        return load_pixels(item[1], bundle.preprocess, False, bundle.image_size)
+
+    items = [(i, str(p)) for i, p in enumerate([*images, *odd_files.values()])]
+    runs = []
+    for batched in (False, True):
+        batches = list(device_batches(items, prep, pil, 5, 2, torch.device("cpu"),
+                                      {"read_s": 0.0}, batched=batched))
+        runs.append((
+            [i for b in batches for i, _ in b.good],
+            torch.cat([b.pixels for b in batches]),
+            [(i, type(e).__name__, str(e)) for b in batches for (i, _), e in b.failed],
+            sum(b.fallbacks for b in batches)))
+    (ids_a, px_a, fail_a, fb_a), (ids_b, px_b, fail_b, fb_b) = runs
+    assert ids_a == ids_b and fail_a == fail_b and fb_a == fb_b == len(odd_files) - 1
+    assert torch.equal(px_a, px_b)
+    assert len(fail_a) == 3
 
 
 def test_consumer_stopping_early_stops_the_producer(images, bundle):

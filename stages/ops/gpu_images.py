@@ -251,12 +251,17 @@ class _Work:
 def device_batches(items: Sequence[tuple[Any, str]], preprocess: TensorPreprocess,
                    pil_pixels: Callable[[tuple[Any, str]], torch.Tensor], batch_size: int,
                    threads: int, device: torch.device, timing: dict[str, float],
-                   max_pixels: int | None = None) -> Iterator[DeviceBatch]:
+                   max_pixels: int | None = None,
+                   batched: bool | None = None) -> Iterator[DeviceBatch]:
     """DeviceBatches of `items` ((id, path) pairs) in input order, prepared ahead by a
     producer thread (its own CUDA stream on a GPU). `pil_pixels(item)` is the exact PIL path:
     it is used per image for every file the tensor path does not take, and its exception is
-    the image's error. Time the consumer waits for a batch goes to timing["read_s"]."""
+    the image's error. Time the consumer waits for a batch goes to timing["read_s"].
+    `batched`: decode a batch's JPEGs in one call in the producer (default on CUDA: nvjpeg's
+    batched decode) rather than one by one in the reading threads (default on CPU, where a
+    batch call is a loop); either way on CPU, so tests cover both."""
     on_cuda = device.type == "cuda"
+    batched = on_cuda if batched is None else batched
 
     def pil(item: tuple[Any, str]) -> _Loaded:
         try:
@@ -272,7 +277,7 @@ def device_batches(items: Sequence[tuple[Any, str]], preprocess: TensorPreproces
         if jpeg_fallback_reason(data, max_pixels) is not None:
             return pil(item)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if on_cuda:
+        if batched:
             return _Loaded("bytes", raw)
         (image,) = decode_jpegs([raw], device)
         if isinstance(image, Exception):
@@ -281,7 +286,7 @@ def device_batches(items: Sequence[tuple[Any, str]], preprocess: TensorPreproces
 
     def assemble(work: _Work, pool: ThreadPoolExecutor) -> DeviceBatch:
         loaded = [f.result() for f in work.futures]
-        if on_cuda:
+        if batched:
             todo = [i for i, x in enumerate(loaded) if x.kind == "bytes"]
             images = decode_jpegs([loaded[i].value for i in todo], device)
             bad = [i for i, img in zip(todo, images, strict=True) if isinstance(img, Exception)]
