@@ -237,7 +237,7 @@ class DeviceBatch:
 
 @dataclass
 class _Loaded:
-    kind: str  # bytes (to decode on the device) | image (uint8) | pixels (PIL) | error
+    kind: str  # bytes (JPEG to decode in the producer) | pixels (preprocessed) | error
     value: Any
     fallback: bool = False
 
@@ -323,9 +323,9 @@ def device_batches(items: Sequence[tuple[Any, str]], preprocess: TensorPreproces
 
     def produce() -> None:
         stream = torch.cuda.Stream(device) if on_cuda else None
+        pool = ThreadPoolExecutor(threads)
         try:
-            with ThreadPoolExecutor(threads) as pool, (
-                    torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 chunks = [list(items[s:s + batch_size])
                           for s in range(0, len(items), batch_size)]
                 ahead: deque[_Work] = deque()
@@ -344,6 +344,8 @@ def device_batches(items: Sequence[tuple[Any, str]], preprocess: TensorPreproces
             put((None, None))
         except BaseException as exc:  # handed to the consumer, raised there
             put((exc, None))
+        finally:  # a consumer that stopped early wants no more reads
+            pool.shutdown(wait=True, cancel_futures=True)
 
     producer = threading.Thread(target=produce, name="device-batches", daemon=True)
     producer.start()
