@@ -272,7 +272,13 @@ def render(results: dict[str, Any]) -> str:
             f"| {neg['bare_s']:.3f} s | {neg['stage_s']:.2f} s | {neg['ratio']:.1f} | "
             f"{neg['table_bytes'] / 2**30:.2f} GiB in {neg['files']} files | "
             f"{neg['write_mb_s']:,.0f} MiB/s | {_fmt(neg['disk_mb_s'])} MiB/s | "
-            f"<= {neg['target_s']:.0f} s: {'met' if met else 'NOT met'} |", ""]
+            f"<= {neg['target_s']:.0f} s: {'met' if met else 'NOT met'} |", "",
+            "The stage's time: " + ", ".join(
+                f"{name} {neg['split'][key]:.2f} s" for name, key in (
+                    ("reading the embeddings", "inputs_s"), ("search", "search_s"),
+                    ("table and writes", "write_s"),
+                    ("engine (plan, sha256 of the files, publish)", "engine_s"))
+                if neg["split"].get(key) is not None) + ".", ""]
     mv = results.get("multiview")
     head = ["## multiview (hf backend, LLaVA-1.5-7B shape)", ""]
     if mv is None:

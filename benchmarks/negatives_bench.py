@@ -18,6 +18,7 @@ processes on a shared machine disturb less than wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -151,6 +152,9 @@ def run_stage(queries: int, pool: int, dim: int, m: int, block: int, device: str
         c0, t0 = cpu_seconds(), time.perf_counter()
         pipe.run("negatives")
         stage_wall, stage_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        manifest = json.loads((pipe.artifact_dir("negatives") / "_manifest.json").read_text())
+        split = {k: manifest["stats"].get(k) for k in ("inputs_s", "search_s", "write_s")}
+        split["engine_s"] = stage_wall - manifest["stats"]["seconds"]
         files = sorted(pipe.artifact_dir("negatives").rglob("*.parquet"))
         size = sum(f.stat().st_size for f in files)
         disk = disk_write(Path(tmp), size) if disk_baseline else None
@@ -162,7 +166,7 @@ def run_stage(queries: int, pool: int, dim: int, m: int, block: int, device: str
             "table_bytes": size, "files": len(files),
             "write_mb_s": size / 2**20 / stage_wall,
             "disk_s": disk, "disk_mb_s": size / 2**20 / disk if disk else None,
-            "peak_rss_mb": peak_rss_mb()}
+            "split": split, "peak_rss_mb": peak_rss_mb()}
 
 
 def report(r: dict[str, Any]) -> list[str]:
@@ -177,6 +181,10 @@ def report(r: dict[str, Any]) -> list[str]:
         f"table                 : {r['table_bytes'] / 2**30:8.2f} GiB in {r['files']} files, "
         f"written at {r['write_mb_s']:.0f} MiB/s over the whole stage",
     ]
+    sp = r["split"]
+    lines.append(f"stage's time          : inputs {sp['inputs_s']:.2f} s, search "
+                 f"{sp['search_s']:.2f} s, table and writes {sp['write_s']:.2f} s, engine "
+                 f"(plan, hashes, publish) {sp['engine_s']:.2f} s")
     if r["disk_s"] is not None:
         lines.append(f"disk, plain writes    : {r['disk_mb_s']:8.0f} MiB/s  (the same bytes in "
                      f"{r['disk_s']:.1f} s; stage / disk time {r['stage_s'] / r['disk_s']:.2f})")

@@ -15,6 +15,7 @@ Ties are broken by ascending image_id.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -93,7 +94,12 @@ class Negatives(Stage):
         ctx.record(queries=sum(s["queries"] for s in stats), pool_images=len(pool[0]),
                    skipped_queries=sum(s["skipped"] for s in stats),
                    m_effective=min(p.m, len(pool[0])),
-                   device=stats[0]["device"] if stats else None)
+                   device=stats[0]["device"] if stats else None,
+                   # where the shards' time went: reading the embeddings, the search (products,
+                   # top-M, gathers, copies to the host), building and writing the table
+                   # (waits for the part encoders included)
+                   **{k: round(sum(s.get(k, 0.0) for s in stats), 3)
+                      for k in ("inputs_s", "search_s", "write_s")})
 
 
 # -- per-process caches of the upstream matrices (built inside the worker, never pickled) ----
@@ -455,6 +461,7 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
 
     p = NegativesParams(**payload["params"])
     dirs = payload["dirs"]
+    t0 = time.perf_counter()
     pool_ids, pool_vecs = _pool(dirs)
     img_ids, img_vecs = _cached("img:" + dirs["images"].ident,
                                 lambda: _embeddings_by_id(dirs["images"], "image_id"))
@@ -462,6 +469,7 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
                                 lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
     device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if p.device == "auto" else p.device))
+    timing = {"inputs_s": time.perf_counter() - t0, "search_s": 0.0, "write_s": 0.0}
 
     q = np.array(payload["queries"], dtype=np.int64).reshape(-1, 3)
     t_pos = np.searchsorted(txt_ids, q[:, 0])
@@ -478,14 +486,22 @@ def _negatives_shard(payload: dict[str, Any], writer: ShardWriter) -> dict[str, 
         "topk" if device.type == "cuda" else "sort")
     score_type = pa.float16() if p.score_dtype == "float16" else pa.float32()
     schema = negatives_schema(score_type)
-    with PartWriter(writer.staging, "negatives", schema, writer.schema_version,
-                    NEGATIVES_FORMAT, writer.index, ROWS_PER_PART, os.cpu_count() or 1) as out:
+    out = PartWriter(writer.staging, "negatives", schema, writer.schema_version,
+                     NEGATIVES_FORMAT, writer.index, ROWS_PER_PART, os.cpu_count() or 1)
+    with out:
         for s in range(0, len(q), p.block):
+            t0 = time.perf_counter()
             images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
                                                return_inverse=True)
             r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
                              inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
                              p.rank_by, device, selection, threads=torch.get_num_threads(),
                              pool_ids=pool_ids)
+            t1 = time.perf_counter()
             out.write(_block_table(q[s:s + p.block], r, schema))
-    return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device)}
+            timing["search_s"] += t1 - t0
+            timing["write_s"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+    timing["write_s"] += time.perf_counter() - t0  # the last parts' encoding
+    return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device),
+            **timing}
