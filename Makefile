@@ -29,7 +29,7 @@ PYTEST_ARGS ?= -n 2
 RUN = $(NEMO) run --dataset $(DATASET) --data-root $(DATA_ROOT) --images $(IMAGES) \
       --work-dir $(WORK) --executor $(EXECUTOR) $(DEMO_SETS) $(SET)
 
-.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview hard-negatives shards preview status audit bench clean
+.PHONY: setup demo demo-data test lint ingest embeddings negatives multiview hard-negatives shards preview status audit bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -106,6 +106,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+# issue 16's GPU figures into benchmarks/RESULTS-gpu.md; refuses (exit 2) without a CUDA device.
+# BENCH_GPU_ARGS="--smoke --allow-cpu" checks its code paths on CPU.
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_bench.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(WORK) $(DEMO_DIR)

@@ -1,23 +1,32 @@
 """The negatives stage against the bare matrix product of the same shapes, in one run.
 
 RefCOCO-sized by default: about 120k training queries x 17k pool images, d = 512, random
-normalised vectors (3 sentences per image, as in RefCOCO). The baseline is the text-to-image
+normalised vectors (7 sentences per image, as in RefCOCO). The baseline is the text-to-image
 product t @ V^T computed block by block (never the whole matrix) with nothing else; the stage
 adds the image-to-image scores, exact top-M selection with tie-breaking, and Parquet writing,
 through the real engine (stub upstream stages provide the embeddings). Target: ratio <= 2.
 
+Next to the ratio it prints the table's bytes, the stage's write throughput (table bytes per
+second of the whole stage) and, as the disk's own figure, plain writes of as many bytes into
+the same directory; and the ratio of CPU time (this process's user + system), which other
+processes on a shared machine disturb less than wall time.
+
     .venv/bin/python benchmarks/negatives_bench.py [--queries 120624] [--pool 16994] [--dim 512]
+        [--device cpu|cuda] [--block 1024] [--selection auto|sort|topk] [--score-dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,14 +90,105 @@ class FakeTexts(Stage):
             "embedding": embedding_array(unit_vectors(n, SIZES["dim"], 2))}))
 
 
-def bare_product(texts: np.ndarray, pool: np.ndarray, block: int) -> float:
+def cpu_seconds() -> float:
+    """User + system time of this process, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def bare_product(texts: np.ndarray, pool: np.ndarray, block: int,
+                 device: str = "cpu") -> tuple[float, float]:
+    """(wall, cpu) seconds of t @ V^T block by block in float32, on `device`."""
     import torch
 
-    p = torch.from_numpy(pool.astype(np.float32))
-    t0 = time.perf_counter()
+    dev = torch.device(device)
+    p = torch.from_numpy(pool.astype(np.float32)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for s in range(0, len(texts), block):
-        torch.from_numpy(texts[s:s + block].astype(np.float32)) @ p.T
-    return time.perf_counter() - t0
+        torch.from_numpy(texts[s:s + block].astype(np.float32)).to(dev) @ p.T
+    sync()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def disk_write(folder: Path, nbytes: int) -> float:
+    """Seconds to write `nbytes` with plain 64 MiB writes and close: the disk's (and page
+    cache's) own speed, for the stage's write throughput to be read against."""
+    chunk = np.random.default_rng(3).integers(0, 255, 64 << 20, dtype=np.uint8)
+    path = folder / "disk_baseline.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(memoryview(chunk)[:min(left, len(chunk))])
+            left -= len(chunk)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def run_stage(queries: int, pool: int, dim: int, m: int, block: int, device: str = "auto",
+              selection: str = "auto", score_dtype: str = "float32",
+              disk_baseline: bool = True) -> dict[str, Any]:
+    """The bare product and the stage on the same sizes; figures as a dict."""
+    SIZES.update(queries=queries, pool=pool, dim=dim)
+    import torch
+
+    bare_device = "cuda" if device == "auto" and torch.cuda.is_available() else (
+        "cpu" if device == "auto" else device)
+    bare_wall, bare_cpu = bare_product(unit_vectors(queries, dim, 2),
+                                       unit_vectors(pool, dim, 1), block, bare_device)
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = Registry([FakeIngest, FakeImages, FakeTexts, Negatives])
+        cfg = load_config(reg, sets=[f"negatives.m={m}", f"negatives.block={block}",
+                                     f"negatives.device={device}",
+                                     f"negatives.selection={selection}",
+                                     f"negatives.score_dtype={score_dtype}"])
+        pipe = Pipeline(reg, cfg, RunEnv(Path(tmp), "refcoco"), LocalExecutor(), progress=False)
+        for name in ("ingest", "embed_images", "embed_texts"):
+            pipe.run(name)
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        pipe.run("negatives")
+        stage_wall, stage_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        manifest = json.loads((pipe.artifact_dir("negatives") / "_manifest.json").read_text())
+        split = {k: manifest["stats"].get(k) for k in ("inputs_s", "search_s", "write_s")}
+        split["engine_s"] = stage_wall - manifest["stats"]["seconds"]
+        files = sorted(pipe.artifact_dir("negatives").rglob("*.parquet"))
+        size = sum(f.stat().st_size for f in files)
+        disk = disk_write(Path(tmp), size) if disk_baseline else None
+    return {"queries": queries, "pool": pool, "dim": dim, "m": m, "block": block,
+            "device": bare_device, "selection": selection, "score_dtype": score_dtype,
+            "bare_s": bare_wall, "bare_cpu_s": bare_cpu, "stage_s": stage_wall,
+            "stage_cpu_s": stage_cpu, "ratio": stage_wall / bare_wall,
+            "cpu_ratio": stage_cpu / bare_cpu if bare_cpu else None,
+            "table_bytes": size, "files": len(files),
+            "write_mb_s": size / 2**20 / stage_wall,
+            "disk_s": disk, "disk_mb_s": size / 2**20 / disk if disk else None,
+            "split": split, "peak_rss_mb": peak_rss_mb()}
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}; {r['queries']} queries x {r['pool']} pool, d={r['dim']}, "
+        f"M={r['m']}, block={r['block']}, device={r['device']}, scores {r['score_dtype']}",
+        f"bare t @ V^T, blocked : {r['bare_s']:8.2f} s  (cpu {r['bare_cpu_s']:.1f} s)",
+        f"negatives stage       : {r['stage_s']:8.2f} s  (cpu {r['stage_cpu_s']:.1f} s)",
+        f"ratio stage / bare    : {r['ratio']:8.2f}  (target <= 2; cpu-time ratio "
+        + (f"{r['cpu_ratio']:.2f})" if r["cpu_ratio"] else "n/a)"),
+        f"table                 : {r['table_bytes'] / 2**30:8.2f} GiB in {r['files']} files, "
+        f"written at {r['write_mb_s']:.0f} MiB/s over the whole stage",
+    ]
+    sp = r["split"]
+    lines.append(f"stage's time          : inputs {sp['inputs_s']:.2f} s, search "
+                 f"{sp['search_s']:.2f} s, table and writes {sp['write_s']:.2f} s, engine "
+                 f"(plan, hashes, publish) {sp['engine_s']:.2f} s")
+    if r["disk_s"] is not None:
+        lines.append(f"disk, plain writes    : {r['disk_mb_s']:8.0f} MiB/s  (the same bytes in "
+                     f"{r['disk_s']:.1f} s; stage / disk time {r['stage_s'] / r['disk_s']:.2f})")
+    lines.append(f"peak memory           : {r['peak_rss_mb']:8.0f} MiB")
+    return lines
 
 
 def main() -> None:
@@ -98,29 +198,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--device", default="cpu", help="cpu (default: the CPU target), cuda, auto")
+    ap.add_argument("--selection", default="auto", choices=["auto", "sort", "topk"])
+    ap.add_argument("--score-dtype", default="float32", choices=["float32", "float16"])
     args = ap.parse_args()
-    SIZES.update(queries=args.queries, pool=args.pool, dim=args.dim)
-
-    baseline = bare_product(unit_vectors(args.queries, args.dim, 2),
-                            unit_vectors(args.pool, args.dim, 1), args.block)
-    with tempfile.TemporaryDirectory() as tmp:
-        reg = Registry([FakeIngest, FakeImages, FakeTexts, Negatives])
-        cfg = load_config(reg, sets=[f"negatives.m={args.m}", f"negatives.block={args.block}"])
-        pipe = Pipeline(reg, cfg, RunEnv(Path(tmp), "refcoco"), LocalExecutor(), progress=False)
-        for name in ("ingest", "embed_images", "embed_texts"):
-            pipe.run(name)
-        t0 = time.perf_counter()
-        pipe.run("negatives")
-        stage = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in pipe.artifact_dir("negatives").rglob("*.parquet"))
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}; {args.queries} queries x {args.pool} pool, d={args.dim}, "
-          f"M={args.m}, block={args.block}")
-    print(f"bare t @ V^T, blocked : {baseline:8.1f} s")
-    print(f"negatives stage       : {stage:8.1f} s  (table {size / 2**30:.2f} GiB on disk)")
-    print(f"ratio stage / bare    : {stage / baseline:8.2f}  (target <= 2)")
-    print(f"peak memory           : {peak_rss_mb():8.0f} MiB")
+    r = run_stage(args.queries, args.pool, args.dim, args.m, args.block, args.device,
+                  args.selection, args.score_dtype)
+    print("\n".join(report(r)))
 
 
 if __name__ == "__main__":

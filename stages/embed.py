@@ -3,7 +3,10 @@
 Images are decoded by a pool of threads that runs ahead of the model (PIL releases the GIL while
 decoding and resizing), so decode overlaps inference; the read / infer / write split and the
 share of time the model was busy go into the manifest, so a decode bottleneck is visible.
-Embeddings are stored L2-normalised as float16.
+On a GPU that pool cannot feed the model: `embed.decode=gpu` (the default there, through
+`auto`) has the threads only read the files and decodes the JPEGs in batches on the device
+(stages.ops.gpu_images), every other file still through PIL. Embeddings are stored
+L2-normalised as float16.
 
 `encode_sentences` is the shared text encoder: later stages (clusters, hard negatives) embed
 their own texts with the same model and code, without `embed_texts` depending on them.
@@ -19,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -61,6 +64,11 @@ class EmbedParams(Params):
     device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     fast_decode: bool = Field(False, description="decode JPEGs at reduced size with PIL draft() "
                                                  "before the model's resize (changes output)")
+    decode: Literal["auto", "pil", "gpu"] = Field(
+        "auto", description="image decode and preprocessing: pil (open_clip's exact PIL "
+                            "transform), gpu (JPEGs decoded in batches on the model's device, "
+                            "nvjpeg on CUDA, and preprocessed there; the same tensor code on "
+                            "CPU), auto: gpu on CUDA, pil otherwise (and with fast_decode)")
     workers: NonNegInt = runtime_field(0, "image decode threads (0: one per core)")
     strict: bool = runtime_field(False, "an undecodable image is fatal instead of recorded")
     images_per_shard: Count = Field(1024, description="images per resumable shard")
@@ -122,6 +130,31 @@ def embeddings_matrix(column: pa.ChunkedArray | pa.Array, dtype: Any = None) -> 
     return flat.reshape(-1, d).astype(dtype or np.float32, copy=False)
 
 
+def resolve_decode(params: EmbedParams, bundle: ClipBundle) -> str:
+    """`pil` or `gpu`: what `embed.decode` means for this model on this device.
+
+    `auto` is gpu on CUDA and pil elsewhere, like the device itself (which, with its fp16
+    autocast, already changes the embeddings outside the key): one config gives one output per
+    kind of device, and the manifest records which path ran. It stays pil with fast_decode (a
+    PIL feature), without torchvision, or when the model's transform has a step the tensor
+    path does not reproduce; an explicit `gpu` fails on those instead.
+    """
+    from stages.ops.gpu_images import TensorPreprocess, UnsupportedPreprocess, torchvision_missing
+
+    if params.decode == "pil" or (params.decode == "auto" and (
+            bundle.device.type != "cuda" or params.fast_decode
+            or torchvision_missing() is not None)):
+        return "pil"
+    try:
+        TensorPreprocess.from_transform(bundle.preprocess)
+    except UnsupportedPreprocess as exc:
+        if params.decode == "gpu":
+            raise
+        log.info("embed.decode=auto: %s; decoding with PIL", exc)
+        return "pil"
+    return "gpu"
+
+
 class _EmbedStage(Stage[EmbedParams]):
     section = "embed"
     inputs = ("ingest",)
@@ -145,6 +178,15 @@ class _EmbedStage(Stage[EmbedParams]):
 
         p = params
         check_model_spec(p.model, p.pretrained)
+        if self.name == "embed_images" and p.decode == "gpu":
+            if p.fast_decode:
+                raise InputError("embed.fast_decode=true is PIL's reduced-size JPEG decode and "
+                                 "embed.decode=gpu decodes on the device: set one of them "
+                                 "(--set embed.decode=pil or --set embed.fast_decode=false)")
+            from stages.ops.gpu_images import torchvision_missing
+
+            if (problem := torchvision_missing()) is not None:
+                raise InputError(problem)
         if p.batch_size:
             bundle = get_bundle(p.model, p.pretrained, p.device)
             check_memory(bundle, p.batch_size, "image" if self.name == "embed_images" else "text")
@@ -173,6 +215,8 @@ class EmbedImages(_EmbedStage):
         bundle = get_bundle(p.model, p.pretrained, p.device)
         batch = p.batch_size or auto_batch_size(bundle, "image", cap=256)
         self._describe_model(ctx, bundle, batch)
+        decode = resolve_decode(p, bundle)
+        ctx.extra["decode"] = decode
         ids = images.column("image_id").to_pylist()
         names = images.column("file_name").to_pylist()
         order = sorted(range(len(ids)), key=ids.__getitem__)
@@ -181,7 +225,7 @@ class EmbedImages(_EmbedStage):
             chunk = order[start:start + p.images_per_shard]
             tasks.append(ShardTask(n, {
                 "items": [(ids[i], str(images_dir / names[i])) for i in chunk],
-                "batch": batch,
+                "batch": batch, "decode": decode,
             }))
         stats = ctx.run_shards(_embed_images_shard, tasks, desc="embed images")
         failed = [f for s in stats for f in s["failed"]]
@@ -194,7 +238,8 @@ class EmbedImages(_EmbedStage):
         _write_errors(ctx, failed)
         timing = {k: round(sum(s[k] for s in stats), 3) for k in ("read_s", "infer_s", "write_s")}
         wall = sum(s["wall_s"] for s in stats)
-        ctx.record(images=sum(s["rows"] for s in stats), failed=len(failed), **timing,
+        ctx.record(images=sum(s["rows"] for s in stats), failed=len(failed), decode=decode,
+                   pil_fallbacks=sum(s.get("pil_fallbacks", 0) for s in stats), **timing,
                    model_busy_share=round(timing["infer_s"] / wall, 3) if wall else None,
                    images_per_s=round(sum(s["rows"] for s in stats) / wall, 1) if wall else None)
 
@@ -286,9 +331,6 @@ def _embed_images_shard(payload: dict[str, Any],
                         writer: ShardWriter[EmbedParams]) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
-    import torch
-
-    from stages.models.clip import encode_image_batch
 
     started = time.perf_counter()
     p = writer.params
@@ -302,11 +344,41 @@ def _embed_images_shard(payload: dict[str, Any],
     def decode(item: tuple[int, str]) -> Any:
         return load_pixels(item[1], bundle.preprocess, p.fast_decode, bundle.image_size)
 
+    if payload.get("decode") == "gpu":
+        fallbacks = _embed_on_device(payload["items"], bundle, decode, payload["batch"],
+                                     threads, timing, ids, vectors, failed)
+    else:
+        fallbacks = 0
+        _embed_with_pil(payload["items"], bundle, decode, payload["batch"], threads, timing,
+                        ids, vectors, failed)
+
+    t0 = time.perf_counter()
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, bundle.dim), np.float32)
+    writer.write_table("embeddings", pa.table({
+        "image_id": pa.array(ids, pa.int64()),
+        "embedding": embedding_array(matrix),
+    }))
+    timing["write_s"] += time.perf_counter() - t0
+    return {"rows": len(ids), "failed": failed, "wall_s": time.perf_counter() - started,
+            "pil_fallbacks": fallbacks, **timing}
+
+
+def _undecodable(item: tuple[int, str], exc: BaseException) -> tuple[int, str, str]:
+    return (item[0], item[1], f"undecodable: {type(exc).__name__}: {exc}")
+
+
+def _embed_with_pil(items: list[tuple[int, str]], bundle: ClipBundle, decode: Callable,
+                    batch_size: int, threads: int, timing: dict[str, float], ids: list[int],
+                    vectors: list[np.ndarray], failed: list[tuple[int, str, str]]) -> None:
+    """The exact path: open_clip's PIL transform in a thread pool, batches to the model."""
+    import torch
+
+    from stages.models.clip import encode_image_batch
+
     pin = bundle.device.type == "cuda"
-    for batch in decoded_batches(payload["items"], decode, payload["batch"], threads, timing):
+    for batch in decoded_batches(items, decode, batch_size, threads, timing):
         good = [(item, px) for item, px in batch if not isinstance(px, Exception)]
-        failed.extend((item[0], item[1], f"undecodable: {type(px).__name__}: {px}")
-                      for item, px in batch if isinstance(px, Exception))
+        failed.extend(_undecodable(item, px) for item, px in batch if isinstance(px, Exception))
         if not good:
             continue
         pixels = torch.stack([px for _, px in good])
@@ -317,15 +389,31 @@ def _embed_images_shard(payload: dict[str, Any],
         timing["infer_s"] += time.perf_counter() - t0
         ids.extend(item[0] for item, _ in good)
 
-    t0 = time.perf_counter()
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, bundle.dim), np.float32)
-    writer.write_table("embeddings", pa.table({
-        "image_id": pa.array(ids, pa.int64()),
-        "embedding": embedding_array(matrix),
-    }))
-    timing["write_s"] += time.perf_counter() - t0
-    return {"rows": len(ids), "failed": failed, "wall_s": time.perf_counter() - started,
-            **timing}
+
+def _embed_on_device(items: list[tuple[int, str]], bundle: ClipBundle, decode: Callable,
+                     batch_size: int, threads: int, timing: dict[str, float], ids: list[int],
+                     vectors: list[np.ndarray], failed: list[tuple[int, str, str]]) -> int:
+    """decode=gpu: JPEGs decoded and preprocessed in batches on the model's device, ahead of
+    the model (stages.ops.gpu_images); other files through `decode` (the PIL path), so their
+    pixels and errors are the PIL path's. Returns how many images took the PIL path."""
+    from PIL import Image
+
+    from stages.models.clip import encode_image_batch
+    from stages.ops.gpu_images import TensorPreprocess, device_batches
+
+    prep = TensorPreprocess.from_transform(bundle.preprocess)
+    fallbacks = 0
+    for batch in device_batches(items, prep, decode, batch_size, threads, bundle.device,
+                                timing, max_pixels=Image.MAX_IMAGE_PIXELS):
+        fallbacks += batch.fallbacks
+        failed.extend(_undecodable(item, exc) for item, exc in batch.failed)
+        if not batch.good:
+            continue
+        t0 = time.perf_counter()
+        vectors.append(encode_image_batch(bundle, batch.pixels))
+        timing["infer_s"] += time.perf_counter() - t0
+        ids.extend(item[0] for item in batch.good)
+    return fallbacks
 
 
 def _embed_texts_shard(payload: dict[str, Any], writer: ShardWriter[EmbedParams]) -> dict[str, Any]:

@@ -14,11 +14,15 @@ Ties are broken by ascending image_id.
 
 from __future__ import annotations
 
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from pipeline.io import ParquetFormat
+from pipeline.io import ParquetFormat, ParquetStream, part_name
 from pipeline.stage import (
     INT_MAX,
     Count,
@@ -33,7 +37,7 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
-from stages.ops.topm import select_topm
+from stages.ops.topm import CHUNK_ROWS, topm_rows, topm_with_values
 from stages.refer.manifests import check_splits, load_data_manifest
 
 if TYPE_CHECKING:
@@ -59,7 +63,7 @@ class Negatives(Stage[NegativesParams]):
     """Top-M candidate negative images per training sentence, ranked by rho', with both scores."""
 
     name = "negatives"
-    version = "1"
+    version = "2"  # 2: non-null fields, parts of ROWS_PER_PART rows
     inputs = ("ingest", "embed_images", "embed_texts")
     tables = ("negatives",)
     libraries = ("pyarrow", "torch", "numpy")
@@ -86,7 +90,10 @@ class Negatives(Stage[NegativesParams]):
                 "texts": ctx.upstream_table("embed_texts", "embeddings"),
                 "refs": ctx.upstream_table("ingest", "refs"),
                 "train_split": manifest.train_split}
-        tasks = [ShardTask(n, {"queries": queries[s:s + p.queries_per_shard], "dirs": dirs})
+        # a shard writes parts index .. index + parts_per_shard - 1 (see PartWriter)
+        parts_per_shard = -(-p.queries_per_shard // ROWS_PER_PART)
+        tasks = [ShardTask(n * parts_per_shard, {
+                     "queries": queries[s:s + p.queries_per_shard], "dirs": dirs})
                  for n, s in enumerate(range(0, len(queries), p.queries_per_shard))]
         stats = ctx.run_shards(_negatives_shard, tasks, desc="search")
         pool = _pool(dirs)
@@ -96,7 +103,12 @@ class Negatives(Stage[NegativesParams]):
         ctx.record(queries=sum(s["queries"] for s in stats), pool_images=len(pool[0]),
                    skipped_queries=sum(s["skipped"] for s in stats),
                    m_effective=min(p.m, len(pool[0])),
-                   device=stats[0]["device"] if stats else None)
+                   device=stats[0]["device"] if stats else None,
+                   # where the shards' time went: reading the embeddings, the search (products,
+                   # top-M, gathers, copies to the host), building and writing the table
+                   # (waits for the part encoders included)
+                   **{k: round(sum(s.get(k, 0.0) for s in stats), 3)
+                      for k in ("inputs_s", "search_s", "write_s")})
 
 
 # -- per-process caches of the upstream matrices (built inside the worker, never pickled) ----
@@ -112,10 +124,13 @@ def _embeddings_by_id(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np
 
     from stages.embed import embeddings_matrix
 
-    t = table.read()
+    t = table.read([id_col, "embedding"])
     ids = t.column(id_col).to_numpy()
+    vectors = embeddings_matrix(t.column("embedding"))
+    if len(ids) < 2 or bool((ids[1:] >= ids[:-1]).all()):  # the embed stages write in id order
+        return ids, vectors
     order = np.argsort(ids, kind="stable")
-    return ids[order], embeddings_matrix(t.column("embedding"))[order]
+    return ids[order], vectors[order]
 
 
 def _pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,38 +176,74 @@ def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
 
 
 def _exclude_own(scores: Any, own: Any) -> tuple[Any, Any]:
-    """Leave column own[r] (-1: none) out of row r of `scores` (torch, rows x pool): return
-    the row minima and maxima of the rest, and set the own cells to -inf so that they are
-    never selected while other columns remain. Each extreme takes one pass: the own column
-    first takes a neighbour's value, which changes neither extreme of the rest. A pool of just
-    the own image has extremes (inf, -inf), as over an empty set."""
-    import torch
+    """Leave column own[r] (-1: none) out of row r of `scores` (rows x pool, a torch tensor or
+    a numpy array, changed in place): return the row minima and maxima of the rest, and set
+    the own cells to -inf so that they are never selected while other columns remain. Both
+    extremes take one pass: the own column first takes a neighbour's value, which changes
+    neither extreme of the rest. A pool of just the own image has extremes (inf, -inf), as
+    over an empty set. numpy on the host: its row reductions are several times faster there
+    than torch's."""
+    import numpy as np
 
-    rows = torch.nonzero(own >= 0).reshape(-1)
+    host = isinstance(scores, np.ndarray)
+    if host:
+        rows = np.flatnonzero(own >= 0)
+    else:
+        import torch
+
+        rows = torch.nonzero(own >= 0).reshape(-1)
     cols = own[rows]
     n_cols = scores.shape[1]
     if n_cols > 1 and len(rows):
-        neighbour = torch.where(cols + 1 < n_cols, cols + 1, cols - 1)
+        neighbour = cols + 1
+        neighbour[neighbour == n_cols] = n_cols - 2
         scores[rows, cols] = scores[rows, neighbour]
-    lo, hi = scores.amin(1), scores.amax(1)
+    if host:
+        lo, hi = scores.min(axis=1), scores.max(axis=1)
+    else:
+        lo, hi = torch.aminmax(scores, dim=1)
     if n_cols == 1 and len(rows):
         lo[rows], hi[rows] = float("inf"), float("-inf")
     scores[rows, cols] = float("-inf")
     return lo, hi
 
 
+def _topk_exact(rank: Any, m: int) -> tuple[Any, Any]:
+    """torch.topk made exact: (values, columns) of each row's m best, descending, ties by
+    ascending column. Ties inside the selection are ordered by two stable sorts on the
+    device; rows whose m-th value is also held by an unselected column (the selection itself
+    is then arbitrary) are redone on the host, only those rows."""
+    import torch
+
+    vals, top = torch.topk(rank, m, dim=1, largest=True, sorted=True)
+    top, perm = torch.sort(top, dim=1)
+    vals, perm = torch.sort(vals.gather(1, perm), dim=1, descending=True, stable=True)
+    top = top.gather(1, perm)
+    kth = vals[:, -1:]
+    rows = torch.nonzero((rank == kth).sum(1) > (vals == kth).sum(1)).reshape(-1)
+    if len(rows):
+        import numpy as np
+
+        fixed = topm_tiebreak(rank[rows].cpu().numpy(), vals[rows].cpu().numpy(),
+                              top[rows].cpu().numpy(), np.ones(len(rows), bool))
+        top[rows] = torch.from_numpy(fixed).to(top.device)
+    return vals, top
+
+
 def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndarray,
                  pool: Any, m: int, rank_by: str, device: Any, selection: str = "sort",
-                 threads: int = 2) -> dict[str, np.ndarray]:
+                 threads: int = 2, pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Both scores of the top-M pool columns of a block of queries, own image excluded.
 
     t: (B, d) text vectors; v: (U, d) the block's distinct query images, inverse: (B,) row of
     each query's image in v; own: (U,) pool column of each of those images or -1; pool: (P, d)
     torch tensor on `device`. The sentences of one image share their image-to-image row, so it
-    is computed, reduced and (for rank_by ii) ranked once per image. Returns idx (B, m') with
-    m' = min(m, P), own-image entries marked -1, rho_ti and rho_ii at idx, and per-row pool
-    extremes of both scores. `selection`: `sort` (threshold then one key sort, fast on CPU) or
-    `topk` (torch.topk plus a tie pass, fast on GPU); both exact.
+    is computed, reduced and (for rank_by ii) ranked once per image. Returns idx (B, m') int32
+    with m' = min(m, P), own-image entries marked -1, rho_ti and rho_ii at idx, and per-row
+    pool extremes of both scores; with `pool_ids` (int32 (P,)), also ids: the pool ids at
+    idx (-1 where idx is), mapped where the work is spread (device or chunk threads).
+    `selection`: `sort` (threshold then a sort of packed keys, on the host: `_search_host`)
+    or `topk` (torch.topk plus tie passes, on the device); both exact.
     """
     import numpy as np
     import torch
@@ -201,56 +252,183 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     own_t = torch.from_numpy(own).to(device)
     ti = torch.from_numpy(t).to(device) @ pool.T
     ii = torch.from_numpy(v).to(device) @ pool.T
+    mm = min(m, ti.shape[1])
+    if selection == "sort":
+        return _search_host(ti.cpu().numpy(), ii.cpu().numpy(), inverse, own, mm, rank_by,
+                            threads, pool_ids)
     result: dict[str, np.ndarray] = {}
     for name, scores, own_rows in (("ti", ti, own_t[inverse_t]), ("ii", ii, own_t)):
         lo, hi = _exclude_own(scores, own_rows)
         if name == "ii":
             lo, hi = lo[inverse_t], hi[inverse_t]
         result[f"{name}_min"], result[f"{name}_max"] = lo.cpu().numpy(), hi.cpu().numpy()
-    rank = ti if rank_by == "ti" else ii
-    mm = min(m, rank.shape[1])
-    if selection == "topk":
-        vals, top = torch.topk(rank, mm, dim=1, largest=True, sorted=True)
-        kth = vals[:, -1:]
-        boundary = ((rank == kth).sum(1) > (vals == kth).sum(1)).cpu().numpy()
-        idx = topm_tiebreak(rank.cpu().numpy(), vals.cpu().numpy(), top.cpu().numpy(), boundary)
+    vals, idx_t = _topk_exact(ti if rank_by == "ti" else ii, mm)
+    if rank_by == "ii":  # one ranking per image, shared by its sentences
+        idx_t, vals = idx_t[inverse_t], vals[inverse_t]
+        rho_ti, rho_ii = ti.gather(1, idx_t), vals
     else:
-        idx = select_topm(rank.cpu().numpy(), mm, threads=threads)
-    if rank_by == "ii":
-        idx = idx[inverse]
-    idx_t = torch.from_numpy(idx).to(device)
-    rho_ti = ti.gather(1, idx_t)
-    rho_ii = ii[inverse_t[:, None], idx_t]
-    if mm == rank.shape[1]:  # only a top-M that takes the whole pool reaches the own image
-        own_hit = (rho_ti if rank_by == "ti" else rho_ii) == float("-inf")
-        idx = np.where(own_hit.cpu().numpy(), -1, idx)
-    result["idx"] = idx
+        rho_ti, rho_ii = vals, ii[inverse_t[:, None], idx_t]
+    if mm == ti.shape[1]:  # only a top-M that takes the whole pool reaches the own image
+        idx_t = torch.where(vals == float("-inf"), -1, idx_t)
+    if pool_ids is not None:
+        ids_t = torch.from_numpy(pool_ids.astype(np.int32, copy=False)).to(device)
+        result["ids"] = torch.where(idx_t >= 0, ids_t[idx_t.clamp(min=0)], -1).cpu().numpy()
+    result["idx"] = idx_t.to(torch.int32).cpu().numpy()
     result["rho_ti"] = rho_ti.cpu().numpy()
     result["rho_ii"] = rho_ii.cpu().numpy()
     return result
 
 
-# candidate lists dominate the table (M values per query): they write several times faster
-# without dictionary or statistics, and the score lists gain under 10% from compression
+def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.ndarray,
+                 mm: int, rank_by: str, threads: int,
+                 pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`search_block` after the products, with numpy on the host. The text-to-image rows are
+    taken CHUNK_ROWS at a time by each thread, which reduces, ranks and gathers a chunk while
+    it is in cache (one pass over the block's scores from memory instead of four); the few
+    image-to-image rows are reduced (and for rank_by ii ranked) first, once per image."""
+    import numpy as np
+
+    n, n_cols = ti.shape
+    out = {"idx": np.empty((n, mm), np.int32), "rho_ti": np.empty((n, mm), np.float32),
+           "rho_ii": np.empty((n, mm), np.float32),
+           **{k: np.empty(n, np.float32) for k in ("ti_min", "ti_max")}}
+    ii_lo, ii_hi = _exclude_own(ii, own)
+    out["ii_min"], out["ii_max"] = ii_lo[inverse], ii_hi[inverse]
+    if rank_by == "ii":
+        by_image, by_image_vals = topm_with_values(ii, mm, threads)
+    ii_flat = ii.reshape(-1)
+    if pool_ids is not None:
+        ids32 = np.append(pool_ids.astype(np.int32), np.int32(-1))  # [-1] -> -1
+        out["ids"] = np.empty((n, mm), np.int32)
+
+    def chunk(start: int) -> None:
+        rows = slice(start, start + CHUNK_ROWS)
+        part, images = ti[rows], inverse[rows]
+        out["ti_min"][rows], out["ti_max"][rows] = _exclude_own(part, own[images])
+        if rank_by == "ti":
+            idx, out["rho_ti"][rows] = topm_rows(part, mm)
+            # rows of one image are neighbours: its row of ii stays in cache for them
+            out["rho_ii"][rows] = ii_flat[(images * n_cols)[:, None] + idx]
+        else:
+            idx = by_image[images]
+            out["rho_ii"][rows] = by_image_vals[images]
+            out["rho_ti"][rows] = np.take_along_axis(part, idx, axis=1)
+        if mm == n_cols:  # only a top-M that takes the whole pool reaches the own image
+            rank = out["rho_ti" if rank_by == "ti" else "rho_ii"][rows]
+            idx = np.where(rank == -np.inf, -1, idx)
+        out["idx"][rows] = idx
+        if pool_ids is not None:
+            out["ids"][rows] = ids32[idx]
+
+    starts = range(0, n, CHUNK_ROWS)
+    if threads <= 1 or len(starts) == 1:
+        for s in starts:
+            chunk(s)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(chunk, starts))
+    return out
+
+
+# The table is M values per query in three lists (2.76 GiB at RefCOCO size), so writing it
+# is most of the stage once the products are fast. Measured per 100 MB on one core: Parquet's
+# plain encoding of these lists costs about 120 ms (0.8 GB/s); zstd level 1 would cost more
+# CPU than the disk time it saves (the ids shrink by a third, the scores by under 10%), and
+# dictionaries and statistics only add work. Non-null fields (none is ever null) drop the
+# definition levels: 12% less encoding. Fixed-size lists gain nothing measurable and cannot
+# hold the one-shorter lists of a pool smaller than M; float16 scores cost more CPU per value
+# (Parquet's float16 is a 2-byte fixed-length type) for a third fewer bytes, so they stay an
+# option. Per-column codecs here name top-level columns only: the lists' leaf columns
+# (`x.list.element`) are stored without compression.
 NEGATIVES_FORMAT = ParquetFormat(use_dictionary=False, compression_level=1,
-                                 uncompressed=("rho_ti", "rho_ii"),
-                                 statistics=("sent_id", "ref_id", "image_id"))
+                                 uncompressed=("cand_image_ids", "rho_ti", "rho_ii"),
+                                 statistics=("sent_id", "ref_id", "image_id"),
+                                 row_group_rows=1024)
+# A shard's rows go to consecutive part files of this many rows, each encoded by its own
+# thread while the search goes on, so encoding uses every core (on a GPU the search takes
+# milliseconds and one encoder would set the pace). A constant: the layout is part of the
+# output, never of the machine.
+ROWS_PER_PART = 1024
 
 
 def negatives_schema(score_type: pa.DataType) -> pa.Schema:
     import pyarrow as pa
 
+    def col(name: str, typ: pa.DataType) -> pa.Field:
+        return pa.field(name, typ, nullable=False)
+
+    def values(typ: pa.DataType) -> pa.DataType:
+        return pa.list_(pa.field("item", typ, nullable=False))
+
     return pa.schema([
-        ("sent_id", pa.int64()), ("ref_id", pa.int64()), ("image_id", pa.int64()),
-        ("cand_image_ids", pa.list_(pa.int32())), ("rho_ti", pa.list_(score_type)),
-        ("rho_ii", pa.list_(score_type)),
-        *[(k, pa.float32()) for k in ("ti_min", "ti_max", "ii_min", "ii_max")]])
+        col("sent_id", pa.int64()), col("ref_id", pa.int64()), col("image_id", pa.int64()),
+        col("cand_image_ids", values(pa.int32())), col("rho_ti", values(score_type)),
+        col("rho_ii", values(score_type)),
+        *[col(k, pa.float32()) for k in ("ti_min", "ti_max", "ii_min", "ii_max")]])
 
 
-def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
-                 schema: pa.Schema) -> pa.Table:
-    """One block's rows; own-image entries (idx -1, only when M reaches the pool size) are
-    dropped from the lists."""
+class PartWriter:
+    """Writes one shard's table as consecutive part files of `rows_per_part` rows, named by
+    consecutive indices from `first_index` (so every reader's `part-*.parquet` order is the
+    row order). Each part is a background `ParquetStream`: up to `threads` encode at once,
+    and when more are pending the oldest is closed first, which bounds the memory held."""
+
+    def __init__(self, staging: Path, table: str, schema: pa.Schema, schema_version: str,
+                 fmt: ParquetFormat, first_index: int, rows_per_part: int,
+                 threads: int) -> None:
+        self.dir = staging / table
+        self.schema, self.version, self.fmt = schema, schema_version, fmt
+        self.next_index = first_index
+        self.rows_per_part = rows_per_part
+        self.threads = max(1, threads)
+        self.open: list[ParquetStream] = []
+        self.room = 0  # rows the newest part can still take
+        self.parts = 0
+
+    def _new_part(self) -> ParquetStream:
+        while len(self.open) >= self.threads:
+            self.open.pop(0).close()
+        stream = ParquetStream(self.dir / part_name(self.next_index), self.schema, self.version,
+                               self.fmt, background=True)
+        self.open.append(stream)
+        self.next_index += 1
+        self.parts += 1
+        self.room = self.rows_per_part
+        return stream
+
+    def write(self, piece: pa.Table) -> None:
+        start = 0
+        while start < piece.num_rows:
+            stream = self.open[-1] if self.room else self._new_part()
+            take = min(self.room, piece.num_rows - start)
+            stream.write(piece.slice(start, take))
+            start += take
+            self.room -= take
+
+    def close(self) -> None:
+        if not self.parts:  # an empty shard still writes its (empty) first part
+            self._new_part()
+        while self.open:
+            self.open.pop(0).close()
+
+    def abort(self) -> None:
+        for stream in self.open:
+            stream.abort()
+        self.open.clear()
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """One block's rows from `search_block` (with ids); own-image entries (idx -1, only when
+    M reaches the pool size) are dropped from the lists."""
     import numpy as np
     import pyarrow as pa
 
@@ -265,17 +443,18 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], pool_ids: np.ndarray,
     def flat(values: np.ndarray) -> np.ndarray:
         return values.reshape(-1) if full else values[keep]
 
-    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
-        return pa.ListArray.from_arrays(offsets, pa.array(values, typ))
+    def lists(values: np.ndarray, name: str) -> pa.Array:
+        typ = schema.field(name).type
+        return pa.ListArray.from_arrays(offsets, pa.array(values, typ.value_type), type=typ)
 
-    ids = pool_ids.astype(np.int32)[flat(np.where(keep, idx, 0))]
+    ids = flat(r["ids"])
     return pa.table({
         "sent_id": pa.array(q[:, 0], pa.int64()),
         "ref_id": pa.array(q[:, 1], pa.int64()),
         "image_id": pa.array(q[:, 2], pa.int64()),
-        "cand_image_ids": lists(ids, pa.int32()),
-        "rho_ti": lists(flat(r["rho_ti"]).astype(np_score, copy=False), score_type),
-        "rho_ii": lists(flat(r["rho_ii"]).astype(np_score, copy=False), score_type),
+        "cand_image_ids": lists(ids, "cand_image_ids"),
+        "rho_ti": lists(flat(r["rho_ti"]).astype(np_score, copy=False), "rho_ti"),
+        "rho_ii": lists(flat(r["rho_ii"]).astype(np_score, copy=False), "rho_ii"),
         **{k: pa.array(r[k].astype(np.float32, copy=False), pa.float32())
            for k in ("ti_min", "ti_max", "ii_min", "ii_max")},
     }, schema=schema)
@@ -289,6 +468,7 @@ def _negatives_shard(payload: dict[str, Any],
 
     p = writer.params
     dirs = payload["dirs"]
+    t0 = time.perf_counter()
     pool_ids, pool_vecs = _pool(dirs)
     img_ids, img_vecs = _cached("img:" + dirs["images"].ident,
                                 lambda: _embeddings_by_id(dirs["images"], "image_id"))
@@ -296,6 +476,7 @@ def _negatives_shard(payload: dict[str, Any],
                                 lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
     device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if p.device == "auto" else p.device))
+    timing = {"inputs_s": time.perf_counter() - t0, "search_s": 0.0, "write_s": 0.0}
 
     q = np.array(payload["queries"], dtype=np.int64).reshape(-1, 3)
     t_pos = np.searchsorted(txt_ids, q[:, 0])
@@ -312,12 +493,22 @@ def _negatives_shard(payload: dict[str, Any],
         "topk" if device.type == "cuda" else "sort")
     score_type = pa.float16() if p.score_dtype == "float16" else pa.float32()
     schema = negatives_schema(score_type)
-    with writer.stream_table("negatives", schema, NEGATIVES_FORMAT) as out:
+    out = PartWriter(writer.staging, "negatives", schema, writer.schema_version,
+                     NEGATIVES_FORMAT, writer.index, ROWS_PER_PART, os.cpu_count() or 1)
+    with out:
         for s in range(0, len(q), p.block):
+            t0 = time.perf_counter()
             images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
                                                return_inverse=True)
             r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
                              inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
-                             p.rank_by, device, selection, threads=torch.get_num_threads())
-            out.write(_block_table(q[s:s + p.block], r, pool_ids, schema))
-    return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device)}
+                             p.rank_by, device, selection, threads=torch.get_num_threads(),
+                             pool_ids=pool_ids)
+            t1 = time.perf_counter()
+            out.write(_block_table(q[s:s + p.block], r, schema))
+            timing["search_s"] += t1 - t0
+            timing["write_s"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+    timing["write_s"] += time.perf_counter() - t0  # the last parts' encoding
+    return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device),
+            **timing}

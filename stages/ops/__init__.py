@@ -1,1 +1,1 @@
-"""Numeric kernels the stages share, kept apart so they can be tested and tuned on their own."""
+"""Numeric kernels shared by stages: exact top-M selection, image decoding on the device."""

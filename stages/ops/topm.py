@@ -5,11 +5,13 @@ queries. A general top-k (torch.topk: nth_element then a sort of pairs) costs mo
 matrix product that made the scores, and its order among equal values is arbitrary, which then
 needs a second pass for ties. Here each row is cut by a threshold first: the value ranked
 about 1.2 M in a strided sample of the row's columns. Only the columns at or above it (about
-1.2 M) are kept, each packed with its row and column into one int64 key that orders by
-(row, value descending, column ascending), and one vectorised sort of those keys gives the exact
-answer, ties included. A row whose threshold kept fewer than M columns (a sampling miss, rare)
-is redone with every column. Threads share a block's rows in small chunks: numpy releases
-the GIL in each step.
+1.2 M) are kept, each packed with its column into one int64 key that orders by (value
+descending, column ascending); the keys are laid out one row per line of a padded matrix and
+sorted along the rows (short sorts that stay in cache: about twice as fast as one sort of a
+chunk's keys), which gives the exact answer, ties included. The sorted keys also hold the
+values, bit for bit, so the caller needs no gather for the ranking score. A row whose
+threshold kept fewer than M columns (a sampling miss, rare) is redone with every column.
+Threads share a block's rows in small chunks: numpy releases the GIL in each step.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def sortable_descending(values: np.ndarray) -> np.ndarray:
     return (~ordered).view(np.uint32) ^ np.uint32(0x80000000)
 
 
+def values_of_codes(codes: np.ndarray) -> np.ndarray:
+    """float32 values of `sortable_descending` codes, bit for bit (each step is its own
+    inverse: the sign flip, the complement, and the magnitude flip of negative numbers)."""
+    ordered = ~(np.ascontiguousarray(codes, dtype=np.uint32) ^ np.uint32(0x80000000)).view(
+        np.int32)
+    return (ordered ^ ((ordered >> 31) & _SIGN)).view(np.float32)
+
+
 def sample_thresholds(scores: np.ndarray, m: int) -> np.ndarray:
     """Per row, a value that about SAMPLE_MARGIN * m columns reach (-inf when not worth it)."""
     n_rows, n_cols = scores.shape
@@ -55,59 +65,76 @@ def sample_thresholds(scores: np.ndarray, m: int) -> np.ndarray:
     return np.partition(sample, nth, axis=1)[:, nth]
 
 
-def _select_rows(scores: np.ndarray, m: int, thresholds: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Top-m of each row among columns >= its threshold; ok is False if some row fell short."""
+def _select_rows(scores: np.ndarray, m: int, mask: np.ndarray,
+                 counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-m columns and values of each row among its columns in `mask` (`counts` per row,
+    each >= m). Keys (value code << col_bits | column) fill a matrix padded with the largest
+    int64, which sorts after every key, and are sorted row by row."""
     n_rows, n_cols = scores.shape
     col_bits = max(1, (n_cols - 1).bit_length())
-    flat = np.flatnonzero(scores >= thresholds[:, None])
-    counts = np.diff(np.searchsorted(flat, np.arange(n_rows + 1) * n_cols))
-    if n_rows and counts.min() < m:
-        return np.empty((0, m), np.int64), False
+    flat = np.flatnonzero(mask)  # row-major: rows in order, columns ascending within a row
+    width = int(counts.max())
     row = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
     col = flat - row * n_cols
+    # position in the padded matrix: the key's rank within its row, on that row's line
+    firsts = np.cumsum(counts) - counts
+    dest = np.arange(len(flat), dtype=np.int64) + (row * width - firsts[row])
+    keys = np.full(n_rows * width, np.iinfo(np.int64).max, np.int64)
     code = sortable_descending(scores.reshape(-1)[flat]).astype(np.int64)
-    keys = (row << (32 + col_bits)) | (code << col_bits) | col
-    keys.sort()
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    first = keys[starts[:, None] + np.arange(m)]
-    return first & ((1 << col_bits) - 1), True
+    keys[dest] = (code << col_bits) | col
+    keys = keys.reshape(n_rows, width)
+    keys.sort(axis=1)
+    top = keys[:, :m]
+    return top & ((1 << col_bits) - 1), values_of_codes(top >> col_bits)
 
 
-def _max_rows_per_sort(n_cols: int) -> int:
-    """Rows whose (row, value, column) keys fit in a signed int64."""
-    col_bits = max(1, (n_cols - 1).bit_length())
-    return 1 << max(0, 63 - 32 - col_bits)
+def topm_rows(part: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """`topm_with_values` of a few rows (up to CHUNK_ROWS), in this thread: `_select_rows` cut
+    by the sampled thresholds; rows the cut left short of m are redone with every column,
+    apart, so that one miss does not widen the whole chunk's padded matrix. 1 <= m <= columns.
+    For callers that do more per chunk while its rows are in cache."""
+    mask = part >= sample_thresholds(part, m)[:, None]
+    counts = np.count_nonzero(mask, axis=1)
+    short = counts < m
+    if not short.any():
+        return _select_rows(part, m, mask, counts)
+    idx = np.empty((len(part), m), np.int64)
+    values = np.empty((len(part), m), np.float32)
+    if not short.all():
+        idx[~short], values[~short] = _select_rows(part[~short], m, mask[~short],
+                                                   counts[~short])
+    redo = part[short]
+    idx[short], values[short] = _select_rows(redo, m, np.ones(redo.shape, bool),
+                                             np.full(len(redo), redo.shape[1]))
+    return idx, values
 
 
-def select_topm(scores: np.ndarray, m: int, threads: int = 2) -> np.ndarray:
+def topm_with_values(scores: np.ndarray, m: int,
+                     threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Column indices (rows, min(m, cols)) of each row's m largest values, descending, ties
-    by ascending column. `scores` is float32 without NaN (-inf marks columns never wanted:
-    they come last and are returned only when fewer than m finite values exist)."""
+    by ascending column, and those values. `scores` is float32 without NaN (-inf marks
+    columns never wanted: they come last and are returned only when fewer than m finite
+    values exist)."""
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     n_rows, n_cols = scores.shape
     m = min(m, n_cols)
     if n_rows == 0 or m == 0:
-        return np.zeros((n_rows, m), np.int64)
+        return np.zeros((n_rows, m), np.int64), np.zeros((n_rows, m), np.float32)
     if n_cols > 1 << 31:
         raise ValueError(f"{n_cols} columns do not fit a 64-bit sort key (at most 2**31)")
-    step = min(_max_rows_per_sort(n_cols), CHUNK_ROWS)
+    starts = range(0, n_rows, CHUNK_ROWS)
 
-    def chunk(start: int) -> np.ndarray:
-        part = scores[start:start + step]
-        thresholds = sample_thresholds(part, m)
-        idx, ok = _select_rows(part, m, thresholds)
-        if ok:
-            return idx
-        # some rows fell short: redo just those with every column
-        counts = np.count_nonzero(part >= thresholds[:, None], axis=1)
-        short = counts < m
-        thresholds[short] = -np.inf
-        idx, ok = _select_rows(part, m, thresholds)
-        assert ok
-        return idx
+    def chunk(start: int) -> tuple[np.ndarray, np.ndarray]:
+        return topm_rows(scores[start:start + CHUNK_ROWS], m)
 
-    starts = range(0, n_rows, step)
     if threads <= 1 or len(starts) == 1:
-        return np.concatenate([chunk(s) for s in starts])
-    with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(chunk, starts)))
+        parts = [chunk(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(chunk, starts))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def select_topm(scores: np.ndarray, m: int, threads: int = 2) -> np.ndarray:
+    """The column indices of `topm_with_values`."""
+    return topm_with_values(scores, m, threads)[0]

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from stages.negatives import search_block
-from stages.ops.topm import SAMPLE_STRIDE, select_topm, sortable_descending
+from stages.ops.topm import (
+    SAMPLE_STRIDE,
+    select_topm,
+    sortable_descending,
+    topm_with_values,
+    values_of_codes,
+)
 
 
 def oracle_topm(scores: np.ndarray, m: int) -> np.ndarray:
@@ -26,6 +32,25 @@ def test_sortable_codes_order_like_descending_floats():
     assert codes.dtype == np.uint32
     order = np.argsort(codes, kind="stable")
     assert values[order].tolist() == sorted(values.tolist(), reverse=True)
+
+
+def test_codes_give_back_the_values_bit_for_bit():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([
+        np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32),
+        rng.standard_normal(1000).astype(np.float32)])
+    back = values_of_codes(sortable_descending(values))
+    assert back.dtype == np.float32
+    assert np.array_equal(back.view(np.uint32), values.view(np.uint32))
+
+
+def test_values_are_the_selected_scores():
+    rng = np.random.default_rng(4)
+    scores = (rng.integers(-40, 41, size=(300, 3000)) / 64).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.01] = -np.inf
+    idx, vals = topm_with_values(scores, 500)
+    assert np.array_equal(idx, oracle_topm(scores, 500))
+    assert np.array_equal(vals, np.take_along_axis(scores, idx, axis=1))
 
 
 @pytest.mark.parametrize("n_rows,n_cols,m", [(300, 5000, 200), (130, 2000, 2000),
@@ -95,10 +120,12 @@ def test_search_block_equals_bruteforce(rank_by, selection):
     own = rng.choice(n_pool, n_img, replace=False)
     own[:5] = -1  # images outside the pool (none of their columns is excluded)
     own[5] = n_pool - 1  # the last column: its neighbour is on the left
+    pool_ids = rng.permutation(10 * n_pool)[:n_pool].astype(np.int32)
     got = search_block(t, v, inverse, own, torch.from_numpy(pool), m, rank_by,
-                       torch.device("cpu"), selection)
+                       torch.device("cpu"), selection, pool_ids=pool_ids)
     want = brute_block(t, v, inverse, np.where(own < 0, -1, own), pool, m, rank_by)
     assert np.array_equal(got["idx"], want["idx"])
+    assert np.array_equal(got["ids"], pool_ids[want["idx"]])
     for key in ("rho_ti", "rho_ii", "ti_min", "ti_max", "ii_min", "ii_max"):
         assert np.array_equal(got[key].astype(np.float64), want[key]), key
 
@@ -107,9 +134,12 @@ def test_search_block_pool_smaller_than_m_marks_own_image():
     pool = np.eye(3, dtype=np.float32)
     t = np.array([[1.0, 0.5, 0.0]], np.float32)
     v = np.array([[0.0, 1.0, 0.0]], np.float32)
-    got = search_block(t, v, np.array([0]), np.array([1]), torch.from_numpy(pool), 10, "ti",
-                       torch.device("cpu"), "sort")
-    # ranked by ti: column 0 (1.0), column 2 (0.0), then the own image (column 1) marked -1
-    assert got["idx"].tolist() == [[0, 2, -1]]
+    for selection in ("sort", "topk"):
+        got = search_block(t, v, np.array([0]), np.array([1]), torch.from_numpy(pool), 10,
+                           "ti", torch.device("cpu"), selection,
+                           pool_ids=np.array([7, 8, 9], np.int32))
+        # ranked by ti: column 0 (1.0), column 2 (0.0), then the own image (column 1), -1
+        assert got["idx"].tolist() == [[0, 2, -1]], selection
+        assert got["ids"].tolist() == [[7, 9, -1]], selection
     assert (got["ti_min"][0], got["ti_max"][0]) == (0.0, 1.0)
     assert (got["ii_min"][0], got["ii_max"][0]) == (0.0, 0.0)
