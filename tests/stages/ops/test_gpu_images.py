@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.api import open_pipeline
-from pipeline.context import ShardWriter
 from pipeline.errors import InputError
+from pipeline.stage import ShardWriter
 from stages.embed import EmbedParams, _embed_images_shard, embeddings_matrix, load_pixels
 from stages.models.clip import encode_image_batch, load_clip
 from stages.ops.gpu_images import (
@@ -103,9 +103,8 @@ def bundle():
 
 def shard(tmp: Path, items: list[tuple[int, str]], decode: str, batch: int = 4):
     params = EmbedParams(model="tiny", pretrained=None, batch_size=batch, workers=2)
-    writer = ShardWriter(tmp / decode, 0, "1")
-    stats = _embed_images_shard({"items": items, "params": params.model_dump(),
-                                 "batch": batch, "decode": decode}, writer)
+    writer = ShardWriter(tmp / decode, 0, "1", params)
+    stats = _embed_images_shard({"items": items, "batch": batch, "decode": decode}, writer)
     table = pq.read_table(tmp / decode / "embeddings" / "part-00000.parquet")
     return stats, table
 
