@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -279,11 +281,14 @@ class Pipeline:
 
     def _finalize(self, r: Resolved[Any], ctx: StageContext[Any], tmp: Path) -> None:
         clear_resume_state(tmp)
-        files = {
-            p.relative_to(tmp).as_posix(): describe_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and not p.name.startswith(("_", "."))
-        }
+        paths = [p for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and not p.name.startswith(("_", "."))]
+        # sha256 of every output file: hashlib releases the GIL, so threads hash the parts of a
+        # large artifact in parallel (2.8 GiB of negatives: 1.9 s serial on one core)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            described = list(pool.map(describe_file, paths))
+        files = {p.relative_to(tmp).as_posix(): info
+                 for p, info in zip(paths, described, strict=True)}
         tables: dict[str, int] = {}
         for rel, info in files.items():
             if "/" in rel and "rows" in info:
