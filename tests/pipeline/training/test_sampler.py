@@ -411,13 +411,16 @@ def test_fallback_single_replace_pool(fx):
         meta = single[(epoch, three)]["meta"]
         assert meta["is_mosaic"] and meta["fallback"] is None and meta["fallback_cells"] == 0
     rep = fx.ds(gamma=1.0, fallback="replace")
+    repeated = set()
     for epoch in range(10):
         meta = rep[(epoch, two)]["meta"]
         negs = _negatives(meta)
         assert meta["is_mosaic"] and meta["fallback"] == "replace" and meta["fallback_cells"] == 1
         assert sorted(set(negs)) == [12, 13] and len(negs) == 3
+        repeated.add(max(negs, key=negs.count))
         assert not rep[(epoch, none)]["meta"]["is_mosaic"]
         assert rep[(epoch, none)]["meta"]["fallback"] == "single"
+    assert repeated == {12, 13}  # the repeated survivor is drawn too
     pool = fx.ds(gamma=1.0, fallback="pool", grid=3)
     for epoch in range(10):
         for i, have in ((two, {12, 13}), (none, set())):
@@ -450,7 +453,7 @@ def test_mixed_mode_probabilities(fx):
     ds = fx.ds(mosaic="mixed", random_prob=0.25, retrieval_prob=0.35, grid="mixed")
     kinds = {"one": 0, "random": 0, "retrieval": 0}
     grids = {2: 0, 3: 0}
-    rows = [i for i, r in enumerate(fx.rows["train"]) if 600 <= r["sent_id"]]
+    rows = [i for i, r in enumerate(fx.rows["train"]) if r["sent_id"] >= 600]
     n = 0
     for epoch in range(12):
         for i in rows:
@@ -468,7 +471,7 @@ def test_mixed_mode_probabilities(fx):
 @pytest.mark.parametrize("mode", ["retrieval", "random"])
 def test_gamma_is_the_mosaic_probability_of_one_kind(fx, mode):
     ds = fx.ds(mosaic=mode, gamma=0.3)
-    rows = [i for i, r in enumerate(fx.rows["train"]) if 600 <= r["sent_id"]]
+    rows = [i for i, r in enumerate(fx.rows["train"]) if r["sent_id"] >= 600]
     metas = [ds[(e, i)]["meta"] for e in range(12) for i in rows]
     assert {m["mosaic_kind"] for m in metas} == {"one", mode}
     assert _binomial_ok(sum(m["is_mosaic"] for m in metas), len(metas), 0.3)
@@ -483,7 +486,7 @@ def test_two_curricula_and_random_before_start(fx):
         s = ds[(epoch, i)]
         assert s["meta"]["is_mosaic"] == mosaic and bool(s["hard_negatives"]) == hard, epoch
     before = fx.ds(gamma=0.5, mosaic_start_epoch=3, random_before_start=True)
-    rows = [i for i, r in enumerate(fx.rows["train"]) if 600 <= r["sent_id"]]
+    rows = [i for i, r in enumerate(fx.rows["train"]) if r["sent_id"] >= 600]
     early = [before[(e, i)]["meta"] for e in range(3) for i in rows]
     late = [before[(e, i)]["meta"] for e in range(3, 6) for i in rows]
     assert {m["mosaic_kind"] for m in early} == {"one", "random"}
