@@ -28,10 +28,12 @@ Candidates. A *retrieval* mosaic draws from the row's candidates: ``neg_image_id
 ``uniform_candidates(row, pool)`` (every survivor of the whole pool). A *random* mosaic draws
 uniformly from the pool (training-split images) without the own image; an evaluation-only image
 is never in the pool. The negatives of one mosaic are distinct (``rng.choice`` without
-replacement) unless ``replace=True``, which draws with replacement as the official loader does
-whenever its ``top_k >= 20`` (it can show one image in two cells); the official random mosaic
-draws without replacement over *referents* (LMDB keys), so it may show the own image, or one image
-twice through two of its referents; here it draws images, never the own one.
+replacement) unless ``replace=True``, which draws a retrieval mosaic's negatives with
+replacement as the official loader does whenever its ``top_k >= 20`` (it can show one image in
+two cells; then one survivor is enough and the fallback acts only when none survives). Random
+mosaics are always distinct images: the official random mosaic draws without replacement over
+*referents* (LMDB keys), so it may show the own image, or one image twice through two of its
+referents; here it draws images, never the own one.
 
 Fallback when fewer distinct candidates survive tau than the grid needs (3 on 2x2, 8 on 3x3;
 ``fallback``, reported in ``meta["fallback"]`` and ``meta["fallback_cells"]``):
@@ -195,20 +197,22 @@ def random_candidates(image_id: int, pool: np.ndarray | None) -> np.ndarray:
     return pool[pool != int(image_id)]
 
 
-def draw_negatives(rng: np.random.Generator, candidates: np.ndarray, need: int,
-                   opts: SamplerOptions, image_id: int, pool: np.ndarray | None,
+def draw_negatives(rng: np.random.Generator, candidates: np.ndarray, need: int, replace: bool,
+                   fallback: str, image_id: int, pool: np.ndarray | None,
                    ) -> tuple[list[int] | None, str | None, int]:
     """``(negatives in placement order, fallback used, cells it filled)``; negatives None when
     the sample stays single. The order of a draw without replacement is uniformly random, which
-    is the random placement of the negatives into the cells left by the positive."""
+    is the random placement of the negatives into the cells left by the positive. With
+    `replace` any survivor suffices (the official loader's draw when fewer than its top_k
+    survive), so the fallback only acts when none does."""
     n = len(candidates)
-    if n >= need or (opts.replace and n):
-        picks = rng.choice(n, size=need, replace=opts.replace)
+    if n >= need or (replace and n):
+        picks = rng.choice(n, size=need, replace=replace)
         return [int(candidates[i]) for i in picks], None, 0
     missing = need - n
-    if opts.fallback == "replace" and n:
+    if fallback == "replace" and n:
         fill = candidates[rng.choice(n, size=missing, replace=True)]
-    elif opts.fallback == "pool":
+    elif fallback == "pool":
         extra = random_candidates(image_id, pool)
         extra = extra[~np.isin(extra, candidates)]
         if len(extra) < missing:
@@ -217,7 +221,7 @@ def draw_negatives(rng: np.random.Generator, candidates: np.ndarray, need: int,
     else:
         return None, "single", 0
     chosen = np.concatenate([candidates, fill])
-    return [int(v) for v in chosen[rng.permutation(need)]], opts.fallback, missing
+    return [int(v) for v in chosen[rng.permutation(need)]], fallback, missing
 
 
 def allowed_cells(allowed_quadrants: Sequence[Any] | None, grid: int,
@@ -257,9 +261,12 @@ def plan_sample(rng: np.random.Generator, u: float, opts: SamplerOptions, epoch:
         return single(image_id)
     grid = opts.grid if opts.grid != "mixed" else (2 if rng.random() < 0.5 else 3)
     need = grid * grid - 1
-    candidates = (retrieval_candidates(row, pool) if kind == RETRIEVAL
-                  else random_candidates(image_id, pool))
-    negatives, fallback, filled = draw_negatives(rng, candidates, need, opts, image_id, pool)
+    if kind == RETRIEVAL:
+        candidates, replace = retrieval_candidates(row, pool), opts.replace
+    else:  # random mosaics are always distinct images, as the official ones are
+        candidates, replace = random_candidates(image_id, pool), False
+    negatives, fallback, filled = draw_negatives(rng, candidates, need, replace, opts.fallback,
+                                                 image_id, pool)
     if negatives is None:
         return single(image_id, fallback)
     cells = allowed_cells(row.get("allowed_quadrants"), grid, opts.positional_constraint)

@@ -549,3 +549,11 @@ def test_draws_differ_across_epochs_and_agree_across_worker_counts(fx):
     differ = sum(a["source_image_ids"] != b["source_image_ids"] or a["cells"] != b["cells"]
                  for a, b in zip(before, later, strict=True))
     assert differ > len(ds) // 2
+
+
+def test_random_mosaics_stay_distinct_with_replace(fx):
+    ds = fx.ds(mosaic="random", gamma=1.0, grid=3, replace=True)
+    for epoch in range(3):
+        for i in range(0, len(ds), 4):
+            negs = _negatives(ds[(epoch, i)]["meta"])
+            assert len(set(negs)) == 8
