@@ -387,8 +387,8 @@ class NemoDataset(torch.utils.data.Dataset):
                   else (self.input_size, self.input_size))
         boxes = (draw_layout(rng, plan.grid, canvas, self._sampler.cross_point)
                  if plan.is_mosaic else None)
-        if boxes is None:  # a positive narrower than the grid would leave a cell empty
-            plan = plan if not plan.is_mosaic else single(image_id)
+        if plan.is_mosaic and boxes is None:  # a positive narrower than the grid: a cell
+            plan = single(image_id)  # would be empty, so the sample stays single
         # in a mosaic the positive is shown in one cell: decode it at reduced size too
         fit = None if boxes is None else cell_fit_of(boxes[plan.cell], self.cell_fit)
         positive, size = self._load_rgb(image_id, fit)
