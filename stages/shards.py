@@ -3,10 +3,13 @@
 Joins ingest (text, image, target mask), mosaic_tables (the K negative images and allowed
 quadrants, training split only) and hard negatives into `<split>/part-*.parquet` with small row
 groups for random access, plus an `images` table (id -> file, size) for the positives and
-negatives. Evaluation splits pass through unaugmented. The manifest carries a schema version
-and the key and params of every upstream artifact (tau, K, CLIP model, ...), so a trainer can
-log exactly what it trained on; `pipeline.training.dataset.NemoDataset` reads these shards. The
-layout (tables, columns, schema versions) is declared once, in `pipeline.training.schema`.
+negatives and a `pool` table (mosaic_tables' `pool.parquet`: the training images random mosaics
+draw from). A `mosaic_tables.k=all` row keeps its layout (`neg_from_pool`, `excluded_image_ids`:
+the reader gets its candidates from `uniform_candidates(row, pool)`). Evaluation splits pass
+through unaugmented. The manifest carries a schema version and the key and params of every
+upstream artifact (tau, K, CLIP model, ...), so a trainer can log exactly what it trained on;
+`pipeline.training.dataset.NemoDataset` reads these shards. The layout (tables, columns, schema
+versions) is declared once, in `pipeline.training.schema`.
 
 Hard negatives (training split only; evaluation rows have none): with
 `shards.with_hard_negatives` they come from the hard_negatives stage (ranked, labelled by source
@@ -37,8 +40,11 @@ from pipeline.io import ParquetFormat, read_json
 from pipeline.stage import Count, Params, ShardTask, ShardWriter, Stage, StageContext
 from pipeline.training.schema import (
     ALL_QUADRANTS,
+    EXCLUDED,
+    FROM_POOL,
     IMAGE_COLUMNS,
     IMAGES_TABLE,
+    POOL_TABLE,
     ROW_COLUMNS,
     SCHEMA_VERSION_FIELD,
     SHARDS_SCHEMA_VERSION,
@@ -48,6 +54,7 @@ from pipeline.training.schema import (
     THUMBNAILS_STAGE,
     UPSTREAM_ARTIFACTS_FIELD,
     ThumbnailsRef,
+    pool_schema,
     row_schema,
 )
 from stages.refer.files import other_referent_sentences
@@ -72,7 +79,7 @@ class Shards(Stage[ShardsParams]):
     name = SHARDS_STAGE
     version = SHARDS_SCHEMA_VERSION
     inputs = ("ingest", "mosaic_tables")
-    tables = (IMAGES_TABLE, *SPLIT_TABLES)
+    tables = (IMAGES_TABLE, POOL_TABLE, *SPLIT_TABLES)
     libraries = ("pyarrow", "pycocotools", "numpy")
 
     def upstream(self, params: ShardsParams) -> tuple[str, ...]:
@@ -107,6 +114,7 @@ class Shards(Stage[ShardsParams]):
         stats = ctx.run_shards(_rows_shard, tasks, desc="join")
         images = ctx.read_table("ingest", "images").select(list(IMAGE_COLUMNS))
         ctx.write_table(IMAGES_TABLE, images)
+        ctx.write_table(POOL_TABLE, mosaic_pool(ctx))
         ctx.extra[SCHEMA_VERSION_FIELD] = SHARDS_SCHEMA_VERSION
         ctx.extra[UPSTREAM_ARTIFACTS_FIELD] = upstream_artifacts(ctx)
         if p.thumbnails:
@@ -135,6 +143,19 @@ def upstream_artifacts(ctx: StageContext[ShardsParams]) -> dict[str, dict[str, A
                       **({"model": m["model"]} if "model" in m else {})}
         todo.extend(m.get("upstream", {}).items())
     return dict(sorted(out.items()))
+
+
+def mosaic_pool(ctx: StageContext[ShardsParams]) -> Any:
+    """mosaic_tables' pool (`pool.parquet`, verified against its manifest) as the pool table:
+    the images random mosaics draw from and k=all rows stored as exclusions are read against."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.training.mosaic_candidates import POOL_FILE
+
+    data = ctx.upstream_file("mosaic_tables", POOL_FILE).read_bytes()
+    ids = pq.read_table(pa.BufferReader(data), columns=["image_id"]).column("image_id")
+    return pa.table({"image_id": ids.cast(pa.int64())}, schema=pool_schema())
 
 
 def thumbnails_reference(ctx: StageContext) -> ThumbnailsRef:
@@ -194,7 +215,7 @@ def _read_lookups(dirs: dict[str, Any]) -> dict[str, Any]:
         "image": {i["image_id"]: i for i in images},
         "mosaic": {row["sent_id"]: row for row in mosaic.select(
             ["sent_id", "neg_image_ids", "k_shortfall", "positional_words",
-             "allowed_quadrants"]).to_pylist()},
+             "allowed_quadrants", FROM_POOL, EXCLUDED]).to_pylist()},
     }
 
 
@@ -269,6 +290,8 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
             ("positional_words", mosaic["positional_words"] if mosaic else []),
             ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else list(ALL_QUADRANTS)),
             ("hn_texts", hn), ("hn_kinds", kinds), ("hn_scores", scores),
+            (FROM_POOL, bool(mosaic[FROM_POOL]) if mosaic else False),
+            (EXCLUDED, mosaic[EXCLUDED] if mosaic else None),
         ):
             rows[col].append(value)
     table = pa.Table.from_pydict(rows, schema=row_schema())

@@ -3,7 +3,7 @@
     schema      the shards (and thumbnails) layout, shared with the stages that write it
     artifact    the checks a shards directory passes before it is read; where its parts are
     dataset     NemoDataset (one split as a PyTorch map-style dataset) and collate_fn
-    sampling    the seeded per-sample draws (mosaic or not, negatives, quadrant)
+    sampling    the seeded per-sample draws (mosaic kind, grid, negatives, cell, cuts)
     mosaic      mosaic geometry and composition
     preview     a contact sheet of samples (`nemo-pipe preview`)
     adapters    a sample in the format of a given trainer's own dataset (CRIS, LAVT, ReLA, ...)

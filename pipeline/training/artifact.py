@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.io import MANIFEST, SCHEMA_VERSION_KEY, SUCCESS, read_json, table_files
 from pipeline.training.schema import (
     IMAGES_TABLE,
+    POOL_TABLE,
     SCHEMA_VERSION_FIELD,
     SHARDS_SCHEMA_VERSIONS,
     SHARDS_STAGE,
@@ -37,6 +38,7 @@ from pipeline.training.schema import (
 REBUILD = "`nemo-pipe run --stage shards`"
 THUMBNAIL_READ_COLUMNS = ("image_id", "pack", "offset", "length", "src_width", "src_height")
 IMAGE_READ_COLUMNS = ("image_id", "file_name")
+NOT_SPLITS = (IMAGES_TABLE, POOL_TABLE, THUMBNAILS_TABLE)  # table dirs that are not splits
 
 
 def version_help(found: object, where: str, known: Collection[str] = SHARDS_SCHEMA_VERSIONS,
@@ -241,12 +243,10 @@ class ShardsArtifact:
     def available_splits(self) -> list[str]:
         """Split directories of the artifact that hold at least one part file."""
         return sorted(p.name for p in self.dir.iterdir()
-                      if p.is_dir() and p.name not in (IMAGES_TABLE, THUMBNAILS_TABLE)
-                      and table_files(p))
+                      if p.is_dir() and p.name not in NOT_SPLITS and table_files(p))
 
     def split_files(self, split: str) -> list[Path]:
-        files = (table_files(self.dir / split)
-                 if split not in (IMAGES_TABLE, THUMBNAILS_TABLE) else [])
+        files = table_files(self.dir / split) if split not in NOT_SPLITS else []
         if not files:
             raise ValueError(
                 f"split {split!r} is not in {self.dir} (no {split}/part-*.parquet); splits "
@@ -268,6 +268,19 @@ class ShardsArtifact:
             images.update(zip(t.column("image_id").to_pylist(),
                               t.column("file_name").to_pylist(), strict=True))
         return images
+
+    def pool(self) -> np.ndarray | None:
+        """The mosaic pool's image ids (int64, ascending) from the `pool` table (schema >= 4),
+        or None when the artifact has none (older schema: the reader derives it)."""
+        files = table_files(self.dir / POOL_TABLE)
+        if not files:
+            return None
+        parts = []
+        for path in files:
+            pf = open_checked(path, ("image_id",))
+            parts.append(pf.read(columns=["image_id"]).column("image_id").to_numpy())
+            pf.close()
+        return np.unique(np.concatenate(parts).astype(np.int64))
 
     def thumbnails_ref(self) -> ThumbnailsRef | None:
         try:

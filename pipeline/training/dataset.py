@@ -17,12 +17,22 @@ Sample dict (``NemoDataset[i]``)::
     image               PIL.Image (RGB, W x H of the positive image), or what `transform` returns
     mask                np.uint8 H x W in {0, 1} (union of the targets; zeros for no-target)
     sentence            str
-    hard_negatives      list[str]: first `n_hard_negatives` of hn_texts (train split, curriculum on)
+    hard_negatives      list[str]: first `n_hard_negatives` of hn_texts (train split, from
+                        `hard_negatives_start_epoch` on)
     hard_negative_kinds list[str]: their provenance kinds, aligned with hard_negatives
     meta                {sent_id, ref_id, image_id, split, index, epoch, is_mosaic, quadrant,
-                         source_image_ids, no_target}
+                         source_image_ids, no_target, mosaic_kind, grid, cells, fallback,
+                         fallback_cells}
 
-Mosaic geometry: :mod:`pipeline.training.mosaic`. Determinism: every random draw of sample
+A mosaic's ``quadrant`` is the positive's cell (row-major, 0..3 on 2x2, 0..8 on 3x3),
+``source_image_ids`` the image of each cell, ``cells`` their ``[x0, y0, w, h]`` boxes (None when
+single), ``mosaic_kind`` one / random / retrieval, ``grid`` 1 (single), 2 or 3, ``fallback`` what
+decided a sample short of candidates (None, "single", "replace" or "pool") and
+``fallback_cells`` how many cells it filled.
+
+Which mosaic, which images, which cell: :mod:`pipeline.training.sampling` (it also documents each
+option against the official NeMo loader); geometry: :mod:`pipeline.training.mosaic`. Determinism:
+every random draw of sample
 ``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` and nothing
 else (:mod:`pipeline.training.sampling`), so a sample does not depend on the number of DataLoader
 workers, on the order of access, or on what was read before.
@@ -52,14 +62,23 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.training.artifact import RowGroups, ShardsArtifact
-from pipeline.training.mosaic import CELL_FITS, SizeFit, cell_boxes, cell_fit_of, compose
+from pipeline.training.mosaic import CELL_FITS, CELL_GEOMETRIES, SizeFit, cell_fit_of, compose_cells
 from pipeline.training.sampling import (
+    SamplerOptions,
+    curriculum_starts,
+    draw_layout,
     draw_mosaic_u,
     first_hard_negatives,
-    plan_mosaic,
+    plan_sample,
     sample_rng,
+    single,
 )
-from pipeline.training.schema import IMAGES_TABLE, SHARDS_SCHEMA_VERSIONS, TRAIN_SPLIT
+from pipeline.training.schema import (
+    IMAGES_TABLE,
+    OPTIONAL_ROW_COLUMNS,
+    SHARDS_SCHEMA_VERSIONS,
+    TRAIN_SPLIT,
+)
 
 __all__ = ["SCHEMA_VERSIONS", "NemoDataset", "collate_fn", "decode_rle"]
 
@@ -67,7 +86,7 @@ SCHEMA_VERSIONS = SHARDS_SCHEMA_VERSIONS
 """Shards schema versions this reader understands (manifest and every Parquet file)."""
 
 # Only the columns a sample needs are decoded; the others (category_id, ann_ids, k_shortfall,
-# positional_words, hn_scores) stay on disk.
+# positional_words, hn_scores) stay on disk. OPTIONAL_ROW_COLUMNS are read when a file has them.
 READ_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "no_target", "mask_rle",
     "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds",
@@ -85,7 +104,7 @@ class _ProcessLocal:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.files: dict[int, pq.ParquetFile] = {}
+        self.files: dict[int, tuple[pq.ParquetFile, list[str]]] = {}  # file, columns to read
         self.groups: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self.packs: dict[int, int] = {}  # thumbnail pack index -> open file descriptor
 
@@ -115,9 +134,10 @@ class NemoDataset(torch.utils.data.Dataset):
         n_hard_negatives: hard-negative texts returned per sample (0: none), for C3*-style
             losses; taken best first from the row's ranked ``hn_texts``. Train split only.
         positional_constraint: put the positive only in the row's ``allowed_quadrants`` (so
-            "the man on the left" stays on the left of the mosaic).
-        curriculum_start_epoch: epochs before it train without any augmentation (no mosaic, no
-            hard negatives), as the hard-negative curriculum prescribes.
+            "the man on the left" stays on the left of the mosaic; on 3x3 left is column 0,
+            right column 2, top row 0, bottom row 2).
+        curriculum_start_epoch: shorthand that sets both starts below (a start given as well
+            must equal it).
         seed: with the epoch and the index, the only source of randomness.
         transform: ``transform(image, mask) -> (image, mask)``, applied last.
         cell_fit: "stretch" (default, the paper's code) or "letterbox".
@@ -128,6 +148,26 @@ class NemoDataset(torch.utils.data.Dataset):
         thumbnails_dir: where the thumbnails artifact is, when it is not at the place the shards'
             manifest records (``../../thumbnails/<key>`` from the shards dir, as in the work
             dir); it must still be that very artifact (same key and files).
+        mosaic_start_epoch: epochs before it show no mosaic (unless `random_before_start`).
+        hard_negatives_start_epoch: epochs before it return no hard negatives.
+        mosaic: "retrieval" (default: the row's tau-filtered candidates), "random" (uniform from
+            the training pool) or "mixed" (per sample one of single / random / retrieval with
+            1 - (random_prob + retrieval_prob), random_prob, retrieval_prob).
+        random_prob, retrieval_prob: the probabilities of mosaic="mixed" (required there, refused
+            elsewhere: gamma is the mosaic probability of the two other modes).
+        random_before_start: before `mosaic_start_epoch`, random mosaics with probability gamma
+            (the official loader's `aug_prob` before its `retrieval_epoch`).
+        grid: 2 (3 negatives), 3 (8 negatives) or "mixed" (2 or 3 with one half each, the
+            official `mix_grid`).
+        cell_geometry: "positive" (the mosaic has the positive's size) or "square" (an
+            `input_size` square, every cell about input_size / grid, as the official loader).
+        input_size: the square side of cell_geometry="square" (default 416).
+        cross_point: "center" (default), "shifted" (cuts moved by up to half a cell, the
+            official `move_crs_pnt`) or "random" (cuts anywhere, the official `rand_crs`).
+        fallback: when fewer candidates survive tau than the grid needs: "single" (default),
+            "replace" (repeat survivors) or "pool" (fill from the training pool, ignoring tau).
+        replace: draw a mosaic's retrieval negatives with replacement (the official loader does
+            when its top_k >= 20); default False: distinct negatives.
     """
 
     #: Row groups (256 rows each in a real artifact) cached per process; random access over a
@@ -142,19 +182,41 @@ class NemoDataset(torch.utils.data.Dataset):
         gamma: float = 0.6,
         n_hard_negatives: int = 0,
         positional_constraint: bool = False,
-        curriculum_start_epoch: int = 0,
+        curriculum_start_epoch: int | None = None,
         seed: int = 0,
         transform: Transform | None = None,
         cell_fit: str = "stretch",
         thumbnails: bool | None = None,
         thumbnails_dir: str | os.PathLike[str] | None = None,
+        *,
+        mosaic_start_epoch: int | None = None,
+        hard_negatives_start_epoch: int | None = None,
+        mosaic: str = "retrieval",
+        random_prob: float | None = None,
+        retrieval_prob: float | None = None,
+        random_before_start: bool = False,
+        grid: int | str = 2,
+        cell_geometry: str = "positive",
+        input_size: int = 416,
+        cross_point: str = "center",
+        fallback: str = "single",
+        replace: bool = False,
     ) -> None:
-        if not 0.0 <= float(gamma) <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
         if int(n_hard_negatives) < 0:
             raise ValueError(f"n_hard_negatives must be >= 0, got {n_hard_negatives!r}")
-        if int(curriculum_start_epoch) < 0:
-            raise ValueError(f"curriculum_start_epoch must be >= 0, got {curriculum_start_epoch!r}")
+        mosaic_start, hn_start = curriculum_starts(curriculum_start_epoch, mosaic_start_epoch,
+                                                   hard_negatives_start_epoch)
+        self._sampler = SamplerOptions(
+            gamma=float(gamma), mosaic=mosaic, random_prob=random_prob,
+            retrieval_prob=retrieval_prob, random_before_start=bool(random_before_start),
+            mosaic_start_epoch=mosaic_start, grid=grid, cross_point=cross_point,
+            fallback=fallback, replace=bool(replace),
+            positional_constraint=bool(positional_constraint))
+        if cell_geometry not in CELL_GEOMETRIES:
+            raise ValueError(f"cell_geometry must be one of {CELL_GEOMETRIES}, got "
+                             f"{cell_geometry!r}")
+        if type(input_size) is not int or input_size < 8:
+            raise ValueError(f"input_size must be an integer >= 8, got {input_size!r}")
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed!r}")
         if cell_fit not in CELL_FITS:
@@ -168,10 +230,13 @@ class NemoDataset(torch.utils.data.Dataset):
         self.gamma = float(gamma)
         self.n_hard_negatives = int(n_hard_negatives)
         self.positional_constraint = bool(positional_constraint)
-        self.curriculum_start_epoch = int(curriculum_start_epoch)
+        self.mosaic_start_epoch = mosaic_start
+        self.hard_negatives_start_epoch = hn_start
         self.seed = int(seed)
         self.transform = transform
         self.cell_fit = cell_fit
+        self.cell_geometry = cell_geometry
+        self.input_size = input_size
 
         self._artifact = artifact = ShardsArtifact(self.shards_dir)
         split_files = artifact.split_files(self.split)
@@ -179,6 +244,11 @@ class NemoDataset(torch.utils.data.Dataset):
         self._groups = RowGroups.of(split_files, READ_COLUMNS)
         self._images = artifact.images()
         self._thumbs = artifact.thumbnails(thumbnails, thumbnails_dir)
+        self._pool = artifact.pool()  # the mosaic pool (schema >= 4) ...
+        if self._pool is None and self.split == TRAIN_SPLIT:  # ... or the training rows' images
+            self._pool = np.unique(np.concatenate(
+                [pq.read_table(f, columns=["image_id"]).column("image_id").to_numpy()
+                 for f in self._files]).astype(np.int64))
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
                 f"images directory {self.images_dir} does not exist (the `file_name` column of "
@@ -221,10 +291,26 @@ class NemoDataset(torch.utils.data.Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch_cell.fill_(epoch)
 
+    @property
+    def sampler(self) -> SamplerOptions:
+        """The mosaic options (checked), as :mod:`pipeline.training.sampling` reads them."""
+        return self._sampler
+
+    @property
+    def pool(self) -> np.ndarray | None:
+        """The image ids random mosaics draw from (training images; None off the train split
+        of an artifact older than schema 4)."""
+        return self._pool
+
     def augmenting(self, epoch: int | None = None) -> bool:
-        """Whether samples of ``epoch`` may be augmented (train split, curriculum reached)."""
+        """Whether ``epoch`` reached the mosaic curriculum (train split, `mosaic_start_epoch`)."""
         epoch = self.epoch if epoch is None else epoch
-        return self.split == TRAIN_SPLIT and epoch >= self.curriculum_start_epoch
+        return self.split == TRAIN_SPLIT and epoch >= self.mosaic_start_epoch
+
+    def hard_negatives_on(self, epoch: int | None = None) -> bool:
+        """Whether samples of ``epoch`` get hard negatives (train split, curriculum reached)."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.split == TRAIN_SPLIT and epoch >= self.hard_negatives_start_epoch
 
     # ---------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -234,7 +320,10 @@ class NemoDataset(torch.utils.data.Dataset):
         return (f"NemoDataset({str(self.shards_dir)!r}, split={self.split!r}, len={len(self)}, "
                 f"gamma={self.gamma}, n_hard_negatives={self.n_hard_negatives}, "
                 f"positional_constraint={self.positional_constraint}, "
-                f"curriculum_start_epoch={self.curriculum_start_epoch}, seed={self.seed}, "
+                f"mosaic_start_epoch={self.mosaic_start_epoch}, "
+                f"hard_negatives_start_epoch={self.hard_negatives_start_epoch}, "
+                f"mosaic={self._sampler.mosaic!r}, grid={self._sampler.grid!r}, "
+                f"cell_geometry={self.cell_geometry!r}, seed={self.seed}, "
                 f"cell_fit={self.cell_fit!r}, epoch={self.epoch})")
 
     def image_path(self, image_id: int) -> Path:
@@ -254,10 +343,13 @@ class NemoDataset(torch.utils.data.Dataset):
         local = self._process_local()
         table = local.groups.get(key)
         if table is None:
-            pf = local.files.get(file)
-            if pf is None:
-                pf = local.files[file] = pq.ParquetFile(self._files[file])
-            table = pf.read_row_group(group, columns=list(READ_COLUMNS))
+            opened = local.files.get(file)
+            if opened is None:
+                pf = pq.ParquetFile(self._files[file])
+                names = set(pf.schema_arrow.names)
+                opened = local.files[file] = (pf, [*READ_COLUMNS, *(
+                    c for c in OPTIONAL_ROW_COLUMNS if c in names)])
+            table = opened[0].read_row_group(group, columns=opened[1])
             local.groups[key] = table
             while len(local.groups) > max(1, self.row_group_cache_size):
                 local.groups.popitem(last=False)
@@ -284,22 +376,21 @@ class NemoDataset(torch.utils.data.Dataset):
         index = self._normalize_index(index)
         row = self.row(index)
         rng = sample_rng(self.seed, epoch, index)
-        augment = self.augmenting(epoch)
         u = draw_mosaic_u(rng)
-
         image_id = int(row["image_id"])
-        plan = None
-        if augment and u < self.gamma:
-            plan = plan_mosaic(image_id, row["neg_image_ids"], row["allowed_quadrants"], rng,
-                               self.positional_constraint)
+        plan = plan_sample(rng, u, self._sampler, epoch, self.split == TRAIN_SPLIT, row,
+                           self._pool)
 
         mask = decode_rle(row["mask_rle"])
         height, width = mask.shape
-        if plan is not None and min(width, height) < 2:
-            plan = None  # a 1-pixel-wide or -high positive has an empty cell: keep it single
+        canvas = ((width, height) if self.cell_geometry == "positive"
+                  else (self.input_size, self.input_size))
+        boxes = (draw_layout(rng, plan.grid, canvas, self._sampler.cross_point)
+                 if plan.is_mosaic else None)
+        if plan.is_mosaic and boxes is None:  # a positive narrower than the grid: a cell
+            plan = single(image_id)  # would be empty, so the sample stays single
         # in a mosaic the positive is shown in one cell: decode it at reduced size too
-        fit = (None if plan is None
-               else cell_fit_of(cell_boxes(width, height)[plan[0]], self.cell_fit))
+        fit = None if boxes is None else cell_fit_of(boxes[plan.cell], self.cell_fit)
         positive, size = self._load_rgb(image_id, fit)
         if size != (width, height):
             raise ValueError(
@@ -307,14 +398,12 @@ class NemoDataset(torch.utils.data.Dataset):
                 f"{self.image_path(image_id)} is {size[0]}x{size[1]}; the "
                 "shards and the images dir do not match")
 
-        if plan is None:
-            image, quadrant, sources = positive, None, [image_id]
-        else:
-            quadrant, sources = plan
-            image, mask = compose(positive, mask, quadrant, sources, self.cell_fit,
-                                  self._load_rgb)
+        image = positive
+        if boxes is not None:
+            image, mask = compose_cells(positive, mask, plan.cell, plan.sources, boxes, canvas,
+                                        self.cell_fit, self._load_rgb)
 
-        if augment and self.n_hard_negatives:
+        if self.hard_negatives_on(epoch) and self.n_hard_negatives:
             hard, kinds = first_hard_negatives(row["hn_texts"], row["hn_kinds"],
                                                self.n_hard_negatives)
         else:
@@ -335,10 +424,15 @@ class NemoDataset(torch.utils.data.Dataset):
                 "split": row["split"],
                 "index": index,
                 "epoch": epoch,
-                "is_mosaic": plan is not None,
-                "quadrant": quadrant,
-                "source_image_ids": sources,
+                "is_mosaic": plan.is_mosaic,
+                "quadrant": plan.cell,
+                "source_image_ids": plan.sources,
                 "no_target": bool(row["no_target"]),
+                "mosaic_kind": plan.kind,
+                "grid": plan.grid,
+                "cells": None if boxes is None else [list(b) for b in boxes],
+                "fallback": plan.fallback,
+                "fallback_cells": plan.fallback_cells,
             },
         }
 

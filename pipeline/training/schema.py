@@ -11,6 +11,7 @@ Shards (one directory per table, `part-*.parquet`, every file's schema version i
     <shards>/_manifest.json          {"stage": "shards", "schema_version": "3",
                                       "upstream_artifacts": {...}, "thumbnails": {reference}}
     <shards>/images/                 image_id, file_name, width, height
+    <shards>/pool/                   image_id (ascending): the mosaic pool (schema >= 4)
     <shards>/<split>/                one row per sentence (ROW_SCHEMA), sorted by sent_id
 
 Thumbnails (their own artifact since shards schema 3; inside the shards dir before)::
@@ -30,17 +31,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 # -- shards ------------------------------------------------------------------------------------
 SHARDS_STAGE = "shards"
-SHARDS_SCHEMA_VERSION = "3"
+SHARDS_SCHEMA_VERSION = "4"
 """Written by the shards stage (its stage version, in the manifest and every Parquet file).
 1: first layout. 2: same columns; training rows' same-image negatives follow the split and
 positive rules, evaluation rows have none. 3: same columns; the thumbnails are their own
-artifact, referenced by the manifest's `thumbnails` field instead of stored inside."""
-SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3"})
+artifact, referenced by the manifest's `thumbnails` field instead of stored inside. 4: additive:
+the rows carry mosaic_tables' `neg_from_pool` and `excluded_image_ids` (k=all rows stored as
+exclusions) and the artifact holds the mosaic pool (`pool/`), which random mosaics draw from.
+The reader reads every version; what an older one lacks it derives (`OPTIONAL_ROW_COLUMNS`)."""
+SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4"})
 """Shards schema versions the reader understands (manifest and every Parquet file)."""
 
 SCHEMA_VERSION_FIELD = "schema_version"
@@ -49,6 +55,12 @@ THUMBNAILS_FIELD = "thumbnails"  # the manifest field holding the ThumbnailsRef 
 
 IMAGES_TABLE = "images"
 IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
+POOL_TABLE = "pool"
+"""The mosaic pool (schema >= 4): mosaic_tables' `pool.parquet` carried over, one column
+`image_id`, ascending: the training-split images with an image embedding. Random mosaics draw
+from it; k=all rows stored as exclusions are read against it. Before schema 4 the reader takes
+the distinct image ids of the training split's rows instead (the same images, embedding aside)."""
+POOL_COLUMNS = ("image_id",)
 SPLIT_TABLES = ("train", "val", "test", "testA", "testB")
 TRAIN_SPLIT = "train"
 ALL_QUADRANTS = (0, 1, 2, 3)  # quadrant order: top-left, top-right, bottom-left, bottom-right
@@ -56,9 +68,12 @@ ALL_QUADRANTS = (0, 1, 2, 3)  # quadrant order: top-left, top-right, bottom-left
 ROW_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
     "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
-    "hn_texts", "hn_kinds", "hn_scores",
+    "hn_texts", "hn_kinds", "hn_scores", FROM_POOL, EXCLUDED,
 )
 """The columns of a split table, in file order."""
+OPTIONAL_ROW_COLUMNS = (FROM_POOL, EXCLUDED)
+"""Columns added by schema 4; a reader of older files takes them as false / null (every row of
+those is a listed row: `neg_image_ids` holds its candidates)."""
 
 
 def row_schema() -> pa.Schema:
@@ -72,8 +87,16 @@ def row_schema() -> pa.Schema:
              "neg_image_ids": pa.list_(pa.int64()), "k_shortfall": pa.int32(),
              "positional_words": pa.list_(pa.string()),
              "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
-             "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32())}
+             "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32()),
+             FROM_POOL: pa.bool_(), EXCLUDED: pa.list_(pa.int64())}
     return pa.schema([(c, types[c]) for c in ROW_COLUMNS])
+
+
+def pool_schema() -> pa.Schema:
+    """The Arrow schema of the pool table."""
+    import pyarrow as pa
+
+    return pa.schema([("image_id", pa.int64())])
 
 
 # -- thumbnails --------------------------------------------------------------------------------

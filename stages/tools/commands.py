@@ -71,8 +71,12 @@ def preview(
     n: int = typer.Option(16, "--n", min=1, help="Samples on the sheet."),
     split: str = typer.Option("train", "--split"),
     seed: int = typer.Option(0, "--seed"),
+    bands: str = typer.Option("retrieval,random,3x3,square", "--bands",
+                              help="Comma-separated sampler settings, one labelled band each: "
+                                   "retrieval, random, 3x3, square, mixed."),
 ) -> None:
-    """Contact sheet of training samples: mosaics, target mask, sentence and hard negatives."""
+    """Contact sheet of training samples, one band per sampler setting (retrieval, random and
+    3x3 mosaics, square cells): mosaics, target mask, sentence and hard negatives."""
     from pipeline.api import check_published
     from stages.ingest import data_locations
     from stages.refer.manifests import load_data_manifest
@@ -88,7 +92,7 @@ def preview(
 
     try:
         path = render_preview(pipe.artifact_dir("shards"), images_dir, out, split=split, n=n,
-                              seed=seed)
+                              seed=seed, bands=[b.strip() for b in bands.split(",") if b.strip()])
     except (ValueError, FileNotFoundError) as exc:
         raise NemoError(str(exc)) from None
     typer.echo(str(path))

@@ -126,3 +126,53 @@ def test_tau_sweep_reruns_mosaic_and_shards_only(demo, work):
     assert plan == {"ingest": "cached", "embed_images": "cached", "embed_texts": "cached",
                     "negatives": "cached", "mosaic_tables": "stale", "thumbnails": "cached",
                     "shards": "stale"}
+
+
+def test_k_all_rows_and_the_pool_reach_the_reader(demo, work):
+    """mosaic_tables.k=all rows keep their layout in the shards, the pool is carried over, and
+    the reader draws from the brute-force set (pool - exclusions - own image) of each row."""
+    layouts = set()
+    for tau in ("0.85", "0.3"):  # most rows stored as exclusions, then most as survivors
+        layouts |= _check_k_all(demo, work, tau)
+    assert layouts == {True, False}
+
+
+def _check_k_all(demo, work, tau: str) -> set[bool]:
+    from pipeline.training.dataset import NemoDataset
+    from pipeline.training.mosaic_candidates import POOL_FILE
+
+    pipe = pipe_for(demo, work, "refcoco", "mosaic_tables.k=all", f"mosaic_tables.tau_ti={tau}")
+    pipe.run("shards")
+    d = pipe.artifact_dir("shards")
+    pool = pq.read_table(pipe.artifact_dir("mosaic_tables") / POOL_FILE).column(
+        "image_id").to_pylist()
+    assert pq.read_table(d / "pool").column("image_id").to_pylist() == pool
+    refs = raw_refs(demo, "refcoco")
+    train_images = {r["image_id"] for r in refs if r["split"] == "train"}
+    assert set(pool) == train_images  # every training image has an embedding here
+    assert {r["image_id"] for r in refs} - train_images  # evaluation-only images exist
+    mosaic = {r["sent_id"]: r for r in pq.read_table(
+        pipe.artifact_dir("mosaic_tables") / "mosaic").to_pylist()}
+    rows = pq.read_table(d / "train").to_pylist()
+    want = {}
+    for r in rows:
+        m = mosaic[r["sent_id"]]
+        assert (r["neg_from_pool"], r["excluded_image_ids"], r["neg_image_ids"]) == (
+            m["neg_from_pool"], m["excluded_image_ids"], m["neg_image_ids"])
+        want[r["sent_id"]] = (set(pool) - set(r["excluded_image_ids"]) - {r["image_id"]}
+                              if r["neg_from_pool"] else set(r["neg_image_ids"]))
+    for split in ("val", "testA"):
+        for r in pq.read_table(d / split).to_pylist():
+            assert not r["neg_from_pool"] and r["excluded_image_ids"] is None
+    ds = NemoDataset(d, "train", demo.images_dir, gamma=1.0)
+    rand = NemoDataset(d, "train", demo.images_dir, gamma=1.0, mosaic="random", grid=3)
+    for epoch in range(3):
+        for i in range(0, len(ds), 5):
+            meta = ds[(epoch, i)]["meta"]
+            negs = set(meta["source_image_ids"]) - {meta["image_id"]}
+            assert meta["is_mosaic"] == (len(want[meta["sent_id"]]) >= 3)
+            assert negs <= want[meta["sent_id"]]
+            meta = rand[(epoch, i)]["meta"]
+            negs = [s for j, s in enumerate(meta["source_image_ids"]) if j != meta["quadrant"]]
+            assert meta["image_id"] not in negs and set(negs) <= train_images
+    return {r["neg_from_pool"] for r in rows}

@@ -742,6 +742,7 @@ def test_import_is_thin():
     # the reader and its own modules, the stdlib-only io helpers, and nothing of the stages
     assert loaded <= {"pipeline", "pipeline.dataset", "pipeline.io", "pipeline.training",
                       "pipeline.training.artifact", "pipeline.training.dataset",
-                      "pipeline.training.mosaic", "pipeline.training.sampling",
+                      "pipeline.training.mosaic", "pipeline.training.mosaic_candidates",
+                      "pipeline.training.sampling",
                       "pipeline.training.schema"}, loaded
     assert "pipeline.training.dataset" in loaded

@@ -46,7 +46,21 @@ def test_dataset_over_pipeline_shards_and_preview(demo, work, tmp_path):
                                    *[x for s in SETS for x in ("--set", s)]])
     assert res.exit_code == 0, res.output
     with Image.open(out) as sheet:
-        assert sheet.size[0] == 4 * 320 and sheet.size[1] > 2 * 240
+        assert sheet.size[0] == 4 * 320 and sheet.size[1] > 4 * 240  # 4 bands of 2 samples
+
+    bands = tmp_path / "bands.png"
+    res = CliRunner().invoke(app, ["preview", str(bands), "--dataset", "refcoco", "--n", "4",
+                                   "--bands", "3x3,mixed", "--work-dir", str(work),
+                                   "--data-root", str(demo.refer_root),
+                                   "--images", str(demo.images_dir),
+                                   *[x for s in SETS for x in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(app, ["preview", str(tmp_path / "x.png"), "--dataset", "refcoco",
+                                   "--bands", "diagonal", "--work-dir", str(work),
+                                   "--data-root", str(demo.refer_root),
+                                   "--images", str(demo.images_dir),
+                                   *[x for s in SETS for x in ("--set", s)]])
+    assert bad.exit_code == 2 and "diagonal" in bad.output
 
 
 def _ann_ids(shards, sent_id):
