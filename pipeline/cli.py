@@ -137,8 +137,11 @@ def list_stages() -> None:
     reg = load_registry()
     for name in reg.topological():
         cls = reg.get(name)
+        # the inputs under the default params: some are switched on by a param (shards reads
+        # thumbnails and hard_negatives by default), others only by a non-default one
+        inputs = cls().upstream(cls.params_model())
         typer.echo(f"{name} (v{cls.version}): {cls.describe()}")
-        typer.echo(f"    inputs: {', '.join(cls.inputs) or '-'}; config section: "
+        typer.echo(f"    inputs: {', '.join(inputs) or '-'}; config section: "
                    f"{cls.config_section()}; tables: {', '.join(cls.tables) or '-'}")
 
 
