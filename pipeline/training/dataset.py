@@ -7,8 +7,9 @@ purpose: importing it pulls in torch, numpy, pyarrow, pillow and pycocotools onl
 stdlib-only :mod:`pipeline.io`), never open_clip / faiss / transformers / dask / polars / typer,
 so a training environment does not need the preprocessing stack.
 
-Layout read: see :mod:`pipeline.training.schema` (shards schema "1", "2" or "3": the same
-columns; the thumbnails, small JPEG copies of the training images from which mosaic cells are
+Layout read: see :mod:`pipeline.training.schema` (shards schema "1" to "4"; "4" adds the hard
+negatives' source ids and the multi-view expressions, which older files lack and read as empty;
+the thumbnails, small JPEG copies of the training images from which mosaic cells are
 filled, are their own artifact since "3", found through the shards manifest). What is checked
 before anything is read: :mod:`pipeline.training.artifact`.
 
@@ -16,14 +17,18 @@ Sample dict (``NemoDataset[i]``)::
 
     image               PIL.Image (RGB, W x H of the positive image), or what `transform` returns
     mask                np.uint8 H x W in {0, 1} (union of the targets; zeros for no-target)
-    sentence            str
-    hard_negatives      list[str]: first `n_hard_negatives` of hn_texts (train split, curriculum on)
+    sentence            str: the row's sentence, or with `expressions` one of its referent's
+                        multi-view expressions (train split)
+    hard_negatives      list[str]: `n_hard_negatives` drawn from the row's pool (train split,
+                        curriculum on), in pool (rank) order
     hard_negative_kinds list[str]: their provenance kinds, aligned with hard_negatives
+    hard_negative_sources list[int]: their source sentence ids, aligned (-1: none recorded)
     meta                {sent_id, ref_id, image_id, split, index, epoch, is_mosaic, quadrant,
-                         source_image_ids, no_target}
+                         source_image_ids, no_target, expression, expression_fallback}
 
 Mosaic geometry: :mod:`pipeline.training.mosaic`. Determinism: every random draw of sample
-``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` and nothing
+``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` (the mosaic)
+or ``default_rng([seed, e, index, stream])`` (the sentence, the hard negatives) and nothing
 else (:mod:`pipeline.training.sampling`), so a sample does not depend on the number of DataLoader
 workers, on the order of access, or on what was read before.
 
@@ -54,12 +59,25 @@ from pycocotools import mask as mask_utils
 from pipeline.training.artifact import RowGroups, ShardsArtifact
 from pipeline.training.mosaic import CELL_FITS, SizeFit, cell_boxes, cell_fit_of, compose
 from pipeline.training.sampling import (
+    EXPRESSIONS,
+    HARD_NEGATIVE_STREAM,
+    SENTENCE_STREAM,
+    draw_expression,
+    draw_hard_negatives,
     draw_mosaic_u,
-    first_hard_negatives,
     plan_mosaic,
     sample_rng,
+    stream_rng,
 )
-from pipeline.training.schema import IMAGES_TABLE, SHARDS_SCHEMA_VERSIONS, TRAIN_SPLIT
+from pipeline.training.schema import (
+    COLUMN_SINCE,
+    IMAGES_TABLE,
+    NO_SOURCE_ID,
+    ORIGINAL_EXPRESSION,
+    SHARDS_SCHEMA_VERSIONS,
+    TRAIN_SPLIT,
+    WITH_VIEWS_FIELD,
+)
 
 __all__ = ["SCHEMA_VERSIONS", "NemoDataset", "collate_fn", "decode_rle"]
 
@@ -67,11 +85,12 @@ SCHEMA_VERSIONS = SHARDS_SCHEMA_VERSIONS
 """Shards schema versions this reader understands (manifest and every Parquet file)."""
 
 # Only the columns a sample needs are decoded; the others (category_id, ann_ids, k_shortfall,
-# positional_words, hn_scores) stay on disk.
+# positional_words, hn_scores) stay on disk, and so do the views unless `expressions` asks.
 READ_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "no_target", "mask_rle",
-    "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds",
+    "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds", "hn_source_ids",
 )
+VIEW_COLUMNS = ("view_names", "view_texts")
 
 Transform = Callable[[Any, Any], tuple[Any, Any]]
 
@@ -113,7 +132,10 @@ class NemoDataset(torch.utils.data.Dataset):
         gamma: NeMo augmentation ratio: probability that a train sample becomes a mosaic (the
             paper's best is 0.5-0.6). Eval splits never augment.
         n_hard_negatives: hard-negative texts returned per sample (0: none), for C3*-style
-            losses; taken best first from the row's ranked ``hn_texts``. Train split only.
+            losses; drawn afresh per (seed, epoch, index) without replacement from the row's
+            pool (``hn_texts``: up to ``shards.hard_negative_pool`` ranked negatives), returned
+            in rank order with their kinds and source ids; a pool of N or fewer is returned
+            whole. Train split only.
         positional_constraint: put the positive only in the row's ``allowed_quadrants`` (so
             "the man on the left" stays on the left of the mosaic).
         curriculum_start_epoch: epochs before it train without any augmentation (no mosaic, no
@@ -128,6 +150,13 @@ class NemoDataset(torch.utils.data.Dataset):
         thumbnails_dir: where the thumbnails artifact is, when it is not at the place the shards'
             manifest records (``../../thumbnails/<key>`` from the shards dir, as in the work
             dir); it must still be that very artifact (same key and files).
+        expressions: the sentence of a train sample: "original" (default, the row's own),
+            "views" (one of its referent's multi-view expressions, uniformly) or "both"
+            (uniformly among the row's own and the views); drawn per (seed, epoch, index),
+            from every epoch on (no curriculum), and named in ``meta["expression"]``. Needs
+            shards built with ``shards.with_views=true``. A row without views shows its own
+            sentence with ``meta["expression_fallback"]`` True; ``rows_without_views`` counts
+            them. Evaluation splits always show the original.
     """
 
     #: Row groups (256 rows each in a real artifact) cached per process; random access over a
@@ -148,6 +177,7 @@ class NemoDataset(torch.utils.data.Dataset):
         cell_fit: str = "stretch",
         thumbnails: bool | None = None,
         thumbnails_dir: str | os.PathLike[str] | None = None,
+        expressions: str = ORIGINAL_EXPRESSION,
     ) -> None:
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
@@ -161,6 +191,8 @@ class NemoDataset(torch.utils.data.Dataset):
             raise ValueError(f"cell_fit must be one of {CELL_FITS}, got {cell_fit!r}")
         if transform is not None and not callable(transform):
             raise TypeError("transform must be callable as transform(image, mask)")
+        if expressions not in EXPRESSIONS:
+            raise ValueError(f"expressions must be one of {EXPRESSIONS}, got {expressions!r}")
 
         self.shards_dir = Path(shards_dir)
         self.split = str(split)
@@ -172,11 +204,17 @@ class NemoDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.transform = transform
         self.cell_fit = cell_fit
+        self.expressions = expressions
 
         self._artifact = artifact = ShardsArtifact(self.shards_dir)
         split_files = artifact.split_files(self.split)
         self._files = [str(p) for p in split_files]
-        self._groups = RowGroups.of(split_files, READ_COLUMNS)
+        views = self.split == TRAIN_SPLIT and expressions != ORIGINAL_EXPRESSION
+        self._columns = READ_COLUMNS + (VIEW_COLUMNS if views else ())
+        self._groups = RowGroups.of(split_files, self._columns)
+        #: Rows of the split without a view, which show their own sentence (None: not asked).
+        self.rows_without_views = (_rows_without_views(artifact, split_files, expressions)
+                                   if views else None)
         self._images = artifact.images()
         self._thumbs = artifact.thumbnails(thumbnails, thumbnails_dir)
         if not self.images_dir.is_dir():
@@ -235,7 +273,8 @@ class NemoDataset(torch.utils.data.Dataset):
                 f"gamma={self.gamma}, n_hard_negatives={self.n_hard_negatives}, "
                 f"positional_constraint={self.positional_constraint}, "
                 f"curriculum_start_epoch={self.curriculum_start_epoch}, seed={self.seed}, "
-                f"cell_fit={self.cell_fit!r}, epoch={self.epoch})")
+                f"cell_fit={self.cell_fit!r}, expressions={self.expressions!r}, "
+                f"epoch={self.epoch})")
 
     def image_path(self, image_id: int) -> Path:
         try:
@@ -257,13 +296,17 @@ class NemoDataset(torch.utils.data.Dataset):
             pf = local.files.get(file)
             if pf is None:
                 pf = local.files[file] = pq.ParquetFile(self._files[file])
-            table = pf.read_row_group(group, columns=list(READ_COLUMNS))
+            present = set(pf.schema_arrow.names)
+            table = pf.read_row_group(group, columns=[c for c in self._columns if c in present])
             local.groups[key] = table
             while len(local.groups) > max(1, self.row_group_cache_size):
                 local.groups.popitem(last=False)
         else:
             local.groups.move_to_end(key)
-        return table.slice(offset, 1).to_pylist()[0]
+        row = table.slice(offset, 1).to_pylist()[0]
+        for c in self._columns:  # columns newer than the file's schema version: empty
+            row.setdefault(c, [] if c in COLUMN_SINCE else None)
+        return row
 
     def _normalize_index(self, index: int) -> int:
         i = operator.index(index)
@@ -314,20 +357,24 @@ class NemoDataset(torch.utils.data.Dataset):
             image, mask = compose(positive, mask, quadrant, sources, self.cell_fit,
                                   self._load_rgb)
 
-        if augment and self.n_hard_negatives:
-            hard, kinds = first_hard_negatives(row["hn_texts"], row["hn_kinds"],
-                                               self.n_hard_negatives)
-        else:
-            hard, kinds = [], []
+        expressions = self.expressions if self.split == TRAIN_SPLIT else ORIGINAL_EXPRESSION
+        sentence, expression, fell_back = draw_expression(
+            row["sent"], row.get("view_names"), row.get("view_texts"), expressions,
+            stream_rng(self.seed, epoch, index, SENTENCE_STREAM))
+        hard, kinds, hard_sources = draw_hard_negatives(
+            row["hn_texts"], row["hn_kinds"], row["hn_source_ids"],
+            self.n_hard_negatives if augment else 0,
+            stream_rng(self.seed, epoch, index, HARD_NEGATIVE_STREAM))
 
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return {
             "image": image,
             "mask": mask,
-            "sentence": row["sent"],
+            "sentence": sentence,
             "hard_negatives": hard,
             "hard_negative_kinds": kinds,
+            "hard_negative_sources": hard_sources,
             "meta": {
                 "sent_id": int(row["sent_id"]),
                 "ref_id": int(row["ref_id"]),
@@ -339,6 +386,8 @@ class NemoDataset(torch.utils.data.Dataset):
                 "quadrant": quadrant,
                 "source_image_ids": sources,
                 "no_target": bool(row["no_target"]),
+                "expression": expression,
+                "expression_fallback": fell_back,
             },
         }
 
@@ -379,6 +428,25 @@ class NemoDataset(torch.utils.data.Dataset):
                 f"image {path} (image_id {image_id}) not found; is images_dir right?") from None
 
 
+def _rows_without_views(artifact: ShardsArtifact, files: list[Path], expressions: str) -> int:
+    """Rows of `files` whose referent has no view (after checking that the shards were built
+    with views at all: otherwise every row would silently fall back to its own sentence)."""
+    import pyarrow.compute as pc
+
+    if not artifact.manifest.get(WITH_VIEWS_FIELD):
+        raise ValueError(
+            f"expressions={expressions!r} needs shards built with multi-view expressions, but "
+            f"{artifact.dir} was built without them (shards.with_views is off, or the shards "
+            "predate schema 4): rebuild them with `nemo-pipe run --stage shards --set "
+            "shards.with_views=true` (it runs the multiview stage), or pass "
+            "expressions='original'")
+    missing = 0
+    for path in files:
+        column = pq.read_table(path, columns=["view_texts"]).column("view_texts")
+        missing += int(pc.sum(pc.equal(pc.list_value_length(column), 0)).as_py() or 0)
+    return missing
+
+
 def _decode_rgb(source: Image.Image | io.BytesIO, draft: tuple[int, int] | None) -> Image.Image:
     """Decode an opened image (or JPEG bytes) as RGB, at reduced size when `draft` is given."""
     im = source if isinstance(source, Image.Image) else Image.open(source)
@@ -394,7 +462,8 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
     Images / masks are stacked when they are tensors of one shape (after a `transform`), and
     kept as lists otherwise (PIL images, arrays, ragged sizes). Hard negatives are padded with
     "" to N = the largest count in the batch, with ``hard_negative_mask`` (bool, B x N) marking
-    real entries, so a C3*-style loss can score N negatives per image and mask the padding.
+    real entries, so a C3*-style loss can score N negatives per image and mask the padding;
+    their kinds are padded with "" and their source ids with -1.
     """
     if not batch:
         raise ValueError("collate_fn got an empty batch")
@@ -407,19 +476,22 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
     n = max(len(s["hard_negatives"]) for s in batch)
     valid = torch.zeros((len(batch), n), dtype=torch.bool)
-    texts, kinds = [], []
+    texts, kinds, sources = [], [], []
     for i, s in enumerate(batch):
         hard = list(s["hard_negatives"])
         kind = list(s.get("hard_negative_kinds", []))[: len(hard)]
+        source = list(s.get("hard_negative_sources", []))[: len(hard)]
         valid[i, : len(hard)] = True
         texts.append(hard + [""] * (n - len(hard)))
         kinds.append(kind + [""] * (n - len(kind)))
+        sources.append(source + [NO_SOURCE_ID] * (n - len(source)))
     return {
         "image": stack([s["image"] for s in batch]),
         "mask": stack([s["mask"] for s in batch]),
         "sentence": [s["sentence"] for s in batch],
         "hard_negatives": texts,
         "hard_negative_kinds": kinds,
+        "hard_negative_sources": sources,
         "hard_negative_mask": valid,
         "meta": [s["meta"] for s in batch],
     }
