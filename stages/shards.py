@@ -20,6 +20,18 @@ or edit kind, scored by cosine to the cluster centre); otherwise, with
 training image is never a negative), never a text equal (normalised) to a sentence of the query's
 referent, never a repeated text; the drops are counted per reason in the manifest.
 
+The hard-negative lists keep their first `shards.hard_negative_pool` entries (the best ranked),
+with the source sentence id of each (`hn_source_ids`: the retrieved sentence, the edited query
+sentence for `augmented`); `NemoDataset(n_hard_negatives=N)` draws N of that pool afresh each
+epoch.
+
+Multi-view expressions (`shards.with_views`, off by default): the training rows carry their
+referent's valid views of the `multiview` stage (`view_names`, `view_texts`, in view order;
+`stages.refer.views.valid_views`: no failed instance, no blank or repeated text), the
+expressions `NemoDataset(expressions="views" | "both")` draws a sentence from. A view is then a
+positive of the row, so a hard negative equal (normalised) to one of its views is dropped before
+the pool is cut (counted as `negatives_equal_to_a_view`). Evaluation rows never carry views.
+
 Thumbnails (`shards.thumbnails`, on by default): small JPEG copies of the training images, from
 which the reader fills mosaic cells (a mosaic then costs about what a single image does instead
 of four full decodes). They are the `thumbnails` stage's artifact, an upstream of this one, so a
@@ -53,13 +65,16 @@ from pipeline.training.schema import (
     THUMBNAILS_FIELD,
     THUMBNAILS_STAGE,
     UPSTREAM_ARTIFACTS_FIELD,
+    WITH_VIEWS_FIELD,
     ThumbnailsRef,
     pool_schema,
     row_schema,
 )
 from stages.refer.files import other_referent_sentences
 from stages.refer.manifests import load_data_manifest
+from stages.refer.views import valid_views
 from stages.text.negative_rules import DROP_REASONS, TextRules
+from stages.text.normalise import normalise_sentence
 
 
 class ShardsParams(Params):
@@ -71,6 +86,12 @@ class ShardsParams(Params):
     thumbnails: bool = Field(
         True, description="use the thumbnails stage's small JPEG copies of the training images "
                           "for mosaic cells (an upstream, referenced from the manifest)")
+    hard_negative_pool: Count = Field(
+        16, description="hard negatives kept per sentence (the best ranked first); the reader "
+                        "draws n_hard_negatives of them afresh each epoch")
+    with_views: bool = Field(
+        False, description="store each training referent's valid multi-view expressions (the "
+                           "multiview stage's views) for NemoDataset(expressions=...)")
 
 
 class Shards(Stage[ShardsParams]):
@@ -85,7 +106,8 @@ class Shards(Stage[ShardsParams]):
     def upstream(self, params: ShardsParams) -> tuple[str, ...]:
         p = params
         return (*self.inputs, *((THUMBNAILS_STAGE,) if p.thumbnails else ()),
-                *(("hard_negatives",) if p.with_hard_negatives else ()))
+                *(("hard_negatives",) if p.with_hard_negatives else ()),
+                *(("multiview",) if p.with_views else ()))
 
     def run(self, ctx: StageContext[ShardsParams]) -> None:
         p = ctx.params
@@ -104,6 +126,9 @@ class Shards(Stage[ShardsParams]):
         dirs["train_split"] = manifest.train_split
         if p.with_hard_negatives:
             dirs["hard_negatives"] = ctx.upstream_table("hard_negatives", "hard_negatives")
+        if p.with_views:
+            dirs["views"] = ctx.upstream_table("multiview", "views")
+            dirs["view_failures"] = ctx.upstream_table("multiview", "failures")
         tasks = []
         for split in manifest.splits:
             ids = sorted(by_split.get(split, []))
@@ -117,6 +142,7 @@ class Shards(Stage[ShardsParams]):
         ctx.write_table(POOL_TABLE, mosaic_pool(ctx))
         ctx.extra[SCHEMA_VERSION_FIELD] = SHARDS_SCHEMA_VERSION
         ctx.extra[UPSTREAM_ARTIFACTS_FIELD] = upstream_artifacts(ctx)
+        ctx.extra[WITH_VIEWS_FIELD] = p.with_views
         if p.thumbnails:
             ctx.extra[THUMBNAILS_FIELD] = thumbnails_reference(ctx).to_json()
         rows: dict[str, int] = {}
@@ -125,6 +151,17 @@ class Shards(Stage[ShardsParams]):
         ctx.record(rows_per_split=rows,
                    with_hard_negatives_share=round(
                        sum(s["with_hn"] for s in stats) / max(1, sum(rows.values())), 4))
+        if p.with_views:
+            train_rows = rows.get(manifest.train_split, 0)
+            per_view: dict[str, int] = {}
+            for s in stats:
+                for view, n in s["views_per_name"].items():
+                    per_view[view] = per_view.get(view, 0) + n
+            ctx.record(training_rows_with_views=sum(s["with_views"] for s in stats),
+                       training_rows_without_views=train_rows - sum(
+                           s["with_views"] for s in stats),
+                       rows_per_view_name=dict(sorted(per_view.items())),
+                       negatives_equal_to_a_view=sum(s["views_as_negatives"] for s in stats))
         if not p.with_hard_negatives and p.same_image_negatives:
             ctx.record(same_image_dropped={r: sum(s.get("dropped", {}).get(r, 0) for s in stats)
                                            for r in DROP_REASONS})
@@ -203,9 +240,18 @@ def _read_lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     hard = {}
     if "hard_negatives" in dirs:
         hard = {r["sent_id"]: r for r in dirs["hard_negatives"].read().to_pylist()}
+    views: dict[int, list[tuple[str, str]]] = {}
+    if "views" in dirs:
+        from stages.multiview import VIEWS
+
+        views = valid_views(dirs["views"].read().select(
+                                ["ref_id", "image_id", "ann_id", "view", "text"]).to_pylist(),
+                            dirs["view_failures"].read().select(
+                                ["image_id", "ann_ids"]).to_pylist(), VIEWS)
     return {
         "train_split": dirs["train_split"],
         "hard": hard,
+        "views": views,
         "ref": ref_by_id,
         "sent": sent_rows,
         "sents_of_ref": sents_of_ref,
@@ -247,14 +293,14 @@ def _rules(look: dict[str, Any]) -> TextRules:
 
 
 def same_image_negatives(look: dict[str, Any], ref: dict[str, Any],
-                         drops: dict[str, int] | None = None) -> list[str]:
-    """Texts of the image's other referents whose targets do not overlap this one's, by ref id
-    then sent id, minus what `stages.text.negative_rules` drops (training-split sentences only,
-    no positive, no repeat); each drop counted in `drops`."""
+                         drops: dict[str, int] | None = None) -> tuple[list[str], list[int]]:
+    """Texts and sent ids of the image's other referents whose targets do not overlap this
+    one's, by ref id then sent id, minus what `stages.text.negative_rules` drops
+    (training-split sentences only, no positive, no repeat); each drop counted in `drops`."""
     ids = other_referent_sentences(ref, look["ref"], look["refs_of_image"], look["sents_of_ref"])
     rules = _rules(look)
     kept = rules.keep_sentences(ids, rules.positives(ref["ref_id"]), drops)
-    return [look["sent"][s][1] for s in kept]
+    return [look["sent"][s][1] for s in kept], [int(s) for s in kept]
 
 
 def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> dict[str, Any]:
@@ -263,8 +309,10 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
     p = writer.params
     look = _lookups(payload["dirs"])
     rows: dict[str, list[Any]] = {c: [] for c in ROW_COLUMNS}
-    with_hn = 0
+    with_hn = with_views = views_as_negatives = 0
+    views_per_name: dict[str, int] = {}
     dropped: dict[str, int] = {}
+    pool = p.hard_negative_pool
     for sid in payload["sent_ids"]:
         rid, text = look["sent"][sid]
         ref = look["ref"][rid]
@@ -272,13 +320,24 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
         mosaic = look["mosaic"].get(sid) if payload["train"] else None
         if p.with_hard_negatives:
             h = look["hard"].get(sid) if payload["train"] else None
-            hn, kinds, scores = ((h["neg_texts"], h["neg_kinds"], h["neg_scores"]) if h
-                                 else ([], [], []))
+            hn, kinds, scores, sources = ((h["neg_texts"], h["neg_kinds"], h["neg_scores"],
+                                           h["neg_source_ids"]) if h else ([], [], [], []))
         else:  # evaluation rows pass through unaugmented
-            hn = (same_image_negatives(look, ref, dropped)
-                  if p.same_image_negatives and payload["train"] else [])
+            hn, sources = (same_image_negatives(look, ref, dropped)
+                           if p.same_image_negatives and payload["train"] else ([], []))
             kinds, scores = ["same_image"] * len(hn), [float("nan")] * len(hn)
+        views = look["views"].get(rid, []) if payload["train"] else []
+        if views and hn:  # a view is a positive of this row: never also its negative
+            shown = {normalise_sentence(t) for _, t in views}
+            keep = [i for i, t in enumerate(hn) if normalise_sentence(t) not in shown]
+            views_as_negatives += len(hn) - len(keep)
+            hn, kinds, scores, sources = ([xs[i] for i in keep]
+                                          for xs in (hn, kinds, scores, sources))
+        hn, kinds, scores, sources = hn[:pool], kinds[:pool], scores[:pool], sources[:pool]
         with_hn += bool(hn)
+        with_views += bool(views)
+        for view, _ in views:
+            views_per_name[view] = views_per_name.get(view, 0) + 1
         for col, value in (
             ("sent_id", sid), ("ref_id", rid), ("image_id", ref["image_id"]),
             ("split", payload["split"]), ("sent", text), ("category_id", ref["category_id"]),
@@ -290,10 +349,14 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
             ("positional_words", mosaic["positional_words"] if mosaic else []),
             ("allowed_quadrants", mosaic["allowed_quadrants"] if mosaic else list(ALL_QUADRANTS)),
             ("hn_texts", hn), ("hn_kinds", kinds), ("hn_scores", scores),
+            ("hn_source_ids", sources), ("view_names", [v for v, _ in views]),
+            ("view_texts", [t for _, t in views]),
             (FROM_POOL, bool(mosaic[FROM_POOL]) if mosaic else False),
             (EXCLUDED, mosaic[EXCLUDED] if mosaic else None),
         ):
             rows[col].append(value)
     table = pa.Table.from_pydict(rows, schema=row_schema())
     writer.write_table(payload["split"], table, ParquetFormat(row_group_rows=p.rows_per_group))
-    return {"rows": table.num_rows, "with_hn": with_hn, "dropped": dropped}
+    return {"rows": table.num_rows, "with_hn": with_hn, "dropped": dropped,
+            "with_views": with_views, "views_per_name": views_per_name,
+            "views_as_negatives": views_as_negatives}

@@ -33,6 +33,7 @@ from pipeline.training.schema import (
     THUMBNAILS_STAGE,
     THUMBNAILS_TABLE,
     ThumbnailsRef,
+    added_after,
 )
 
 REBUILD = "`nemo-pipe run --stage shards`"
@@ -60,12 +61,14 @@ def parquet_version(pf: pq.ParquetFile) -> str | None:
 def open_checked(path: Path, columns: Sequence[str],
                  versions: Collection[str] = SHARDS_SCHEMA_VERSIONS,
                  stage: str = SHARDS_STAGE) -> pq.ParquetFile:
-    """A Parquet file of a known schema version that has `columns` (else ValueError)."""
+    """A Parquet file of a known schema version that has `columns` (else ValueError); a shards
+    column newer than the file's version (`schema.added_after`) may be absent."""
     pf = pq.ParquetFile(path)
     version = parquet_version(pf)
     if version not in versions:
         raise ValueError(version_help(version, str(path), versions, stage))
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    missing = [c for c in columns if c not in pf.schema_arrow.names
+               and not (stage == SHARDS_STAGE and added_after(c, version))]
     if missing:
         raise ValueError(
             f"{path} lacks column(s) {missing} of {stage} schema version {version!r}: the "

@@ -7,8 +7,9 @@ purpose: importing it pulls in torch, numpy, pyarrow, pillow and pycocotools onl
 stdlib-only :mod:`pipeline.io`), never open_clip / faiss / transformers / dask / polars / typer,
 so a training environment does not need the preprocessing stack.
 
-Layout read: see :mod:`pipeline.training.schema` (shards schema "1", "2" or "3": the same
-columns; the thumbnails, small JPEG copies of the training images from which mosaic cells are
+Layout read: see :mod:`pipeline.training.schema` (shards schema "1" to "4"; "4" adds the hard
+negatives' source ids and the multi-view expressions, which older files lack and read as empty;
+the thumbnails, small JPEG copies of the training images from which mosaic cells are
 filled, are their own artifact since "3", found through the shards manifest). What is checked
 before anything is read: :mod:`pipeline.training.artifact`.
 
@@ -16,24 +17,28 @@ Sample dict (``NemoDataset[i]``)::
 
     image               PIL.Image (RGB, W x H of the positive image), or what `transform` returns
     mask                np.uint8 H x W in {0, 1} (union of the targets; zeros for no-target)
-    sentence            str
-    hard_negatives      list[str]: first `n_hard_negatives` of hn_texts (train split, from
-                        `hard_negatives_start_epoch` on)
+    sentence            str: the row's sentence, or with `expressions` one of its referent's
+                        multi-view expressions (train split)
+    hard_negatives      list[str]: `n_hard_negatives` drawn from the row's pool (train split,
+                        from `hard_negatives_start_epoch` on), in pool (rank) order
     hard_negative_kinds list[str]: their provenance kinds, aligned with hard_negatives
+    hard_negative_sources list[int]: their source sentence ids, aligned (-1: none recorded)
     meta                {sent_id, ref_id, image_id, split, index, epoch, is_mosaic, quadrant,
                          source_image_ids, no_target, mosaic_kind, grid, cells, fallback,
-                         fallback_cells}
+                         fallback_cells, expression, expression_fallback}
 
 A mosaic's ``quadrant`` is the positive's cell (row-major, 0..3 on 2x2, 0..8 on 3x3),
 ``source_image_ids`` the image of each cell, ``cells`` their ``[x0, y0, w, h]`` boxes (None when
 single), ``mosaic_kind`` one / random / retrieval, ``grid`` 1 (single), 2 or 3, ``fallback`` what
 decided a sample short of candidates (None, "single", "replace" or "pool") and
-``fallback_cells`` how many cells it filled.
+``fallback_cells`` how many cells it filled; ``expression`` is "original" or the view name of
+the sentence shown, ``expression_fallback`` True when views were asked but the row has none.
 
 Which mosaic, which images, which cell: :mod:`pipeline.training.sampling` (it also documents each
 option against the official NeMo loader); geometry: :mod:`pipeline.training.mosaic`. Determinism:
 every random draw of sample
-``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` and nothing
+``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e, index])`` (the mosaic)
+or ``default_rng([seed, e, index, stream])`` (the sentence, the hard negatives) and nothing
 else (:mod:`pipeline.training.sampling`), so a sample does not depend on the number of DataLoader
 workers, on the order of access, or on what was read before.
 
@@ -63,21 +68,30 @@ from pycocotools import mask as mask_utils
 
 from pipeline.training.artifact import RowGroups, ShardsArtifact
 from pipeline.training.mosaic import CELL_FITS, CELL_GEOMETRIES, SizeFit, cell_fit_of, compose_cells
+from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL
 from pipeline.training.sampling import (
+    EXPRESSIONS,
+    HARD_NEGATIVE_STREAM,
+    SENTENCE_STREAM,
     SamplerOptions,
     curriculum_starts,
+    draw_expression,
+    draw_hard_negatives,
     draw_layout,
     draw_mosaic_u,
-    first_hard_negatives,
     plan_sample,
     sample_rng,
     single,
+    stream_rng,
 )
 from pipeline.training.schema import (
+    COLUMN_EMPTY,
     IMAGES_TABLE,
-    OPTIONAL_ROW_COLUMNS,
+    NO_SOURCE_ID,
+    ORIGINAL_EXPRESSION,
     SHARDS_SCHEMA_VERSIONS,
     TRAIN_SPLIT,
+    WITH_VIEWS_FIELD,
 )
 
 __all__ = ["SCHEMA_VERSIONS", "NemoDataset", "collate_fn", "decode_rle"]
@@ -86,11 +100,13 @@ SCHEMA_VERSIONS = SHARDS_SCHEMA_VERSIONS
 """Shards schema versions this reader understands (manifest and every Parquet file)."""
 
 # Only the columns a sample needs are decoded; the others (category_id, ann_ids, k_shortfall,
-# positional_words, hn_scores) stay on disk. OPTIONAL_ROW_COLUMNS are read when a file has them.
+# positional_words, hn_scores) stay on disk, and so do the views unless `expressions` asks.
 READ_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "no_target", "mask_rle",
-    "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds",
+    "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds", "hn_source_ids", FROM_POOL,
+    EXCLUDED,
 )
+VIEW_COLUMNS = ("view_names", "view_texts")
 
 Transform = Callable[[Any, Any], tuple[Any, Any]]
 
@@ -104,7 +120,7 @@ class _ProcessLocal:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.files: dict[int, tuple[pq.ParquetFile, list[str]]] = {}  # file, columns to read
+        self.files: dict[int, pq.ParquetFile] = {}
         self.groups: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self.packs: dict[int, int] = {}  # thumbnail pack index -> open file descriptor
 
@@ -132,7 +148,10 @@ class NemoDataset(torch.utils.data.Dataset):
         gamma: NeMo augmentation ratio: probability that a train sample becomes a mosaic (the
             paper's best is 0.5-0.6). Eval splits never augment.
         n_hard_negatives: hard-negative texts returned per sample (0: none), for C3*-style
-            losses; taken best first from the row's ranked ``hn_texts``. Train split only.
+            losses; drawn afresh per (seed, epoch, index) without replacement from the row's
+            pool (``hn_texts``: up to ``shards.hard_negative_pool`` ranked negatives), returned
+            in rank order with their kinds and source ids; a pool of N or fewer is returned
+            whole. Train split only.
         positional_constraint: put the positive only in the row's ``allowed_quadrants`` (so
             "the man on the left" stays on the left of the mosaic; on 3x3 left is column 0,
             right column 2, top row 0, bottom row 2).
@@ -168,6 +187,13 @@ class NemoDataset(torch.utils.data.Dataset):
             "replace" (repeat survivors) or "pool" (fill from the training pool, ignoring tau).
         replace: draw a mosaic's retrieval negatives with replacement (the official loader does
             when its top_k >= 20); default False: distinct negatives.
+        expressions: the sentence of a train sample: "original" (default, the row's own),
+            "views" (one of its referent's multi-view expressions, uniformly) or "both"
+            (uniformly among the row's own and the views); drawn per (seed, epoch, index),
+            from every epoch on (no curriculum), and named in ``meta["expression"]``. Needs
+            shards built with ``shards.with_views=true``. A row without views shows its own
+            sentence with ``meta["expression_fallback"]`` True; ``rows_without_views`` counts
+            them. Evaluation splits always show the original.
     """
 
     #: Row groups (256 rows each in a real artifact) cached per process; random access over a
@@ -201,6 +227,7 @@ class NemoDataset(torch.utils.data.Dataset):
         cross_point: str = "center",
         fallback: str = "single",
         replace: bool = False,
+        expressions: str = ORIGINAL_EXPRESSION,
     ) -> None:
         if int(n_hard_negatives) < 0:
             raise ValueError(f"n_hard_negatives must be >= 0, got {n_hard_negatives!r}")
@@ -223,6 +250,8 @@ class NemoDataset(torch.utils.data.Dataset):
             raise ValueError(f"cell_fit must be one of {CELL_FITS}, got {cell_fit!r}")
         if transform is not None and not callable(transform):
             raise TypeError("transform must be callable as transform(image, mask)")
+        if expressions not in EXPRESSIONS:
+            raise ValueError(f"expressions must be one of {EXPRESSIONS}, got {expressions!r}")
 
         self.shards_dir = Path(shards_dir)
         self.split = str(split)
@@ -237,11 +266,17 @@ class NemoDataset(torch.utils.data.Dataset):
         self.cell_fit = cell_fit
         self.cell_geometry = cell_geometry
         self.input_size = input_size
+        self.expressions = expressions
 
         self._artifact = artifact = ShardsArtifact(self.shards_dir)
         split_files = artifact.split_files(self.split)
         self._files = [str(p) for p in split_files]
-        self._groups = RowGroups.of(split_files, READ_COLUMNS)
+        views = self.split == TRAIN_SPLIT and expressions != ORIGINAL_EXPRESSION
+        self._columns = READ_COLUMNS + (VIEW_COLUMNS if views else ())
+        self._groups = RowGroups.of(split_files, self._columns)
+        #: Rows of the split without a view, which show their own sentence (None: not asked).
+        self.rows_without_views = (_rows_without_views(artifact, split_files, expressions)
+                                   if views else None)
         self._images = artifact.images()
         self._thumbs = artifact.thumbnails(thumbnails, thumbnails_dir)
         self._pool = artifact.pool()  # the mosaic pool (schema >= 4) ...
@@ -324,7 +359,8 @@ class NemoDataset(torch.utils.data.Dataset):
                 f"hard_negatives_start_epoch={self.hard_negatives_start_epoch}, "
                 f"mosaic={self._sampler.mosaic!r}, grid={self._sampler.grid!r}, "
                 f"cell_geometry={self.cell_geometry!r}, seed={self.seed}, "
-                f"cell_fit={self.cell_fit!r}, epoch={self.epoch})")
+                f"cell_fit={self.cell_fit!r}, expressions={self.expressions!r}, "
+                f"epoch={self.epoch})")
 
     def image_path(self, image_id: int) -> Path:
         try:
@@ -343,19 +379,20 @@ class NemoDataset(torch.utils.data.Dataset):
         local = self._process_local()
         table = local.groups.get(key)
         if table is None:
-            opened = local.files.get(file)
-            if opened is None:
-                pf = pq.ParquetFile(self._files[file])
-                names = set(pf.schema_arrow.names)
-                opened = local.files[file] = (pf, [*READ_COLUMNS, *(
-                    c for c in OPTIONAL_ROW_COLUMNS if c in names)])
-            table = opened[0].read_row_group(group, columns=opened[1])
+            pf = local.files.get(file)
+            if pf is None:
+                pf = local.files[file] = pq.ParquetFile(self._files[file])
+            present = set(pf.schema_arrow.names)
+            table = pf.read_row_group(group, columns=[c for c in self._columns if c in present])
             local.groups[key] = table
             while len(local.groups) > max(1, self.row_group_cache_size):
                 local.groups.popitem(last=False)
         else:
             local.groups.move_to_end(key)
-        return table.slice(offset, 1).to_pylist()[0]
+        row = table.slice(offset, 1).to_pylist()[0]
+        for c in self._columns:  # columns newer than the file's schema version: empty
+            row.setdefault(c, COLUMN_EMPTY.get(c))
+        return row
 
     def _normalize_index(self, index: int) -> int:
         i = operator.index(index)
@@ -403,20 +440,24 @@ class NemoDataset(torch.utils.data.Dataset):
             image, mask = compose_cells(positive, mask, plan.cell, plan.sources, boxes, canvas,
                                         self.cell_fit, self._load_rgb)
 
-        if self.hard_negatives_on(epoch) and self.n_hard_negatives:
-            hard, kinds = first_hard_negatives(row["hn_texts"], row["hn_kinds"],
-                                               self.n_hard_negatives)
-        else:
-            hard, kinds = [], []
+        expressions = self.expressions if self.split == TRAIN_SPLIT else ORIGINAL_EXPRESSION
+        sentence, expression, fell_back = draw_expression(
+            row["sent"], row.get("view_names"), row.get("view_texts"), expressions,
+            stream_rng(self.seed, epoch, index, SENTENCE_STREAM))
+        hard, kinds, hard_sources = draw_hard_negatives(
+            row["hn_texts"], row["hn_kinds"], row["hn_source_ids"],
+            self.n_hard_negatives if self.hard_negatives_on(epoch) else 0,
+            stream_rng(self.seed, epoch, index, HARD_NEGATIVE_STREAM))
 
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return {
             "image": image,
             "mask": mask,
-            "sentence": row["sent"],
+            "sentence": sentence,
             "hard_negatives": hard,
             "hard_negative_kinds": kinds,
+            "hard_negative_sources": hard_sources,
             "meta": {
                 "sent_id": int(row["sent_id"]),
                 "ref_id": int(row["ref_id"]),
@@ -433,6 +474,8 @@ class NemoDataset(torch.utils.data.Dataset):
                 "cells": None if boxes is None else [list(b) for b in boxes],
                 "fallback": plan.fallback,
                 "fallback_cells": plan.fallback_cells,
+                "expression": expression,
+                "expression_fallback": fell_back,
             },
         }
 
@@ -473,6 +516,25 @@ class NemoDataset(torch.utils.data.Dataset):
                 f"image {path} (image_id {image_id}) not found; is images_dir right?") from None
 
 
+def _rows_without_views(artifact: ShardsArtifact, files: list[Path], expressions: str) -> int:
+    """Rows of `files` whose referent has no view (after checking that the shards were built
+    with views at all: otherwise every row would silently fall back to its own sentence)."""
+    import pyarrow.compute as pc
+
+    if not artifact.manifest.get(WITH_VIEWS_FIELD):
+        raise ValueError(
+            f"expressions={expressions!r} needs shards built with multi-view expressions, but "
+            f"{artifact.dir} was built without them (shards.with_views is off, or the shards "
+            "predate schema 4): rebuild them with `nemo-pipe run --stage shards --set "
+            "shards.with_views=true` (it runs the multiview stage), or pass "
+            "expressions='original'")
+    missing = 0
+    for path in files:
+        column = pq.read_table(path, columns=["view_texts"]).column("view_texts")
+        missing += int(pc.sum(pc.equal(pc.list_value_length(column), 0)).as_py() or 0)
+    return missing
+
+
 def _decode_rgb(source: Image.Image | io.BytesIO, draft: tuple[int, int] | None) -> Image.Image:
     """Decode an opened image (or JPEG bytes) as RGB, at reduced size when `draft` is given."""
     im = source if isinstance(source, Image.Image) else Image.open(source)
@@ -488,7 +550,8 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
     Images / masks are stacked when they are tensors of one shape (after a `transform`), and
     kept as lists otherwise (PIL images, arrays, ragged sizes). Hard negatives are padded with
     "" to N = the largest count in the batch, with ``hard_negative_mask`` (bool, B x N) marking
-    real entries, so a C3*-style loss can score N negatives per image and mask the padding.
+    real entries, so a C3*-style loss can score N negatives per image and mask the padding;
+    their kinds are padded with "" and their source ids with -1.
     """
     if not batch:
         raise ValueError("collate_fn got an empty batch")
@@ -501,19 +564,22 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
     n = max(len(s["hard_negatives"]) for s in batch)
     valid = torch.zeros((len(batch), n), dtype=torch.bool)
-    texts, kinds = [], []
+    texts, kinds, sources = [], [], []
     for i, s in enumerate(batch):
         hard = list(s["hard_negatives"])
         kind = list(s.get("hard_negative_kinds", []))[: len(hard)]
+        source = list(s.get("hard_negative_sources", []))[: len(hard)]
         valid[i, : len(hard)] = True
         texts.append(hard + [""] * (n - len(hard)))
         kinds.append(kind + [""] * (n - len(kind)))
+        sources.append(source + [NO_SOURCE_ID] * (n - len(source)))
     return {
         "image": stack([s["image"] for s in batch]),
         "mask": stack([s["mask"] for s in batch]),
         "sentence": [s["sentence"] for s in batch],
         "hard_negatives": texts,
         "hard_negative_kinds": kinds,
+        "hard_negative_sources": sources,
         "hard_negative_mask": valid,
         "meta": [s["meta"] for s in batch],
     }

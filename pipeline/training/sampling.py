@@ -1,9 +1,14 @@
 """The random draws of one sample: single image or mosaic (which kind, which grid), which
-negative images, which cell the positive takes, where the cuts are.
+negative images, which cell the positive takes, where the cuts are; which expression, which
+hard negatives.
 
 Every draw of sample ``index`` at epoch ``e`` comes from ``numpy.random.default_rng([seed, e,
 index])`` and nothing else, so a sample does not depend on the number of DataLoader workers, on
-the order of access, or on what was read before. The order of the draws is part of the output:
+the order of access, or on what was read before. The sentence and the hard negatives come from
+streams of their own, ``default_rng([seed, e, index, stream])`` (:data:`SENTENCE_STREAM`,
+:data:`HARD_NEGATIVE_STREAM`), so a change to the mosaic draws (a new option, another order)
+never changes which expression or which negatives a sample gets, and the reverse. The order of
+the mosaic stream's draws is part of the output:
 
 1. ``u`` (:func:`draw_mosaic_u`), for every sample: single or which mosaic kind;
 2. with ``grid="mixed"`` and a mosaic: 2x2 or 3x3, one half each;
@@ -66,17 +71,27 @@ import numpy as np
 
 from pipeline.training.mosaic import CROSS_POINTS, Box, even_cuts, grid_boxes, shifted_range
 from pipeline.training.mosaic_candidates import FROM_POOL, uniform_candidates
-from pipeline.training.schema import ALL_QUADRANTS
+from pipeline.training.schema import ALL_QUADRANTS, NO_SOURCE_ID, ORIGINAL_EXPRESSION
 
 MOSAIC_NEGATIVES = 3  # on the default 2x2 grid
 MOSAIC_MODES = ("retrieval", "random", "mixed")
 GRIDS = (2, 3, "mixed")
 FALLBACKS = ("single", "replace", "pool")
 ONE, RANDOM, RETRIEVAL = "one", "random", "retrieval"
+SENTENCE_STREAM = 1
+HARD_NEGATIVE_STREAM = 2
+EXPRESSIONS = (ORIGINAL_EXPRESSION, "views", "both")
+"""`NemoDataset(expressions=...)`: the row's sentence, one of its referent's views, or either."""
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
+
+
+def stream_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """The generator of one kind of draw (`stream` >= 1) of sample `index` at `epoch`: seeded by
+    (seed, epoch, index, stream), independent of the mosaic stream and of the other streams."""
+    return np.random.default_rng([seed, epoch, index, stream])
 
 
 def draw_mosaic_u(rng: np.random.Generator) -> float:
@@ -321,8 +336,49 @@ def curriculum_starts(curriculum_start_epoch: int | None, mosaic_start_epoch: in
     return starts[0], starts[1]
 
 
-def first_hard_negatives(texts: Sequence[str] | None, kinds: Sequence[str] | None,
-                         n: int) -> tuple[list[str], list[str]]:
-    """The best `n` hard-negative texts of a row (its lists are ranked) and their kinds."""
-    hard = list(texts or [])[:n]
-    return hard, list(kinds or [])[: len(hard)]
+def draw_expression(sent: str, view_names: Sequence[str] | None,
+                    view_texts: Sequence[str] | None, expressions: str,
+                    rng: np.random.Generator) -> tuple[str, str, bool]:
+    """``(sentence, expression, fell_back)`` of a sample: which text it shows and what that is.
+
+    `expressions` "original": the row's own `sent` (no draw). "views": one of the referent's
+    views, uniformly. "both": uniformly among the row's own sentence and the views (a referent
+    with v views shows its original with probability 1 / (v + 1)). `expression` is the view's
+    name or "original". A row without views (the referent's views failed, a multi-target or
+    no-target referent, shards built without `with_views`) shows its own sentence under "views"
+    and "both" alike, with `fell_back` True so a trainer can count such samples.
+    """
+    if expressions == ORIGINAL_EXPRESSION:
+        return sent, ORIGINAL_EXPRESSION, False
+    names, texts = list(view_names or []), list(view_texts or [])
+    if not texts or len(names) != len(texts):
+        return sent, ORIGINAL_EXPRESSION, True
+    choices = list(zip(names, texts, strict=True))
+    if expressions == "both":
+        choices.insert(0, (ORIGINAL_EXPRESSION, sent))
+    name, text = choices[int(rng.integers(len(choices)))]
+    return text, name, False
+
+
+def draw_hard_negatives(texts: Sequence[str] | None, kinds: Sequence[str] | None,
+                        sources: Sequence[Any] | None, n: int, rng: np.random.Generator
+                        ) -> tuple[list[str], list[str], list[int]]:
+    """`n` hard negatives of a row's ranked pool, drawn without replacement: texts, kinds, source
+    sentence ids, aligned, in pool (rank) order.
+
+    A pool of at most `n` entries is returned whole (no draw). Kinds or source ids missing from
+    an older row are filled with "" and `NO_SOURCE_ID`, so the three lists always align.
+    """
+    pool = list(texts or [])
+    kind = list(kinds or [])
+    source = list(sources or [])
+    kind += [""] * (len(pool) - len(kind))
+    source += [NO_SOURCE_ID] * (len(pool) - len(source))
+    if n <= 0 or not pool:
+        return [], [], []
+    if n >= len(pool):
+        picks = range(len(pool))
+    else:
+        picks = sorted(int(i) for i in rng.choice(len(pool), size=n, replace=False))
+    return ([pool[i] for i in picks], [kind[i] for i in picks],
+            [int(source[i]) for i in picks])

@@ -8,8 +8,9 @@ the stage modules stay cheap to import.
 
 Shards (one directory per table, `part-*.parquet`, every file's schema version in its metadata)::
 
-    <shards>/_manifest.json          {"stage": "shards", "schema_version": "3",
-                                      "upstream_artifacts": {...}, "thumbnails": {reference}}
+    <shards>/_manifest.json          {"stage": "shards", "schema_version": "4",
+                                      "upstream_artifacts": {...}, "thumbnails": {reference},
+                                      "with_views": bool}
     <shards>/images/                 image_id, file_name, width, height
     <shards>/pool/                   image_id (ascending): the mosaic pool (schema >= 4)
     <shards>/<split>/                one row per sentence (ROW_SCHEMA), sorted by sent_id
@@ -42,16 +43,21 @@ SHARDS_SCHEMA_VERSION = "4"
 """Written by the shards stage (its stage version, in the manifest and every Parquet file).
 1: first layout. 2: same columns; training rows' same-image negatives follow the split and
 positive rules, evaluation rows have none. 3: same columns; the thumbnails are their own
-artifact, referenced by the manifest's `thumbnails` field instead of stored inside. 4: additive:
+artifact, referenced by the manifest's `thumbnails` field instead of stored inside. 4 (additive):
 the rows carry mosaic_tables' `neg_from_pool` and `excluded_image_ids` (k=all rows stored as
-exclusions) and the artifact holds the mosaic pool (`pool/`), which random mosaics draw from.
-The reader reads every version; what an older one lacks it derives (`OPTIONAL_ROW_COLUMNS`)."""
+exclusions) and the artifact holds the mosaic pool (`pool/`), which random mosaics draw from;
+`hn_source_ids` (the hard negatives' source sentence ids, aligned with `hn_texts`), `view_names`
+and `view_texts` (the referent's multi-view expressions, training rows with `shards.with_views`),
+and the manifest's `with_views`; the hard-negative lists hold at most `shards.hard_negative_pool`
+entries. The reader reads every version; what an older one lacks it fills with its empty value
+(`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
 SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4"})
 """Shards schema versions the reader understands (manifest and every Parquet file)."""
 
 SCHEMA_VERSION_FIELD = "schema_version"
 UPSTREAM_ARTIFACTS_FIELD = "upstream_artifacts"
 THUMBNAILS_FIELD = "thumbnails"  # the manifest field holding the ThumbnailsRef (schema >= 3)
+WITH_VIEWS_FIELD = "with_views"  # manifest (schema >= 4): the rows carry multi-view expressions
 
 IMAGES_TABLE = "images"
 IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
@@ -68,12 +74,32 @@ ALL_QUADRANTS = (0, 1, 2, 3)  # quadrant order: top-left, top-right, bottom-left
 ROW_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
     "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
-    "hn_texts", "hn_kinds", "hn_scores", FROM_POOL, EXCLUDED,
+    "hn_texts", "hn_kinds", "hn_scores", "hn_source_ids", "view_names", "view_texts",
+    FROM_POOL, EXCLUDED,
 )
 """The columns of a split table, in file order."""
-OPTIONAL_ROW_COLUMNS = (FROM_POOL, EXCLUDED)
-"""Columns added by schema 4; a reader of older files takes them as false / null (every row of
-those is a listed row: `neg_image_ids` holds its candidates)."""
+COLUMN_SINCE = {"hn_source_ids": "4", "view_names": "4", "view_texts": "4", FROM_POOL: "4",
+                EXCLUDED: "4"}
+"""Columns added after schema version 1, with the version that added them: a file of an older
+version lacks them, and a reader fills them with their empty value (see :func:`added_after`)."""
+
+COLUMN_EMPTY: dict[str, object] = {"hn_source_ids": [], "view_names": [], "view_texts": [],
+                                   FROM_POOL: False, EXCLUDED: None}
+"""The value a reader gives a column its file lacks: no views, no source ids, and a listed
+mosaic row (`neg_image_ids` holds its candidates, as every row before `k=all` did)."""
+
+NO_SOURCE_ID = -1
+"""`hn_source_ids` entry of a negative without a source sentence (schema < 4 rows read back)."""
+
+ORIGINAL_EXPRESSION = "original"
+"""What a sample's `meta["expression"]` says when its sentence is the row's own `sent`."""
+
+
+def added_after(column: str, version: str) -> bool:
+    """Whether `column` of a split table is newer than schema `version` (a file of that version
+    lacks it, and a reader fills in its empty value)."""
+    since = COLUMN_SINCE.get(column)
+    return since is not None and int(version) < int(since)
 
 
 def row_schema() -> pa.Schema:
@@ -88,6 +114,8 @@ def row_schema() -> pa.Schema:
              "positional_words": pa.list_(pa.string()),
              "allowed_quadrants": pa.list_(pa.int8()), "hn_texts": pa.list_(pa.string()),
              "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32()),
+             "hn_source_ids": pa.list_(pa.int64()), "view_names": pa.list_(pa.string()),
+             "view_texts": pa.list_(pa.string()),
              FROM_POOL: pa.bool_(), EXCLUDED: pa.list_(pa.int64())}
     return pa.schema([(c, types[c]) for c in ROW_COLUMNS])
 

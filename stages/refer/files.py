@@ -155,7 +155,9 @@ def load_pickle_data(path: Path) -> Any:
             return _decode_bytes(_DataOnlyUnpickler(f, path, "bytes").load())
 
 
-def _load_refs_file(path: Path, fmt: str) -> Any:
+def load_refs_file(path: Path, fmt: str) -> Any:
+    """The records of a refs file as stored (a grefer `.json`, else a REFER pickle read without
+    running code), or an InputError saying what is wrong with the file."""
     if fmt == "grefer" and path.suffix == ".json":
         return _load_json(path, "refs")
     try:
@@ -221,7 +223,7 @@ def _as_list(value: Any) -> list[Any]:
 def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
     """Parse and cross-check a dataset's refs and instances files."""
     refs_path, inst_path = locate_inputs(manifest, data_root)
-    raw_refs = _load_refs_file(refs_path, manifest.format)
+    raw_refs = load_refs_file(refs_path, manifest.format)
     if not isinstance(raw_refs, list) or not all(isinstance(r, dict) for r in raw_refs):
         raise InputError(f"{refs_path}: expected a list of ref records, got "
                          f"{type(raw_refs).__name__}")

@@ -11,10 +11,11 @@ Checks (a training row is a row of `hard_negatives`, of the shards' training spl
 
 - `eval_sentences_as_training_rows`: a training row whose sentence belongs to an evaluation
   split (or is unknown to ingest).
-- `eval_sentences_as_negatives`: a hard negative whose source sentence (`neg_source_ids`)
-  belongs to an evaluation split; without a source id (shards' `hn_texts`, a null or unknown
-  id), a retrieved negative (kinds `same_image`, `neighbour`, `neighbour_same_class`) whose
-  normalised text is the text of evaluation sentences only. Augmented negatives are edits of the
+- `eval_sentences_as_negatives`: a hard negative whose source sentence (`neg_source_ids`; the
+  shards' `hn_source_ids` since schema 4) belongs to an evaluation split; without a source id
+  (shards before schema 4, a null, unknown or -1 id), a retrieved negative (kinds `same_image`,
+  `neighbour`, `neighbour_same_class`) whose normalised text is the text of evaluation
+  sentences only. Augmented negatives are edits of the
   query's own sentence: only their source id is checked.
 - `eval_images_as_mosaic_negatives`: a mosaic negative image that holds no training referent.
 - `positives_as_negatives`: a negative text whose normalised form equals a sentence of the
@@ -384,13 +385,20 @@ class _Audit:
         return len(sent_ids)
 
     def _shards_part(self, table: str, part: Path, k: int | None) -> int:
+        import pyarrow.parquet as pq
+
+        try:  # shards schema >= 4 name each negative's source sentence
+            sources = [c for c in ("hn_source_ids",) if c in pq.read_schema(part).names]
+        except Exception:  # noqa: BLE001 - unreadable: `_read` says so below
+            sources = []
         t = _read(part, ["sent_id", "image_id", "neg_image_ids", "k_shortfall", "hn_texts",
-                         "hn_kinds"])
+                         "hn_kinds", *sources])
         sent_ids = _ints(t.column("sent_id"))
         self._training_rows(table, sent_ids)
         self._images(table, sent_ids, _ints(t.column("image_id")), t.column("neg_image_ids"),
                      _ints(t.column("k_shortfall")), k)
-        self._texts(table, sent_ids, t.column("hn_texts"), t.column("hn_kinds"), None)
+        self._texts(table, sent_ids, t.column("hn_texts"), t.column("hn_kinds"),
+                    t.column(sources[0]) if sources else None)
         return len(sent_ids)
 
     def _training_rows(self, table: str, sent_ids: np.ndarray) -> None:

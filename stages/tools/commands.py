@@ -1,5 +1,5 @@
 """The commands the stages add to `nemo-pipe` (mounted by `pipeline.cli` from `stages.COMMANDS`):
-calibrate, report, audit, preview and demo-data.
+calibrate, report, audit, export-refer, preview and demo-data.
 
 Each is a thin typer entry point: the common dataset options and the error handling come from
 :func:`pipeline.cli_common.dataset_command`; the work is done by the function it calls, which
@@ -65,6 +65,20 @@ def audit(
 
 
 @dataset_command
+def export_refer(
+    opts: PipelineOptions,
+    out: Path = typer.Argument(..., help="Data root to write (OUT/<dataset dir>/ gets the files)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export in OUT."),
+) -> None:
+    """A REFER copy (refs file, instances.json) whose training refs carry the multi-view
+    expressions as extra sentences, for refer.py, the NeMo loader and CRIS's LMDB builder."""
+    from stages.tools.export_refer import export_refer_command, format_summary
+
+    typer.echo(format_summary(export_refer_command(opts.dataset, out, **opts.open_args(),
+                                                   force=force)))
+
+
+@dataset_command
 def preview(
     opts: PipelineOptions,
     out: Path = typer.Argument(..., help="PNG file to write."),
@@ -116,5 +130,5 @@ def demo_data(
     typer.echo(f"REFER data root: {summary.refer_root}\nimages: {summary.images_dir}")
 
 
-COMMANDS = [calibrate, report, audit, preview, demo_data]
+COMMANDS = [calibrate, report, audit, export_refer, preview, demo_data]
 """Mounted on `nemo-pipe` in this order (typer names them: `demo_data` -> `demo-data`)."""

@@ -168,12 +168,13 @@ def test_cli_mounts_stage_commands_with_the_common_options():
     options = {name: {o for p in cmd.params for o in p.opts if o.startswith("--")}
                for name, cmd in group.commands.items()}
     assert [c.__name__ for c in load_commands()] == [
-        "calibrate", "report", "audit", "preview", "demo_data"]
+        "calibrate", "report", "audit", "export_refer", "preview", "demo_data"]
     assert list(options) == ["run", "status", "list-stages", "path", "verify", "gc",
-                             "calibrate", "report", "audit", "preview", "demo-data"]
+                             "calibrate", "report", "audit", "export-refer", "preview",
+                             "demo-data"]
     with_dataset = {name for name, opts in options.items() if opts >= COMMON}
     assert with_dataset == {"run", "status", "path", "gc", "calibrate", "report", "audit",
-                            "preview"}
+                            "export-refer", "preview"}
     assert options["verify"] == {"--dataset", "--work-dir"}
 
 

@@ -15,11 +15,14 @@ tokenizer and id padding), ``cv2_warp.py`` (the numpy port of OpenCV's warpAffin
 ``detectron2_compat.py`` (an ``Instances`` stand-in for ReLA when detectron2 is absent).
 
 Every adapter is a plain picklable callable (DataLoader workers), deterministic (the trainers'
-own randomness is only *which* sentence of a ref to use; NeMo already picked it), and ignores
-``hard_negatives`` (none of these trainers reads them). Tokenizers are loaded lazily on the first
-call, so building an adapter never touches the network. Heavy imports (open_clip, transformers,
-torchvision) happen inside functions only. Each class docstring names the upstream file and
-commit it reproduces and lists every known deviation.
+own randomness is only *which* sentence of a ref to use; NeMo already picked it). None of these
+trainers reads hard negatives, so by default their output is exactly the trainer's; with
+``hard_negatives=N`` the ``cris``, ``lavt`` and ``rela`` adapters add the sample's hard negatives,
+each encoded the way that trainer encodes its positive sentence, padded to N, with a validity mask
+(``neg_valid``), for a C3*-style loss (one positive, N negatives, mask: see the README).
+Tokenizers are loaded lazily on the first call, so building an adapter never touches the network.
+Heavy imports (open_clip, transformers, torchvision) happen inside functions only. Each class
+docstring names the upstream file and commit it reproduces and lists every known deviation.
 """
 
 from __future__ import annotations

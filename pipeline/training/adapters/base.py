@@ -7,7 +7,8 @@ An adapter turns one :class:`pipeline.training.dataset.NemoDataset` sample dict:
     hard_negatives / hard_negative_kinds              no_target, index, epoch, is_mosaic, ...}
 
 into exactly what a given trainer's own dataset returns; :func:`unpack_sample` validates the
-sample and normalises the mask the same way for all of them.
+sample and normalises the mask the same way for all of them, and :func:`hard_negatives_of` pads
+the hard negatives of the adapters that return them.
 """
 
 from __future__ import annotations
@@ -90,3 +91,33 @@ def is_no_target(meta: Mapping[str, Any], mask01: np.ndarray) -> bool:
     flag = meta.get("no_target")
     return (not mask01.any()) if flag is None else bool(flag)
 
+
+
+def hard_negatives_of(sample: Mapping[str, Any], n: int) -> tuple[list[str], list[bool]]:
+    """The sample's hard-negative texts padded with "" to exactly `n`, and which are real.
+
+    Padding with a text (rather than zeros) keeps every padded entry a well-formed encoding
+    (a [CLS] [SEP] or sot/eot pair), so a text encoder never sees an empty attention row; the
+    validity mask says what to ignore. More than `n` negatives is an error, not a silent cut:
+    the adapter's `hard_negatives` must be at least the dataset's `n_hard_negatives`.
+    """
+    texts = sample.get("hard_negatives") or []
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise AdapterInputError("sample['hard_negatives'] must be a list of str")
+    if len(texts) > n:
+        raise AdapterInputError(
+            f"the sample has {len(texts)} hard negatives but the adapter pads to {n}: build it "
+            f"with hard_negatives >= NemoDataset's n_hard_negatives ({len(texts)} or more)")
+    return [*texts, *[""] * (n - len(texts))], [True] * len(texts) + [False] * (n - len(texts))
+
+
+def check_hard_negatives(n: int, training: bool, adapter: str) -> int:
+    """The `hard_negatives` option of an adapter: a count >= 0, only in a training mode (the
+    dataset gives negatives to training samples only)."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"hard_negatives must be >= 0, got {n}")
+    if n and not training:
+        raise ValueError(f"{adapter}: hard negatives are training material; use them with the "
+                         "training mode, or pass hard_negatives=0")
+    return n

@@ -12,7 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.training.adapters.base import unpack_sample
+from pipeline.training.adapters.base import (
+    check_hard_negatives,
+    hard_negatives_of,
+    unpack_sample,
+)
 from pipeline.training.adapters.cv2_warp import affine_from_points, cv2_warp_affine
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,7 +91,13 @@ class CrisAdapter:
 
     Options: ``input_size`` (416), ``word_length`` (None -> 22 if ``dataset`` starts with
     "refcocog" else 17), ``mode``, ``mask_dir``, ``mask_interpolation`` ("linear" as theirs, or
-    "nearest" for a hard {0,1} mask -- a deviation, off by default).
+    "nearest" for a hard {0,1} mask -- a deviation, off by default), ``hard_negatives`` (0).
+
+    With ``hard_negatives=N`` (mode="train") the tuple grows by the sample's hard negatives,
+    each encoded exactly as the positive sentence (:meth:`encode_text`), padded to N with the
+    encoding of "": ``(img, word_vec, mask, neg_word_vecs, neg_valid)``, ``neg_word_vecs``
+    int64 [N, word_length], ``neg_valid`` bool [N] (False on padding). CRIS itself reads no
+    negatives; this is for a C3*-style loss added to its training step.
 
     Geometry note: OpenCV maps pixel INDICES, ``x_dst = scale * x_src + bias`` (pixel centres at
     integers), so source pixel 0 lands on ``bias``, not on ``bias + (scale - 1) / 2`` as a
@@ -116,6 +126,7 @@ class CrisAdapter:
         dataset: str | None = None,
         mask_dir: str | os.PathLike | None = None,
         mask_interpolation: str = "linear",
+        hard_negatives: int = 0,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"CRIS mode must be one of {self.MODES}, got {mode!r}")
@@ -133,12 +144,17 @@ class CrisAdapter:
         self.mode = mode
         self.mask_dir = None if mask_dir is None else Path(mask_dir)
         self.mask_interpolation = mask_interpolation
+        self.hard_negatives = check_hard_negatives(hard_negatives, mode == "train", "CRIS")
         self.mean = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)
         self.std = torch.tensor(CLIP_STD).reshape(3, 1, 1)
 
     def __repr__(self) -> str:
         return (f"CrisAdapter(input_size={self.input_size}, word_length={self.word_length}, "
-                f"mode={self.mode!r})")
+                f"mode={self.mode!r}, hard_negatives={self.hard_negatives})")
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """A sentence as CRIS feeds it to CLIP: ``tokenize(text, word_length, True)[0]``."""
+        return clip_tokenize(text, self.word_length, True)
 
     def convert(
         self, img: np.ndarray, mask: np.ndarray | None = None
@@ -174,13 +190,17 @@ class CrisAdapter:
         warped = cv2_warp_affine(rgb, mat, size, "cubic", tuple(m * 255 for m in CLIP_MEAN))
         if self.mode == "train":
             mask = self._warp_mask(mask01 * np.uint8(255), mat) / 255.0
-            word_vec = clip_tokenize(text, self.word_length, True)
+            word_vec = self.encode_text(text)
             img_t, mask_t = self.convert(warped, mask)
-            return img_t, word_vec, mask_t
+            if not self.hard_negatives:
+                return img_t, word_vec, mask_t
+            texts, valid = hard_negatives_of(sample, self.hard_negatives)
+            negs = torch.stack([self.encode_text(t) for t in texts])
+            return img_t, word_vec, mask_t, negs, torch.tensor(valid, dtype=torch.bool)
         mask_path = self._write_mask(mask01, meta)
         img_t = self.convert(warped)[0]
         if self.mode == "val":
-            word_vec = clip_tokenize(text, self.word_length, True)
+            word_vec = self.encode_text(text)
             params = {"mask_dir": mask_path, "inverse": mat_inv, "ori_size": np.array(img_size)}
             return img_t, word_vec, params
         params = {

@@ -8,7 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.training.adapters.base import unpack_sample
+from pipeline.training.adapters.base import (
+    check_hard_negatives,
+    hard_negatives_of,
+    unpack_sample,
+)
 from pipeline.training.adapters.bert import LazyHFTokenizer, bert_encode_padded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,6 +41,12 @@ class LavtAdapter(LazyHFTokenizer):
     add_special_tokens=True)[:max_tokens]`` zero-padded: a sentence longer than
     ``max_tokens`` loses its [SEP] exactly as in their code.
 
+    With ``hard_negatives=N`` (mode="train") the tuple grows by the sample's hard negatives,
+    each encoded exactly as the positive sentence (:meth:`encode_text`), padded to N with the
+    encoding of "" ([CLS] [SEP]): ``(img, target, tensor_embeddings, attention_mask,
+    neg_embeddings, neg_attention_mask, neg_valid)``, the first two int64 [N, 1, max_tokens]
+    (each entry shaped as the positive's), ``neg_valid`` bool [N] (False on padding).
+
     Deviations: they tokenize the REFER ``raw`` sentence; a NemoDataset sample carries the
     cleaned lowercase ``sentence`` (identical for uncased BERT up to punctuation the cleaning
     removed). The mask is resized as an "L" image instead of "P" (NEAREST: same pixels). Their
@@ -52,9 +62,11 @@ class LavtAdapter(LazyHFTokenizer):
         img_size: int = 480,
         max_tokens: int = 20,
         mode: str = "train",
+        hard_negatives: int = 0,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"LAVT mode must be one of {self.MODES}, got {mode!r}")
+        self.hard_negatives = check_hard_negatives(hard_negatives, mode == "train", "LAVT")
         self._tokenizer_spec = tokenizer
         self._tokenizer = None
         self.img_size = int(img_size)
@@ -63,10 +75,19 @@ class LavtAdapter(LazyHFTokenizer):
 
     def __repr__(self) -> str:
         return (f"LavtAdapter(img_size={self.img_size}, max_tokens={self.max_tokens}, "
-                f"mode={self.mode!r})")
+                f"mode={self.mode!r}, hard_negatives={self.hard_negatives})")
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor]:
+    def encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sentence as LAVT feeds it to BERT: ``(tensor_embeddings, attention_mask)``, int64
+        [1, max_tokens] ([1, max_tokens, 1] in eval mode)."""
+        ids, att = bert_encode_padded(self.tokenizer, text, self.max_tokens)
+        tensor_embeddings = torch.tensor(ids).unsqueeze(0)
+        attention_mask = torch.tensor(att).unsqueeze(0)
+        if self.mode == "eval":
+            return tensor_embeddings.unsqueeze(-1), attention_mask.unsqueeze(-1)
+        return tensor_embeddings, attention_mask
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, ...]:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
@@ -79,10 +100,10 @@ class LavtAdapter(LazyHFTokenizer):
         target = torch.as_tensor(np.asarray(target).copy(), dtype=torch.int64)
         img = TF.normalize(img, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
-        ids, att = bert_encode_padded(self.tokenizer, text, self.max_tokens)
-        tensor_embeddings = torch.tensor(ids).unsqueeze(0)
-        attention_mask = torch.tensor(att).unsqueeze(0)
-        if self.mode == "eval":
-            tensor_embeddings = tensor_embeddings.unsqueeze(-1)
-            attention_mask = attention_mask.unsqueeze(-1)
-        return img, target, tensor_embeddings, attention_mask
+        tensor_embeddings, attention_mask = self.encode_text(text)
+        if not self.hard_negatives:
+            return img, target, tensor_embeddings, attention_mask
+        texts, valid = hard_negatives_of(sample, self.hard_negatives)
+        ids, att = zip(*(self.encode_text(t) for t in texts), strict=True)
+        return (img, target, tensor_embeddings, attention_mask, torch.stack(ids),
+                torch.stack(att), torch.tensor(valid, dtype=torch.bool))

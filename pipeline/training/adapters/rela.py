@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.training.adapters.base import AdapterInputError, is_no_target, unpack_sample
+from pipeline.training.adapters.base import (
+    AdapterInputError,
+    check_hard_negatives,
+    hard_negatives_of,
+    is_no_target,
+    unpack_sample,
+)
 from pipeline.training.adapters.bert import LazyHFTokenizer, bert_encode_padded
 from pipeline.training.adapters.detectron2_compat import make_instances
 
@@ -40,6 +46,11 @@ class RelaAdapter(LazyHFTokenizer):
 
     ``is_train=False`` puts ``gt_mask`` ([N, S, S]) instead of ``instances`` (as theirs).
 
+    With ``hard_negatives=K`` (is_train) the dict also holds the sample's hard negatives, each
+    encoded exactly as the positive (:meth:`encode_text`), padded to K with the encoding of ""
+    ([CLS] [SEP]): ``neg_lang_tokens`` and ``neg_lang_mask`` int64 [K, 1, max_tokens] (each
+    entry shaped as ``lang_tokens``), ``neg_valid`` bool [K] (False on padding).
+
     GRES reads ``image``, ``lang_tokens``, ``lang_mask`` (forward) and ``instances.gt_masks``,
     ``instances.gt_classes``, ``empty``, ``gt_mask_merged`` (prepare_targets; the loss only uses
     gt_mask_merged and empty).
@@ -66,6 +77,7 @@ class RelaAdapter(LazyHFTokenizer):
         merge: bool = True,
         source: str = "grefcoco",
         category_id: int = 0,
+        hard_negatives: int = 0,
     ) -> None:
         self._tokenizer_spec = tokenizer
         self._tokenizer = None
@@ -75,10 +87,17 @@ class RelaAdapter(LazyHFTokenizer):
         self.merge = bool(merge)
         self.source = source
         self.category_id = int(category_id)
+        self.hard_negatives = check_hard_negatives(hard_negatives, self.is_train, "ReLA")
 
     def __repr__(self) -> str:
         return (f"RelaAdapter(image_size={self.image_size}, max_tokens={self.max_tokens}, "
-                f"is_train={self.is_train})")
+                f"is_train={self.is_train}, hard_negatives={self.hard_negatives})")
+
+    def encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sentence as RefCOCOMapper gives it to GRES: ``(lang_tokens, lang_mask)``, int64
+        [1, max_tokens] each."""
+        ids, att = bert_encode_padded(self.tokenizer, text, self.max_tokens)
+        return torch.tensor(ids).unsqueeze(0), torch.tensor(att).unsqueeze(0)
 
     @staticmethod
     def _merge_masks(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +148,11 @@ class RelaAdapter(LazyHFTokenizer):
         dataset_dict["empty"] = empty
         dataset_dict["gt_mask_merged"] = self._merge_masks(gt_masks) if self.merge else None
 
-        ids, att = bert_encode_padded(self.tokenizer, text, self.max_tokens)
-        dataset_dict["lang_tokens"] = torch.tensor(ids).unsqueeze(0)
-        dataset_dict["lang_mask"] = torch.tensor(att).unsqueeze(0)
+        dataset_dict["lang_tokens"], dataset_dict["lang_mask"] = self.encode_text(text)
+        if self.hard_negatives:
+            texts, valid = hard_negatives_of(sample, self.hard_negatives)
+            ids, att = zip(*(self.encode_text(t) for t in texts), strict=True)
+            dataset_dict["neg_lang_tokens"] = torch.stack(ids)
+            dataset_dict["neg_lang_mask"] = torch.stack(att)
+            dataset_dict["neg_valid"] = torch.tensor(valid, dtype=torch.bool)
         return dataset_dict

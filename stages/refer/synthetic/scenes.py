@@ -7,7 +7,6 @@ from the stored segmentation, as the real releases' are.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from stages.refer.views import refer_tokens
 
 T = TypeVar("T")
 
@@ -108,8 +109,8 @@ def image_file_name(image_id: int) -> str:
 
 
 def clean_sentence(raw: str) -> list[str]:
-    """The tokens REFER stores for a raw expression: lowercase, punctuation removed."""
-    return re.sub(r"[^a-z0-9 ]+", " ", raw.lower()).split()
+    """The tokens REFER stores for a raw expression (`stages.refer.views.refer_tokens`)."""
+    return refer_tokens(raw)
 
 
 # --------------------------------------------------------------------------------------------
