@@ -33,7 +33,9 @@ from pipeline.training.dataset import NemoDataset
 from pipeline.training.sampling import allowed_cells
 from stages.text.positional import quadrants_for_tokens, tokenize
 
-V4_SCHEMA = pa.schema([*SPLIT_SCHEMA, ("neg_from_pool", pa.bool_()),
+V4_SCHEMA = pa.schema([*SPLIT_SCHEMA, ("hn_source_ids", pa.list_(pa.int64())),
+                       ("view_names", pa.list_(pa.string())),
+                       ("view_texts", pa.list_(pa.string())), ("neg_from_pool", pa.bool_()),
                        ("excluded_image_ids", pa.list_(pa.int64()))])
 POOL = list(range(1, 21))  # training images
 EVAL_ONLY = [90, 91, 92]  # images of evaluation rows only
