@@ -24,7 +24,7 @@ from stages.text.distractor_answers import build_distractor
 from stages.text.distractor_prompts import build_kind_prompt, distractor_budget, distractor_schema
 from stages.text.distractor_rules import KINDS, SceneContext, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------------------------
 # the backend with a scripted generator

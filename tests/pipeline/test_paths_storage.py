@@ -22,7 +22,7 @@ import yaml
 from pipeline.errors import StorageError
 from pipeline.request_cache import RequestCache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.request_cache import RequestCache, prompt_hash
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_child(code: str, *args: str) -> subprocess.Popen[str]:
