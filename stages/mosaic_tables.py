@@ -95,13 +95,17 @@ class MosaicParams(Params):
         return active_taus(self.relevance, self.tau_ti, self.tau_ii)
 
 
+RELEVANCE_SCORES = {"ti": ("ti",), "ii": ("ii",), "both": ("ti", "ii")}
+"""The scores each `mosaic_tables.relevance` filters on."""
+
+
 def active_taus(relevance: str, tau_ti: Any, tau_ii: Any) -> dict[str, Any]:
     """`{"tau_ti": ..., "tau_ii": ...}`: the threshold that applies to each score under
     `relevance` (`ti`, `ii`, or `both`, which filters on each score at its own threshold), None
     for a score the relevance does not use. The one place that says which tau a relevance uses:
     the stage, its resolved params, `report` and `calibrate` all ask it."""
-    return {"tau_ti": tau_ti if relevance in ("ti", "both") else None,
-            "tau_ii": tau_ii if relevance in ("ii", "both") else None}
+    used = RELEVANCE_SCORES[relevance]
+    return {"tau_ti": tau_ti if "ti" in used else None, "tau_ii": tau_ii if "ii" in used else None}
 
 
 def scaled(rho: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: str) -> np.ndarray:

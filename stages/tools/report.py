@@ -400,7 +400,9 @@ def _section_scores_and_kept(ctx: _Context, taus: Sequence[float], ks: Sequence[
 def _tau_text(mp: MosaicParams, rel: str) -> str:
     tau = getattr(mp, f"tau_{rel}")
     if tau is None:
-        used = mp.relevance in (rel, "both")
+        from stages.mosaic_tables import RELEVANCE_SCORES
+
+        used = rel in RELEVANCE_SCORES[mp.relevance]
         return (f"tau_{rel} = off (no filter)" if used
                 else f"tau_{rel} unused (relevance = {mp.relevance})")
     return f"tau_{rel} = {tau:g}"
