@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["ANSWER_MARGIN", "ANSWER_SLACK", "BUDGET_VERSION", "CHARS_PER_TOKEN", "Answer",
@@ -55,7 +55,12 @@ class Generator(Protocol):
 
 @dataclass
 class GenerationStats:
-    """Running totals, for the stage's log line and its benchmark (tokens/s)."""
+    """Running totals, for the stage's log line, its manifest and its benchmark (tokens/s).
+
+    `batch_sizes`: how many `generate` calls ran with each batch size; `oom_retries`: how
+    many calls ran out of memory and were retried with half the batch (their time is in
+    `seconds`).
+    """
 
     requests: int = 0
     batches: int = 0
@@ -63,6 +68,8 @@ class GenerationStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     truncated: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    oom_retries: int = 0
 
     @property
     def tokens_per_second(self) -> float:
