@@ -48,6 +48,12 @@ def test_every_instance_has_views_or_a_recorded_failure(demo, tmp_path):
         assert f["attempts"] == 2 and f["reason"]
     assert m["stats"]["generated_requests"] == len(train_images)
     assert m["stats"]["cached_requests"] == 0
+    # the batches that ran (at most multiview.batch_size=4) and the options, in the manifest
+    sizes = {int(k): v for k, v in m["stats"]["batch_sizes"].items()}
+    assert m["stats"]["batch_size_max"] == max(sizes) <= 4 and m["stats"]["oom_retries"] == 0
+    assert m["generation"] == {"batch_size": 4, "attn_implementation": "auto",
+                               "cache_implementation": "dynamic", "sort_by_length": True,
+                               "memory_gib": None}
 
 
 def test_kill_mid_generation_resumes_without_regenerating(demo, tmp_path):
