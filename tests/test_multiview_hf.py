@@ -92,6 +92,9 @@ def test_gpu_multiview_script_runs_tiny_on_cpu(tmp_path):
     assert mixed["generated_tokens"] == 40 * mixed["model_requests"] == 80
     assert mixed["failure_reasons"] == {"truncated": 3} and mixed["requests_per_s"] > 0
     assert mixed["budget_per_instance_count"] == {"1": 40, "2": 40}
+    assert mixed["batch_size"] == "auto" and mixed["oom_retries"] == 0
+    assert mixed["batch_sizes"] == {"2": 1}  # both requests in one memory-sized batch
     stats = figures["stage"]["stats"]
     assert stats["failure_reasons"] == {"truncated": stats["instances"]}
     assert stats["generated_tokens"] == 40 * stats["generated_requests"]
+    assert stats["oom_retries"] == 0 and stats["batch_size_max"] >= 1

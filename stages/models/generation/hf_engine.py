@@ -219,6 +219,17 @@ class HFGenerator:
                 "cache_implementation": self.cache_implementation,
                 "sort_by_length": self.sort_by_length, "memory_gib": self.batcher.memory_gib}
 
+    def set_runtime(self, *, cache_implementation: str | None = None,
+                    sort_by_length: bool | None = None) -> None:
+        """Change the generate-time options of the loaded model (a benchmark compares them
+        without loading it again); the attention implementation is fixed at load."""
+        if cache_implementation is not None:
+            _check_choice("cache_implementation", cache_implementation, CACHE_IMPLEMENTATIONS)
+            self.cache_implementation = cache_implementation
+            self.batcher.cache_implementation = cache_implementation
+        if sort_by_length is not None:
+            self.sort_by_length = bool(sort_by_length)
+
     def _run(self, requests: Sequence[Any], batch_size: int | None, budgets: Sequence[int],
              step: Callable[[Any, list[int]], list[Any]]) -> list[Any]:
         """Apply `step(inputs, request indices)` to consecutive batches (by prompt length when
