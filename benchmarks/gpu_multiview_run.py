@@ -18,7 +18,8 @@ Parts (each in its own try block; figures go to ``$OUT/gpu_multiview.json`` as t
 2. ``mixed``: ``run_model_backend`` on synthetic images with 1 to 8 instances
    (``--images-per-count`` of each), all in one shard as the stage sends them: requests/s,
    instances/s, generated tokens/s, the budget per instance count, failure reasons, peak GPU
-   memory;
+   memory, the batch sizes that ran (``--batch-size``, default ``auto``: sized by the memory
+   estimate) and out-of-memory retries;
 3. ``stage``: ``nemo-pipe``'s multiview stage end to end (ingest of the synthetic demo data,
    then multiview with ``multiview.model=<saved dir>``): the manifest's figures.
 

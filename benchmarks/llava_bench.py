@@ -201,10 +201,13 @@ def _free(gen: Any) -> None:
 
 def run_llava_bench(out: Path | None = None, *, tiny: bool = False, device: str | None = None,
                     parts: Sequence[str] | None = None, scratch: Path | None = None,
+                    prompt_tokens: int | None = None, new_tokens: int | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the parts (all by default) and return their figures; also written to
     ``out/llava_bench.json`` after each part when `out` is given. `tiny`: the tiny model on
-    CPU (checks the script); otherwise CUDA is required (`DeviceError` without it)."""
+    CPU (checks the script); otherwise CUDA is required (`DeviceError` without it).
+    `prompt_tokens` / `new_tokens` replace the fixed requests' 1,641 / 160 (e.g. the length
+    of a prompt without the worked examples, to see what a shorter prompt would give)."""
     from stages.models.loading import DeviceError
 
     torch = _torch()
@@ -219,7 +222,9 @@ def run_llava_bench(out: Path | None = None, *, tiny: bool = False, device: str 
 
     from benchmarks.gpu_multiview_run import build_model
 
-    cfg = TINY if tiny else FULL
+    cfg = dict(TINY if tiny else FULL)
+    cfg.update({k: v for k, v in (("prompt_tokens", prompt_tokens),
+                                  ("new_tokens", new_tokens)) if v is not None})
     device = device or ("cpu" if tiny else "cuda")
     scratch = Path(scratch or ("/tmp/llava-bench" if not tiny else
                                (out or Path("/tmp")) / "llava-bench-scratch"))
@@ -359,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scratch", default=None, help="the saved model (default /tmp/llava-bench)")
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="fixed prompt length, image included (default 1641; tiny 1000)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 160 (tiny 6)")
     args = ap.parse_args(argv)
     from pipeline.errors import NemoError
 
@@ -366,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_llava_bench(Path(args.out), tiny=args.tiny, device=args.device,
                         parts=[p for p in args.parts.split(",") if p],
                         scratch=Path(args.scratch) if args.scratch else None,
+                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         log=lambda line: print(line, flush=True))
     except (NemoError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
