@@ -68,6 +68,9 @@ class Batcher:
         self.ceiling: int | None = None  # the batch settled on after running out of memory
         self.failed_at: int | None = None  # the batch that last ran out of memory
         self.last: int | None = None  # the last batch size that ran (for the log)
+        # transformers sizes a static cache for the longest (prompt + new tokens) of any earlier
+        # call too (so that a compiled model is not recompiled): the estimate does the same
+        self.static_tokens = 0
 
     def size(self, lengths: Sequence[int], budgets: Sequence[int], cap: int) -> int:
         """The next batch's size for requests with these prompt `lengths` and answer
@@ -85,8 +88,9 @@ class Batcher:
         for rows in range(1, limit + 1):  # the estimate grows with the rows: stop at a miss
             longest = max(longest, int(lengths[rows - 1]))
             largest = max(largest, int(budgets[rows - 1]))
-            need = estimate_bytes(self.shape, rows, longest, largest, self.weights,
-                                  self.attn_implementation, self.cache_implementation)
+            need = estimate_bytes(self.shape, rows, longest, self._new_tokens(longest, largest),
+                                  self.weights, self.attn_implementation,
+                                  self.cache_implementation)
             if need > available:
                 break
             fits = rows
@@ -126,9 +130,19 @@ class Batcher:
                 continue
             for i, answer in zip(idx, answers, strict=True):
                 results[i] = answer
+            if self.cache_implementation == "static":
+                self.static_tokens = max(self.static_tokens, max(
+                    lengths[i] for i in idx) + max(budgets[i] for i in idx))
             stats.batch_sizes[size] = stats.batch_sizes.get(size, 0) + 1
             pos += size
         return results
+
+    def _new_tokens(self, prompt: int, new: int) -> int:
+        """The answer budget the estimate counts: with a static cache, enough to reach the
+        longest earlier call's length."""
+        if self.cache_implementation != "static":
+            return new
+        return max(new, self.static_tokens - prompt)
 
     def _halve(self, size: int, prompt: int, new: int, exc: BaseException,
                stats: GenerationStats) -> None:

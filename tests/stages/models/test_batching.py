@@ -188,3 +188,23 @@ def test_oom_at_batch_one_keeps_what_was_finished_and_the_rerun_does_the_rest(
     assert usage is not None and usage["batch_sizes"] == {"1": 1, "2": 1}
     assert usage["oom_retries"] == 0
     assert sorted(records) == sorted(sentences)
+
+
+def test_a_static_cache_is_estimated_at_the_longest_earlier_length() -> None:
+    """transformers sizes a static cache for the longest call so far: after a 3,000-token
+    request, a batch of 1,000-token prompts is estimated with caches of 3,160 tokens."""
+    shape = MemoryShape(32, 32, 128, 32, 4096, 11008, 32064, 2)
+    weights, budget = 14 * 2**30, 60.0
+    batcher = Batcher(shape, weights, torch.device("cpu"), memory_gib=budget,
+                      cache_implementation="static")
+
+    def brute(new: int) -> int:
+        return max(b for b in range(1, 200) if estimate_bytes(
+            shape, b, 1000, new, weights, "sdpa", "static") <= budget * 2**30)
+
+    assert batcher.size([1000] * 199, [160] * 199, 199) == brute(160)
+    batcher.run([0], [3000], [160], 1, lambda idx: idx, GenerationStats())
+    assert batcher.size([1000] * 199, [160] * 199, 199) == brute(2160) < brute(160)
+    dynamic = Batcher(shape, weights, torch.device("cpu"), memory_gib=budget)
+    dynamic.run([0], [3000], [160], 1, lambda idx: idx, GenerationStats())
+    assert dynamic.static_tokens == 0  # a dynamic cache is sized per call
