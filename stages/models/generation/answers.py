@@ -46,11 +46,12 @@ class Generator(Protocol):
     answers may be `Answer`s that say whether they were cut off at that limit. A generator
     with ``supports_schema = True`` also takes ``schema=`` (one JSON schema per request) for
     structured decoding; one with ``count_tokens(text)`` has budgets counted with its own
-    tokenizer.
+    tokenizer. `batch_size` is the most requests per model call; None (``auto``) lets the
+    generator choose (the transformers one fits its batches to its memory).
     """
 
     def generate(self, requests: list[Any], max_new_tokens: int | Sequence[int] = 256,
-                 batch_size: int = 8) -> list[str]: ...
+                 batch_size: int | None = 8) -> list[str]: ...
 
 
 @dataclass
