@@ -146,7 +146,7 @@ class HFGenerator:
     supports_schema = False  # no structured decoding here: per-item validation + repair
     images: ClassVar[bool]  # requests are (image, prompt) pairs, else prompts
     what: ClassVar[str]  # what is loaded, for the load error
-    section: ClassVar[str]  # the config section that sets its max_new_tokens, for errors
+    oom_fix: ClassVar[str]  # what to change when one request does not fit (config names)
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", *,
                  cache_dir: Path | None = None, seed: int = 0,
@@ -177,7 +177,7 @@ class HFGenerator:
             _memory_shape(self.model, self.dtype), weight_bytes(self.model), self.device,
             memory_gib=memory_gib, attn_implementation=self.attn_implementation,
             cache_implementation=cache_implementation, what=f"{self.what} {model}",
-            fix=f"lower {self.section}.max_new_tokens or use a smaller model/dtype")
+            fix=self.oom_fix)
         self._torch = torch
 
     # -- what a specialisation says ------------------------------------------------------------
@@ -322,7 +322,7 @@ class HFVisionGenerator(HFGenerator):
 
     images = True
     what = "model"
-    section = "multiview"
+    oom_fix = "lower multiview.max_new_tokens or use a smaller model/dtype"
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto",
                  **options: Any) -> None:
@@ -371,7 +371,7 @@ class HFTextGenerator(HFGenerator):
 
     images = False
     what = "causal LM"
-    section = "augment"
+    oom_fix = "use a smaller model (augment.model) or dtype"
 
     @property
     def has_chat_template(self) -> bool:
