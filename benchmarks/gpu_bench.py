@@ -1,4 +1,4 @@
-"""The GPU benchmark of issue 16: embed_images, negatives and (later) multiview on one card.
+"""The GPU benchmark of issue 16: embed_images, negatives and multiview on one card.
 
 Random-init weights of the real architectures (no weights can be downloaded; throughput does
 not depend on them), the project's own code paths, sizes of the issue:
@@ -8,9 +8,10 @@ not depend on them), the project's own code paths, sizes of the issue:
              path alone (targets: >= 3,000 img/s B-16, >= 1,400 img/s L-14 with decode=gpu);
   negatives  the stage at RefCOCO size, 120,624 x 16,994 x 512, M = 2048, on the GPU, next to
              its bare blocked product (target: <= 3 s);
-  multiview  the hf backend with LLaVA-1.5-7B-shaped batches: issue 16 item 3, not built yet;
-             the section calls `gpu_multiview_run.measure_batches` when it exists and says so
-             when it does not.
+  multiview  the hf backend with LLaVA-1.5-7B-shaped batches (benchmarks/llava_bench.py: batch
+             sweep incl. the memory-estimated `auto`, static cache, sorting, OOM retry, eager
+             attention; target >= 6 req/s and no out-of-memory); about 7 minutes, so run it
+             as its own device call (`--only multiview`).
 
 Each section runs in its own try block; figures go to `--out`/gpu_bench.json as they come and
 the report to `--results` (default benchmarks/RESULTS-gpu.md), with the card's name. Without a
@@ -202,17 +203,15 @@ def bench_negatives(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_multiview(args: argparse.Namespace) -> dict[str, Any]:
-    """Issue 16 item 3 (LLaVA batches that fill the card): a later round builds
-    `benchmarks/gpu_multiview_run.py: measure_batches(smoke, device) -> dict` and this section
-    reports it; until then it says so."""
-    try:
-        from gpu_multiview_run import measure_batches  # type: ignore[attr-defined]
-    except ImportError:
-        return {"status": "not built", "message": (
-            "issue 16 item 3 (LLaVA batches from a memory estimate, OOM halving, static KV "
-            "cache / SDPA, prompt length) is not built yet: benchmarks/gpu_multiview_run.py "
-            "has no measure_batches(); its own script measures the current hf backend")}
-    return measure_batches(smoke=args.smoke, device="cuda" if cuda_name() else "cpu")
+    """Issue 16 item 3 (LLaVA batches that fill the card): `benchmarks/llava_bench.py`'s parts
+    (batch sweep incl. auto, static cache, sorting, OOM retry, eager attention) on a
+    LLaVA-1.5-7B-shaped model, or its `tiny` check with --smoke. It takes about 7 minutes on the
+    H200, so a device session runs it as its own call (`--only multiview`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llava_bench import run_llava_bench
+
+    out = Path(args.out) if args.out else None
+    return run_llava_bench(out, tiny=args.smoke, device=None if cuda_name() else "cpu")
 
 
 def _fmt(value: Any, digits: int = 0) -> str:

@@ -18,7 +18,8 @@ Parts (each in its own try block; figures go to ``$OUT/gpu_multiview.json`` as t
 2. ``mixed``: ``run_model_backend`` on synthetic images with 1 to 8 instances
    (``--images-per-count`` of each), all in one shard as the stage sends them: requests/s,
    instances/s, generated tokens/s, the budget per instance count, failure reasons, peak GPU
-   memory;
+   memory, the batch sizes that ran (``--batch-size``, default ``auto``: sized by the memory
+   estimate) and out-of-memory retries;
 3. ``stage``: ``nemo-pipe``'s multiview stage end to end (ingest of the synthetic demo data,
    then multiview with ``multiview.model=<saved dir>``): the manifest's figures.
 
@@ -161,12 +162,13 @@ def synthetic_scene(images_dir: Path, per_count: int, max_instances: int,
 
 
 def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_instances: int,
-              batch_size: int, max_new_tokens: int | None, max_attempts: int) -> dict[str, Any]:
+              batch_size: int | str, max_new_tokens: int | None,
+              max_attempts: int) -> dict[str, Any]:
     """`run_model_backend` on images of 1..max_instances instances in one shard."""
     import torch
 
     from stages.models.generation.engines import get_generator
-    from stages.multiview import MultiviewParams, run_model_backend
+    from stages.multiview import MultiviewParams, generator_options, run_model_backend
     from stages.text.view_prompts import views_budget
 
     by_image = synthetic_scene(work / "images", per_count, max_instances)
@@ -176,7 +178,7 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
     payload = {"image_ids": sorted(by_image), "images_dir": str(work / "images"),
                "cache": str(work / "requests.sqlite")}
     t0 = time.perf_counter()
-    generator = get_generator("hf", str(model_dir), device)
+    generator = get_generator("hf", str(model_dir), device, options=generator_options(p))
     load_seconds = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -201,6 +203,7 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
         "view_rows": len(rows), "failure_rows": len(failures),
         "failure_reasons": counts.get("failure_reasons"),
         "truncated_answers": counts.get("truncated_answers"),
+        "batch_sizes": counts.get("batch_sizes"), "oom_retries": counts.get("oom_retries"),
         "context": getattr(generator, "context", None),
         "example_failure": failures[0]["reason"][:300] if failures else None,
     }
@@ -209,7 +212,7 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
     return out
 
 
-def run_stage(model_dir: Path, work: Path, device: str, n_images: int, batch_size: int,
+def run_stage(model_dir: Path, work: Path, device: str, n_images: int, batch_size: int | str,
               max_new_tokens: int | None, max_attempts: int) -> dict[str, Any]:
     """The multiview stage end to end through the pipeline, on the synthetic demo data."""
     from pipeline.api import open_pipeline
@@ -229,6 +232,10 @@ def run_stage(model_dir: Path, work: Path, device: str, n_images: int, batch_siz
     return {"wall_seconds_with_ingest": round(wall, 1), "stats": manifest.get("stats", {})}
 
 
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script")
@@ -238,7 +245,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     ap.add_argument("--images-per-count", type=int, default=None, help="default 4 (tiny: 1)")
     ap.add_argument("--max-instances", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=_batch_size, default="auto",
+                    help="multiview.batch_size: a cap, or auto (memory-sized; default)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="multiview cap (none)")
     ap.add_argument("--max-attempts", type=int, default=1)
     ap.add_argument("--stage-images", type=int, default=40, help="demo images for part 3")

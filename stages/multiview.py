@@ -80,8 +80,20 @@ class MultiviewParams(Params):
     images_per_shard: Count = Field(256, description="images per resumable shard")
     limit_images: NonNegInt = Field(0, description="only the first N images by id (0: all), "
                                                    "for trial runs and prompt comparisons")
-    batch_size: Count = runtime_field(8, "requests per generate call")
+    batch_size: Count | Literal["auto"] = runtime_field(
+        "auto", "most requests per generate call; `auto`: as many as fit in memory (hf: sized "
+                "by a memory estimate, halved after an out-of-memory; see below)")
     device: Device = runtime_field("auto", "auto (CUDA when present), cpu, cuda:N")
+    # hf backend only (vLLM sizes its own batches and picks its own kernels)
+    memory_gib: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = runtime_field(
+        None, "hf: memory budget batches are sized for, GiB (null: free CUDA memory, or the "
+              "host's available RAM on CPU)")
+    sort_by_length: bool = runtime_field(
+        True, "hf: batch requests of similar prompt length (less padding, the same answers)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = runtime_field(
+        "auto", "hf: attention kernels (auto: SDPA where the model supports it)")
+    cache_implementation: Literal["dynamic", "static"] = runtime_field(
+        "dynamic", "hf: KV cache (static: allocated once at its final size)")
 
 
 class Multiview(Stage[MultiviewParams]):
@@ -133,9 +145,12 @@ class Multiview(Stage[MultiviewParams]):
         tokens = sum(s.get("generated_tokens", 0) for s in stats)
         model_requests = sum(s.get("model_requests", 0) for s in stats)
         reasons: dict[str, int] = {}
+        batch_sizes: dict[int, int] = {}
         for s in stats:
             for word, n in (s.get("failure_reasons") or {}).items():
                 reasons[word] = reasons.get(word, 0) + n
+            for size, n in (s.get("batch_sizes") or {}).items():
+                batch_sizes[int(size)] = batch_sizes.get(int(size), 0) + n
         ctx.record(instances=len(single), images=len(image_ids),
                    skipped_multi_or_no_target=skipped,
                    views=sum(s["views"] for s in stats),
@@ -147,8 +162,13 @@ class Multiview(Stage[MultiviewParams]):
                    cached_requests=sum(s["cached"] for s in stats),
                    generation_seconds=round(seconds, 3), generated_tokens=tokens,
                    requests_per_s=round(model_requests / seconds, 3) if seconds else None,
-                   tokens_per_s=round(tokens / seconds, 1) if seconds else None)
+                   tokens_per_s=round(tokens / seconds, 1) if seconds else None,
+                   batch_size_max=max(batch_sizes, default=None),
+                   batch_sizes={str(k): v for k, v in sorted(batch_sizes.items())},
+                   oom_retries=sum(s.get("oom_retries", 0) for s in stats))
         ctx.extra.update(backend=p.backend, model=p.model if p.backend != "template" else None)
+        if p.backend == "hf":
+            ctx.extra.update(generation={"batch_size": p.batch_size, **generator_options(p)})
 
 
 def check_model_backend(p: MultiviewParams) -> None:
@@ -374,7 +394,8 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
     """The `hf` / `vllm` work for one shard: ``(rows, failures, counts)``.
 
     `p` carries backend, model, device, per_instance, max_attempts, max_new_tokens and
-    batch_size; `by_image` maps image id -> the image's referent rows (ref_id, image_id,
+    batch_size (an int or ``auto``), and may carry the hf options (`generator_options`);
+    `by_image` maps image id -> the image's referent rows (ref_id, image_id,
     ann_id, category, bbox, sentences, image metadata); `payload` has ``image_ids``,
     ``images_dir`` and the request cache path ``cache``.
 
@@ -416,12 +437,21 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
     records, counts, usage = run_cached(
         ViewTask(bool(p.per_instance)), plans, cache=payload["cache"],
         model_key=engines.model_key(p.backend, p.model),
-        load_generator=lambda: engines.get_generator(p.backend, p.model, p.device),
-        to_record=to_record, max_attempts=int(p.max_attempts), batch_size=int(p.batch_size),
-        max_new_tokens=cap)
+        load_generator=lambda: engines.get_generator(p.backend, p.model, p.device,
+                                                     options=generator_options(p)),
+        to_record=to_record, max_attempts=int(p.max_attempts),
+        batch_size=None if p.batch_size == "auto" else int(p.batch_size), max_new_tokens=cap)
     rows, failures, reasons = _rows_and_failures(
         p, [(i, by_image[i], hashes[i]) for i in hashes], {i: records[str(i)] for i in hashes})
     return rows, failures, {**counts, **(usage or {}), "failure_reasons": reasons}
+
+
+def generator_options(p: Any) -> dict[str, Any]:
+    """The transformers generator's options from the stage's params (runtime fields: they
+    change speed and memory, not what is written); a field `p` lacks has its default."""
+    names = ("attn_implementation", "cache_implementation", "sort_by_length", "memory_gib")
+    return {name: getattr(p, name, MultiviewParams.model_fields[name].default)
+            for name in names}
 
 
 def _rows_and_failures(p: Any, plans: Sequence[tuple[int, Sequence[Mapping[str, Any]], str]],

@@ -126,16 +126,30 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_local_pretrained(what: str, model: str, path: Path, processor_cls: Any,
-                          model_cls: Any, dtype: Any, device: Any) -> tuple[Any, Any]:
+                          model_cls: Any, dtype: Any, device: Any,
+                          attn_implementation: str | None = None) -> tuple[Any, Any]:
     """(processor or tokenizer, model in eval mode) from a resolved local dir, offline, for
     left-padded batched generation; a load failure is an InputError naming `what` and both
-    the model and the dir."""
+    the model and the dir. `attn_implementation` (``sdpa``, ``eager``, ``flash_attention_2``;
+    None: transformers' choice, SDPA where the model supports it) is passed to
+    ``from_pretrained``; one this machine cannot run (flash-attn not installed, no GPU) is an
+    InputError that says which ones can."""
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
         with hf_offline():
             processor = processor_cls.from_pretrained(path)
             # device_map loads the weights straight onto the device (no CPU copy first)
-            net = model_cls.from_pretrained(path, dtype=dtype, device_map=str(device))
+            net = model_cls.from_pretrained(path, dtype=dtype, device_map=str(device), **extra)
+    except ImportError as exc:  # flash_attention_2 without the flash-attn package
+        raise InputError(
+            f"attention implementation {attn_implementation!r} is not available for {what} "
+            f"{model!r} here ({exc}); use auto, sdpa or eager, or install flash-attn on a "
+            "CUDA machine for flash_attention_2") from exc
     except (OSError, ValueError, KeyError) as exc:
+        if attn_implementation is not None and "attn_implementation" in str(exc):
+            raise InputError(
+                f"{what} {model!r} cannot use attention implementation "
+                f"{attn_implementation!r}: {exc} (use auto, sdpa or eager)") from exc
         raise InputError(f"cannot load {what} {model!r} from {path}: {exc}") from exc
     net.eval()
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -39,7 +39,8 @@ RUNTIME = {
     "embed.batch_size", "embed.device", "embed.workers", "embed.strict",
     "negatives.block", "negatives.device", "negatives.selection",
     "mosaic_tables.block", "mosaic_tables.device",
-    "multiview.batch_size", "multiview.device",
+    "multiview.batch_size", "multiview.device", "multiview.memory_gib",
+    "multiview.sort_by_length", "multiview.attn_implementation", "multiview.cache_implementation",
     "augment.batch_size", "augment.device",
 }
 

@@ -119,6 +119,39 @@ def test_run_model_backend_with_the_tiny_model(tmp_path: Path, tiny_dir: Path,
     assert failures[0]["attempts"] == 1
     assert re.match(r"(invalid|truncated): attempt 1: ", failures[0]["reason"])
     assert (tmp_path / "work" / ".cache" / "tiny-llava").is_dir()
+    assert counts["batch_sizes"] == {"1": 1} and counts["oom_retries"] == 0
+
+
+def test_run_model_backend_auto_batch_and_hf_options(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batch_size=auto` lets the generator size its batches (batch_size=None, many jobs per
+    call); the hf options reach get_generator; a field the params lack has its default."""
+    by_image, payload = _scene(tmp_path)
+    gen = ScriptedGenerator([_answer([100, 101]), _answer([200, 201])])
+    sizes: list[Any] = []
+    real_generate = gen.generate
+
+    def generate(requests: Any, max_new_tokens: Any = 256, batch_size: Any = 8,
+                 **kwargs: Any) -> list[str]:
+        sizes.append(batch_size)
+        return real_generate(requests, max_new_tokens, batch_size, **kwargs)
+
+    gen.generate = generate  # type: ignore[method-assign]
+    seen: list[dict[str, Any]] = []
+
+    def get_generator(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return gen
+
+    monkeypatch.setattr(engines, "get_generator", get_generator)
+    params = _params(batch_size="auto", cache_implementation="static", memory_gib=12.5)
+    rows, failures, counts = multiview.run_model_backend(params, by_image, payload)
+    assert counts["generated"] == 2 and len(rows) == 4 * 3
+    assert sizes == [None] and [len(c["requests"]) for c in gen.calls] == [2]
+    assert seen == [{"options": {"attn_implementation": "auto",
+                                 "cache_implementation": "static", "sort_by_length": True,
+                                 "memory_gib": 12.5}}]
+    assert multiview.MultiviewParams().batch_size == "auto"
 
 
 def test_run_model_backend_publishes_good_instances_and_counts_truncation(

@@ -48,6 +48,12 @@ def test_every_instance_has_views_or_a_recorded_failure(demo, tmp_path):
         assert f["attempts"] == 2 and f["reason"]
     assert m["stats"]["generated_requests"] == len(train_images)
     assert m["stats"]["cached_requests"] == 0
+    # the batches that ran (at most multiview.batch_size=4) and the options, in the manifest
+    sizes = {int(k): v for k, v in m["stats"]["batch_sizes"].items()}
+    assert m["stats"]["batch_size_max"] == max(sizes) <= 4 and m["stats"]["oom_retries"] == 0
+    assert m["generation"] == {"batch_size": 4, "attn_implementation": "auto",
+                               "cache_implementation": "dynamic", "sort_by_length": True,
+                               "memory_gib": None}
 
 
 def test_kill_mid_generation_resumes_without_regenerating(demo, tmp_path):
@@ -86,6 +92,9 @@ def test_gpu_multiview_script_runs_tiny_on_cpu(tmp_path):
     assert mixed["generated_tokens"] == 40 * mixed["model_requests"] == 80
     assert mixed["failure_reasons"] == {"truncated": 3} and mixed["requests_per_s"] > 0
     assert mixed["budget_per_instance_count"] == {"1": 40, "2": 40}
+    assert mixed["batch_size"] == "auto" and mixed["oom_retries"] == 0
+    assert mixed["batch_sizes"] == {"2": 1}  # both requests in one memory-sized batch
     stats = figures["stage"]["stats"]
     assert stats["failure_reasons"] == {"truncated": stats["instances"]}
     assert stats["generated_tokens"] == 40 * stats["generated_requests"]
+    assert stats["oom_retries"] == 0 and stats["batch_size_max"] >= 1

@@ -6,6 +6,9 @@
 * `hf_engine`: ONE transformers generator (`HFGenerator`: left-padded greedy batches), with two
   thin specialisations, `HFVisionGenerator` (LLaVA: image + text) and `HFTextGenerator`
   (causal LM: text only);
+* `memory` / `batching`: how many requests fit in one transformers `generate` call (KV cache
+  per row for the prompt and the answer budget, on the free memory) and the retry at half the
+  batch after a CUDA out-of-memory, which the HF generator runs its batches through;
 * `vllm_engine`: ONE vLLM generator (`VLLMGenerator`: request building, context caps, JSON-schema
   decoding under either vLLM API name), likewise `VLLMVisionGenerator` and `VLLMTextGenerator`;
 * `engines`: `get_generator` (one per process, through `pipeline.process_cache`),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["ANSWER_MARGIN", "ANSWER_SLACK", "BUDGET_VERSION", "CHARS_PER_TOKEN", "Answer",
@@ -46,16 +46,22 @@ class Generator(Protocol):
     answers may be `Answer`s that say whether they were cut off at that limit. A generator
     with ``supports_schema = True`` also takes ``schema=`` (one JSON schema per request) for
     structured decoding; one with ``count_tokens(text)`` has budgets counted with its own
-    tokenizer.
+    tokenizer. `batch_size` is the most requests per model call; None (``auto``) lets the
+    generator choose (the transformers one fits its batches to its memory).
     """
 
     def generate(self, requests: list[Any], max_new_tokens: int | Sequence[int] = 256,
-                 batch_size: int = 8) -> list[str]: ...
+                 batch_size: int | None = 8) -> list[str]: ...
 
 
 @dataclass
 class GenerationStats:
-    """Running totals, for the stage's log line and its benchmark (tokens/s)."""
+    """Running totals, for the stage's log line, its manifest and its benchmark (tokens/s).
+
+    `batch_sizes`: how many `generate` calls ran with each batch size; `oom_retries`: how
+    many calls ran out of memory and were retried with half the batch (their time is in
+    `seconds`).
+    """
 
     requests: int = 0
     batches: int = 0
@@ -63,6 +69,8 @@ class GenerationStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     truncated: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    oom_retries: int = 0
 
     @property
     def tokens_per_second(self) -> float:

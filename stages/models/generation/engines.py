@@ -13,6 +13,7 @@ with `stages.models.tiny`; every other name goes through `resolve_model_path`, w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +69,31 @@ def check_engine(engine: str, model: str) -> None:
         resolve_model_path(model)
 
 
-def get_generator(backend: str, model: str, device: str = "auto", *, images: bool = True) -> Any:
-    """The process's generator for (backend, model, device, images), loaded on first use.
+def get_generator(backend: str, model: str, device: str = "auto", *, images: bool = True,
+                  options: Mapping[str, Any] | None = None) -> Any:
+    """The process's generator for (backend, model, device, images, options), loaded on first
+    use.
 
     `images`: requests are ``(image, prompt)`` pairs for an image-text model (multiview),
-    else prompts for a causal LM (augment). vLLM places itself on the GPUs (`device` unused).
+    else prompts for a causal LM (augment). `options`: keyword arguments of the transformers
+    generator (``attn_implementation``, ``cache_implementation``, ``sort_by_length``,
+    ``memory_gib``; see `HFGenerator`); vLLM sizes its own batches and ignores them. vLLM
+    places itself on the GPUs (`device` unused).
     """
     if backend not in ENGINES:
         raise InputError(f"unknown generation engine {backend!r}: use hf or vllm")
+    opts = dict(options or {})
 
     def load() -> Any:
         if backend == "hf":
             from stages.models.generation.hf_engine import HFTextGenerator, HFVisionGenerator
 
-            return (HFVisionGenerator if images else HFTextGenerator)(model, device=device)
+            return (HFVisionGenerator if images else HFTextGenerator)(model, device=device,
+                                                                     **opts)
         from stages.models.generation.vllm_engine import VLLMTextGenerator, VLLMVisionGenerator
 
         return (VLLMVisionGenerator if images else VLLMTextGenerator)(model)
 
-    return process_cached("generator", (backend, str(model), str(device), images), load)
+    key = (backend, str(model), str(device), images,
+           tuple(sorted(opts.items())) if backend == "hf" else ())
+    return process_cached("generator", key, load)

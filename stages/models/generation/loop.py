@@ -14,12 +14,15 @@ kind) go through it; what differs comes in as a small `Task` object:
   the token limit in a truncation message.
 
 Each `generator.generate` call takes the pending requests of up to `batch_size` jobs: jobs
-being repaired first, then new ones in order, so batches stay full. An answer's valid targets
-are kept; only the others are asked again, with ONE repair prompt (`repair_prompt`: the
-task's prompt for them, the answer, why it was rejected), up to `max_attempts` answers per
-job. A target still unusable after that is in the job's `failed` with its reason word:
-``truncated`` (the last answer was cut off at its token limit) or ``invalid``. Bad model
-output never raises; errors of the generator itself (OOM, ...) do.
+being repaired first, then new ones in order, so batches stay full. ``batch_size=None`` (auto)
+takes `AUTO_JOBS` jobs per call and lets the generator size its own batches (the transformers
+generator fits them to its memory and halves them after an out-of-memory; see
+`stages.models.generation.batching`). An answer's valid targets are kept; only the others are
+asked again, with ONE repair prompt (`repair_prompt`: the task's prompt for them, the answer,
+why it was rejected), up to `max_attempts` answers per job. A target still unusable after that
+is in the job's `failed` with its reason word: ``truncated`` (the last answer was cut off at
+its token limit) or ``invalid``. Bad model output never raises; errors of the generator itself
+(an out-of-memory even at batch 1, ...) do, after the jobs finished before were cached.
 
 `run_cached` is the same loop behind the request cache: a job whose result is cached is not
 asked (and no model is loaded when none is left), every finished job is put in the cache at
@@ -38,8 +41,8 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 from stages.models.generation.answers import is_truncated
 from stages.text.llm_output import join_problems, repair_prompt
 
-__all__ = ["INVALID", "KILL_HOOK_ENV", "TRUNCATED", "Outcome", "Plan", "Request", "Skip", "Task",
-           "rejection", "run_cached", "run_requests"]
+__all__ = ["AUTO_JOBS", "INVALID", "KILL_HOOK_ENV", "TRUNCATED", "Outcome", "Plan", "Request",
+           "Skip", "Task", "rejection", "run_cached", "run_requests"]
 
 J = TypeVar("J")
 
@@ -48,6 +51,9 @@ TRUNCATED = "truncated"  # the last answer was cut off at its token limit
 INVALID = "invalid"  # the last answer had no usable value for it (bad JSON, empty view, ...)
 
 KILL_HOOK_ENV = "NEMO_PIPE_TEST_KILL_AFTER_REQUESTS"
+# batch_size=None: jobs per generate call, enough to fill the largest batch a generator picks
+# (`batching.AUTO_BATCH_CAP`); a kill loses at most these jobs' answers.
+AUTO_JOBS = 256
 
 
 @dataclass(eq=False)
@@ -158,15 +164,15 @@ def _judge(task: Task[J], live: _Live[J], request: Request, text: str, budget: i
     live.requests.remove(request)
 
 
-def _check_limits(max_attempts: int, batch_size: int) -> None:
+def _check_limits(max_attempts: int, batch_size: int | None) -> None:
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("batch_size must be >= 1 or None")
 
 
 def run_requests(generator: Any, task: Task[J], jobs: Iterable[J], *, max_attempts: int = 3,
-                 batch_size: int = 8, max_new_tokens: int | None = None,
+                 batch_size: int | None = 8, max_new_tokens: int | None = None,
                  on_done: Callable[[J, Outcome], None] | None = None) -> list[Outcome]:
     """Every job's `Outcome`, in the order `jobs` yields them (see the module docstring).
 
@@ -178,6 +184,7 @@ def run_requests(generator: Any, task: Task[J], jobs: Iterable[J], *, max_attemp
     a request cache before the others are done.
     """
     _check_limits(max_attempts, batch_size)
+    jobs_per_call = AUTO_JOBS if batch_size is None else batch_size
     use_schema = bool(getattr(generator, "supports_schema", False))
     count_tokens = getattr(generator, "count_tokens", None)
     outcomes: dict[int, Outcome] = {}
@@ -195,9 +202,9 @@ def run_requests(generator: Any, task: Task[J], jobs: Iterable[J], *, max_attemp
     exhausted = False
     while True:
         batch: list[_Live[J]] = []
-        while len(batch) < batch_size and retry:
+        while len(batch) < jobs_per_call and retry:
             batch.append(retry.popleft())
-        while len(batch) < batch_size and not exhausted:
+        while len(batch) < jobs_per_call and not exhausted:
             job = next(fresh, _END)
             if job is _END:
                 exhausted = True
@@ -271,7 +278,7 @@ def _kill_hook(done: int) -> None:
 def run_cached(task: Task[J], plans: Sequence[Plan[J]], *, cache: str | os.PathLike[str],
                model_key: str, load_generator: Callable[[], Any],
                to_record: Callable[[J, Outcome], dict[str, Any]], max_attempts: int,
-               batch_size: int, max_new_tokens: int | None = None,
+               batch_size: int | None, max_new_tokens: int | None = None,
                ) -> tuple[dict[str, dict[str, Any]], dict[str, int], dict[str, Any] | None]:
     """`run_requests` for the plans not in the request cache: ``(records by item, counts,
     usage)``.
@@ -283,7 +290,8 @@ def run_cached(task: Task[J], plans: Sequence[Plan[J]], *, cache: str | os.PathL
     ``{"generated": jobs answered by the model now, "cached": jobs read from the cache}``;
     `usage` (None when no generator with stats was loaded): this call's share of the
     generator's totals (``generated_tokens``, ``generation_seconds``, ``model_requests``,
-    ``truncated_answers``).
+    ``truncated_answers``, ``oom_retries``, and ``batch_sizes``: generate calls per batch size,
+    for generators that report them).
     """
     from pipeline.request_cache import RequestCache
 
@@ -308,8 +316,7 @@ def run_cached(task: Task[J], plans: Sequence[Plan[J]], *, cache: str | os.PathL
             return records, counts, usage
         generator = load_generator()
         stats = getattr(generator, "stats", None)
-        before = ((stats.generated_tokens, stats.seconds, stats.requests, stats.truncated)
-                  if stats is not None else None)
+        before = _totals(stats) if stats is not None else None
         plan_of: dict[int, Plan[J]] = {}
 
         def jobs() -> Iterable[J]:
@@ -333,8 +340,27 @@ def run_cached(task: Task[J], plans: Sequence[Plan[J]], *, cache: str | os.PathL
         run_requests(generator, task, jobs(), max_attempts=max_attempts, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, on_done=on_done)
         if stats is not None and before is not None:
-            usage = {"generated_tokens": stats.generated_tokens - before[0],
-                     "generation_seconds": round(stats.seconds - before[1], 3),
-                     "model_requests": stats.requests - before[2],
-                     "truncated_answers": stats.truncated - before[3]}
+            usage = _usage(before, _totals(stats))
     return records, counts, usage
+
+
+def _totals(stats: Any) -> dict[str, Any]:
+    """A generator's running totals now (`GenerationStats`; batch sizes and out-of-memory
+    retries only where it reports them)."""
+    totals = {"generated_tokens": stats.generated_tokens, "generation_seconds": stats.seconds,
+              "model_requests": stats.requests, "truncated_answers": stats.truncated}
+    if hasattr(stats, "batch_sizes"):
+        totals["oom_retries"] = stats.oom_retries
+        totals["batch_sizes"] = dict(stats.batch_sizes)
+    return totals
+
+
+def _usage(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What happened between two `_totals`: differences, batch sizes as ``{"16": calls}``."""
+    usage: dict[str, Any] = {k: after[k] - before[k] for k in after if k != "batch_sizes"}
+    usage["generation_seconds"] = round(usage["generation_seconds"], 3)
+    if "batch_sizes" in after:
+        sizes = {size: n - before["batch_sizes"].get(size, 0)
+                 for size, n in after["batch_sizes"].items()}
+        usage["batch_sizes"] = {str(k): v for k, v in sorted(sizes.items()) if v}
+    return usage

@@ -242,7 +242,7 @@ class VLLMGenerator:
                 "vllm": getattr(self._vllm, "__version__", None)}
 
     def generate(self, requests: list[Any], max_new_tokens: int | Sequence[int] = 256,
-                 batch_size: int = 8,
+                 batch_size: int | None = 8,
                  schema: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
                  ) -> list[Answer]:
         """One greedy answer per request, in order (`batch_size` is vLLM's business: ignored).
