@@ -45,7 +45,9 @@ def test_smoke_runs_every_section_on_cpu(tmp_path):
     assert tiny["stage_gpu_pil_fallbacks"] == 0  # every generated JPEG took the tensor path
     neg = figures["negatives"]
     assert neg["table_bytes"] > 0 and neg["files"] >= 1 and neg["stage_s"] > 0
-    assert figures["multiview"]["status"] == "not built"
+    mv = figures["multiview"]  # llava_bench's tiny check: every part ran, something was timed
+    assert "error" not in mv, mv
+    assert mv["best"]["requests_per_s"] > 0 and "meets_target" not in mv["best"]
     report = (tmp_path / "RESULTS-gpu.md").read_text()
     assert "**CPU (" in report  # the device's name, here the CPU's
     for heading in ("## embed_images", "## negatives", "## multiview"):
