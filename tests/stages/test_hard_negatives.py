@@ -23,6 +23,22 @@ def table(pipe, stage, name):
     return pq.read_table(pipe.artifact_dir(stage) / name)
 
 
+def oracle_inputs(pipe):
+    """What the brute-force neighbour oracle reads from the published upstream tables: refs by
+    id, sentences, sent -> ref, sent -> text, sent -> embedding, instance -> cluster mean mu."""
+    refs = {r["ref_id"]: r for r in table(pipe, "ingest", "refs").to_pylist()}
+    sents = table(pipe, "ingest", "sentences").to_pylist()
+    ref_of = {s["sent_id"]: s["ref_id"] for s in sents}
+    text = {s["sent_id"]: s["sent"] for s in sents}
+    emb_t = table(pipe, "embed_texts", "embeddings")
+    emb = dict(zip(emb_t.column("sent_id").to_pylist(),
+                   embeddings_matrix(emb_t.column("embedding")), strict=True))
+    clusters = table(pipe, "clusters", "clusters")
+    mu_of = dict(zip(clusters.column("ann_id").to_pylist(),
+                     embeddings_matrix(clusters.column("mu")), strict=True))
+    return refs, sents, ref_of, text, emb, mu_of
+
+
 def test_take_quotas_carries_short_sources_forward():
     def items(tag, n):
         return [(1.0 - i / 10, i, f"{tag}{i}", tag) for i in range(n)]
@@ -105,16 +121,7 @@ def test_neighbours_equal_bruteforce_with_cluster_rule(demo, work, same_class):
                     f"hard_negatives.same_class={str(same_class).lower()}",
                     "clusters.threshold=0.9999", "hard_negatives.search_k=4")
     pipe.run("hard_negatives")
-    refs = {r["ref_id"]: r for r in table(pipe, "ingest", "refs").to_pylist()}
-    sents = table(pipe, "ingest", "sentences").to_pylist()
-    ref_of = {s["sent_id"]: s["ref_id"] for s in sents}
-    text = {s["sent_id"]: s["sent"] for s in sents}
-    emb_t = table(pipe, "embed_texts", "embeddings")
-    emb = dict(zip(emb_t.column("sent_id").to_pylist(),
-                   embeddings_matrix(emb_t.column("embedding")), strict=True))
-    clusters = table(pipe, "clusters", "clusters")
-    mu_of = dict(zip(clusters.column("ann_id").to_pylist(),
-                     embeddings_matrix(clusters.column("mu")), strict=True))
+    refs, sents, ref_of, text, emb, mu_of = oracle_inputs(pipe)
     rows = table(pipe, "hard_negatives", "hard_negatives").to_pylist()
     checked = 0
     for r in rows:
@@ -222,16 +229,7 @@ def test_same_class_neighbours_by_class_source(demo, work, tmp_path, class_sourc
                                "hard_negatives.n=5", "clusters.threshold=0.9999",
                                f"hard_negatives.class_source={class_source}"])
     pipe.run("hard_negatives")
-    refs = {r["ref_id"]: r for r in table(pipe, "ingest", "refs").to_pylist()}
-    sents = table(pipe, "ingest", "sentences").to_pylist()
-    ref_of = {s["sent_id"]: s["ref_id"] for s in sents}
-    text = {s["sent_id"]: s["sent"] for s in sents}
-    emb_t = table(pipe, "embed_texts", "embeddings")
-    emb = dict(zip(emb_t.column("sent_id").to_pylist(),
-                   embeddings_matrix(emb_t.column("embedding")), strict=True))
-    clusters = table(pipe, "clusters", "clusters")
-    mu_of = dict(zip(clusters.column("ann_id").to_pylist(),
-                     embeddings_matrix(clusters.column("mu")), strict=True))
+    refs, sents, ref_of, text, emb, mu_of = oracle_inputs(pipe)
 
     def cls(s):
         c = hand[s] if class_source == "extracted" else refs[ref_of[s]]["category_id"]
