@@ -49,7 +49,7 @@ from pipeline.stage import (
 )
 from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from pipeline.upstream import UpstreamTable
-from stages.negatives import _cached, _embeddings_by_id, _pool
+from stages.negatives import cached_embeddings, training_pool
 from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ class MosaicTables(Stage[MosaicParams]):
         dirs = {"images": ctx.upstream_table("embed_images", "embeddings"),
                 "refs": ctx.upstream_table("ingest", "refs"),
                 "train_split": load_data_manifest(ctx.env.dataset).train_split}
-        pool_ids = _pool(dirs)[0]
+        pool_ids = training_pool(dirs)[0]
         whole = p.k == "all"
         if whole:  # what the shards need to settle every query over the whole pool
             dirs["texts"] = ctx.upstream_table("embed_texts", "embeddings")
@@ -407,7 +407,7 @@ def _whole_pool(neg: Any, offsets: np.ndarray, flat_ids: np.ndarray, rho_ti: np.
     import numpy as np
     import pyarrow as pa
 
-    pool_ids = _pool(pool["dirs"])[0]
+    pool_ids = training_pool(pool["dirs"])[0]
     images = neg.column("image_id").to_numpy()
     col = np.searchsorted(pool_ids, images)
     found = col < len(pool_ids)
@@ -447,11 +447,9 @@ class _FullRows:
 
             dirs = self.pool["dirs"]
             device = resolve_device(self.device)
-            images = _cached("img:" + dirs["images"].ident,
-                             lambda: _embeddings_by_id(dirs["images"], "image_id"))
-            texts = _cached("txt:" + dirs["texts"].ident,
-                            lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
-            pool_t = torch.from_numpy(_pool(dirs)[1]).to(device)
+            images = cached_embeddings(dirs["images"], "image_id")
+            texts = cached_embeddings(dirs["texts"], "sent_id")
+            pool_t = torch.from_numpy(training_pool(dirs)[1]).to(device)
             self._loaded = (device, images, texts, pool_t)
         return self._loaded
 

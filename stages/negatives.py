@@ -96,7 +96,7 @@ class Negatives(Stage[NegativesParams]):
                      "queries": queries[s:s + p.queries_per_shard], "dirs": dirs})
                  for n, s in enumerate(range(0, len(queries), p.queries_per_shard))]
         stats = ctx.run_shards(_negatives_shard, tasks, desc="search")
-        pool = _pool(dirs)
+        pool = training_pool(dirs)
         model = ctx.upstream_manifest("embed_images").get("model", {})
         ctx.extra.update(clip_model=model, score_scale="raw cosine",
                          id_dtype="int32", score_dtype=p.score_dtype)
@@ -112,7 +112,7 @@ class Negatives(Stage[NegativesParams]):
 
 
 # -- per-process caches of the upstream matrices (built inside the worker, never pickled) ----
-def _cached(key: str, build: Any) -> Any:
+def _cached(key: Any, build: Any) -> Any:
     from pipeline.process_cache import process_cached
 
     return process_cached("negatives", key, build)
@@ -133,7 +133,13 @@ def _embeddings_by_id(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np
     return ids[order], vectors[order]
 
 
-def _pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def cached_embeddings(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """An embeddings table as (ids ascending, float32 matrix), read once per process (this
+    stage's shards and mosaic_tables' full-row recompute share it)."""
+    return _cached((id_col, table.ident), lambda: _embeddings_by_id(table, id_col))
+
+
+def training_pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Train-split images that have an embedding: (image ids ascending, vectors)."""
     def build() -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
@@ -142,8 +148,7 @@ def _pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         refs = dirs["refs"].read()
         train = refs.filter(pc.equal(refs.column("split"), dirs["train_split"]))
         train_ids = np.unique(train.column("image_id").to_numpy())
-        ids, vecs = _cached("img:" + dirs["images"].ident,
-                            lambda: _embeddings_by_id(dirs["images"], "image_id"))
+        ids, vecs = cached_embeddings(dirs["images"], "image_id")
         keep = np.isin(ids, train_ids)
         return ids[keep], np.ascontiguousarray(vecs[keep])
 
@@ -469,11 +474,9 @@ def _negatives_shard(payload: dict[str, Any],
     p = writer.params
     dirs = payload["dirs"]
     t0 = time.perf_counter()
-    pool_ids, pool_vecs = _pool(dirs)
-    img_ids, img_vecs = _cached("img:" + dirs["images"].ident,
-                                lambda: _embeddings_by_id(dirs["images"], "image_id"))
-    txt_ids, txt_vecs = _cached("txt:" + dirs["texts"].ident,
-                                lambda: _embeddings_by_id(dirs["texts"], "sent_id"))
+    pool_ids, pool_vecs = training_pool(dirs)
+    img_ids, img_vecs = cached_embeddings(dirs["images"], "image_id")
+    txt_ids, txt_vecs = cached_embeddings(dirs["texts"], "sent_id")
     device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if p.device == "auto" else p.device))
     timing = {"inputs_s": time.perf_counter() - t0, "search_s": 0.0, "write_s": 0.0}
