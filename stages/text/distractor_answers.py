@@ -25,12 +25,12 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 from stages.text.distractor_rules import (
-    COLORS,
     SPATIAL_OPPOSITES,
     Distractor,
     SceneContext,
     validate,
 )
+from stages.text.lexicon import COLOR_SET, NEGATION_WORDS
 
 __all__ = ["build_distractor", "candidate_reason", "diff_span", "judge_answer",
            "normalize_text"]
@@ -117,11 +117,6 @@ _SPATIAL_WORDS = frozenset(SPATIAL_OPPOSITES) | frozenset(SPATIAL_OPPOSITES.valu
     "behind", "near", "far", "close", "nearer", "closer", "farther", "further", "beside",
     "next", "middle", "center", "centre", "between", "side",
 }
-_COLOR_WORDS = frozenset(COLORS)
-_NEGATION_WORDS = frozenset({
-    "not", "no", "without", "never", "none", "nothing", "nobody", "nor", "isnt", "arent",
-    "doesnt", "dont", "didnt", "wasnt", "werent", "hasnt", "havent", "cannot", "cant",
-})
 
 
 def _is_count_word(word: str) -> bool:
@@ -147,13 +142,13 @@ def candidate_reason(source: str, d: Distractor,
     s, e = d.span
     old, new = set(src[s:e]), set(dst[s:len(dst) - (len(src) - e)])
     if d.kind == "swap_color":
-        ok = bool(old & _COLOR_WORDS) and bool(new & _COLOR_WORDS)
+        ok = bool(old & COLOR_SET) and bool(new & COLOR_SET)
     elif d.kind == "swap_spatial":
         ok = bool(old & _SPATIAL_WORDS) and bool(new & _SPATIAL_WORDS)
     elif d.kind == "swap_count":
         ok = any(map(_is_count_word, old)) and any(map(_is_count_word, new))
     elif d.kind == "negation":
-        ok = bool((old | new) & _NEGATION_WORDS)
+        ok = bool((old | new) & NEGATION_WORDS)
     else:
         ok = True
     return None if ok else f"not a {d.kind} edit"

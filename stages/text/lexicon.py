@@ -124,6 +124,11 @@ AUXILIARIES = _words(
     "might must"
 )
 CONJUNCTIONS = _words("and or but nor plus")
+NEGATION_WORDS = _words(
+    "not no without never none nothing nobody nor isnt arent doesnt dont didnt wasnt werent "
+    "hasnt havent cannot cant"
+)
+"""Words that make a sentence negative (an edit touching one is a negation edit)."""
 FUNCTION_WORDS = (PREPOSITIONS | DETERMINERS | PRONOUNS | RELATIVES | AUXILIARIES | CONJUNCTIONS
                   | _words("not very so"))
 
