@@ -15,8 +15,11 @@ Ties are broken by ascending image_id.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -237,7 +240,8 @@ def _topk_exact(rank: Any, m: int) -> tuple[Any, Any]:
 
 def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndarray,
                  pool: Any, m: int, rank_by: str, device: Any, selection: str = "sort",
-                 threads: int = 2, pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 threads: int = 2, pool_ids: np.ndarray | None = None,
+                 scratch: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Both scores of the top-M pool columns of a block of queries, own image excluded.
 
     t: (B, d) text vectors; v: (U, d) the block's distinct query images, inverse: (B,) row of
@@ -248,15 +252,19 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     pool extremes of both scores; with `pool_ids` (int32 (P,)), also ids: the pool ids at
     idx (-1 where idx is), mapped where the work is spread (device or chunk threads).
     `selection`: `sort` (threshold then a sort of packed keys, on the host: `_search_host`)
-    or `topk` (torch.topk plus tie passes, on the device); both exact.
+    or `topk` (torch.topk plus tie passes, on the device); both exact. `scratch`: a dict kept
+    across a shard's blocks, where the host path keeps its text-to-image product buffer.
     """
     import numpy as np
     import torch
 
     inverse_t = torch.from_numpy(inverse).to(device)
     own_t = torch.from_numpy(own).to(device)
-    ti = torch.from_numpy(t).to(device) @ pool.T
-    ii = torch.from_numpy(v).to(device) @ pool.T
+    if selection == "sort" and scratch is not None and pool.device.type == "cpu":
+        ti, ii = _products_into(t, v, pool, scratch)
+    else:
+        ti = torch.from_numpy(t).to(device) @ pool.T
+        ii = torch.from_numpy(v).to(device) @ pool.T
     mm = min(m, ti.shape[1])
     if selection == "sort":
         return _search_host(ti.cpu().numpy(), ii.cpu().numpy(), inverse, own, mm, rank_by,
@@ -282,6 +290,27 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     result["rho_ti"] = rho_ti.cpu().numpy()
     result["rho_ii"] = rho_ii.cpu().numpy()
     return result
+
+
+def _products_into(t: np.ndarray, v: np.ndarray, pool: Any,
+                   scratch: dict[str, Any]) -> tuple[Any, Any]:
+    """(t @ pool^T, v @ pool^T) as two row ranges of one product written into a buffer
+    reused across blocks. Fresh result tensors cost their pages from the kernel again each
+    block (torch's CPU allocator maps them anew: about 20,000 faults a block at RefCOCO size,
+    dearer than the image rows' product itself), and the image rows alone (about 150 a block)
+    are a product too thin to run at full speed. The host search returns new arrays, so
+    nothing refers to the buffer once `search_block` has returned."""
+    import numpy as np
+    import torch
+
+    rows = len(t) + len(v)
+    buf = scratch.get("scores")
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != len(pool):
+        # a quarter more rows: later blocks may hold more distinct images than the first
+        buf = scratch["scores"] = torch.empty((rows + rows // 4, len(pool)), dtype=pool.dtype)
+    both = torch.from_numpy(np.concatenate([t, v]).astype(np.float32, copy=False))
+    out = torch.matmul(both, pool.T, out=buf[:rows])
+    return out[:len(t)], out[len(t):]
 
 
 def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.ndarray,
@@ -465,6 +494,47 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> 
     }, schema=schema)
 
 
+def _blocks_in_order(search: Callable[[int, int, dict[str, Any]], dict[str, np.ndarray]],
+                     starts: range, threads: int,
+                     whole_blocks: bool) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(start, `search` result) of each block, in block order.
+
+    On the CPU (`whole_blocks`) each of `threads` threads searches whole blocks alone, with
+    one-threaded products (torch's thread count is per thread) and selection, at most
+    `threads` blocks started ahead of the one handed over. Sharing each block's work between
+    the threads instead makes every product wait for its slowest thread, and the part
+    encoders and the hashes, running alongside, make one thread slow at every step: the
+    products then cost a third more than they do alone. Elsewhere (GPU) blocks go one at a time."""
+    if not whole_blocks or threads <= 1 or len(starts) <= 1:
+        scratch: dict[str, Any] = {}
+        for s in starts:
+            yield s, search(s, threads, scratch)
+        return
+    import torch
+
+    local = threading.local()
+
+    def job(s: int) -> dict[str, np.ndarray]:
+        if not hasattr(local, "scratch"):
+            torch.set_num_threads(1)  # this worker thread only (OpenMP and MKL per thread)
+            local.scratch = {}
+        return search(s, 1, local.scratch)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="negatives-block")
+    pending: deque[tuple[int, Future[dict[str, np.ndarray]]]] = deque()
+    try:
+        for s in starts:
+            pending.append((s, pool.submit(job, s)))
+            if len(pending) > threads:
+                first, done = pending.popleft()
+                yield first, done.result()
+        while pending:
+            first, done = pending.popleft()
+            yield first, done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _negatives_shard(payload: dict[str, Any],
                      writer: ShardWriter[NegativesParams]) -> dict[str, Any]:
     import numpy as np
@@ -498,19 +568,24 @@ def _negatives_shard(payload: dict[str, Any],
     schema = negatives_schema(score_type)
     out = PartWriter(writer.staging, "negatives", schema, writer.schema_version,
                      NEGATIVES_FORMAT, writer.index, ROWS_PER_PART, os.cpu_count() or 1)
+    def search(s: int, threads: int, scratch: dict[str, Any]) -> dict[str, np.ndarray]:
+        images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
+                                           return_inverse=True)
+        return search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
+                            inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
+                            p.rank_by, device, selection, threads=threads,
+                            pool_ids=pool_ids, scratch=scratch)
+
     with out:
-        for s in range(0, len(q), p.block):
-            t0 = time.perf_counter()
-            images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
-                                               return_inverse=True)
-            r = search_block(txt_vecs[t_pos[s:s + p.block]], img_vecs[images],
-                             inverse.reshape(-1), own[s:s + p.block][first], pool_t, p.m,
-                             p.rank_by, device, selection, threads=torch.get_num_threads(),
-                             pool_ids=pool_ids)
+        t0 = time.perf_counter()
+        for s, r in _blocks_in_order(search, range(0, len(q), p.block),
+                                     torch.get_num_threads(),
+                                     whole_blocks=selection == "sort" and device.type == "cpu"):
             t1 = time.perf_counter()
             out.write(_block_table(q[s:s + p.block], r, schema))
             timing["search_s"] += t1 - t0
-            timing["write_s"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
+            timing["write_s"] += t0 - t1
         t0 = time.perf_counter()
     timing["write_s"] += time.perf_counter() - t0  # the last parts' encoding
     return {"queries": int(len(q)), "skipped": int((~ok).sum()), "device": str(device),

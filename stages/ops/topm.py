@@ -4,14 +4,13 @@ The negatives stage keeps the best M = 2048 of about 17k pool images for each of
 queries. A general top-k (torch.topk: nth_element then a sort of pairs) costs more than the
 matrix product that made the scores, and its order among equal values is arbitrary, which then
 needs a second pass for ties. Here each row is cut by a threshold first: the value ranked
-about 1.2 M in a strided sample of the row's columns. Only the columns at or above it (about
-1.2 M) are kept, each packed with its column into one int64 key that orders by (value
-descending, column ascending); the keys are laid out one row per line of a padded matrix and
-sorted along the rows (short sorts that stay in cache: about twice as fast as one sort of a
-chunk's keys), which gives the exact answer, ties included. The sorted keys also hold the
-values, bit for bit, so the caller needs no gather for the ranking score. A row whose
-threshold kept fewer than M columns (a sampling miss, rare) is redone with every column.
-Threads share a block's rows in small chunks: numpy releases the GIL in each step.
+about 1.2 M in a strided sample of the row's columns (one partition for a chunk of rows). Only
+the columns at or above it (about 1.2 M) are kept, each packed with its column into one int64
+key that orders by (value descending, column ascending), and sorted, row by row while the row
+is in cache; that gives the exact answer, ties included. The sorted keys also hold the values,
+bit for bit, so the caller needs no gather for the ranking score. A row whose threshold kept
+fewer than M columns (a sampling miss, rare) is redone with every column. Threads share a
+block's rows in small chunks: numpy releases the GIL in each step.
 """
 
 from __future__ import annotations
@@ -65,47 +64,47 @@ def sample_thresholds(scores: np.ndarray, m: int) -> np.ndarray:
     return np.partition(sample, nth, axis=1)[:, nth]
 
 
-def _select_rows(scores: np.ndarray, m: int, mask: np.ndarray,
-                 counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-m columns and values of each row among its columns in `mask` (`counts` per row,
-    each >= m). Keys (value code << col_bits | column) fill a matrix padded with the largest
-    int64, which sorts after every key, and are sorted row by row."""
-    n_rows, n_cols = scores.shape
-    col_bits = max(1, (n_cols - 1).bit_length())
-    flat = np.flatnonzero(mask)  # row-major: rows in order, columns ascending within a row
-    width = int(counts.max())
-    row = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
-    col = flat - row * n_cols
-    # position in the padded matrix: the key's rank within its row, on that row's line
-    firsts = np.cumsum(counts) - counts
-    dest = np.arange(len(flat), dtype=np.int64) + (row * width - firsts[row])
-    keys = np.full(n_rows * width, np.iinfo(np.int64).max, np.int64)
-    code = sortable_descending(scores.reshape(-1)[flat]).astype(np.int64)
-    keys[dest] = (code << col_bits) | col
-    keys = keys.reshape(n_rows, width)
-    keys.sort(axis=1)
-    top = keys[:, :m]
-    return top & ((1 << col_bits) - 1), values_of_codes(top >> col_bits)
-
-
 def topm_rows(part: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """`topm_with_values` of a few rows (up to CHUNK_ROWS), in this thread: `_select_rows` cut
-    by the sampled thresholds; rows the cut left short of m are redone with every column,
-    apart, so that one miss does not widen the whole chunk's padded matrix. 1 <= m <= columns.
-    For callers that do more per chunk while its rows are in cache."""
-    mask = part >= sample_thresholds(part, m)[:, None]
-    counts = np.count_nonzero(mask, axis=1)
-    short = counts < m
-    if not short.any():
-        return _select_rows(part, m, mask, counts)
-    idx = np.empty((len(part), m), np.int64)
-    values = np.empty((len(part), m), np.float32)
-    if not short.all():
-        idx[~short], values[~short] = _select_rows(part[~short], m, mask[~short],
-                                                   counts[~short])
-    redo = part[short]
-    idx[short], values[short] = _select_rows(redo, m, np.ones(redo.shape, bool),
-                                             np.full(len(redo), redo.shape[1]))
+    """`topm_with_values` of a few rows (up to CHUNK_ROWS), in this thread, one row at a time:
+    the columns at or above the row's sampled threshold, packed into int64 keys (value code
+    << column bits | column) and sorted. Row by row, the row (68 KiB at 17k columns) and its
+    keys stay in cache, and the keys need no padded matrix nor the flat index arithmetic that
+    lays a chunk's keys out in one: about a fifth less time than sorting a chunk's rows as
+    one padded matrix, the sort included. A threshold above zero keeps only positive values,
+    whose bits already order like the values (one subtraction gives descending codes); other
+    rows take the general sign-aware codes. A row the cut left short of m (a sampling miss)
+    is redone with every column. 1 <= m <= columns."""
+    n_rows, n_cols = part.shape
+    col_bits = max(1, (n_cols - 1).bit_length())
+    low = np.int64((1 << col_bits) - 1)
+    thresholds = sample_thresholds(part, m)
+    idx = np.empty((n_rows, m), np.int64)
+    values = np.empty((n_rows, m), np.float32)
+    codes = np.empty(m, np.int64)
+    every_column: np.ndarray | None = None
+    for i in range(n_rows):
+        row, threshold = part[i], thresholds[i]
+        cols = np.flatnonzero(row >= threshold)
+        positive = bool(threshold > 0)
+        if len(cols) < m:
+            if every_column is None:
+                every_column = np.arange(n_cols, dtype=np.int64)
+            cols, positive = every_column, False
+        if positive:  # values > 0: larger float, larger int32 bits; never 0x7FFFFFFF (NaN)
+            keys = np.subtract(_SIGN, row[cols].view(np.int32), dtype=np.int64)
+        else:
+            keys = sortable_descending(row[cols]).astype(np.int64)
+        keys <<= col_bits
+        keys |= cols
+        keys.sort()
+        top = keys[:m]
+        np.bitwise_and(top, low, out=idx[i])
+        np.right_shift(top, col_bits, out=codes)
+        if positive:
+            np.subtract(_SIGN, codes, out=codes)
+            values[i] = codes.astype(np.int32).view(np.float32)
+        else:
+            values[i] = values_of_codes(codes.astype(np.uint32))
     return idx, values
 
 

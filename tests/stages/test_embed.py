@@ -234,3 +234,21 @@ def test_tiny_alone_needs_no_pretrained_setting(demo, tmp_path, checkpoint):
                   str(tmp_path / "w"), "--data-root", str(demo.refer_root), "--images",
                   str(demo.images_dir), "--set", "embed.model=tiny")
     assert res.returncode == 0, res.stderr
+
+
+def test_embeddings_matrix_reads_chunked_and_sliced_columns():
+    """Chunks read into one matrix in row order; a sliced chunk contributes only its rows
+    (its child array still holds the rows before and after the slice)."""
+    import pyarrow as pa
+
+    from stages.embed import embedding_array
+
+    x = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float16)
+    arr = embedding_array(x)
+    col = pa.chunked_array([arr.slice(0, 3), arr.slice(3, 5), arr.slice(8)])
+    got = embeddings_matrix(col)
+    assert got.dtype == np.float32 and got.shape == (10, 4)
+    np.testing.assert_array_equal(got, x.astype(np.float32))
+    np.testing.assert_array_equal(embeddings_matrix(arr.slice(2, 4)), x[2:6].astype(np.float32))
+    assert embeddings_matrix(arr, np.float16).dtype == np.float16
+    assert embeddings_matrix(pa.chunked_array([], arr.type)).shape == (0, 4)

@@ -117,8 +117,20 @@ def oracle_mosaic(neg, relevance, tau_ti, tau_ii, scale, k):
     return out
 
 
+@pytest.fixture(params=[1, 2], ids=["serial", "threaded"])
+def torch_threads(request):
+    """torch's thread count, which sets the stage's block threads: 1 searches blocks one at
+    a time, 2 gives whole blocks to two threads (stages.negatives._blocks_in_order)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("rank_by,m", [("ti", 2048), ("ii", 2048), ("ti", 7)])
-def test_negatives_equal_bruteforce(dyadic, rank_by, m):
+def test_negatives_equal_bruteforce(dyadic, rank_by, m, torch_threads):
     pipe = dyadic()
     pipe = reopen(pipe, f"negatives.rank_by={rank_by}", f"negatives.m={m}", "negatives.block=5")
     pipe.run("negatives")
@@ -248,3 +260,54 @@ def test_unknown_query_split_is_an_error(demo, work):
     with pytest.raises(InputError, match="query_splits"):
         pipe_for(demo, work, "negatives.query_splits=[training]").run("negatives")
     assert not (work / "refcoco" / "ingest").exists()  # caught before any work
+
+
+def test_blocks_come_back_in_order_from_one_threaded_workers():
+    """Whole blocks run in worker threads that finish out of order; the caller still gets
+    them in block order, each worker's products run on one torch thread while the caller
+    keeps its own count, and at most `threads` blocks start ahead of the one handed over."""
+    import threading
+    import time
+
+    import torch
+
+    from stages.negatives import _blocks_in_order
+
+    main_threads = torch.get_num_threads()
+    started, seen = [], []
+
+    def search(s, threads, scratch):
+        started.append(s)
+        scratch.setdefault("owner", threading.get_ident())
+        assert scratch["owner"] == threading.get_ident()  # one scratch per worker thread
+        time.sleep(0.02 if s % 20 == 0 else 0.0)  # every other block finishes late
+        return {"start": s, "threads": threads, "torch": torch.get_num_threads()}
+
+    for s, r in _blocks_in_order(search, range(0, 100, 10), 2, whole_blocks=True):
+        seen.append(s)
+        assert r["start"] == s and r["threads"] == 1 and r["torch"] == 1
+        assert max(started) <= s + 2 * 10  # at most threads blocks ahead of the caller
+    assert seen == list(range(0, 100, 10))
+    assert torch.get_num_threads() == main_threads
+    serial = [(s, r["threads"]) for s, r in _blocks_in_order(search, range(0, 30, 10), 2,
+                                                              whole_blocks=False)]
+    assert serial == [(0, 2), (10, 2), (20, 2)]  # the device path: one block at a time
+
+
+def test_a_failing_block_stops_the_search_and_raises():
+    from stages.negatives import _blocks_in_order
+
+    started = []
+
+    def search(s, threads, scratch):
+        started.append(s)
+        if s == 3:
+            raise ValueError("block 3 failed")
+        return {}
+
+    got = []
+    with pytest.raises(ValueError, match="block 3 failed"):
+        for s, _ in _blocks_in_order(search, range(50), 2, whole_blocks=True):
+            got.append(s)
+    assert got == [0, 1, 2]
+    assert len(started) < 50  # queued blocks were cancelled, not run

@@ -72,6 +72,21 @@ def test_select_topm_continuous_scores():
     assert np.array_equal(select_topm(scores, 1100), oracle_topm(scores, 1100))
 
 
+@pytest.mark.parametrize("shift", [-1.0, -0.5, 0.0])
+def test_thresholds_at_or_below_zero_rank_by_sign_aware_codes(shift):
+    """Rows whose sampled cut is not above zero (all scores negative, or straddling zero, or
+    a cut of exactly 0.0 on a grid) take the general codes; rows above zero the fast ones.
+    Both kinds share each call here, ties included."""
+    rng = np.random.default_rng(8)
+    scores = (rng.integers(-64, 1, size=(64, 5000)) / 64 + shift).astype(np.float32)
+    scores[::3] = (rng.integers(1, 64, size=scores[::3].shape) / 64).astype(np.float32)
+    for m in (1, 300, 900):
+        idx, vals = topm_with_values(scores, m)
+        assert np.array_equal(idx, oracle_topm(scores, m))
+        assert np.array_equal(vals.view(np.uint32),
+                              np.take_along_axis(scores, idx, axis=1).view(np.uint32))
+
+
 def test_rows_that_defeat_the_sample_are_redone_exactly():
     rng = np.random.default_rng(6)
     n_cols, m = 4000, 300
