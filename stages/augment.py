@@ -112,11 +112,11 @@ class Augment(Stage[AugmentParams]):
         ids = sorted(s for s, r in zip(sents.column("sent_id").to_pylist(),
                                        sents.column("ref_id").to_pylist(), strict=True)
                      if r in keep)
-        dirs = {t: ctx.upstream_table("ingest", t)
+        ingest_tables = {t: ctx.upstream_table("ingest", t)
                 for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
-        tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard], "dirs": dirs,
-                               "cache": cache})
+        tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard],
+                               "ingest_tables": ingest_tables, "cache": cache})
                  for n, s in enumerate(range(0, len(ids), p.sentences_per_shard))]
         stats = ctx.run_shards(_augment_shard, tasks, desc="augment")
         ctx.record(sentences=len(ids), report=self._report(ctx, p),
@@ -157,21 +157,21 @@ class Augment(Stage[AugmentParams]):
         return report
 
 
-def _scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
+def _scene(ingest_tables: dict[str, UpstreamTable]) -> dict[str, Any]:
     """Per-process lookups: sentence text, the target box and same-class boxes per ref."""
     from pipeline.process_cache import process_cached
 
-    return process_cached("augment.scene", dirs["refs"].ident, lambda: _read_scene(dirs),
-                          max_entries=1)
+    return process_cached("augment.scene", ingest_tables["refs"].ident,
+                          lambda: _read_scene(ingest_tables), max_entries=1)
 
 
-def _read_scene(dirs: dict[str, UpstreamTable]) -> dict[str, Any]:
-    refs = {r["ref_id"]: r for r in dirs["refs"].read().to_pylist()}
-    sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
-    objects = dirs["objects"].read().select(
+def _read_scene(ingest_tables: dict[str, UpstreamTable]) -> dict[str, Any]:
+    refs = {r["ref_id"]: r for r in ingest_tables["refs"].read().to_pylist()}
+    sents = ingest_tables["sentences"].read().select(["sent_id", "ref_id", "sent"])
+    objects = ingest_tables["objects"].read().select(
         ["ann_id", "image_id", "category_id", "bbox", "iscrowd"]).to_pylist()
     images = {i["image_id"]: (i["width"], i["height"])
-              for i in dirs["images"].read().to_pylist()}
+              for i in ingest_tables["images"].read().to_pylist()}
     by_image: dict[int, list[dict[str, Any]]] = {}
     for o in objects:
         by_image.setdefault(o["image_id"], []).append(o)
@@ -205,7 +205,7 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) 
     from stages.text.distractor_rules import generate_validated
 
     p = writer.params
-    scene = _scene(payload["dirs"])
+    scene = _scene(payload["ingest_tables"])
     ok: list[tuple[int, str, str]] = []
     bad: list[tuple[int, str, str, str]] = []
     counts: dict[str, int] = {}

@@ -49,7 +49,7 @@ from pipeline.stage import (
 )
 from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL, POOL_FILE, uniform_candidates
 from pipeline.upstream import UpstreamTable
-from stages.negatives import cached_embeddings, training_pool
+from stages.negatives import SearchInputs, cached_embeddings, training_pool
 from stages.refer.manifests import load_data_manifest
 
 if TYPE_CHECKING:
@@ -264,14 +264,15 @@ class MosaicTables(Stage[MosaicParams]):
         negatives = ctx.upstream_manifest("negatives")
         parts = ctx.upstream_table("negatives", "negatives").parts
         sentences = ctx.upstream_table("ingest", "sentences")
-        dirs = {"images": ctx.upstream_table("embed_images", "embeddings"),
-                "refs": ctx.upstream_table("ingest", "refs"),
-                "train_split": load_data_manifest(ctx.env.dataset).train_split}
-        pool_ids = training_pool(dirs)[0]
         whole = p.k == "all"
-        if whole:  # what the shards need to settle every query over the whole pool
-            dirs["texts"] = ctx.upstream_table("embed_texts", "embeddings")
-        pool = {"dirs": dirs, "rank_by": negatives["params"]["rank_by"],
+        inputs = SearchInputs(
+            images=ctx.upstream_table("embed_images", "embeddings"),
+            refs=ctx.upstream_table("ingest", "refs"),
+            train_split=load_data_manifest(ctx.env.dataset).train_split,
+            # what the shards need to settle every query over the whole pool
+            texts=ctx.upstream_table("embed_texts", "embeddings") if whole else None)
+        pool_ids = training_pool(inputs)[0]
+        pool = {"inputs": inputs, "rank_by": negatives["params"]["rank_by"],
                 "score_dtype": negatives["params"].get("score_dtype", "float32")}
         tasks = [ShardTask(int(Path(part.rel).stem.split("-")[1]),
                            {"part": part, "sentences": sentences,
@@ -407,7 +408,7 @@ def _whole_pool(neg: Any, offsets: np.ndarray, flat_ids: np.ndarray, rho_ti: np.
     import numpy as np
     import pyarrow as pa
 
-    pool_ids = training_pool(pool["dirs"])[0]
+    pool_ids = training_pool(pool["inputs"])[0]
     images = neg.column("image_id").to_numpy()
     col = np.searchsorted(pool_ids, images)
     found = col < len(pool_ids)
@@ -445,11 +446,11 @@ class _FullRows:
 
             from stages.models.loading import resolve_device
 
-            dirs = self.pool["dirs"]
+            inputs = self.pool["inputs"]
             device = resolve_device(self.device)
-            images = cached_embeddings(dirs["images"], "image_id")
-            texts = cached_embeddings(dirs["texts"], "sent_id")
-            pool_t = torch.from_numpy(training_pool(dirs)[1]).to(device)
+            images = cached_embeddings(inputs.images, "image_id")
+            texts = cached_embeddings(inputs.texts, "sent_id")
+            pool_t = torch.from_numpy(training_pool(inputs)[1]).to(device)
             self._loaded = (device, images, texts, pool_t)
         return self._loaded
 

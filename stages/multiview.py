@@ -132,10 +132,10 @@ class Multiview(Stage[MultiviewParams]):
         if p.limit_images:
             image_ids = image_ids[:p.limit_images]
             single = [r for r in single if r["image_id"] in set(image_ids)]
-        dirs = {t: ctx.upstream_table("ingest", t)
+        ingest_tables = {t: ctx.upstream_table("ingest", t)
                 for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
-                               "splits": p.splits, "dirs": dirs,
+                               "splits": p.splits, "ingest_tables": ingest_tables,
                                "images_dir": str(images_dir),
                                "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite")})
                  for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
@@ -192,22 +192,23 @@ def check_backend(backend: str, model: str) -> None:
 
 
 # -- instances ------------------------------------------------------------------------------
-def instances_by_image(dirs: dict[str, UpstreamTable],
+def instances_by_image(ingest_tables: dict[str, UpstreamTable],
                        splits: list[str]) -> dict[int, list[dict]]:
     """Per image: every single-target referent of `splits` with its annotation and sentences
     (read once per process and upstream)."""
     from pipeline.process_cache import process_cached
 
-    return process_cached("multiview.instances", dirs["refs"].ident + ",".join(splits),
-                          lambda: _read_instances(dirs, splits), max_entries=1)
+    return process_cached("multiview.instances", ingest_tables["refs"].ident + ",".join(splits),
+                          lambda: _read_instances(ingest_tables, splits), max_entries=1)
 
 
-def _read_instances(dirs: dict[str, UpstreamTable], splits: list[str]) -> dict[int, list[dict]]:
-    refs = dirs["refs"].read().to_pylist()
-    sents = dirs["sentences"].read().select(["ref_id", "sent"]).to_pylist()
-    objects = {o["ann_id"]: o for o in dirs["objects"].read().to_pylist()}
-    cats = {c["category_id"]: c["name"] for c in dirs["categories"].read().to_pylist()}
-    images = {i["image_id"]: i for i in dirs["images"].read().to_pylist()}
+def _read_instances(ingest_tables: dict[str, UpstreamTable],
+                    splits: list[str]) -> dict[int, list[dict]]:
+    refs = ingest_tables["refs"].read().to_pylist()
+    sents = ingest_tables["sentences"].read().select(["ref_id", "sent"]).to_pylist()
+    objects = {o["ann_id"]: o for o in ingest_tables["objects"].read().to_pylist()}
+    cats = {c["category_id"]: c["name"] for c in ingest_tables["categories"].read().to_pylist()}
+    images = {i["image_id"]: i for i in ingest_tables["images"].read().to_pylist()}
     texts: dict[int, list[str]] = {}
     for s in sents:
         texts.setdefault(s["ref_id"], []).append(s["sent"])
@@ -301,7 +302,7 @@ def _multiview_shard(payload: dict[str, Any],
     import pyarrow as pa
 
     p = writer.params
-    by_image = instances_by_image(payload["dirs"], payload["splits"])
+    by_image = instances_by_image(payload["ingest_tables"], payload["splits"])
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     counts = {"generated": 0, "cached": 0}

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -89,17 +90,17 @@ class Negatives(Stage[NegativesParams]):
         queries = sorted((s, r, ref_image[r]) for s, r in zip(
             sents.column("sent_id").to_pylist(), sents.column("ref_id").to_pylist(), strict=True)
             if r in ref_image)
-        dirs = {"images": ctx.upstream_table("embed_images", "embeddings"),
-                "texts": ctx.upstream_table("embed_texts", "embeddings"),
-                "refs": ctx.upstream_table("ingest", "refs"),
-                "train_split": manifest.train_split}
+        inputs = SearchInputs(images=ctx.upstream_table("embed_images", "embeddings"),
+                              refs=ctx.upstream_table("ingest", "refs"),
+                              train_split=manifest.train_split,
+                              texts=ctx.upstream_table("embed_texts", "embeddings"))
         # a shard writes parts index .. index + parts_per_shard - 1 (see PartWriter)
         parts_per_shard = -(-p.queries_per_shard // ROWS_PER_PART)
         tasks = [ShardTask(n * parts_per_shard, {
-                     "queries": queries[s:s + p.queries_per_shard], "dirs": dirs})
+                     "queries": queries[s:s + p.queries_per_shard], "inputs": inputs})
                  for n, s in enumerate(range(0, len(queries), p.queries_per_shard))]
         stats = ctx.run_shards(_negatives_shard, tasks, desc="search")
-        pool = training_pool(dirs)
+        pool = training_pool(inputs)
         model = ctx.upstream_manifest("embed_images").get("model", {})
         ctx.extra.update(clip_model=model, score_scale="raw cosine",
                          id_dtype="int32", score_dtype=p.score_dtype)
@@ -142,20 +143,32 @@ def cached_embeddings(table: UpstreamTable, id_col: str) -> tuple[np.ndarray, np
     return _cached((id_col, table.ident), lambda: _embeddings_by_id(table, id_col))
 
 
-def training_pool(dirs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class SearchInputs:
+    """The upstream tables the search reads: shards get it in their payload (picklable: the
+    tables are paths and content hashes), and mosaic_tables' whole-pool recompute builds the
+    same one, so both share the per-process caches below."""
+
+    images: UpstreamTable  # embed_images: image_id, embedding
+    refs: UpstreamTable  # ingest: ref_id, image_id, split (the pool is the training split's)
+    train_split: str
+    texts: UpstreamTable | None = None  # embed_texts: sent_id, embedding (for the products)
+
+
+def training_pool(inputs: SearchInputs) -> tuple[np.ndarray, np.ndarray]:
     """Train-split images that have an embedding: (image ids ascending, vectors)."""
     def build() -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
         import pyarrow.compute as pc
 
-        refs = dirs["refs"].read()
-        train = refs.filter(pc.equal(refs.column("split"), dirs["train_split"]))
+        refs = inputs.refs.read()
+        train = refs.filter(pc.equal(refs.column("split"), inputs.train_split))
         train_ids = np.unique(train.column("image_id").to_numpy())
-        ids, vecs = cached_embeddings(dirs["images"], "image_id")
+        ids, vecs = cached_embeddings(inputs.images, "image_id")
         keep = np.isin(ids, train_ids)
         return ids[keep], np.ascontiguousarray(vecs[keep])
 
-    return _cached("pool:" + dirs["images"].ident + dirs["refs"].ident, build)
+    return _cached("pool:" + inputs.images.ident + inputs.refs.ident, build)
 
 
 def topm_tiebreak(rank: np.ndarray, vals: np.ndarray, idx: np.ndarray,
@@ -542,11 +555,12 @@ def _negatives_shard(payload: dict[str, Any],
     import torch
 
     p = writer.params
-    dirs = payload["dirs"]
+    inputs: SearchInputs = payload["inputs"]
     t0 = time.perf_counter()
-    pool_ids, pool_vecs = training_pool(dirs)
-    img_ids, img_vecs = cached_embeddings(dirs["images"], "image_id")
-    txt_ids, txt_vecs = cached_embeddings(dirs["texts"], "sent_id")
+    pool_ids, pool_vecs = training_pool(inputs)
+    img_ids, img_vecs = cached_embeddings(inputs.images, "image_id")
+    assert inputs.texts is not None  # the stage always passes them
+    txt_ids, txt_vecs = cached_embeddings(inputs.texts, "sent_id")
     device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if p.device == "auto" else p.device))
     timing = {"inputs_s": time.perf_counter() - t0, "search_s": 0.0, "write_s": 0.0}

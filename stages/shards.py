@@ -43,6 +43,7 @@ re-hashed here before it is referenced), and the reader finds the packs through 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from pipeline.training.schema import (
     pool_schema,
     row_schema,
 )
+from pipeline.upstream import UpstreamTable
 from stages.refer.files import other_referent_sentences
 from stages.refer.manifests import load_data_manifest
 from stages.refer.views import valid_views
@@ -120,22 +122,23 @@ class Shards(Stage[ShardsParams]):
         for sid, rid in zip(sents.column("sent_id").to_pylist(),
                             sents.column("ref_id").to_pylist(), strict=True):
             by_split.setdefault(split_of[rid], []).append(sid)
-        dirs = {t: ctx.upstream_table("ingest", t)
-                for t in ("refs", "sentences", "objects", "images")}
-        dirs["mosaic"] = ctx.upstream_table("mosaic_tables", "mosaic")
-        dirs["train_split"] = manifest.train_split
-        if p.with_hard_negatives:
-            dirs["hard_negatives"] = ctx.upstream_table("hard_negatives", "hard_negatives")
-        if p.with_views:
-            dirs["views"] = ctx.upstream_table("multiview", "views")
-            dirs["view_failures"] = ctx.upstream_table("multiview", "failures")
+        inputs = RowInputs(
+            **{t: ctx.upstream_table("ingest", t)
+               for t in ("refs", "sentences", "objects", "images")},
+            mosaic=ctx.upstream_table("mosaic_tables", "mosaic"),
+            train_split=manifest.train_split,
+            hard_negatives=(ctx.upstream_table("hard_negatives", "hard_negatives")
+                            if p.with_hard_negatives else None),
+            views=ctx.upstream_table("multiview", "views") if p.with_views else None,
+            view_failures=(ctx.upstream_table("multiview", "failures")
+                           if p.with_views else None))
         tasks = []
         for split in manifest.splits:
             ids = sorted(by_split.get(split, []))
             for start in range(0, len(ids), p.rows_per_part):
                 tasks.append(ShardTask(len(tasks), {
                     "split": split, "sent_ids": ids[start:start + p.rows_per_part],
-                    "train": split == manifest.train_split, "dirs": dirs}))
+                    "train": split == manifest.train_split, "inputs": inputs}))
         stats = ctx.run_shards(_rows_shard, tasks, desc="join")
         images = ctx.read_table("ingest", "images").select(list(IMAGE_COLUMNS))
         ctx.write_table(IMAGES_TABLE, images)
@@ -212,21 +215,38 @@ def thumbnails_reference(ctx: StageContext) -> ThumbnailsRef:
                          files)
 
 
-def _lookups(dirs: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RowInputs:
+    """The upstream tables a rows shard joins (picklable: paths and content hashes); the
+    optional ones are there only when their `shards.with_*` switch is on."""
+
+    refs: UpstreamTable
+    sentences: UpstreamTable
+    objects: UpstreamTable
+    images: UpstreamTable
+    mosaic: UpstreamTable
+    train_split: str
+    hard_negatives: UpstreamTable | None = None
+    views: UpstreamTable | None = None
+    view_failures: UpstreamTable | None = None
+
+
+def _lookups(inputs: RowInputs) -> dict[str, Any]:
     """Per-process lookups from the upstream tables (built in the worker, never pickled)."""
     from pipeline.process_cache import process_cached
 
-    key = "|".join(str(v) for v in dirs.values())  # UpstreamTable: dir and content hash
-    return process_cached("shards.lookups", key, lambda: _read_lookups(dirs), max_entries=1)
+    # UpstreamTable's str: its dir and content hash
+    key = "|".join(str(getattr(inputs, f.name)) for f in fields(inputs))
+    return process_cached("shards.lookups", key, lambda: _read_lookups(inputs), max_entries=1)
 
 
-def _read_lookups(dirs: dict[str, Any]) -> dict[str, Any]:
-    refs = dirs["refs"].read().to_pylist()
-    sents = dirs["sentences"].read().select(["sent_id", "ref_id", "sent"])
-    objects = dirs["objects"].read().select(["ann_id", "rle"])
-    images = dirs["images"].read().select(["image_id", "file_name", "width",
-                                           "height"]).to_pylist()
-    mosaic = dirs["mosaic"].read()
+def _read_lookups(inputs: RowInputs) -> dict[str, Any]:
+    refs = inputs.refs.read().to_pylist()
+    sents = inputs.sentences.read().select(["sent_id", "ref_id", "sent"])
+    objects = inputs.objects.read().select(["ann_id", "rle"])
+    images = inputs.images.read().select(["image_id", "file_name", "width",
+                                          "height"]).to_pylist()
+    mosaic = inputs.mosaic.read()
     ref_by_id = {r["ref_id"]: r for r in refs}
     sent_rows = {s: (r, t) for s, r, t in zip(sents.column("sent_id").to_pylist(),
                                                sents.column("ref_id").to_pylist(),
@@ -238,18 +258,18 @@ def _read_lookups(dirs: dict[str, Any]) -> dict[str, Any]:
     for r in refs:
         refs_of_image.setdefault(r["image_id"], []).append(r["ref_id"])
     hard = {}
-    if "hard_negatives" in dirs:
-        hard = {r["sent_id"]: r for r in dirs["hard_negatives"].read().to_pylist()}
+    if inputs.hard_negatives is not None:
+        hard = {r["sent_id"]: r for r in inputs.hard_negatives.read().to_pylist()}
     views: dict[int, list[tuple[str, str]]] = {}
-    if "views" in dirs:
+    if inputs.views is not None and inputs.view_failures is not None:
         from stages.multiview import VIEWS
 
-        views = valid_views(dirs["views"].read().select(
+        views = valid_views(inputs.views.read().select(
                                 ["ref_id", "image_id", "ann_id", "view", "text"]).to_pylist(),
-                            dirs["view_failures"].read().select(
+                            inputs.view_failures.read().select(
                                 ["image_id", "ann_ids"]).to_pylist(), VIEWS)
     return {
-        "train_split": dirs["train_split"],
+        "train_split": inputs.train_split,
         "hard": hard,
         "views": views,
         "ref": ref_by_id,
@@ -307,7 +327,7 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
     import pyarrow as pa
 
     p = writer.params
-    look = _lookups(payload["dirs"])
+    look = _lookups(payload["inputs"])
     rows: dict[str, list[Any]] = {c: [] for c in ROW_COLUMNS}
     with_hn = with_views = views_as_negatives = 0
     views_per_name: dict[str, int] = {}
