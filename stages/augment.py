@@ -82,7 +82,7 @@ class Augment(Stage[AugmentParams]):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
-    version = "3"  # 3: one lexicon (issue 14): more prepositions, -ing verbs, geometry words
+    version = "4"  # 3: one lexicon (issue 14); 4: llm swap_spatial checks every position word
     # 2: llm backend budgets per request, "truncated: ..." rejections
     inputs = ("ingest",)
     tables = ("distractors", "rejected")

@@ -30,7 +30,12 @@ from stages.text.distractor_rules import (
     SceneContext,
     validate,
 )
-from stages.text.lexicon import COLOR_SET, NEGATION_WORDS
+from stages.text.lexicon import (
+    COLOR_SET,
+    NEGATION_WORDS,
+    SPATIAL_RELATION_WORDS,
+    SPATIAL_WORDS,
+)
 
 __all__ = ["build_distractor", "candidate_reason", "diff_span", "judge_answer",
            "normalize_text"]
@@ -113,10 +118,9 @@ def build_distractor(kind: str, source: str, text: str) -> Distractor:
     return Distractor(kind=kind, text=" ".join(dst), slot=slot, span=(start, end))
 
 
-_SPATIAL_WORDS = frozenset(SPATIAL_OPPOSITES) | frozenset(SPATIAL_OPPOSITES.values()) | {
-    "behind", "near", "far", "close", "nearer", "closer", "farther", "further", "beside",
-    "next", "middle", "center", "centre", "between", "side",
-}
+# what a swap_spatial edit must replace and insert: any word that says where something is
+_SPATIAL_WORDS = (SPATIAL_WORDS | SPATIAL_RELATION_WORDS | frozenset(SPATIAL_OPPOSITES)
+                  | frozenset(SPATIAL_OPPOSITES.values()))
 
 
 def _is_count_word(word: str) -> bool:

@@ -92,6 +92,9 @@ SPATIAL_WORDS = frozenset(POSITION_FORMS) | _words(
     "under underneath beneath far near close closer closest nearest farther farthest further "
     "furthest"
 )
+# Relations between objects that SPATIAL_WORDS leaves out because they also head other phrases
+# ("the side of the bus", "next one"); an edit that swaps one of these still edits a position.
+SPATIAL_RELATION_WORDS = _words("behind beside between next side nearer")
 
 # --------------------------------------------------------------------------------------------
 # Function words

@@ -50,3 +50,20 @@ def test_build_distractor_spans_and_validation() -> None:
     neg = build_distractor("negation", "woman with a hat", "woman without a hat")
     assert candidate_reason("woman with a hat", neg) is None
 
+
+
+@pytest.mark.parametrize(("src", "new", "reason"), [
+    ("man behind the car", "man beside the car", None),  # relations on both sides
+    ("the high shelf", "the low shelf", None),  # position forms
+    ("the central table", "the left table", None),
+    ("the man on the left side", "the man on the right side", None),
+    ("man behind the car", "men behind the car", "not a swap_spatial edit"),
+    ("the red car on left", "the blue car on left", "not a swap_spatial edit"),
+])
+def test_spatial_swaps_need_a_position_word_replaced_and_inserted(src, new, reason):
+    """Every word the lexicon says is about position (forms, relations, distances) counts,
+    so 'high' -> 'low' or 'behind' -> 'beside' is a spatial swap; a number or colour edit
+    labelled swap_spatial is not."""
+    d = build_distractor("swap_spatial", src, new)
+    assert validate(src, d) is None
+    assert candidate_reason(src, d) == reason
