@@ -102,7 +102,14 @@ def build_fixture(root: Path, n_images: int = N_IMAGES, seed: int = 0) -> tuple[
     (shards / "thumbnails").mkdir()
     pq.write_table(index.replace_schema_metadata({b"nemo_pipe.schema_version": b"1"}),
                    shards / "thumbnails" / "part-00000.parquet")
-    (shards / "_manifest.json").write_text(json.dumps({"stage": "shards", "schema_version": "1"}))
+    from pipeline.io import describe_file
+
+    # the manifest lists every file, as the engine's does: the reader refuses an artifact whose
+    # files it cannot check
+    files = {f.relative_to(shards).as_posix(): describe_file(f)
+             for f in sorted(shards.rglob("*")) if f.is_file()}
+    (shards / "_manifest.json").write_text(json.dumps({"stage": "shards", "schema_version": "1",
+                                                       "files": files}))
     (shards / "_SUCCESS").write_text("")
     return shards, images_dir
 

@@ -119,6 +119,23 @@ class FakeNegatives(Stage):
                           NEGATIVES_FORMAT)
 
 
+class FakeImages(Stage):
+    """Image embeddings of the pool: mosaic_tables reads the training pool's ids from them
+    (and, for k=all only, the vectors)."""
+
+    name, version, tables, inputs = "embed_images", "bench", ("embeddings",), ("ingest",)
+
+    def run(self, ctx):
+        import pyarrow as pa
+
+        from stages.embed import embedding_array
+
+        ids = 100_000 + np.arange(SIZES["pool"], dtype=np.int64)
+        vectors = np.random.default_rng(2).standard_normal((len(ids), 16)).astype(np.float16)
+        ctx.write_table("embeddings", pa.table({"image_id": ids,
+                                                "embedding": embedding_array(vectors)}))
+
+
 def read_bytes_of(pipe: Pipeline, stage: str) -> int:
     """Bytes of the upstream files `stage` reads (every table of every input)."""
     total = 0
@@ -190,7 +207,7 @@ def main() -> None:
           f"{platform.python_version()}; {args.queries} sentences, M={args.m}, K={args.k}; "
           f"sha256 {rate / 2**20:.0f} MiB/s")
     with tempfile.TemporaryDirectory() as tmp:
-        reg = Registry([FakeIngest, FakeNegatives, MosaicTables, Shards])
+        reg = Registry([FakeIngest, FakeImages, FakeNegatives, MosaicTables, Shards])
         cfg = load_config(reg, sets=[f"negatives.m={args.m}", f"mosaic_tables.k={args.k}",
                                      "shards.thumbnails=false"])
         pipe = Pipeline(reg, cfg, RunEnv(Path(tmp), "refcoco"), LocalExecutor(), progress=False)
