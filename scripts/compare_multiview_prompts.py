@@ -50,15 +50,26 @@ def run_mode(args: argparse.Namespace, per_instance: bool) -> dict[str, float | 
         originals = encode_sentences(embed, by_ref.get(ref_id, []))
         if len(originals):
             cosines.append(float((originals @ mu).mean()))
-    attempts = [v["attempts"] for v in views]
-    requests = max(1, m["generated_requests"] + m["cached_requests"])
+    return {**generation_figures(m, [v["attempts"] for v in views]),
+            "mean_spread": (float(np.mean(clusters.column("spread").to_numpy())) if len(mus)
+                            else None),
+            "views_to_original_cosine": float(np.mean(cosines)) if cosines else None}
+
+
+def generation_figures(stats: dict, attempts: list[int]) -> dict[str, float | int | None]:
+    """The multiview manifest's figures in units both modes share. Success is per instance:
+    the failures table has a row per image in one mode and per failed instance (or group)
+    in the other, so only `failed_instances` / `instances` compares them. `requests_per_s`
+    counts model calls, repairs included (a job is an image in both modes)."""
+    instances = stats["instances"]
     return {
-        "requests": requests,
-        "success_rate": 1 - m["failures"] / requests,  # failure rows are per image
+        "images": stats["images"], "instances": instances,
+        "instance_success_rate": (1 - stats["failed_instances"] / instances if instances
+                                  else None),
+        "truncated_answers": stats.get("truncated_answers"),
         "attempts_per_view_row": float(np.mean(attempts)) if attempts else None,
-        "requests_per_s": m.get("requests_per_s"), "tokens_per_s": m.get("tokens_per_s"),
-        "mean_spread": float(np.mean(clusters.column("spread").to_numpy())) if len(mus) else None,
-        "views_to_original_cosine": float(np.mean(cosines)) if cosines else None,
+        "model_requests_per_s": stats.get("requests_per_s"),
+        "tokens_per_s": stats.get("tokens_per_s"),
     }
 
 
