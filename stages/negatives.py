@@ -507,17 +507,24 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> 
     }, schema=schema)
 
 
+# Whole-block workers at most: each holds a product buffer and up to two blocks of results
+# (about 170 MiB at RefCOCO size), so a many-core machine shares the rest of its cores out as
+# threads within each worker instead of holding one buffer per core.
+MAX_BLOCK_WORKERS = 8
+
+
 def _blocks_in_order(search: Callable[[int, int, dict[str, Any]], dict[str, np.ndarray]],
                      starts: range, threads: int,
                      whole_blocks: bool) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(start, `search` result) of each block, in block order.
 
-    On the CPU (`whole_blocks`) each of `threads` threads searches whole blocks alone, with
-    one-threaded products (torch's thread count is per thread) and selection, at most
-    `threads` blocks started ahead of the one handed over. Sharing each block's work between
-    the threads instead makes every product wait for its slowest thread, and the part
-    encoders and the hashes, running alongside, make one thread slow at every step: the
-    products then cost a third more than they do alone. Elsewhere (GPU) blocks go one at a time."""
+    On the CPU (`whole_blocks`) up to MAX_BLOCK_WORKERS threads each search whole blocks, with
+    `threads` shared out between them (one each on up to 8 cores: torch's thread count is
+    per thread), at most one block per worker started ahead of the one handed over. Sharing
+    each block's work between all the threads instead makes every product wait for its
+    slowest thread, and the part encoders and the hashes, running alongside, make one thread
+    slow at every step: the products then cost a third more than they do alone. Elsewhere
+    (GPU) blocks go one at a time."""
     if not whole_blocks or threads <= 1 or len(starts) <= 1:
         scratch: dict[str, Any] = {}
         for s in starts:
@@ -525,20 +532,22 @@ def _blocks_in_order(search: Callable[[int, int, dict[str, Any]], dict[str, np.n
         return
     import torch
 
+    workers = min(threads, MAX_BLOCK_WORKERS)
+    per_worker = threads // workers
     local = threading.local()
 
     def job(s: int) -> dict[str, np.ndarray]:
         if not hasattr(local, "scratch"):
-            torch.set_num_threads(1)  # this worker thread only (OpenMP and MKL per thread)
+            torch.set_num_threads(per_worker)  # this worker thread only (OpenMP and MKL)
             local.scratch = {}
-        return search(s, 1, local.scratch)
+        return search(s, per_worker, local.scratch)
 
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="negatives-block")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="negatives-block")
     pending: deque[tuple[int, Future[dict[str, np.ndarray]]]] = deque()
     try:
         for s in starts:
             pending.append((s, pool.submit(job, s)))
-            if len(pending) > threads:
+            if len(pending) > workers:
                 first, done = pending.popleft()
                 yield first, done.result()
         while pending:

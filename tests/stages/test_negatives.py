@@ -294,6 +294,26 @@ def test_blocks_come_back_in_order_from_one_threaded_workers():
     assert serial == [(0, 2), (10, 2), (20, 2)]  # the device path: one block at a time
 
 
+def test_many_cores_share_out_between_at_most_eight_block_workers():
+    """20 threads: 8 workers (each holds a buffer) of 2 torch threads, not 20 of 1."""
+    import threading
+
+    import torch
+
+    from stages.negatives import MAX_BLOCK_WORKERS, _blocks_in_order
+
+    owners = set()
+
+    def search(s, threads, scratch):
+        owners.add(threading.get_ident())
+        return {"threads": threads, "torch": torch.get_num_threads()}
+
+    got = list(_blocks_in_order(search, range(0, 400, 10), 20, whole_blocks=True))
+    assert MAX_BLOCK_WORKERS == 8 and 1 < len(owners) <= 8
+    assert [s for s, _ in got] == list(range(0, 400, 10))
+    assert all(r["threads"] == 2 and r["torch"] == 2 for _, r in got)
+
+
 def test_a_failing_block_stops_the_search_and_raises():
     from stages.negatives import _blocks_in_order
 
