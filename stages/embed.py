@@ -133,6 +133,9 @@ def embeddings_matrix(column: pa.ChunkedArray | pa.Array, dtype: Any = None) -> 
     out = np.empty((len(column), d), dtype or np.float32)
     row = 0
     for chunk in chunks:
+        if chunk.null_count:  # the embed stages never write one: a damaged or foreign table
+            raise ValueError(f"embedding column has {chunk.null_count} null rows; every row "
+                             "needs a vector (rebuild the embedding stage's artifact)")
         out[row:row + len(chunk)] = chunk.flatten().to_numpy(
             zero_copy_only=False).reshape(-1, d)
         row += len(chunk)

@@ -252,3 +252,7 @@ def test_embeddings_matrix_reads_chunked_and_sliced_columns():
     np.testing.assert_array_equal(embeddings_matrix(arr.slice(2, 4)), x[2:6].astype(np.float32))
     assert embeddings_matrix(arr, np.float16).dtype == np.float16
     assert embeddings_matrix(pa.chunked_array([], arr.type)).shape == (0, 4)
+    with_null = pa.FixedSizeListArray.from_arrays(arr.values, 4, mask=pa.array(
+        [False, True] + [False] * 8))
+    with pytest.raises(ValueError, match="1 null rows"):
+        embeddings_matrix(with_null)
