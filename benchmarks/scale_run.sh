@@ -23,7 +23,7 @@ NEMO=.venv/bin/nemo-pipe
 SETS=(--set embed.model=tiny --set embed.pretrained=null --set multiview.backend=template
       --set augment.backend=rules --set shards.with_hard_negatives=true
       --set clusters.threshold=0.99)
-STAGES=(ingest embed_images embed_texts index negatives mosaic_tables multiview clusters augment
+STAGES=(ingest embed_images embed_texts index negatives mosaic_tables thumbnails multiview clusters augment
         hard_negatives shards)
 
 mkdir -p "$OUT"
@@ -45,6 +45,7 @@ from pathlib import Path
 work = Path(sys.argv[1]) / "refcoco"
 print("| stage | rows | seconds | peak MiB |\n|---|---:|---:|---:|")
 order = ["ingest", "embed_images", "embed_texts", "index", "negatives", "mosaic_tables",
+         "thumbnails",
          "multiview", "clusters", "augment", "hard_negatives", "shards"]
 total = 0.0
 for stage in order:
