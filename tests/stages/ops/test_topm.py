@@ -124,7 +124,11 @@ def brute_block(t, v, inverse, own, pool, m, rank_by):
 
 @pytest.mark.parametrize("rank_by", ["ti", "ii"])
 @pytest.mark.parametrize("selection", ["sort", "topk"])
-def test_search_block_equals_bruteforce(rank_by, selection):
+@pytest.mark.parametrize("text_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("reused_buffer", [False, True])
+def test_search_block_equals_bruteforce(rank_by, selection, text_dtype, reused_buffer):
+    """Text vectors as stored (float16) or float32; with `scratch`, the host path's product
+    buffer is reused from a larger earlier block (made here by a first call)."""
     rng = np.random.default_rng(7)
     d, n_pool, n_img, n_q, m = 8, 3000, 40, 200, 150
     # dyadic vectors: every dot product is exact in float32, and ties are common
@@ -136,8 +140,16 @@ def test_search_block_equals_bruteforce(rank_by, selection):
     own[:5] = -1  # images outside the pool (none of their columns is excluded)
     own[5] = n_pool - 1  # the last column: its neighbour is on the left
     pool_ids = rng.permutation(10 * n_pool)[:n_pool].astype(np.int32)
-    got = search_block(t, v, inverse, own, torch.from_numpy(pool), m, rank_by,
-                       torch.device("cpu"), selection, pool_ids=pool_ids)
+    scratch = {} if reused_buffer else None
+    if reused_buffer:  # a larger block first: its buffer (and its stale scores) stay
+        big = (rng.integers(-2, 3, size=(n_q + 50, d)) / 8).astype(np.float32)
+        search_block(big, v, rng.integers(0, n_img, n_q + 50), own, torch.from_numpy(pool),
+                     m, rank_by, torch.device("cpu"), selection, scratch=scratch)
+    got = search_block(t.astype(text_dtype), v, inverse, own, torch.from_numpy(pool), m,
+                       rank_by, torch.device("cpu"), selection, pool_ids=pool_ids,
+                       scratch=scratch)
+    if reused_buffer and selection == "sort":
+        assert scratch["scores"].shape[0] >= n_q + 50 + n_img  # the first call's buffer
     want = brute_block(t, v, inverse, np.where(own < 0, -1, own), pool, m, rank_by)
     assert np.array_equal(got["idx"], want["idx"])
     assert np.array_equal(got["ids"], pool_ids[want["idx"]])
