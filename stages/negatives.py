@@ -335,6 +335,20 @@ def _products_into(t: np.ndarray, v: np.ndarray, pool: Any,
     return out[:len(t)], out[len(t):]
 
 
+_GATHER = threading.local()
+
+
+def _gather_buffer(shape: tuple[int, int]) -> np.ndarray:
+    """This thread's int64 scratch for a chunk's flat gather indices, kept across chunks and
+    blocks (a fresh 2 MiB array per chunk costs its pages from the kernel again)."""
+    import numpy as np
+
+    buf = getattr(_GATHER, "buf", None)
+    if buf is None or buf.shape[1] != shape[1] or buf.shape[0] < shape[0]:
+        buf = _GATHER.buf = np.empty((max(shape[0], CHUNK_ROWS), shape[1]), np.int64)
+    return buf[:shape[0]]
+
+
 def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.ndarray,
                  mm: int, rank_by: str, threads: int,
                  pool_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -360,21 +374,23 @@ def _search_host(ti: np.ndarray, ii: np.ndarray, inverse: np.ndarray, own: np.nd
     def chunk(start: int) -> None:
         rows = slice(start, start + CHUNK_ROWS)
         part, images = ti[rows], inverse[rows]
+        idx = out["idx"][rows]  # results go straight into the block's arrays (no temporaries)
         out["ti_min"][rows], out["ti_max"][rows] = _exclude_own(part, own[images])
         if rank_by == "ti":
-            idx, out["rho_ti"][rows] = topm_rows(part, mm)
+            topm_rows(part, mm, idx, out["rho_ti"][rows])
             # rows of one image are neighbours: its row of ii stays in cache for them
-            out["rho_ii"][rows] = ii_flat[(images * n_cols)[:, None] + idx]
+            flat = _gather_buffer(idx.shape)
+            np.add(idx, (images * n_cols)[:, None], out=flat)
+            np.take(ii_flat, flat, out=out["rho_ii"][rows], mode="wrap")  # in range: unbuffered
         else:
-            idx = by_image[images]
+            idx[:] = by_image[images]
             out["rho_ii"][rows] = by_image_vals[images]
             out["rho_ti"][rows] = np.take_along_axis(part, idx, axis=1)
         if mm == n_cols:  # only a top-M that takes the whole pool reaches the own image
             rank = out["rho_ti" if rank_by == "ti" else "rho_ii"][rows]
-            idx = np.where(rank == -np.inf, -1, idx)
-        out["idx"][rows] = idx
+            np.putmask(idx, rank == -np.inf, -1)
         if pool_ids is not None:
-            out["ids"][rows] = ids32[idx]
+            np.take(ids32, idx, out=out["ids"][rows], mode="wrap")  # ids32[-1] is -1
 
     starts = range(0, n, CHUNK_ROWS)
     if threads <= 1 or len(starts) == 1:
