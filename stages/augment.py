@@ -113,7 +113,7 @@ class Augment(Stage[AugmentParams]):
                                        sents.column("ref_id").to_pylist(), strict=True)
                      if r in keep)
         ingest_tables = {t: ctx.upstream_table("ingest", t)
-                for t in ("refs", "sentences", "objects", "images")}
+                         for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
         tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard],
                                "ingest_tables": ingest_tables, "cache": cache})

@@ -449,7 +449,8 @@ class _FullRows:
             inputs = self.pool["inputs"]
             device = resolve_device(self.device)
             images = cached_embeddings(inputs.images, "image_id")
-            texts = cached_embeddings(inputs.texts, "sent_id")
+            # as negatives holds them (float16 as stored): one cached copy for both stages
+            texts = cached_embeddings(inputs.texts, "sent_id", as_stored=True)
             pool_t = torch.from_numpy(training_pool(inputs)[1]).to(device)
             self._loaded = (device, images, texts, pool_t)
         return self._loaded
@@ -462,7 +463,7 @@ class _FullRows:
         t = txt_vecs[np.searchsorted(txt_ids, self.sent_ids[rows])]
         distinct, inverse = np.unique(self.image_ids[rows], return_inverse=True)
         v = img_vecs[np.searchsorted(img_ids, distinct)]
-        ti = (torch.from_numpy(t).to(device) @ pool_t.T).cpu().numpy()
+        ti = (torch.from_numpy(t).to(device).to(pool_t.dtype) @ pool_t.T).cpu().numpy()
         ii = (torch.from_numpy(v).to(device) @ pool_t.T).cpu().numpy()[inverse.reshape(-1)]
         dtype = np.float16 if self.pool["score_dtype"] == "float16" else np.float32
         return ti.astype(dtype, copy=False), ii.astype(dtype, copy=False)

@@ -133,7 +133,7 @@ class Multiview(Stage[MultiviewParams]):
             image_ids = image_ids[:p.limit_images]
             single = [r for r in single if r["image_id"] in set(image_ids)]
         ingest_tables = {t: ctx.upstream_table("ingest", t)
-                for t in ("refs", "sentences", "objects", "images", "categories")}
+                         for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
                                "splits": p.splits, "ingest_tables": ingest_tables,
                                "images_dir": str(images_dir),

@@ -275,7 +275,7 @@ def search_block(t: np.ndarray, v: np.ndarray, inverse: np.ndarray, own: np.ndar
     idx (-1 where idx is), mapped where the work is spread (device or chunk threads).
     `selection`: `sort` (threshold then a sort of packed keys, on the host: `_search_host`)
     or `topk` (torch.topk plus tie passes, on the device); both exact. `scratch`: a dict kept
-    across a shard's blocks, where the host path keeps its text-to-image product buffer.
+    across a shard's blocks, where the host path keeps the buffer of its products.
     """
     import numpy as np
     import torch
@@ -616,6 +616,7 @@ def _negatives_shard(payload: dict[str, Any],
     schema = negatives_schema(score_type)
     out = PartWriter(writer.staging, "negatives", schema, writer.schema_version,
                      NEGATIVES_FORMAT, writer.index, ROWS_PER_PART, os.cpu_count() or 1)
+
     def search(s: int, threads: int, scratch: dict[str, Any]) -> dict[str, np.ndarray]:
         images, first, inverse = np.unique(v_pos[s:s + p.block], return_index=True,
                                            return_inverse=True)

@@ -27,8 +27,8 @@ SAMPLE_STRIDE = 8
 SAMPLE_MARGIN = 1.2
 SAMPLE_EXTRA = 8
 _SIGN = np.int32(0x7FFFFFFF)
-# rows per sort: small enough that a chunk's masks, codes and keys stay in cache (4-5x faster
-# per row at 128-256 rows of 17k columns than at 1024)
+# rows per chunk: one partition finds a chunk's thresholds, and the negatives search reduces
+# and gathers a chunk while its rows are in cache; threads share a block's rows by chunks
 CHUNK_ROWS = 128
 
 
