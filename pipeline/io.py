@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from typing_extensions import Self
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -70,7 +71,27 @@ def write_parquet(table: pa.Table, path: Path, schema_version: str,
         stream.write(table)
 
 
-class ParquetStream:
+class CloseOrAbort:
+    """`with` support for writers that publish on `close` and discard on `abort`: leaving the
+    block normally closes, an exception aborts, so no error path leaves a half-written file."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ParquetStream(CloseOrAbort):
     """Writes a table piece by piece, byte for byte as `write_parquet` writes the whole.
 
     Row groups are cut every `row_group_rows` rows whatever the pieces' sizes, so a stage's
@@ -150,14 +171,6 @@ class ParquetStream:
             if self._thread is not None:
                 self._thread.shutdown(wait=True)
 
-    def __enter__(self) -> ParquetStream:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def parquet_rows(path: Path) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from pipeline.io import ParquetFormat, ParquetStream, part_name
+from pipeline.io import CloseOrAbort, ParquetFormat, ParquetStream, part_name
 from pipeline.stage import (
     INT_MAX,
     Count,
@@ -439,7 +439,7 @@ def negatives_schema(score_type: pa.DataType) -> pa.Schema:
         *[col(k, pa.float32()) for k in ("ti_min", "ti_max", "ii_min", "ii_max")]])
 
 
-class PartWriter:
+class PartWriter(CloseOrAbort):
     """Writes one shard's table as consecutive part files of `rows_per_part` rows, named by
     consecutive indices from `first_index` (so every reader's `part-*.parquet` order is the
     row order). Each part is a background `ParquetStream`: up to `threads` encode at once,
@@ -488,14 +488,6 @@ class PartWriter:
             stream.abort()
         self.open.clear()
 
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
