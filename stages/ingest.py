@@ -37,7 +37,7 @@ from pipeline.stage import (
     runtime_field,
 )
 from stages.refer.files import Ref, ReferData, locate_inputs, read_refer
-from stages.refer.geometry import annotation_problem
+from stages.refer.geometry import annotation_mask
 from stages.refer.manifests import DataManifest, load_data_manifest
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,10 @@ class Ingest(Stage[IngestParams]):
     """Read a REFER-format dataset into Parquet tables (images, objects, refs, sentences, ...)."""
 
     name = "ingest"
-    version = "2"  # 2: bad geometry and unreadable image paths are errors rows
+    # 2: bad geometry and unreadable image paths are errors rows; 3: empty masks, masks
+    # outside their bbox, far-off polygon coordinates and bad iscrowd too, blank sentences
+    # left out (counted), a target listed twice kept once
+    version = "3"
     tables = ("images", "objects", "refs", "sentences", "categories", "errors")
     libraries = ("pyarrow", "pycocotools", "pillow")
 
@@ -185,6 +188,14 @@ class Ingest(Stage[IngestParams]):
                             for a in sorted(bad_anns)[:ERROR_EXAMPLES]))
 
         refs, dropped = _keep_refs(data.refs, set(bad), set(bad_refd))
+        dropped["sentences"].update(data.dropped_sentences)
+        if data.dropped_sentences.get("blank"):
+            log.warning("%d sentence(s) in %s are blank and were left out (counted in the "
+                        "manifest's dropped_sentences_by_reason)", data.dropped_sentences["blank"],
+                        manifest.refs_path(data_root))
+        if data.repeated_targets:
+            log.warning("%d ref(s) in %s list a target twice; each target is kept once",
+                        data.repeated_targets, manifest.refs_path(data_root))
         ctx.write_table("refs", pa.table({
             "ref_id": pa.array([r.ref_id for r in refs], pa.int64()),
             "image_id": pa.array([r.image_id for r in refs], pa.int64()),
@@ -212,6 +223,8 @@ class Ingest(Stage[IngestParams]):
                    sentences=len(sents), dropped_refs=len(data.refs) - len(refs),
                    dropped_refs_by_reason=dict(sorted(dropped["refs"].items())),
                    dropped_sentences=sum(dropped["sentences"].values()),
+                   dropped_sentences_by_reason=dict(sorted(dropped["sentences"].items())),
+                   repeated_targets=data.repeated_targets,
                    bad_annotations=len(bad_anns), bad_referenced_annotations=len(bad_refd),
                    split_counts=counts, expected_mismatches=_compare_expected(manifest, counts))
         ctx.extra["data_manifest"] = manifest.source_path
@@ -225,7 +238,7 @@ def _referenced_problems(data: ReferData, category_ids: set[int]) -> list[tuple[
     for image_id, anns in data.anns_by_image.items():
         for a in anns:
             if int(a["id"]) in referenced:
-                why = annotation_problem(a, *sizes[image_id], category_ids)
+                _, why = annotation_mask(a, *sizes[image_id], category_ids)
                 if why is not None:
                     out.append((int(a["id"]), why))
     return sorted(out)
@@ -336,25 +349,6 @@ def _check_image(images_dir: Path, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
-    """Compressed RLE of an annotation, as pycocotools' COCO.annToRLE builds it.
-
-    Only for an annotation `annotation_problem` accepts: pycocotools does not check its input.
-    """
-    from pycocotools import mask as mask_utils
-
-    segm = ann["segmentation"]
-    if isinstance(segm, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    elif isinstance(segm["counts"], list):
-        rle = mask_utils.frPyObjects(segm, height, width)
-    else:
-        rle = segm
-    counts = rle["counts"]
-    return {"size": [height, width],
-            "counts": counts.decode() if isinstance(counts, bytes) else counts}
-
-
 def _ingest_shard(payload: dict[str, Any], writer: ShardWriter[IngestParams]) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -381,10 +375,10 @@ def _ingest_shard(payload: dict[str, Any], writer: ShardWriter[IngestParams]) ->
     for a in sorted((a for a in payload["anns"] if int(a["image_id"]) in good_ids),
                     key=lambda a: int(a["id"])):
         img = good_ids[int(a["image_id"])]
-        why = annotation_problem(a, img["height"], img["width"], category_ids)
-        if why is None:
+        rle, why = annotation_mask(a, img["height"], img["width"], category_ids)
+        if rle is not None:
             anns.append(a)
-            rles.append(annotation_rle(a, img["height"], img["width"]))
+            rles.append(rle)
         else:
             bad_anns.append((int(a["id"]), int(a["id"]) in referenced, why))
     rle_type = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])

@@ -51,6 +51,21 @@ BAD = {
     "bbox_nan": ({"bbox": [10, NAN, 20, 20]}, "holds a value that is not a finite number"),
     "bbox_outside_image": ({"bbox": [70, 10, 20, 20]}, "lies outside its 80x60"),
     "unknown_category": ({"category_id": 999}, "category 999 is not among the categories"),
+    # coordinates pycocotools would rasterise at a cost of gigabytes (or crash on, past 2**31)
+    "far_coordinate": ({"segmentation": [[10, 10, 1e8, 10, 30, 30, 10, 30]]},
+                       "coordinate x=1e+08 far outside its 80x60"),
+    "coordinate_sum_overflow": ({"segmentation": [[1e308, 10, 1e308, 10, 30, 30]]},
+                                "coordinates too large to be pixel positions"),
+    # well-formed, but the mask is no training target: it shows nothing, or not what the box says
+    "polygon_beside_image": ({"segmentation": [[90, 10, 100, 10, 100, 30, 90, 30]]},
+                             "its mask covers no pixel"),
+    "collinear_polygon": ({"segmentation": [[10, 10, 20, 20, 30, 30]]},
+                          "its mask covers no pixel"),
+    "all_zero_rle": ({"segmentation": {"size": [60, 80], "counts": [60 * 80]}},
+                     "its mask covers no pixel"),
+    "mask_beside_bbox": ({"segmentation": [[50, 10, 70, 10, 70, 30, 50, 30]]},
+                         "outside its bbox [10.0, 10.0, 20.0, 20.0]"),
+    "iscrowd_text": ({"iscrowd": "0"}, "iscrowd '0' is neither 0 nor 1"),
 }
 
 

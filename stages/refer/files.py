@@ -44,6 +44,10 @@ class ReferData:
     images: dict[int, dict[str, Any]]  # the images the refs use, from instances.json
     anns_by_image: dict[int, list[dict[str, Any]]]  # every annotation of those images
     categories: list[dict[str, Any]]
+    # sentences left out while parsing, by reason (`blank`: no text to train on), and the
+    # refs they came from; ingest records both in its manifest
+    dropped_sentences: dict[str, int] = field(default_factory=dict)
+    repeated_targets: int = 0  # refs that listed one target twice (kept once)
 
 
 def locate_inputs(manifest: DataManifest, data_root: Path) -> tuple[Path, Path]:
@@ -149,10 +153,12 @@ def load_pickle_data(path: Path) -> Any:
     """
     with open(path, "rb") as f:
         try:
-            return _DataOnlyUnpickler(f, path, "ASCII").load()
+            data = _DataOnlyUnpickler(f, path, "ASCII").load()
         except UnicodeDecodeError:
             f.seek(0)
-            return _decode_bytes(_DataOnlyUnpickler(f, path, "bytes").load())
+            data = _DataOnlyUnpickler(f, path, "bytes").load()
+    # Python 3 pickles (protocol >= 3) hold `bytes` whatever the encoding asked for
+    return _decode_bytes(data)
 
 
 def load_refs_file(path: Path, fmt: str) -> Any:
@@ -184,9 +190,11 @@ def _load_json(path: Path, what: str) -> Any:
     except OSError as exc:
         raise InputError(f"{path}: cannot read the {what} file ({exc.strerror or exc}); check "
                          "that it is a readable file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, and
+        # the int-string limit (a number of over 4,300 digits) are all ValueErrors
         raise InputError(
-            f"{path}: the {what} file is not valid JSON ({exc}); it is probably truncated: "
+            f"{path}: the {what} file is not valid JSON ({exc}); it is probably truncated or "
+            "damaged: "
             "download it again"
         ) from None
 
@@ -197,15 +205,67 @@ def _require(record: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
         raise InputError(f"{where} lacks the field(s) {', '.join(missing)}; is this a REFER file?")
 
 
-def _int(value: Any, what: str, where: str) -> int:
-    """An id field as an int; a wrong type is an InputError naming the record, not a
-    ValueError deep in a stage."""
+INT64_RANGE = (-(2**63), 2**63 - 1)  # the ids' Parquet columns
+INT32_RANGE = (-(2**31), 2**31 - 1)  # category ids
+
+
+def _int(value: Any, what: str, where: str, bounds: tuple[int, int] = INT64_RANGE) -> int:
+    """An id field as an int; a wrong type, or a value its column cannot hold, is an
+    InputError naming the record, not a ValueError or OverflowError deep in a stage."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InputError(f"{where}: {what} {value!r} is not an integer")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise InputError(f"{where}: {what} {value!r} is not an integer") from None
+    if not bounds[0] <= number <= bounds[1]:
+        raise InputError(f"{where}: {what} {number} is outside the range an id may take "
+                         f"({bounds[0]}..{bounds[1]}); fix the record")
+    return number
+
+
+def _text_field(value: Any, what: str, where: str) -> str:
+    """A text field as stored: a string that UTF-8 can encode. A number or list printed as
+    text, or a lone surrogate that Parquet cannot write, is an InputError here."""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {what} {value!r} is {type(value).__name__}, not text; "
+                         "fix the record")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: {what} {value!r} is not valid Unicode text (it holds a "
+                         "lone surrogate); fix the encoding of the file") from None
+    return value
+
+
+def _sentence(s: dict[str, Any], sid: int, where: str) -> Sentence:
+    sent = _text_field(s["sent"], "sent", f"{where}: sentence {sid}")
+    raw = _text_field(s.get("raw", sent), "raw", f"{where}: sentence {sid}")
+    tokens = s.get("tokens", sent.split())
+    if not isinstance(tokens, list):
+        raise InputError(f"{where}: sentence {sid} has tokens {tokens!r}, not a list of "
+                         "words; fix the record")
+    return Sentence(sid, sent, raw,
+                    [_text_field(t, "token", f"{where}: sentence {sid}") for t in tokens])
+
+
+def _ref_targets(raw: dict[str, Any], fmt: str, where: str) -> tuple[list[int], bool]:
+    """A ref's target annotation ids (none for a gRefCOCO no-target ref), and whether one was
+    listed twice. A REFER ref has a target; a gRefCOCO ref lists its targets or [-1], never
+    both, and its `no_target` flag, where present, must agree."""
+    listed = [_int(v, "ann_id", where) for v in _as_list(raw["ann_id"])]
+    targets = list(dict.fromkeys(a for a in listed if a != NO_TARGET))
+    if NO_TARGET in listed and targets:
+        raise InputError(f"{where} lists both targets {targets} and no-target ({NO_TARGET}) in "
+                         "ann_id; fix the record")
+    if fmt != "grefer" and not targets:
+        raise InputError(f"{where} has ann_id {raw['ann_id']!r}: a REFER ref has a target "
+                         "annotation (only gRefCOCO has no-target refs); is --dataset right?")
+    flag = raw.get("no_target")
+    if flag is not None and bool(flag) != (not targets):
+        raise InputError(f"{where} has no_target={flag!r} but ann_id {raw['ann_id']!r}; the "
+                         "flag and the targets disagree: fix the record")
+    return targets, len(targets) < len([a for a in listed if a != NO_TARGET])
 
 
 def _records(container: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
@@ -238,6 +298,13 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
     for img in _records(instances, "images", inst_path):
         _require(img, ("id", "file_name", "width", "height"), f"{inst_path}: an image record")
         image_id = _int(img["id"], "id", f"{inst_path}: an image record")
+        if image_id in images:
+            raise InputError(f"{inst_path}: image id {image_id} appears twice (image ids must "
+                             "be unique); the file is damaged or was merged wrongly")
+        name = _text_field(img["file_name"], "file_name", f"{inst_path}: image {image_id}")
+        if "\x00" in name or not name.strip():
+            raise InputError(f"{inst_path}: image {image_id} has file_name {name!r}, which "
+                             "cannot be a file's name; fix the image record")
         for side in ("width", "height"):
             v = img[side]
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -251,17 +318,30 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
         where = f"{inst_path}: annotation {ann['id']!r}"
         ann_id = _int(ann["id"], "id", where)
         _int(ann["image_id"], "image_id", where)
+        if ann_id in anns:
+            raise InputError(f"{inst_path}: annotation id {ann_id} appears twice (annotation "
+                             "ids must be unique); the file is damaged or was merged wrongly")
         anns[ann_id] = ann
     categories = []
+    category_ids: set[int] = set()
     for cat in _records(instances, "categories", inst_path):
         _require(cat, ("id", "name"), f"{inst_path}: a category record")
         if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
             raise InputError(f"{inst_path}: category id {cat['id']!r} is not an integer")
+        cat_id = _int(cat["id"], "category id", f"{inst_path}: a category record", INT32_RANGE)
+        if cat_id in category_ids:
+            raise InputError(f"{inst_path}: category id {cat_id} appears twice (category ids "
+                             "must be unique); fix the categories list")
+        category_ids.add(cat_id)
+        _text_field(cat["name"], "name", f"{inst_path}: category {cat_id}")
+        _text_field(cat.get("supercategory", ""), "supercategory",
+                    f"{inst_path}: category {cat_id}")
         categories.append(cat)
 
     refs: list[Ref] = []
     seen_refs: set[int] = set()
     seen_sents: dict[int, int] = {}
+    blank = repeated = 0
     splits = set(manifest.splits)
     for raw in raw_refs:
         _require(raw, ("ref_id", "image_id", "ann_id", "split", "sentences"),
@@ -281,8 +361,8 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
         if image_id not in images:
             raise InputError(f"{where} points at image {image_id}, which {inst_path} does not "
                              "have; the refs and instances files do not belong together")
-        ann_ids = [a for a in (_int(v, "ann_id", where) for v in _as_list(raw["ann_id"]))
-                   if a != NO_TARGET]
+        ann_ids, twice = _ref_targets(raw, manifest.format, where)
+        repeated += twice
         for a in ann_ids:
             if a not in anns:
                 raise InputError(f"{where} points at annotation {a}, which {inst_path} does not "
@@ -305,9 +385,11 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
                 raise InputError(f"{where}: sentence {sid} also belongs to ref "
                                  f"{seen_sents[sid]} (sentence ids must be unique)")
             seen_sents[sid] = ref_id
-            sent = str(s["sent"])
-            tokens = [str(t) for t in s.get("tokens", sent.split())]
-            sentences.append(Sentence(sid, sent, str(s.get("raw", sent)), tokens))
+            sentence = _sentence(s, sid, where)
+            if sentence.sent.strip():
+                sentences.append(sentence)
+            else:  # nothing to train on or to contrast with: a named exclusion
+                blank += 1
         refs.append(Ref(ref_id, image_id, ann_ids, split, category_id, sentences))
 
     used = {r.image_id for r in refs}
@@ -320,6 +402,8 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
         images={i: images[i] for i in sorted(used)},
         anns_by_image=dict(anns_by_image),
         categories=sorted(categories, key=lambda c: int(c["id"])),
+        dropped_sentences={"blank": blank} if blank else {},
+        repeated_targets=repeated,
     )
 
 

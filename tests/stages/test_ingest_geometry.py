@@ -93,7 +93,9 @@ def test_bad_geometry_recorded_refs_dropped_masks_equal_anntomask(tmp_path):
     assert stats["dropped_refs"] == len(made.dropped_refs)
     assert stats["dropped_refs_by_reason"] == {"bad_annotation": len(made.dropped_refs)}
     assert stats["dropped_sentences"] == dropped_sents
-    assert manifest["version"] == "2"
+    assert stats["dropped_sentences_by_reason"] == {"bad_annotation": dropped_sents}
+    assert stats["repeated_targets"] == 0
+    assert manifest["version"] == "3"
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
