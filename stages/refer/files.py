@@ -194,8 +194,7 @@ def _load_json(path: Path, what: str) -> Any:
         # the int-string limit (a number of over 4,300 digits) are all ValueErrors
         raise InputError(
             f"{path}: the {what} file is not valid JSON ({exc}); it is probably truncated or "
-            "damaged: "
-            "download it again"
+            "damaged: download it again"
         ) from None
 
 
