@@ -67,7 +67,9 @@ class Negatives(Stage[NegativesParams]):
     """Top-M candidate negative images per training sentence, ranked by rho', with both scores."""
 
     name = "negatives"
-    version = "2"  # 2: non-null fields, parts of ROWS_PER_PART rows
+    # 2: non-null fields, parts of ROWS_PER_PART rows; 3: with float16 scores, the extremes
+    # are rounded like the scores (the minmax scale of the top candidate is exactly 1)
+    version = "3"
     inputs = ("ingest", "embed_images", "embed_texts")
     tables = ("negatives",)
     libraries = ("pyarrow", "torch", "numpy")
@@ -519,7 +521,9 @@ def _block_table(q: np.ndarray, r: dict[str, np.ndarray], schema: pa.Schema) -> 
         "cand_image_ids": lists(ids, "cand_image_ids"),
         "rho_ti": lists(flat(r["rho_ti"]).astype(np_score, copy=False), "rho_ti"),
         "rho_ii": lists(flat(r["rho_ii"]).astype(np_score, copy=False), "rho_ii"),
-        **{k: pa.array(r[k].astype(np.float32, copy=False), pa.float32())
+        # the pool's extremes as rounded as the scores they scale: with float16 lists, the top
+        # candidate then scales to exactly 1 and the pool's lowest to 0, as with float32
+        **{k: pa.array(r[k].astype(np_score).astype(np.float32, copy=False), pa.float32())
            for k in ("ti_min", "ti_max", "ii_min", "ii_max")},
     }, schema=schema)
 

@@ -196,6 +196,37 @@ def test_mosaic_tables_equal_oracle(dyadic):
         assert filtered > 0 or k >= 30
 
 
+@pytest.mark.parametrize("rank_by", ["ti", "ii"])
+def test_float16_scores_scale_like_float32_at_the_extremes(demo, work, rank_by):
+    """float16 lists with float32 extremes made the top candidate scale to 1 +- an ulp, so
+    tau = 1.0 excluded it in some rows only. The tiny model's (non-dyadic) embeddings round:
+    the stored extremes must be rounded like the scores, checked with numpy on the table."""
+    pipe = pipe_for(demo, work, "negatives.score_dtype=float16", f"negatives.rank_by={rank_by}",
+                    "mosaic_tables.relevance=both", "mosaic_tables.tau_ti=1.0",
+                    "mosaic_tables.tau_ii=1.0", "mosaic_tables.k=5")
+    pipe.run("mosaic_tables")
+    rows = load(pipe, "negatives", "negatives").to_pylist()
+    rounded = 0
+    for r in rows:
+        for score in ("ti", "ii"):
+            rho = np.array(r[f"rho_{score}"], np.float64)
+            lo, hi = r[f"{score}_min"], r[f"{score}_max"]
+            assert hi > lo
+            unit = (rho - lo) / (hi - lo)
+            assert unit.min() >= 0.0 and unit.max() <= 1.0, (r["sent_id"], score)
+            rounded += np.float32(hi) != np.float32(np.float16(hi)) or any(
+                np.float16(v) != v for v in rho)
+        ranked = np.array(r[f"rho_{rank_by}"], np.float64)
+        lo, hi = r[f"{rank_by}_min"], r[f"{rank_by}_max"]
+        assert (ranked[0] - lo) / (hi - lo) == 1.0, r["sent_id"]
+    assert rounded == 0  # every stored value is a float16 value
+    # at tau = 1 (minmax) the top candidate of every query is excluded, as with float32
+    mosaic = {r["sent_id"]: r for r in load(pipe, "mosaic_tables", "mosaic").to_pylist()}
+    assert set(mosaic) == {r["sent_id"] for r in rows}
+    for r in rows:
+        assert r["cand_image_ids"][0] not in mosaic[r["sent_id"]]["neg_image_ids"]
+
+
 def test_paper_defaults_from_data_manifest(demo, work):
     pipe = pipe_for(demo, work)
     p = pipe.resolve("mosaic_tables").params
