@@ -77,6 +77,7 @@ from stages.refer.manifests import load_data_manifest
 from stages.refer.views import valid_views
 from stages.text.negative_rules import DROP_REASONS, TextRules
 from stages.text.normalise import normalise_sentence
+from stages.text.positional import quadrants_for_tokens, tokenize
 
 
 class ShardsParams(Params):
@@ -373,6 +374,9 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
             ("view_texts", [t for _, t in views]),
             (FROM_POOL, bool(mosaic[FROM_POOL]) if mosaic else False),
             (EXCLUDED, mosaic[EXCLUDED] if mosaic else None),
+            # a spatial view names its own position ("the cat on the left"): a sample showing
+            # it must place the positive by its words, not by the original sentence's
+            ("view_allowed_quadrants", [quadrants_for_tokens(tokenize(t))[1] for _, t in views]),
         ):
             rows[col].append(value)
     table = pa.Table.from_pydict(rows, schema=row_schema())

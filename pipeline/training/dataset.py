@@ -79,6 +79,7 @@ from pipeline.training.sampling import (
     draw_hard_negatives,
     draw_layout,
     draw_mosaic_u,
+    expression_quadrants,
     plan_sample,
     sample_rng,
     single,
@@ -106,7 +107,7 @@ READ_COLUMNS = (
     "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds", "hn_source_ids", FROM_POOL,
     EXCLUDED,
 )
-VIEW_COLUMNS = ("view_names", "view_texts")
+VIEW_COLUMNS = ("view_names", "view_texts", "view_allowed_quadrants")
 
 Transform = Callable[[Any, Any], tuple[Any, Any]]
 
@@ -415,8 +416,15 @@ class NemoDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, epoch, index)
         u = draw_mosaic_u(rng)
         image_id = int(row["image_id"])
+        # the text first (its own stream: no other draw moves), so that the positive's cell
+        # follows the positional words of the text shown, a view's or the row's own
+        expressions = self.expressions if self.split == TRAIN_SPLIT else ORIGINAL_EXPRESSION
+        sentence, expression, fell_back = draw_expression(
+            row["sent"], row.get("view_names"), row.get("view_texts"), expressions,
+            stream_rng(self.seed, epoch, index, SENTENCE_STREAM))
+        quadrants = expression_quadrants(row, expression)
         plan = plan_sample(rng, u, self._sampler, epoch, self.split == TRAIN_SPLIT, row,
-                           self._pool)
+                           self._pool, quadrants)
 
         mask = decode_rle(row["mask_rle"])
         height, width = mask.shape
@@ -440,10 +448,6 @@ class NemoDataset(torch.utils.data.Dataset):
             image, mask = compose_cells(positive, mask, plan.cell, plan.sources, boxes, canvas,
                                         self.cell_fit, self._load_rgb)
 
-        expressions = self.expressions if self.split == TRAIN_SPLIT else ORIGINAL_EXPRESSION
-        sentence, expression, fell_back = draw_expression(
-            row["sent"], row.get("view_names"), row.get("view_texts"), expressions,
-            stream_rng(self.seed, epoch, index, SENTENCE_STREAM))
         hard, kinds, hard_sources = draw_hard_negatives(
             row["hn_texts"], row["hn_kinds"], row["hn_source_ids"],
             self.n_hard_negatives if self.hard_negatives_on(epoch) else 0,
@@ -476,6 +480,7 @@ class NemoDataset(torch.utils.data.Dataset):
                 "fallback_cells": plan.fallback_cells,
                 "expression": expression,
                 "expression_fallback": fell_back,
+                "allowed_quadrants": quadrants,
             },
         }
 

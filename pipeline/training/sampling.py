@@ -267,9 +267,11 @@ def allowed_cells(allowed_quadrants: Sequence[Any] | None, grid: int,
 
 
 def plan_sample(rng: np.random.Generator, u: float, opts: SamplerOptions, epoch: int,
-                train: bool, row: Mapping[str, Any], pool: np.ndarray | None) -> Plan:
+                train: bool, row: Mapping[str, Any], pool: np.ndarray | None,
+                allowed_quadrants: Sequence[int] | None = None) -> Plan:
     """The plan of one sample from its row, after ``u`` was drawn (draws 2-4 of the module
-    docstring)."""
+    docstring). `allowed_quadrants` are those of the text the sample shows
+    (:func:`expression_quadrants`); None takes the row's own sentence's."""
     image_id = int(row["image_id"])
     kind = mosaic_kind(u, opts, epoch, train)
     if kind == ONE:
@@ -284,7 +286,9 @@ def plan_sample(rng: np.random.Generator, u: float, opts: SamplerOptions, epoch:
                                                  image_id, pool)
     if negatives is None:
         return single(image_id, fallback)
-    cells = allowed_cells(row.get("allowed_quadrants"), grid, opts.positional_constraint)
+    if allowed_quadrants is None:
+        allowed_quadrants = row.get("allowed_quadrants")
+    cells = allowed_cells(allowed_quadrants, grid, opts.positional_constraint)
     cell = cells[int(rng.integers(len(cells)))]
     it = iter(negatives)
     sources = [image_id if j == cell else next(it) for j in range(grid * grid)]
@@ -358,6 +362,20 @@ def draw_expression(sent: str, view_names: Sequence[str] | None,
         choices.insert(0, (ORIGINAL_EXPRESSION, sent))
     name, text = choices[int(rng.integers(len(choices)))]
     return text, name, False
+
+
+def expression_quadrants(row: Mapping[str, Any], expression: str) -> list[int]:
+    """The allowed quadrants of the text a sample shows: the row's for its own sentence, the
+    view's own for a view (shards schema >= 5). A view of an older artifact, whose quadrants
+    were not stored, allows every quadrant: its words are unknown here, and the original
+    sentence's words do not describe it."""
+    if expression == ORIGINAL_EXPRESSION:
+        return [int(q) for q in row.get("allowed_quadrants") or ALL_QUADRANTS]
+    names = list(row.get("view_names") or [])
+    quads = list(row.get("view_allowed_quadrants") or [])
+    if expression in names and len(quads) == len(names):
+        return [int(q) for q in quads[names.index(expression)] or ALL_QUADRANTS]
+    return list(ALL_QUADRANTS)
 
 
 def draw_hard_negatives(texts: Sequence[str] | None, kinds: Sequence[str] | None,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # -- shards ------------------------------------------------------------------------------------
 SHARDS_STAGE = "shards"
-SHARDS_SCHEMA_VERSION = "4"
+SHARDS_SCHEMA_VERSION = "5"
 """Written by the shards stage (its stage version, in the manifest and every Parquet file).
 1: first layout. 2: same columns; training rows' same-image negatives follow the split and
 positive rules, evaluation rows have none. 3: same columns; the thumbnails are their own
@@ -49,9 +49,11 @@ exclusions) and the artifact holds the mosaic pool (`pool/`), which random mosai
 `hn_source_ids` (the hard negatives' source sentence ids, aligned with `hn_texts`), `view_names`
 and `view_texts` (the referent's multi-view expressions, training rows with `shards.with_views`),
 and the manifest's `with_views`; the hard-negative lists hold at most `shards.hard_negative_pool`
-entries. The reader reads every version; what an older one lacks it fills with its empty value
-(`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
-SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4"})
+entries. 5 (additive): `view_allowed_quadrants`, each view's own allowed quadrants (aligned
+with `view_texts`), so a sample showing a view places the positive by that view's positional
+words, not by its original sentence's. The reader reads every version; what an older one lacks
+it fills with its empty value (`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
+SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4", "5"})
 """Shards schema versions the reader understands (manifest and every Parquet file)."""
 
 SCHEMA_VERSION_FIELD = "schema_version"
@@ -75,18 +77,20 @@ ROW_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
     "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
     "hn_texts", "hn_kinds", "hn_scores", "hn_source_ids", "view_names", "view_texts",
-    FROM_POOL, EXCLUDED,
+    FROM_POOL, EXCLUDED, "view_allowed_quadrants",
 )
 """The columns of a split table, in file order."""
 COLUMN_SINCE = {"hn_source_ids": "4", "view_names": "4", "view_texts": "4", FROM_POOL: "4",
-                EXCLUDED: "4"}
+                EXCLUDED: "4", "view_allowed_quadrants": "5"}
 """Columns added after schema version 1, with the version that added them: a file of an older
 version lacks them, and a reader fills them with their empty value (see :func:`added_after`)."""
 
 COLUMN_EMPTY: dict[str, object] = {"hn_source_ids": [], "view_names": [], "view_texts": [],
-                                   FROM_POOL: False, EXCLUDED: None}
+                                   FROM_POOL: False, EXCLUDED: None,
+                                   "view_allowed_quadrants": []}
 """The value a reader gives a column its file lacks: no views, no source ids, and a listed
-mosaic row (`neg_image_ids` holds its candidates, as every row before `k=all` did)."""
+mosaic row (`neg_image_ids` holds its candidates, as every row before `k=all` did); views
+without their own quadrants (schema 4) place the positive in any cell."""
 
 NO_SOURCE_ID = -1
 """`hn_source_ids` entry of a negative without a source sentence (schema < 4 rows read back)."""
@@ -116,7 +120,8 @@ def row_schema() -> pa.Schema:
              "hn_kinds": pa.list_(pa.string()), "hn_scores": pa.list_(pa.float32()),
              "hn_source_ids": pa.list_(pa.int64()), "view_names": pa.list_(pa.string()),
              "view_texts": pa.list_(pa.string()),
-             FROM_POOL: pa.bool_(), EXCLUDED: pa.list_(pa.int64())}
+             FROM_POOL: pa.bool_(), EXCLUDED: pa.list_(pa.int64()),
+             "view_allowed_quadrants": pa.list_(pa.list_(pa.int8()))}
     return pa.schema([(c, types[c]) for c in ROW_COLUMNS])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -45,7 +46,25 @@ def test_training_rows_carry_their_referents_views(demo, work):
         assert all(r["view_texts"] == [] == r["view_names"]
                    for r in pq.read_table(d / split).to_pylist())
     m = json.loads((d / "_manifest.json").read_text())
-    assert m["with_views"] is True and m["schema_version"] == "4"
+    assert m["with_views"] is True and m["schema_version"] == "5"
+    # each view's own quadrants, aligned with its texts; hand rule on views naming exactly one
+    # of the four sides (and no other position word): left {0, 2}, right {1, 3}, top {0, 1},
+    # bottom {2, 3}; any other view is checked only for alignment and range
+    sides = {"left": [0, 2], "right": [1, 3], "top": [0, 1], "bottom": [2, 3]}
+    other_positions = {"leftmost", "rightmost", "upper", "lower", "high", "low", "higher",
+                       "lowest", "highest", "topmost", "uppermost", "bottommost", "lowermost",
+                       "lefthand", "righthand", "o'clock", "clock"}
+    checked = 0
+    for row in train:
+        assert len(row["view_allowed_quadrants"]) == len(row["view_texts"])
+        for text, quads in zip(row["view_texts"], row["view_allowed_quadrants"], strict=True):
+            assert set(quads) <= {0, 1, 2, 3}
+            words = set(re.findall(r"[a-z']+", text.lower().replace("-", " ")))
+            named = words & set(sides)
+            if len(named) == 1 and not words & other_positions:
+                assert quads == sides[named.pop()], text
+                checked += 1
+    assert checked > 0  # the template's spatial views name a side
     assert m["stats"]["training_rows_with_views"] == sum(bool(r["view_texts"]) for r in train)
     plain = pipe_for(demo.refer_root, demo.images_dir, work)
     assert "multiview" not in [i.name for i in plain.plan("shards")]

@@ -203,6 +203,70 @@ def test_expressions_leave_the_mosaic_draws_alone(data):
     assert mosaics
 
 
+def _positional_rows() -> list[dict]:
+    """The original names the left; the views name the right, nothing, and the top."""
+    rows = []
+    for i in range(12):
+        row = train_row(i)
+        row.update(sent=f"man on the left {i}", neg_image_ids=[3, 4, 5],
+                   positional_words=["left"], allowed_quadrants=[0, 2],
+                   view_names=["spatial", "appearance", "action"],
+                   view_texts=["man on the right", "a man in red", "man at the top"],
+                   view_allowed_quadrants=[[1, 3], [], [0, 1]])
+        rows.append(row)
+    return rows
+
+
+# the cells each text may put the positive in (hand-made; 2x2, row-major)
+ALLOWED_BY_TEXT = {"man on the right": {1, 3}, "a man in red": {0, 1, 2, 3},
+                   "man at the top": {0, 1}}
+
+
+@pytest.mark.parametrize("expressions", ["views", "both"])
+def test_positional_constraint_follows_the_text_shown(data, expressions):
+    """A view naming the right must not be shown in a left cell because the row's original
+    sentence says left: the positive's cell follows the words of the text the sample shows."""
+    root = build(data["base"] / f"positional_{expressions}", {"train": _positional_rows()},
+                 version="5")
+    d = ds({**data, "shards": root}, gamma=1.0, positional_constraint=True,
+           expressions=expressions, thumbnails=False)
+    seen: dict[str, set[int]] = {}
+    for epoch in range(6):
+        d.set_epoch(epoch)
+        for i in range(len(d)):
+            s = d[i]
+            assert s["meta"]["is_mosaic"] and s["meta"]["grid"] == 2
+            text = s["sentence"]
+            allowed = ({0, 2} if text.startswith("man on the left") else ALLOWED_BY_TEXT[text])
+            assert s["meta"]["quadrant"] in allowed, (text, s["meta"]["quadrant"])
+            assert set(s["meta"]["allowed_quadrants"]) == allowed
+            seen.setdefault(text.rstrip("0123456789 "), set()).add(s["meta"]["quadrant"])
+    assert seen["a man in red"] & {1, 3}  # not held to the original's left cells
+    assert seen["man on the right"] and seen["man at the top"]
+    if expressions == "both":
+        assert seen["man on the left"]
+
+
+def test_views_of_schema_4_shards_go_in_any_cell(data):
+    """Schema 4 stored no quadrants for views: their words are unknown to the reader, so a view
+    is not held to the original sentence's cells."""
+    rows = _positional_rows()
+    for r in rows:
+        del r["view_allowed_quadrants"]
+    root = build(data["base"] / "positional_v4", {"train": rows}, version="4",
+                 drop=("view_allowed_quadrants",))
+    d = ds({**data, "shards": root}, gamma=1.0, positional_constraint=True, expressions="views",
+           thumbnails=False)
+    cells = set()
+    for epoch in range(4):
+        d.set_epoch(epoch)
+        for i in range(len(d)):
+            s = d[i]
+            assert s["meta"]["allowed_quadrants"] == [0, 1, 2, 3]
+            cells.add(s["meta"]["quadrant"])
+    assert cells == {0, 1, 2, 3}
+
+
 # --------------------------------------------------------------------------- hard negatives
 def test_negatives_are_drawn_from_the_pool_without_repeats_with_kinds_and_sources(data):
     n = 4
