@@ -141,7 +141,9 @@ class HardNegatives(Stage[HardNegativesParams]):
     """Ranked hard-negative texts per training sentence from four labelled sources."""
 
     name = "hard_negatives"
-    version = "2"  # 2: split rule, positives and normalised duplicates dropped
+    # 2: split rule, positives and normalised duplicates dropped; 3: the normal form drops
+    # invisible (Cf) characters and articles and case-folds
+    version = "3"
     inputs = ("ingest", "embed_texts", "index", "clusters", "augment")
     tables = ("hard_negatives",)
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")

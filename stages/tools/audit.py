@@ -21,6 +21,10 @@ Checks (a training row is a row of `hard_negatives`, of the shards' training spl
 - `positives_as_negatives`: a negative text whose normalised form equals a sentence of the
   query's own referent or of a referent with the same target set (same image, same sorted
   ann_ids; a no-target referent only matches itself).
+- `negatives_unlike_their_source`: a hard negative whose source id does not account for its
+  text: a retrieved negative whose normalised text is not that of its source sentence, or an
+  augmented edit whose source id is not the query's own sentence. Without this a negative could
+  carry an evaluation sentence's text under a training sentence's id and pass the checks above.
 - `duplicate_negatives`: a normalised text or an image id repeated within one row's list
   (counted once per extra occurrence).
 - `own_image_negatives`: the query's own image among its mosaic negatives. Same-image text
@@ -65,6 +69,9 @@ CHECKS: dict[str, str] = {
         "mosaic negative images that hold no training referent",
     "positives_as_negatives":
         "negative texts equal (normalised) to a sentence of the query's own target",
+    "negatives_unlike_their_source":
+        "hard negatives whose text is not their source sentence's (retrieved) or whose source "
+        "is not the query (edits)",
     "duplicate_negatives": "a text or image id repeated in one row's negatives",
     "own_image_negatives": "the query's own image among its mosaic negatives",
     "k_shortfall": "k_shortfall disagreeing with len(neg_image_ids), or more than K images",
@@ -442,7 +449,7 @@ class _Audit:
                     "negative": text_of[i], "kind": kind[i], **extra}
 
         for name in ("eval_sentences_as_negatives", "positives_as_negatives",
-                     "duplicate_negatives"):
+                     "negatives_unlike_their_source", "duplicate_negatives"):
             _tally(self.checks[name], f"{table} texts", n)
 
         # Evaluation sentences: by source id where it names a known sentence, else by text.
@@ -461,6 +468,16 @@ class _Audit:
             bad[j], **({"source_id": int(t.sent_ids[src_pos[bad[j]]]),
                         "source_split": t.sent_split[src_pos[bad[j]]]} if by_source[bad[j]]
                        else {"equals_only": "evaluation sentences"})))
+
+        # Sources: a retrieved text is its source sentence's; an edit's source is the query.
+        src_norm = np.where(by_source, t.sent_norm[np.maximum(src_pos, 0)], -1)
+        query_id = sent_ids[row]
+        src_id = np.where(by_source, t.sent_ids[np.maximum(src_pos, 0)], -1)
+        unlike = by_source & np.where(retrieved, src_norm != norm, src_id != query_id)
+        bad = np.flatnonzero(unlike)
+        self._add("negatives_unlike_their_source", table, sent_ids[row[bad]], lambda j: example(
+            bad[j], source_id=int(src_id[bad[j]]),
+            source_sent=t.sent_text[src_pos[bad[j]]]))
 
         # Positives: (target group of the query, normalised text) among the sentences' pairs.
         group = np.where(known, t.sent_group[np.maximum(qpos, 0)], -1)

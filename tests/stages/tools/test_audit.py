@@ -147,7 +147,7 @@ def make_clean(pipe, t: Truth) -> None:
         for r in rows:
             srcs = negatives(r["sent_id"])
             r.update(hn_texts=[t.sent[s]["sent"] for s in srcs], hn_kinds=["neighbour"] * 3,
-                     hn_scores=[0.5] * 3)
+                     hn_scores=[0.5] * 3, hn_source_ids=srcs)
         return rows
 
     edit(pipe, "mosaic_tables", "mosaic", mosaic)
@@ -213,6 +213,10 @@ def brute_force(pipe, t: Truth) -> tuple[Counter, dict[str, set]]:
             else:
                 leak = kind in RETRIEVED and n in t.eval_norms and n not in t.train_norms
             hit("eval_sentences_as_negatives", table, sid, int(leak))
+            if src in t.sent:  # a retrieved text is its source's; an edit's source the query
+                unlike = (n != norm(t.sent[src]["sent"]) if kind in RETRIEVED
+                          else src != sid)
+                hit("negatives_unlike_their_source", table, sid, int(unlike))
             hit("positives_as_negatives", table, sid, int(n in t.positives(sid)))
             hit("duplicate_negatives", table, sid, int(n in seen))
             seen.add(n)
@@ -229,7 +233,7 @@ def brute_force(pipe, t: Truth) -> tuple[Counter, dict[str, set]]:
         hit("eval_sentences_as_training_rows", "shards/train", r["sent_id"],
             int(not t.is_train(r["sent_id"])))
         images("shards/train", r)
-        texts("shards/train", r["sent_id"], r["hn_texts"], r["hn_kinds"], None)
+        texts("shards/train", r["sent_id"], r["hn_texts"], r["hn_kinds"], r["hn_source_ids"])
     return counts, rows
 
 
@@ -306,7 +310,7 @@ def test_planted_evaluation_sentences_are_found(clean):
         # the edited text equals
         by[c]["neg_texts"][2], by[c]["neg_kinds"][2] = text, "swap_color"
         by[c]["neg_source_ids"][2] = c
-        # a training source with an unrelated text stays trusted
+        # a training source with an unrelated text is no leak, but the text is not its source's
         by[hn[3]["sent_id"]]["neg_source_ids"][0] = train_other
         return rows
 
@@ -315,15 +319,19 @@ def test_planted_evaluation_sentences_are_found(clean):
 
     def plant_shards(rows):
         by = {r["sent_id"]: r for r in rows}
-        by[x]["hn_texts"][0] = "  " + text.upper() + "!"  # by text: only evaluation sentences
+        # no source id: judged by text, which only evaluation sentences have
+        by[x]["hn_texts"][0], by[x]["hn_source_ids"][0] = "  " + text.upper() + "!", -1
         by[y]["hn_texts"][1], by[y]["hn_kinds"][1] = text, "negation"  # augmented: no source
+        by[y]["hn_source_ids"][1] = -1
         return rows
 
     edit(pipe, "hard_negatives", "hard_negatives", plant_hn)
     edit(pipe, "shards", "train", plant_shards)
     result = run_audit(pipe, max_examples=100)
     assert_only(result, {"eval_sentences_as_negatives": {
-        ("hard_negatives", a), ("hard_negatives", b), ("shards/train", x)}})
+        ("hard_negatives", a), ("hard_negatives", b), ("shards/train", x)},
+        "negatives_unlike_their_source": {("hard_negatives", b),
+                                          ("hard_negatives", hn[3]["sent_id"])}})
     by_sid = {e["sent_id"]: e for e in result.check("eval_sentences_as_negatives").examples}
     assert by_sid[a]["source_id"] == leak and by_sid[a]["source_split"] == t.split[leak]
     assert by_sid[a]["negative"] == text and by_sid[x]["kind"] == "neighbour"
@@ -397,8 +405,41 @@ def test_planted_positives_are_found_own_referent_and_same_target_set(clean):
     assert found(result, "positives_as_negatives") == {("hard_negatives", q)}
     assert {e["negative"] for e in checks["positives_as_negatives"].examples} == {
         t.sent[own_sent]["sent"].upper() + " .", t.sent[other_sent]["sent"]}
-    # planting may not repeat a text already in the row: nothing else is found
-    assert all(c.status == "ok" for c in result.checks if c.name != "positives_as_negatives")
+    # planting may not repeat a text already in the row: nothing else is found, but the
+    # planted texts are not their (kept) source sentences' texts
+    assert found(result, "negatives_unlike_their_source") == {("hard_negatives", q),
+                                                               ("hard_negatives", third)}
+    assert all(c.status == "ok" for c in result.checks
+               if c.name not in ("positives_as_negatives", "negatives_unlike_their_source"))
+
+
+def test_planted_texts_unlike_their_sources_are_found(clean):
+    """A negative carrying an evaluation sentence's text under a training sentence's id passes
+    the evaluation check (judged by its source): only the source check finds it."""
+    pipe, t = clean
+    leak_text = t.sent[_eval_only_sentence(t)]["sent"]
+    hn = rows_of(pipe, "hard_negatives", "hard_negatives")
+    a, b, c = hn[0]["sent_id"], hn[1]["sent_id"], hn[2]["sent_id"]
+    other_train = next(s for s in sorted(t.sent) if t.is_train(s) and s != b)
+
+    def plant(rows):
+        by = {r["sent_id"]: r for r in rows}
+        by[a]["neg_texts"][0] = leak_text  # source id kept: a training sentence
+        by[a]["neg_kinds"][0] = "same_image"
+        by[b]["neg_kinds"][1], by[b]["neg_source_ids"][1] = "role_reversal", other_train
+        # the same text in another case and punctuation is the source's text
+        by[c]["neg_texts"][2] = by[c]["neg_texts"][2].upper() + "."
+        return rows
+
+    edit(pipe, "hard_negatives", "hard_negatives", plant)
+    result = run_audit(pipe, max_examples=100)
+    assert_only(result, {"negatives_unlike_their_source": {("hard_negatives", a),
+                                                            ("hard_negatives", b)}})
+    ex = {e["sent_id"]: e for e in result.check("negatives_unlike_their_source").examples}
+    src = hn[0]["neg_source_ids"][0]
+    assert ex[a]["negative"] == leak_text and ex[a]["source_id"] == src
+    assert ex[a]["source_sent"] == t.sent[src]["sent"]
+    assert ex[b]["kind"] == "role_reversal" and ex[b]["source_id"] == other_train
 
 
 def test_planted_duplicates_own_images_and_k_shortfalls_are_found(clean):
@@ -438,6 +479,8 @@ def test_planted_duplicates_own_images_and_k_shortfalls_are_found(clean):
     over_k = {("shards/train", r["sent_id"]) for r in train}
     assert_only(result, {
         "duplicate_negatives": {("hard_negatives", dup_text), ("mosaic", dup_img)},
+        # the planted duplicate text is not its source sentence's either
+        "negatives_unlike_their_source": {("hard_negatives", dup_text)},
         "own_image_negatives": {("shards/train", own)},
         "k_shortfall": {("mosaic", short)} | over_k})
     dups = result.check("duplicate_negatives").examples
@@ -576,7 +619,7 @@ def test_report_shows_the_audit(clean, tmp_path):
     assert "No findings." in section
     for name in run_audit(pipe).checks:
         assert f"<tr data-check='{name.name}'>" in section
-    assert section.count("class='audit-ok'") == 7
+    assert section.count("class='audit-ok'") == 8  # every check
 
     sid = rows_of(pipe, "mosaic_tables", "mosaic")[0]["sent_id"]
 

@@ -256,19 +256,22 @@ def test_add_views_hand_case():
         {"ref_id": 3, "split": "train", "sent_ids": [4],
          "sentences": [{"sent_id": 4, "sent": "bird", "raw": "bird", "tokens": []}]},
     ]
-    views = {1: [("appearance", "the red cat"), ("spatial", "Red cat!")],
+    # "the red cat" and "Red cat!" are ref 1's "red cat" once normalised (articles,
+    # case, punctuation); "a cat sleeping" is new
+    views = {1: [("appearance", "the red cat"), ("spatial", "Red cat!"),
+                 ("action", "a cat sleeping")],
              2: [("appearance", "the brown dog")], 3: [("appearance", "A bird, left.")],
              7: [("appearance", "nobody")]}
     counts = add_views(refs, views, "train")
-    # ids above the largest of every split (9, a val sentence); "Red cat!" is a sentence of ref 1
+    # ids above the largest of every split (9, a val sentence)
     assert refs[0]["sent_ids"] == [0, 1, 10] and refs[0]["sentences"][2] == {
-        "tokens": ["the", "red", "cat"], "raw": "the red cat", "sent_id": 10,
-        "sent": "the red cat"}
+        "tokens": ["a", "cat", "sleeping"], "raw": "a cat sleeping", "sent_id": 10,
+        "sent": "a cat sleeping"}
     assert refs[2]["sentences"][1] == {"tokens": ["a", "bird", "left"], "raw": "A bird, left.",
                                        "sent_id": 11, "sent": "a bird left"}
     assert refs[1]["sent_ids"] == [9] and len(refs[1]["sentences"]) == 1
     assert counts == {"refs_with_views": 2, "added_sentences": 2,
-                      "views_of_eval_refs_skipped": 1, "views_equal_to_a_sentence": 1,
+                      "views_of_eval_refs_skipped": 1, "views_equal_to_a_sentence": 2,
                       "views_of_unknown_refs": 1, "first_new_sent_id": 10,
                       "last_new_sent_id": 11}
 
