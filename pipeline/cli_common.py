@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pipeline.runner import Pipeline
 
 WORK_DIR = typer.Option(None, "--work-dir", "-w",
-                        help="Artifact root [env NEMO_WORK_DIR; default ./artifacts].")
+                        help="Artifact root (env NEMO_WORK_DIR; default ./artifacts).")
 
 # name -> (type, typer option): the common options, in the order `--help` lists them.
 _COMMON: dict[str, tuple[Any, Any]] = {
@@ -37,12 +37,12 @@ _COMMON: dict[str, tuple[Any, Any]] = {
                                        "grefcoco, or the path of a data-manifest YAML file.")),
     "data_root": (Path, typer.Option(None, "--data-root",
                                      help="REFER data root holding <dataset dir>/refs(...).p "
-                                          "and instances.json [env NEMO_DATA_ROOT; remembered "
-                                          "per dataset].")),
+                                          "and instances.json (env NEMO_DATA_ROOT; remembered "
+                                          "per dataset).")),
     "images": (Path, typer.Option(None, "--images",
-                                  help="COCO train2014 images dir [env NEMO_IMAGES; default "
+                                  help="COCO train2014 images dir (env NEMO_IMAGES; default "
                                        "<data-root>/images/train2014 or "
-                                       "<data-root>/../images/train2014].")),
+                                       "<data-root>/../images/train2014).")),
     "work_dir": (Path, WORK_DIR),
     "config": (Path, typer.Option(None, "--config", "-c",
                                   help="YAML config file (sections per stage).")),

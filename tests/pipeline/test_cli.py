@@ -156,3 +156,21 @@ def test_run_rebuilds_a_corrupt_cached_artifact(demo, work):
     assert res.exit_code == 0 and "checksum differs" in res.output
     assert runner.invoke(app, ["verify", "--work-dir", str(work)]).exit_code == 0
     assert part.read_bytes() == good[part.relative_to(artifact)]
+
+
+def test_help_texts_survive_rich_markup():
+    """typer renders help with rich, which swallows `[word ...]` as a markup tag: the env
+    variables and defaults of the common options were invisible ("Artifact root ."). No help
+    text may hold a bracket that rich would read as a tag, and the hints show."""
+    import re
+
+    import typer
+
+    command = typer.main.get_command(app)
+    tag = re.compile(r"\[[a-zA-Z#/@]")
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            assert not tag.search(getattr(param, "help", None) or ""), (name, param.name)
+    out = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"}).output
+    for hint in ("NEMO_WORK_DIR", "default ./artifacts", "NEMO_DATA_ROOT", "NEMO_IMAGES"):
+        assert hint in out, hint
