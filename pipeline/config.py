@@ -65,13 +65,55 @@ def _merge(dst: dict[str, Any], path: list[str], value: Any, origin: str) -> Non
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a config holding `k: 800` and later `k: 200` would run with 200 unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"config file {self.name}: key {key!r} given twice in one "
+                                  f"section (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call]
+
+
+def _seed_mapping_default(raw: dict[str, Any], path: list[str],
+                          sections: dict[str, Any]) -> None:
+    """Before `--set SECTION.NAME.KEY=V` writes into a mapping-valued param that the config
+    has not given yet, start it from the param's default: the override changes one entry of
+    the mapping (`hard_negatives.mix.same_image=5` keeps the other sources' quotas) instead of
+    replacing the whole mapping with a one-entry one."""
+    import copy
+
+    cls = sections.get(path[0])
+    info = cls.params_model.model_fields.get(path[1]) if cls is not None else None
+    if info is None or info.is_required():
+        return
+    default = info.get_default(call_default_factory=True)
+    section = raw.setdefault(path[0], {})
+    if isinstance(default, dict) and isinstance(section, dict) and path[1] not in section:
+        section[path[1]] = copy.deepcopy(default)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          "is it a YAML config file? Save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -264,12 +306,14 @@ def load_config(
 ) -> Config:
     """Defaults, then the YAML file, then each `--set` in order."""
     raw: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    sections = registry.sections()
     for item in sets:
         path, value = parse_set(item)
+        if len(path) > 2:
+            _seed_mapping_default(raw, path, sections)
         _merge(raw, path, value, f"--set {item!r}")
 
     apply_renamed_keys(raw, registry)
-    sections = registry.sections()
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +224,48 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def output_file(path: Path, what: str, option: str = "the output path") -> Iterator[Path]:
+    """A temp path next to `path` for a command to write `what` into, renamed onto `path` when
+    the block ends normally and removed when it does not: a failed write leaves neither a
+    half-written output nor a temp file. An OSError (no permission, a read-only disk, `path` a
+    directory) becomes an InputError naming the path and `option` to change."""
+    from pipeline.errors import InputError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "it is a directory", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the {what} ({exc.strerror or exc}); choose "
+                         f"a writable {option}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def output_dir(path: Path, what: str, option: str = "the output folder") -> Path:
+    """`path` as a folder a command may write `what` into (created), or an InputError naming
+    it: a file in the way, no permission, a read-only disk."""
+    from pipeline.errors import InputError
+
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder", str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the {what} there ({exc.strerror or exc}); "
+                         f"choose a writable {option}") from None
+    return path
 
 
 def read_json(path: Path) -> Any:

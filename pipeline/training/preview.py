@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.io import output_file
 from pipeline.training.dataset import NemoDataset
 
 THUMB_W = 320
@@ -97,6 +98,7 @@ def render_preview(shards_dir: Path, images_dir: Path, out: Path, split: str = "
                    bands: Sequence[str] = DEFAULT_BANDS) -> Path:
     """Draw about `n` samples, shared out over the `bands` (names of :data:`BANDS`), into one
     PNG; returns its path. Each band shows the same indices, spread evenly over the split."""
+    out = Path(out)
     unknown = [b for b in bands if b not in BANDS]
     if unknown or not bands:
         raise ValueError(f"unknown preview band(s) {unknown or '(none given)'}; choose from "
@@ -128,6 +130,10 @@ def render_preview(shards_dir: Path, images_dir: Path, out: Path, split: str = "
             for j, line in enumerate(_caption(sample)):
                 draw.text((ox + 3, oy + thumb.height + 3 + j * LINE_H), line, fill=(0, 0, 0),
                           font=font)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{out}: {out.suffix or 'no extension'} is not an image format PIL "
+                         "writes; name the preview .png or .jpg")
+    with output_file(out, "preview", "OUT path") as tmp:
+        sheet.save(tmp, format=fmt)
     return out

@@ -42,14 +42,13 @@ training rows x 800 image ids) needs seconds and one part in memory.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, NemoError
-from pipeline.io import table_files
+from pipeline.io import output_file, table_files
 from stages.text.normalise import normalise_sentence
 
 if TYPE_CHECKING:
@@ -132,15 +131,8 @@ def audit_command(dataset: str, work_dir: Path | None = None, config: Path | Non
     pipe = open_pipeline(dataset, work_dir, config, sets, data_root, images, progress=False)
     result = run_audit(pipe, train_split=load_data_manifest(dataset).train_split)
     if json_out is not None:
-        out = Path(json_out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        with output_file(Path(json_out), "audit JSON", "--json path") as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-            tmp.replace(out)
-        except OSError as exc:
-            raise InputError(f"cannot write the audit JSON to {out} ({exc.strerror}); choose "
-                             "another --json path") from None
     return result
 
 

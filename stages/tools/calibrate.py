@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
+from pipeline.io import output_dir, output_file
 from stages.mosaic_tables import TAU_RANGE, MosaicParams, active_taus, select_negatives
 from stages.text.positional import quadrants_for_tokens
 
@@ -149,11 +150,12 @@ class CalibrationResult:
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_dir(Path(out_dir), "calibration", "OUT folder")
         table = self.to_table()
-        pq.write_table(table, out / "calibration.parquet", compression="zstd")
-        pacsv.write_csv(table.replace_schema_metadata(None), out / "calibration.csv")
+        with output_file(out / "calibration.parquet", "calibration table", "OUT folder") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        with output_file(out / "calibration.csv", "calibration CSV", "OUT folder") as tmp:
+            pacsv.write_csv(table.replace_schema_metadata(None), tmp)
         return out / "calibration.parquet", out / "calibration.csv"
 
 
@@ -628,8 +630,8 @@ def render_heatmaps(result: CalibrationResult, path_png: Path | str) -> Path:
                  f"relevance {result.relevance}, scale {result.scale} (tau off = no filter)",
                  fontsize=11)
     path = Path(path_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with output_file(path, "calibration heatmaps", "OUT folder") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 

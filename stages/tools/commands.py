@@ -116,15 +116,18 @@ def preview(
 def demo_data(
     out: Path = typer.Argument(..., help="Output folder (must not exist or be empty)."),
     n_images: int = typer.Option(40, "--n-images", min=12, help="Number of images."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed, same bytes)."),
 ) -> None:
     """Write a synthetic REFER-format dataset (all five layouts, real JPEGs, broken cases)."""
     from stages.refer.synthetic import write_demo_data
 
     try:
         summary = write_demo_data(out, n_images=n_images, seed=seed)
-    except FileExistsError as exc:
-        raise NemoError(str(exc)) from None
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.errno is None:  # the writer's refusal
+            raise NemoError(str(exc)) from None
+        raise NemoError(f"{exc.filename or out}: cannot write the demo data "
+                        f"({exc.strerror or exc}); choose a writable OUT folder") from None
     for name, counts in summary.datasets.items():
         typer.echo(f"{name:<16} " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     typer.echo(f"REFER data root: {summary.refer_root}\nimages: {summary.images_dir}")

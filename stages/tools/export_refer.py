@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, NotPublished
+from pipeline.io import output_dir
 from stages.refer.views import refer_sentence, valid_views
 from stages.text.normalise import normalise_sentence
 
@@ -122,7 +123,7 @@ def export_refer(refs_path: Path, instances_path: Path, fmt: str, out_dir: Path,
     """Write the REFER copy of `refs_path` + `instances_path` with `views` into `out_dir`."""
     from stages.refer.files import load_refs_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(out_dir, "REFER copy", "OUT folder")
     if out_dir.resolve() == refs_path.parent.resolve():
         raise InputError(f"{out_dir}: this is the original dataset's own folder; pick another "
                          "OUT so the original REFER files stay as they are")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
-from pipeline.io import human_bytes, read_table_dir, table_files
+from pipeline.io import human_bytes, output_file, read_table_dir, table_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,10 +103,8 @@ def write_report(pipe: Pipeline, out_html: Path, images_dir: Path | None = None,
     doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
            f"<title>nemo-pipe report: {_e(pipe.env.dataset)}</title>"
            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(f".{out_html.name}.tmp-{os.getpid()}")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out_html)
+    with output_file(out_html, "report", "OUT path") as tmp:
+        tmp.write_text(doc, encoding="utf-8")
     return out_html
 
 

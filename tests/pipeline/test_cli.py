@@ -76,7 +76,7 @@ def test_unknown_stage(demo, work):
 
 def test_list_stages_and_help():
     res = runner.invoke(app, ["list-stages"])
-    assert res.exit_code == 0 and res.output.startswith("ingest (v2)")
+    assert res.exit_code == 0 and res.output.startswith("ingest (v3)")
     for cmd in ("run", "status", "path", "verify", "demo-data", "list-stages"):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
 

@@ -337,6 +337,40 @@ def test_a_config_file_is_checked_the_same_way(tmp_path):
     assert fixed.params_for("mosaic_tables").tau_ti == 0.5
 
 
+def test_a_dotted_set_changes_one_entry_of_a_mapping(tmp_path):
+    """`--set hard_negatives.mix.same_image=5` replaced the whole mix with {same_image: 5},
+    silently giving the other sources quota 0. It changes one entry; a whole mapping given
+    as the value still replaces, and a file's mapping is the base a dotted --set edits."""
+    default = {"same_image": 2, "neighbour": 2, "neighbour_same_class": 2, "augmented": 2}
+    one = load_config(REGISTRY, sets=["hard_negatives.mix.same_image=5"])
+    assert one.params_for("hard_negatives").mix == {**default, "same_image": 5}
+    whole = load_config(REGISTRY, sets=["hard_negatives.mix={same_image: 5}"])
+    zero = dict.fromkeys(default, 0)  # a source the mapping leaves out gets no places
+    assert whole.params_for("hard_negatives").mix == {**zero, "same_image": 5}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("hard_negatives:\n  mix: {neighbour: 4}\n")
+    both = load_config(REGISTRY, cfg, sets=["hard_negatives.mix.augmented=1"])
+    assert both.params_for("hard_negatives").mix == {**zero, "neighbour": 4, "augmented": 1}
+    # the default of the model itself is untouched for the next load
+    assert load_config(REGISTRY).params_for("hard_negatives").mix == default
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mosaic_tables:\n  k: 800\n  tau_ti: 0.5\n  k: 200\n")
+    msg = _error_file(cfg)
+    assert f"config file {cfg}: key 'k' given twice in one section (lines 2 and 4)" in msg
+    cfg.write_text("mosaic_tables:\n  k: 800\nmosaic_tables:\n  k: 200\n")
+    assert "key 'mosaic_tables' given twice" in _error_file(cfg)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"\xff\xfe mosaic_tables: {k: 200}")
+    msg = _error_file(cfg)
+    assert msg.startswith(f"config file {cfg}: not UTF-8 text (byte 0") and "UTF-8" in msg
+
+
 def _error_file(cfg: Path) -> str:
     with pytest.raises(ConfigError) as info:
         load_config(REGISTRY, cfg)

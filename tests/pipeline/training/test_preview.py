@@ -61,6 +61,16 @@ def test_dataset_over_pipeline_shards_and_preview(demo, work, tmp_path):
                                    "--images", str(demo.images_dir),
                                    *[x for s in SETS for x in ("--set", s)]])
     assert bad.exit_code == 2 and "diagonal" in bad.output
+    (tmp_path / "file").write_text("x")
+    for out, words in ((tmp_path / "file" / "p.png", "cannot write the preview"),
+                       (tmp_path / "p.xyz", "not an image format PIL writes")):
+        blocked = CliRunner().invoke(app, ["preview", str(out), "--dataset", "refcoco",
+                                           "--n", "4", "--work-dir", str(work),
+                                           "--data-root", str(demo.refer_root),
+                                           "--images", str(demo.images_dir),
+                                           *[x for s in SETS for x in ("--set", s)]])
+        assert blocked.exit_code == 2 and words in blocked.output, blocked.output
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def _ann_ids(shards, sent_id):

@@ -606,6 +606,14 @@ def test_cli_exit_codes_and_json(clean, tmp_path):
     assert check["count"] == 1 and check["examples"][0]["sent_id"] == sid
     assert check["examples"][0]["source_id"] == leak
 
+    # a --json path that is a directory: exit 2 naming it, no temp file left beside it
+    (tmp_path / "jdir").mkdir()
+    into_dir = _cli("--dataset", "refcoco", "--work-dir", work, *sets, "--json",
+                    str(tmp_path / "jdir"))
+    assert into_dir.returncode == 2 and "Traceback" not in into_dir.stderr
+    assert f"{tmp_path / 'jdir'}: cannot write the audit JSON" in into_dir.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".jdir")]
+
     empty = _cli("--dataset", "refcoco", "--work-dir", str(tmp_path / "nothing"), *sets)
     assert empty.returncode == 2
     assert "error: nothing to audit" in empty.stderr and "--stage shards" in empty.stderr

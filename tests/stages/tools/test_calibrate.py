@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.api import open_pipeline
-from pipeline.errors import NemoError
+from pipeline.errors import InputError, NemoError
 from stages.tools.calibrate import (
     COLUMNS,
     calibrate,
@@ -208,6 +208,13 @@ def test_no_positional_queries_give_nan_and_render(tmp_path):
     back = pq.read_table(tmp_path / "out" / "calibration.parquet")
     assert back.column_names == list(COLUMNS)
     assert back.column("tau").to_pylist() == [None, None, 0.7, 0.7]
+    # an OUT that is a file, or a PNG path under one: errors naming it, nothing left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file: cannot write the calibration there"):
+        res.write(tmp_path / "file")
+    with pytest.raises(InputError, match="cannot write the calibration heatmaps"):
+        render_heatmaps(res, tmp_path / "file" / "c.png")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_arguments():

@@ -224,6 +224,11 @@ def test_refusals(demo, exported, tmp_path):
     assert into_source.exit_code == 2 and "original dataset's own folder" in into_source.output
     unbuilt = export(demo, tmp_path / "empty_work", tmp_path / "out")
     assert unbuilt.exit_code == 1 and "nemo-pipe run --stage multiview" in unbuilt.output
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):  # a file, a path under one
+        blocked = export(demo, exported["work"], out)
+        assert blocked.exit_code == 2 and "cannot write the REFER copy there" in blocked.output
+        assert blocked.exception is None or isinstance(blocked.exception, SystemExit)
 
 
 def test_grefcoco_export_is_json_and_keeps_no_target_refs(demo, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.api import open_pipeline
+from pipeline.errors import InputError
 from pipeline.io import read_table_dir
 from stages.tools.report import report_command, write_report
 
@@ -170,6 +171,11 @@ def test_report_with_only_ingest(demo, work, tmp_path):
     pipe.run("ingest")
     doc = write_report(pipe, tmp_path / "r.html", images_dir=demo.images_dir).read_text()
     _assert_self_contained(doc)
+    # OUT a directory: an error naming it, and no temp file left beside it
+    (tmp_path / "rdir").mkdir()
+    with pytest.raises(InputError, match="rdir: cannot write the report"):
+        write_report(pipe, tmp_path / "rdir", images_dir=demo.images_dir)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rdir")]
     assert "<img" not in doc
     stages = _section(doc, "stages")
     assert "<td>ingest</td><td class='state-done'>done</td>" in stages
