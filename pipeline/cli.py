@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cli_common import WORK_DIR, PipelineOptions, command, dataset_command
-from pipeline.errors import NemoError
+from pipeline.errors import InputError, NemoError
 from pipeline.io import human_bytes
 from pipeline.registry import load_commands
 
@@ -186,6 +186,9 @@ def verify(
 
     work = (work_dir or default_work_dir()).absolute()
     check_work_dir(work)
+    if not work.is_dir():  # "checked 0 artifact(s)" would pass a mistyped path as verified
+        raise InputError(f"work dir {work} does not exist: nothing was built there; check "
+                         "--work-dir (or NEMO_WORK_DIR)")
     names: dict[str, str] = {}
     if dataset is not None:
         spec, name = dataset_spec(dataset)

@@ -76,6 +76,10 @@ class PipelineOptions:
         return open_pipeline(self.dataset, **self.open_args(), executor=executor)
 
 
+INTERRUPTED = ("interrupted: nothing half-written was published. Run the same command again "
+               "to resume (a stage keeps its finished shards and an LLM stage its answers).")
+
+
 def fail(exc: NemoError) -> NoReturn:
     """Print `error: ...` and exit with the error's status (2 for bad input or config)."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -90,6 +94,9 @@ def failing() -> Iterator[None]:
         yield
     except NemoError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        typer.secho(INTERRUPTED, fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
 
 
 def command(fn: Callable[..., None]) -> Callable[..., None]:

@@ -38,6 +38,7 @@ SHARD_MARKERS = "_shards"
 STAGING = "_staging"
 KILL_HOOK_ENV = "NEMO_PIPE_TEST_KILL_AFTER_SHARDS"
 KILL_STAGE_ENV = "NEMO_PIPE_TEST_KILL_STAGE"  # optional: only this stage dies
+KILL_SIGNAL_ENV = "NEMO_PIPE_TEST_KILL_SIGNAL"  # optional: INT (Ctrl-C) instead of KILL
 
 P = TypeVar("P", bound="Params")
 
@@ -223,8 +224,9 @@ class ShardRuntime:
     def _kill_hook(self) -> None:
         """Test hook for crash drills: die like an OOM kill, with no cleanup at all, after
         `NEMO_PIPE_TEST_KILL_AFTER_SHARDS` commits (in stage `NEMO_PIPE_TEST_KILL_STAGE` only,
-        when set)."""
+        when set); with `NEMO_PIPE_TEST_KILL_SIGNAL=INT`, be interrupted as by Ctrl-C."""
         kill_after = os.environ.get(KILL_HOOK_ENV)
         only = os.environ.get(KILL_STAGE_ENV)
         if kill_after and self._done_here >= int(kill_after) and (not only or only == self.stage):
-            os.kill(os.getpid(), signal.SIGKILL)
+            interrupt = os.environ.get(KILL_SIGNAL_ENV) == "INT"
+            os.kill(os.getpid(), signal.SIGINT if interrupt else signal.SIGKILL)

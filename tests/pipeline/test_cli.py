@@ -174,3 +174,11 @@ def test_help_texts_survive_rich_markup():
     out = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"}).output
     for hint in ("NEMO_WORK_DIR", "default ./artifacts", "NEMO_DATA_ROOT", "NEMO_IMAGES"):
         assert hint in out, hint
+
+
+def test_verify_on_a_work_dir_that_does_not_exist_is_an_error(tmp_path):
+    """'checked 0 artifact(s)', exit 0, passed a mistyped --work-dir as verified."""
+    res = runner.invoke(app, ["verify", "--work-dir", str(tmp_path / "typo")])
+    assert res.exit_code == 2
+    assert f"work dir {tmp_path / 'typo'} does not exist" in res.output
+    assert not (tmp_path / "typo").exists()

@@ -53,3 +53,21 @@ def test_kill_each_sharded_stage_resume_byte_identical(demo, tmp_path):
         assert got == want and len(got) > 1, stage
         stats = json.loads((d / "_manifest.json").read_text())["stats"]
         assert stats["shards_resumed"] == 1 and stats["shards_total"] > 1, stage
+
+
+def test_ctrl_c_says_how_to_resume_and_publishes_nothing(demo, tmp_path):
+    """Ctrl-C in a run: exit 130 with a line saying what happened and how to go on, no
+    traceback, no artifact published; the same command resumes from the finished shards."""
+    work = tmp_path / "work"
+    hit = cli(demo, work, "ingest", env={"NEMO_PIPE_TEST_KILL_AFTER_SHARDS": "1",
+                                         "NEMO_PIPE_TEST_KILL_SIGNAL": "INT"})
+    assert hit.returncode == 130, hit.stderr[-2000:]
+    assert "interrupted: nothing half-written was published" in hit.stderr
+    assert "Run the same command again" in hit.stderr and "Traceback" not in hit.stderr
+    stage_dir = work / "refcoco" / "ingest"
+    assert not [p for p in stage_dir.iterdir() if not p.name.startswith(".")]
+    resumed = cli(demo, work, "ingest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    d, _ = files(work, "ingest")
+    stats = json.loads((d / "_manifest.json").read_text())["stats"]
+    assert stats["shards_resumed"] == 1 and stats["shards_total"] > 1
