@@ -90,11 +90,16 @@ def status(
     rows = pipe.status()
     typer.echo(f"{'stage':<16} {'state':<10} {'key':<16} {'rows':>10} {'bytes':>10} "
                f"{'seconds':>8}")
+    notes = {r.note for r in rows}
+    shared = notes.pop() if len(notes) == 1 and rows[0].note else None  # said once, below
     for r in rows:
         secs = f"{r.seconds:.1f}" if r.seconds is not None else "-"
         rows_s = str(r.rows) if r.rows is not None else "-"
+        note = f"  {r.note}" if r.note and not shared else ""
         typer.echo(f"{r.name:<16} {r.state:<10} {r.key:<16} {rows_s:>10} "
-                   f"{human_bytes(r.bytes):>10} {secs:>8}" + (f"  {r.note}" if r.note else ""))
+                   f"{human_bytes(r.bytes):>10} {secs:>8}" + note)
+    if shared:
+        typer.echo(f"every stage: {shared}")
 
 
 def _stage_report(pipe, dataset: str, stage: str) -> None:

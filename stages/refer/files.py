@@ -283,9 +283,13 @@ def read_refer(manifest: DataManifest, data_root: Path) -> ReferData:
     """Parse and cross-check a dataset's refs and instances files."""
     refs_path, inst_path = locate_inputs(manifest, data_root)
     raw_refs = load_refs_file(refs_path, manifest.format)
-    if not isinstance(raw_refs, list) or not all(isinstance(r, dict) for r in raw_refs):
+    if not isinstance(raw_refs, list):
         raise InputError(f"{refs_path}: expected a list of ref records, got "
-                         f"{type(raw_refs).__name__}")
+                         f"{type(raw_refs).__name__}; is this a REFER refs file?")
+    odd = next((r for r in raw_refs if not isinstance(r, dict)), None)
+    if odd is not None:
+        raise InputError(f"{refs_path}: expected a list of ref records (dicts), but it holds "
+                         f"{type(odd).__name__} {str(odd)[:60]!r}; is this a REFER refs file?")
     if not raw_refs:
         raise InputError(f"{refs_path}: the refs file holds no refs")
     instances = _load_json(inst_path, "instances")

@@ -118,12 +118,27 @@ def load_data_manifest(dataset: str) -> DataManifest:
         data = yaml.safe_load(text)
         manifest = DataManifest(**data, source_path=source,
                                 digest=hashlib.sha256(text.encode()).hexdigest())
-    except (yaml.YAMLError, TypeError, ValidationError) as exc:
+    except ValidationError as exc:
+        raise InputError(f"data manifest {source} is invalid: " + "; ".join(
+            _validation_lines(exc)) + "; fix the file (the shipped data_manifests/*.yaml "
+            "show the layout)") from None
+    except (yaml.YAMLError, TypeError) as exc:
         raise InputError(f"data manifest {source} is invalid: {exc}") from None
     if manifest.train_split not in manifest.splits:
         raise InputError(f"data manifest {source}: train_split {manifest.train_split!r} "
                          f"is not one of its splits {manifest.splits}")
     return manifest
+
+
+def _validation_lines(exc: ValidationError) -> list[str]:
+    """`key.path: what is wrong (got value)` per error, without pydantic's URLs and dumps."""
+    out = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        out.append(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}")
+    return out
 
 
 def check_splits(key: str, splits: list[str], dataset: str) -> None:

@@ -182,3 +182,14 @@ def test_verify_on_a_work_dir_that_does_not_exist_is_an_error(tmp_path):
     assert res.exit_code == 2
     assert f"work dir {tmp_path / 'typo'} does not exist" in res.output
     assert not (tmp_path / "typo").exists()
+
+
+def test_status_without_a_data_root_says_why_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("NEMO_DATA_ROOT", raising=False)
+    res = runner.invoke(app, ["status", "--dataset", "refcoco", "--work-dir",
+                              str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert sum("no data root for refcoco" in x for x in lines) == 1
+    assert lines[-1].startswith("every stage: no data root for refcoco: pass --data-root")
+    assert all(" unresolved " in x for x in lines[1:-1]) and len(lines) > 3

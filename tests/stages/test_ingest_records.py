@@ -130,6 +130,15 @@ def test_malformed_refs_record_is_an_input_error(tmp_path, case):
     assert nothing_published(tmp_path / "work")
 
 
+def test_refs_file_holding_strings_names_what_it_holds(tmp_path):
+    made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
+    made.refs_path.write_bytes(pickle.dumps(["ref one", "ref two"], protocol=2))
+    with pytest.raises(InputError) as err:
+        ingest(made, tmp_path / "work")
+    assert str(err.value) == (f"{made.refs_path}: expected a list of ref records (dicts), but "
+                              "it holds str 'ref one'; is this a REFER refs file?")
+
+
 def test_blank_sentences_are_left_out_and_counted(tmp_path):
     made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
     blanked = []
