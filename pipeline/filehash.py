@@ -35,6 +35,9 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_WARNED: set[Path] = set()  # databases already said to be unusable in this process
+
+
 class FileHashCache:
     """Only a cache: where its database cannot be created or written (read-only work dir, full
     disk) digests are computed every time and a warning says so; `status` and `path` keep
@@ -56,7 +59,8 @@ class FileHashCache:
             self._give_up(exc)
 
     def _give_up(self, exc: Exception) -> None:
-        if self.usable:
+        if self.usable and self.db_path not in _WARNED:  # once per process and database
+            _WARNED.add(self.db_path)
             log.warning("file hash cache %s unusable (%s); hashing input files without it",
                         self.db_path, exc)
         self.usable = False
