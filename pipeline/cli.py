@@ -169,6 +169,8 @@ def path(
         from pipeline.api import check_published
 
         check_published(pipe, stage)  # a corrupt artifact is an error, not a path to use
+    if not published:  # what `run` would refuse is an error here too, not a path to wait for
+        pipe.check(pipe.plan(stage))
     typer.echo(str(out / table) if table else str(out))
     if not published:
         typer.secho(f"not published: run `nemo-pipe run --stage {stage} --dataset "

@@ -188,14 +188,19 @@ class Pipeline:
         self.execute(plan, wait)
         return plan
 
-    def execute(self, plan: list[PlanItem], wait: bool = True) -> None:
-        """Run the items of a plan that need it, after every stage's checks (optional
-        libraries, then preflight)."""
-        for item in plan:  # every check before any work
+    def check(self, plan: list[PlanItem]) -> None:
+        """Every check a run of `plan` makes before any work (optional libraries, then each
+        stage's preflight: splits the dataset lacks, a model that is not there): `path` asks
+        them too, so it never prints the artifact of a config that `run` would refuse."""
+        for item in plan:
             if item.needs_run:
                 r = self.resolve(item.name)
                 r.stage.check_libraries(r.params)
                 r.stage.preflight(self.env, r.params)
+
+    def execute(self, plan: list[PlanItem], wait: bool = True) -> None:
+        """Run the items of a plan that need it, after every stage's checks (`check`)."""
+        self.check(plan)  # every check before any work
         rebuilt: set[tuple[str, str]] = set()
         for item in plan:
             if item.needs_run:

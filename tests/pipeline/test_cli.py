@@ -193,3 +193,16 @@ def test_status_without_a_data_root_says_why_once(tmp_path, monkeypatch):
     assert sum("no data root for refcoco" in x for x in lines) == 1
     assert lines[-1].startswith("every stage: no data root for refcoco: pass --data-root")
     assert all(" unresolved " in x for x in lines[1:-1]) and len(lines) > 3
+
+
+def test_path_refuses_what_run_would_refuse(demo, work):
+    """A split the dataset lacks is found by the stage's preflight: `path` printed a key for it
+    and advised `run`, which then failed. Both say the same now."""
+    bad = ["--set", "hard_negatives.source_splits=[nosuch]", "--set", "embed.model=tiny",
+           "--set", "embed.pretrained=null", "--set", "multiview.backend=template"]
+    path = runner.invoke(app, ["path", "--stage", "hard_negatives", *common(demo, work), *bad])
+    run = runner.invoke(app, ["run", "--stage", "hard_negatives", *common(demo, work), *bad])
+    for res in (path, run):
+        assert res.exit_code == 2, res.output
+        assert "hard_negatives.source_splits" in res.output and "nosuch" in res.output
+    assert str(work) not in path.output.splitlines()[0]  # no artifact path printed
