@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -84,11 +83,6 @@ class EmbedParams(Params):
             tiny = str(data.get("model", "ViT-B-16")).strip().lower() == "tiny"
             data = {**data, "pretrained": None if tiny else "openai"}
         return data
-
-
-def _is_file_spec(pretrained: str | None) -> bool:
-    return bool(pretrained) and (os.sep in pretrained or pretrained.endswith(  # type: ignore[union-attr]
-        (".pt", ".pth", ".bin", ".safetensors")))
 
 
 # -- model cache: each process (driver or dask worker) loads a model once --------------------
@@ -174,15 +168,17 @@ class _EmbedStage(Stage[EmbedParams]):
     libraries = ("pyarrow", "torch", "open_clip_torch", "pillow")
 
     def fingerprint(self, env: RunEnv, params: EmbedParams) -> dict[str, Any]:
+        from stages.models.clip import checkpoint_path
+
         p = params
-        if not _is_file_spec(p.pretrained):
-            return {}
-        path = Path(p.pretrained).expanduser()  # type: ignore[arg-type]
+        path = checkpoint_path(p.model, p.pretrained)
+        if path is None:  # a tag (its weights are fixed by name), random init, or a value the
+            return {}  # preflight refuses with the reason
         digest = FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite").digests([path])
         found = digest[path.absolute()]
         if found is None:
-            raise InputError(f"embed.pretrained={p.pretrained}: no such checkpoint file; give "
-                             "an existing local file or an open_clip pretrained tag")
+            raise InputError(f"embed.pretrained={p.pretrained}: the checkpoint file went away "
+                             "while its key was computed; give an existing local file")
         return {"weights_xxh3": found.digest}
 
     def preflight(self, env: RunEnv, params: EmbedParams) -> None:

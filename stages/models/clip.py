@@ -212,7 +212,9 @@ def _not_cached_error(name: str, tag: str, cfg: dict[str, Any]) -> InputError:
     )
 
 
-def _resolve_spec(model: str, pretrained: str | os.PathLike[str] | None) -> _Spec:
+def _model_name(model: str) -> str:
+    """open_clip's name of `model` (canonical, or its unique case-insensitive match), or an
+    InputError with the close matches."""
     if not isinstance(model, str) or not model.strip():
         raise InputError(
             f"embed.model must be an open_clip model name such as ViT-B-16 (got {model!r}); "
@@ -239,6 +241,30 @@ def _resolve_spec(model: str, pretrained: str | os.PathLike[str] | None) -> _Spe
             "The full list is open_clip.list_models(); 'tiny' is the built-in test model. "
             "Fix it with e.g. --set embed.model=ViT-B-16"
         )
+    return name
+
+
+def checkpoint_path(model: str, pretrained: str | os.PathLike[str] | None) -> Path | None:
+    """The local checkpoint file `pretrained` names for `model`, decided as `_resolve_spec`
+    decides it (not a pretrained tag of the model, an existing file, whatever its name or
+    suffix), without touching any weights; None for a tag, random init, or a value the
+    preflight will reject. The embedding stages hash this file into their key: a replaced
+    checkpoint must never be served from the cache of the old one."""
+    if pretrained is None or str(pretrained).strip() == "":
+        return None
+    try:
+        name = _model_name(model)
+    except InputError:
+        return None
+    value = os.fspath(pretrained).strip()
+    if open_clip.is_pretrained_cfg(name, value):
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_file() else None
+
+
+def _resolve_spec(model: str, pretrained: str | os.PathLike[str] | None) -> _Spec:
+    name = _model_name(model)
     if pretrained is None or str(pretrained).strip() == "":
         return _Spec(name, None, "none", None, False)
 

@@ -200,11 +200,35 @@ def test_fast_decode_is_in_the_key_and_close(demo, work, checkpoint):
     assert ((a * b).sum(1)).min() > 0.9
 
 
+@pytest.mark.parametrize("name", ["weights.ckpt", "weights", "sub/w.pt"])
+def test_a_replaced_checkpoint_changes_the_key_whatever_its_name(demo, tmp_path, monkeypatch,
+                                                                   name):
+    """Only names with a path separator or a .pt/.bin/... suffix were hashed into the key: a
+    checkpoint `weights.ckpt` (or a bare `weights` in the working directory) overwritten with
+    other weights was served from the old one's cache. Every file open_clip would load is."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tiny_checkpoint(path, seed=1)
+
+    def key():
+        return open_pipeline("refcoco", tmp_path / "w", data_root=demo.refer_root,
+                             images=demo.images_dir, progress=False,
+                             sets=["embed.model=tiny", f"embed.pretrained={name}"]
+                             ).resolve("embed_texts").key
+
+    first = key()
+    assert key() == first  # same bytes, same key
+    save_tiny_checkpoint(path, seed=2)
+    os.utime(path, ns=(1, 1))  # another mtime too: the file hash cache must see the change
+    assert key() != first
+
+
 def test_bad_model_config_fails_before_any_work(demo, work, tmp_path):
     with pytest.raises(InputError, match="ViT-B-16"):
         open_pipeline("refcoco", work, data_root=demo.refer_root, images=demo.images_dir,
                       sets=["embed.model=ViT-B-166"], progress=False).run("embed_images")
-    with pytest.raises(InputError, match="no such checkpoint file"):
+    with pytest.raises(InputError, match="nope.pt does not exist"):
         open_pipeline("refcoco", work, data_root=demo.refer_root, images=demo.images_dir,
                       sets=["embed.model=tiny", f"embed.pretrained={tmp_path}/nope.pt"],
                       progress=False).run("embed_images")
