@@ -28,7 +28,7 @@ class Clusters(Stage[ClustersParams]):
     """Per-instance cluster centre mu and spread of the multi-view expressions."""
 
     name = "clusters"
-    version = "1"
+    version = "2"  # 2: one member per (object, view) when referents share an object
     # embed_texts is upstream so that a change of CLIP weights (in its key) reaches this key
     inputs = ("multiview", "ingest", "embed_texts")
     tables = ("clusters", "view_embeddings")
@@ -46,20 +46,29 @@ class Clusters(Stage[ClustersParams]):
         views = ctx.read_table("multiview", "views").sort_by([("ann_id", "ascending"),
                                                               ("view", "ascending")])
         texts = views.column("text").to_pylist()
-        vecs = encode_sentences(embed, texts) if texts else np.zeros((0, 1), np.float32)
+        vecs = encode_sentences(embed, texts)  # (0, d) for no views: lists of the model's d
         ann = views.column("ann_id").to_numpy()
         ref = views.column("ref_id").to_numpy()
+        names = views.column("view").to_pylist()
+        # one member per (object, view): referents sharing an object carry the same views
         groups: dict[int, list[int]] = {}
+        refs_of: dict[int, list[int]] = {}
+        seen: set[tuple[int, str]] = set()
         for i, a in enumerate(ann.tolist()):
-            groups.setdefault(a, []).append(i)
+            refs_of.setdefault(a, [])
+            if int(ref[i]) not in refs_of[a]:
+                refs_of[a].append(int(ref[i]))
+            if (a, names[i]) not in seen:
+                seen.add((a, names[i]))
+                groups.setdefault(a, []).append(i)
         extra: dict[int, Any] = {}
         if p.include_original:
             sents = ctx.read_table("ingest", "sentences").select(["ref_id", "sent"]).to_pylist()
             by_ref: dict[int, list[str]] = {}
             for s in sents:
                 by_ref.setdefault(s["ref_id"], []).append(s["sent"])
-            for a, rows in groups.items():
-                originals = by_ref.get(int(ref[rows[0]]), [])
+            for a in groups:  # the sentences of every referent of the object
+                originals = [t for r in refs_of[a] for t in by_ref.get(r, [])]
                 extra[a] = encode_sentences(embed, originals) if originals else None
         mus, spreads, n_views, ref_ids = [], [], [], []
         for a, rows in groups.items():

@@ -100,7 +100,9 @@ class Multiview(Stage[MultiviewParams]):
     """Appearance / action / spatial expressions per instance from a VLM (or templates)."""
 
     name = "multiview"
-    version = "2"  # 2: per-instance validation, budgets per request, reason words in failures
+    # 2: per-instance validation, budgets per request, reason words in failures; 3: template
+    # views of two referents of one object are that object's (never its own neighbour)
+    version = "3"
     inputs = ("ingest",)
     tables = ("views", "failures")
     libraries = ("pyarrow", "transformers", "torch", "pillow")
@@ -128,10 +130,13 @@ class Multiview(Stage[MultiviewParams]):
         refs = ctx.read_table("ingest", "refs")
         refs = refs.filter(pc.is_in(refs.column("split"), pa.array(p.splits)))
         single = [r for r in refs.to_pylist() if len(r["ann_ids"]) == 1]
+        skipped = len(refs) - len(single)  # before the limit: limited-out refs are not these
         image_ids = sorted({r["image_id"] for r in single})
+        limited_out = 0
         if p.limit_images:
             image_ids = image_ids[:p.limit_images]
-            single = [r for r in single if r["image_id"] in set(image_ids)]
+            kept = [r for r in single if r["image_id"] in set(image_ids)]
+            limited_out, single = len(single) - len(kept), kept
         ingest_tables = {t: ctx.upstream_table("ingest", t)
                          for t in ("refs", "sentences", "objects", "images", "categories")}
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
@@ -140,7 +145,6 @@ class Multiview(Stage[MultiviewParams]):
                                "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite")})
                  for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
         stats = ctx.run_shards(_multiview_shard, tasks, desc="views")
-        skipped = len(refs) - len(single)
         seconds = sum(s.get("generation_seconds", 0.0) for s in stats)
         tokens = sum(s.get("generated_tokens", 0) for s in stats)
         model_requests = sum(s.get("model_requests", 0) for s in stats)
@@ -152,7 +156,7 @@ class Multiview(Stage[MultiviewParams]):
             for size, n in (s.get("batch_sizes") or {}).items():
                 batch_sizes[int(size)] = batch_sizes.get(int(size), 0) + n
         ctx.record(instances=len(single), images=len(image_ids),
-                   skipped_multi_or_no_target=skipped,
+                   skipped_multi_or_no_target=skipped, skipped_by_limit_images=limited_out,
                    views=sum(s["views"] for s in stats),
                    failures=sum(s["failures"] for s in stats),
                    failed_instances=sum(reasons.values()),
@@ -287,13 +291,18 @@ def _template_image(insts: list[dict[str, Any]], images_dir: str) -> dict[int, d
     img = insts[0]["image"]
     with Image.open(Path(images_dir) / img["file_name"]) as im:
         pixels = np.asarray(im.convert("RGB"))
-    colors = {}
+    # one instance per object: two referents of one annotation are one object, never its own
+    # neighbour in the spatial view (as instances_from_refs groups them for the model backends)
+    objects: dict[int, dict[str, Any]] = {}
     for inst in insts:
+        objects.setdefault(inst["ann_id"], inst)
+    colors = {}
+    for ann_id, inst in objects.items():
         mask = mask_utils.decode({"size": inst["rle"]["size"], "counts": inst["rle"]["counts"]})
-        colors[inst["ann_id"]] = dominant_color(pixels, mask)
-    return {inst["ann_id"]: template_views(inst, [o for o in insts if o is not inst],
-                                           colors[inst["ann_id"]], colors)
-            for inst in insts}
+        colors[ann_id] = dominant_color(pixels, mask)
+    return {ann_id: template_views(inst, [o for a, o in objects.items() if a != ann_id],
+                                   colors[ann_id], colors)
+            for ann_id, inst in objects.items()}
 
 
 # -- shard ----------------------------------------------------------------------------------

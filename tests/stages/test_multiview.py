@@ -194,3 +194,65 @@ def test_partly_valid_truncated_answers_in_views_failures_manifest_and_status(
     shown = CliRunner().invoke(app, args)
     assert shown.exit_code == 0, shown.output
     assert f'"truncated": {len(multi)}' in shown.output
+
+
+def _refcoco_copy_with_a_second_referent(demo, tmp_path):
+    """The demo's refcoco files under a new root, plus a train ref on the object of the first
+    train ref (another ref id and sentences): two referents of one annotation."""
+    import shutil
+
+    root = tmp_path / "refer"
+    shutil.copytree(demo.refer_root / "refcoco", root / "refcoco")
+    path = root / "refcoco" / "refs(unc).p"
+    refs = pickle.loads(path.read_bytes())
+    first = next(r for r in refs if r["split"] == "train")
+    next_sent = max(s["sent_id"] for r in refs for s in r["sentences"]) + 1
+    twin = {**first, "ref_id": max(r["ref_id"] for r in refs) + 1,
+            "sent_ids": [next_sent],
+            "sentences": [{"sent_id": next_sent, "sent": "that very thing",
+                           "raw": "That very thing", "tokens": ["that", "very", "thing"]}]}
+    path.write_bytes(pickle.dumps([*refs, twin], protocol=2))
+    return root, first, twin
+
+
+def test_two_referents_of_one_object_get_that_objects_views(demo, tmp_path, checkpoint):
+    """The template backend took the second referent of an object as the object's nearest
+    neighbour ("..., right of the gray person" of the gray person itself), and clusters counted
+    its views twice. Adding a referent to an object must change no view and no cluster."""
+    root, first, twin = _refcoco_copy_with_a_second_referent(demo, tmp_path)
+
+    def run(data_root, work):
+        pipe = open_pipeline("refcoco", work, data_root=data_root, images=demo.images_dir,
+                             sets=["embed.model=tiny", f"embed.pretrained={checkpoint}",
+                                   "multiview.backend=template"], progress=False)
+        pipe.run("clusters")
+        views = pq.read_table(pipe.artifact_dir("multiview") / "views").to_pylist()
+        clusters = pq.read_table(pipe.artifact_dir("clusters") / "clusters").to_pylist()
+        return views, {c["ann_id"]: c for c in clusters}
+
+    base_views, base_clusters = run(demo.refer_root, tmp_path / "w0")
+    views, clusters = run(root, tmp_path / "w1")
+    by_ref: dict[int, dict[str, str]] = {}
+    for v in views:
+        by_ref.setdefault(v["ref_id"], {})[v["view"]] = v["text"]
+    base = {}
+    for v in base_views:
+        base.setdefault(v["ref_id"], {})[v["view"]] = v["text"]
+    assert {r: t for r, t in by_ref.items() if r != twin["ref_id"]} == base
+    assert by_ref[twin["ref_id"]] == base[first["ref_id"]]
+    ann = first["ann_id"]
+    assert clusters[ann]["n_views"] == base_clusters[ann]["n_views"] == len(base[first["ref_id"]])
+    np.testing.assert_allclose(clusters[ann]["mu"], base_clusters[ann]["mu"], atol=1e-3)
+    assert set(clusters) == set(base_clusters)
+
+
+def test_limit_images_counts_refs_it_leaves_out_apart(demo, work, checkpoint):
+    pipe = pipe_for(demo, work, checkpoint, "multiview.limit_images=2")
+    pipe.run("multiview")
+    refs = pickle.loads((demo.refer_root / "refcoco" / "refs(unc).p").read_bytes())
+    train = [r for r in refs if r["split"] == "train"]
+    first_two = sorted({r["image_id"] for r in train})[:2]
+    stats = pipe.store.manifest("refcoco", "multiview", pipe.resolve("multiview").key)["stats"]
+    assert stats["skipped_multi_or_no_target"] == 0  # refcoco: every ref has one target
+    assert stats["skipped_by_limit_images"] == sum(r["image_id"] not in first_two for r in train)
+    assert stats["instances"] == sum(r["image_id"] in first_two for r in train)
