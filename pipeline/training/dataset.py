@@ -110,6 +110,8 @@ READ_COLUMNS = (
 VIEW_COLUMNS = ("view_names", "view_texts", "view_allowed_quadrants")
 
 Transform = Callable[[Any, Any], tuple[Any, Any]]
+TARGET_TOO_SMALL = "target_too_small"
+"""`meta["fallback"]` of a mosaic shown single because its target fell through its cell."""
 
 
 class _ProcessLocal:
@@ -295,6 +297,12 @@ class NemoDataset(torch.utils.data.Dataset):
         self._local: _ProcessLocal | None = None
 
     @property
+    def dataset_name(self) -> str | None:
+        """The dataset the shards were built from (their manifest's `dataset`)."""
+        name = self._artifact.manifest.get("dataset")
+        return str(name) if name else None
+
+    @property
     def uses_thumbnails(self) -> bool:
         return self._thumbs is not None
 
@@ -445,8 +453,15 @@ class NemoDataset(torch.utils.data.Dataset):
 
         image = positive
         if boxes is not None:
-            image, mask = compose_cells(positive, mask, plan.cell, plan.sources, boxes, canvas,
-                                        self.cell_fit, self._load_rgb)
+            image, cells_mask = compose_cells(positive, mask, plan.cell, plan.sources, boxes,
+                                              canvas, self.cell_fit, self._load_rgb)
+            if mask.any() and not cells_mask.any():
+                # a cell too thin for the target (shifted or random cuts): a mosaic whose target
+                # vanished would say "here is the referent" with an empty mask. Shown single.
+                plan, boxes = single(image_id, TARGET_TOO_SMALL), None
+                image, _ = self._load_rgb(image_id)
+            else:
+                mask = cells_mask
 
         hard, kinds, hard_sources = draw_hard_negatives(
             row["hn_texts"], row["hn_kinds"], row["hn_source_ids"],

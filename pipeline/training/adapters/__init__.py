@@ -96,16 +96,33 @@ def get_adapter(name: str, **options: Any) -> Adapter:
     return ADAPTERS[key](**options)
 
 
+def _takes(name: str, option: str) -> bool:
+    import inspect
+
+    cls = ADAPTERS.get(str(name).strip().lower())
+    return cls is not None and option in inspect.signature(cls).parameters
+
+
 class AdaptedDataset(torch.utils.data.Dataset):
     """``dataset[i]`` passed through ``adapter``: drop-in for a trainer's own Dataset.
 
-    ``adapter`` is an :class:`Adapter` or a name for :func:`get_adapter` (then ``options``).
+    ``adapter`` is an :class:`Adapter` or a name for :func:`get_adapter` (then ``options``,
+    which may include the adapter's own ``dataset=``; without it an adapter that takes one is
+    given the shards' dataset name, ``dataset.dataset_name``).
     ``set_epoch`` is forwarded when the wrapped dataset has it (NemoDataset does).
     """
 
-    def __init__(self, dataset: Any, adapter: Adapter | str, **options: Any) -> None:
+    def __init__(self, dataset: Any, adapter: Adapter | str, /, **options: Any) -> None:
         self.dataset = dataset
-        self.adapter = get_adapter(adapter, **options) if isinstance(adapter, str) else adapter
+        if isinstance(adapter, str):
+            # an adapter whose defaults depend on the dataset (CRIS: 22 tokens for G-Ref, 17
+            # otherwise) learns it from the shards when the caller did not say
+            name = getattr(dataset, "dataset_name", None)
+            if name and "dataset" not in options and _takes(adapter, "dataset"):
+                options = {**options, "dataset": name}
+            self.adapter = get_adapter(adapter, **options)
+        else:
+            self.adapter = adapter
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -175,10 +175,11 @@ class CrisAdapter:
         name = (f"ref{meta.get('ref_id')}_sent{meta.get('sent_id')}"
                 f"_idx{meta.get('index')}_ep{meta.get('epoch')}.png")
         path = self.mask_dir / name
-        if not path.exists():
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            Image.fromarray(mask01 * 255).save(tmp, format="PNG")
-            os.replace(tmp, path)
+        # written every time: a PNG of the same name left by another dataset or shards build
+        # in a reused mask_dir would otherwise be scored as this sample's ground truth
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        Image.fromarray(mask01 * 255).save(tmp, format="PNG")
+        os.replace(tmp, path)
         return str(path)
 
     def __call__(self, sample: dict) -> tuple:

@@ -347,6 +347,40 @@ def test_adapted_dataset():
     assert len(ds) == 2 and ds[1].mask.sum() == 0
 
 
+class _Named(list):
+    """Samples that say which dataset the shards were built from, as NemoDataset does."""
+
+    dataset_name = "refcocog-umd"
+
+
+def test_adapted_dataset_takes_the_datasets_name_for_its_defaults():
+    """CRIS uses 22 tokens on G-Ref (its config/refcocog_*: word_len 22) and 17 elsewhere;
+    AdaptedDataset(ds, "cris") fell back to 17 for G-Ref shards, cutting long sentences."""
+    long_text = " ".join(["the"] * 30)
+    gref = ad.AdaptedDataset(_Named([make_sample(long_text)]), "cris")
+    assert gref.adapter.word_length == 22 and gref[0][1].shape == (22,)
+    assert ad.AdaptedDataset([make_sample()], "cris").adapter.word_length == 17
+    given = ad.AdaptedDataset(_Named([make_sample()]), "cris", word_length=30)
+    assert given.adapter.word_length == 30  # what the caller says wins
+    other = ad.AdaptedDataset(_Named([make_sample()]), "cris", dataset="refcoco")
+    assert other.adapter.word_length == 17
+    assert ad.AdaptedDataset(_Named([make_sample()]), "generic")[0].mask.sum() > 0
+
+
+def test_cris_ground_truth_png_is_this_samples_even_in_a_reused_mask_dir(tmp_path):
+    """A PNG of the same name (ref, sent, index, epoch) left by another dataset in the same
+    mask_dir was kept and scored as this sample's ground truth."""
+    cris = ad.get_adapter("cris", mode="val", mask_dir=tmp_path)
+    first = cris(make_sample())[2]["mask_dir"]
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(first)  # another build's mask, same name
+    again = cris(make_sample())[2]["mask_dir"]
+    assert again == first
+    gt = np.asarray(Image.open(again))
+    rows, cols = np.nonzero(gt)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (*ROWS, *COLS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # ------------------------------------------------------------- masks as users have them
 
 

@@ -358,3 +358,33 @@ def test_a_schema_4_file_without_the_new_columns_is_damaged(data):
                  drop=("view_names", "view_texts"))
     with pytest.raises(ValueError, match=r"lacks column\(s\).*view_names"):
         ds({**data, "shards": root}, expressions="views")
+
+
+def test_a_target_that_falls_through_its_cell_is_shown_single(data):
+    """Random cuts can make the positive's cell a few pixels wide; a one-pixel target resized
+    into it can vanish, and a mosaic would then say "here is the referent" with an empty mask
+    (ReLA: empty=False, zero mask). Such a sample is shown single, and says why."""
+    rows = []
+    for i in range(10):
+        row = train_row(i)
+        mask = np.zeros((H, W), np.uint8)
+        mask[7, 11] = 1  # one pixel
+        row.update(mask_rle=rle(mask), neg_image_ids=[2, 3, 4, 5] * 2)
+        rows.append(row)
+    root = build(data["base"] / "tiny_target", {"train": rows}, version="5")
+    d = ds({**data, "shards": root}, gamma=1.0, grid=3, cross_point="random",
+           thumbnails=False, replace=True)
+    vanished = mosaics = 0
+    for epoch in range(8):
+        d.set_epoch(epoch)
+        for i in range(len(d)):
+            s = d[i]
+            mask = np.asarray(s["mask"])
+            assert mask.any(), (epoch, i, s["meta"])  # never a positive without its target
+            if s["meta"]["fallback"] == "target_too_small":
+                vanished += 1
+                assert not s["meta"]["is_mosaic"] and s["meta"]["cells"] is None
+                assert np.asarray(s["image"]).shape[:2] == (H, W)
+                assert mask.shape == (H, W) and mask[7, 11] == 1 and mask.sum() == 1
+            mosaics += s["meta"]["is_mosaic"]
+    assert vanished and mosaics  # both happen on these cuts
