@@ -243,7 +243,7 @@ def _lookups(inputs: RowInputs) -> dict[str, Any]:
 
 def _read_lookups(inputs: RowInputs) -> dict[str, Any]:
     refs = inputs.refs.read().to_pylist()
-    sents = inputs.sentences.read().select(["sent_id", "ref_id", "sent"])
+    sents = inputs.sentences.read().select(["sent_id", "ref_id", "sent", "raw"])
     objects = inputs.objects.read().select(["ann_id", "rle"])
     images = inputs.images.read().select(["image_id", "file_name", "width",
                                           "height"]).to_pylist()
@@ -252,6 +252,8 @@ def _read_lookups(inputs: RowInputs) -> dict[str, Any]:
     sent_rows = {s: (r, t) for s, r, t in zip(sents.column("sent_id").to_pylist(),
                                                sents.column("ref_id").to_pylist(),
                                                sents.column("sent").to_pylist(), strict=True)}
+    raw = dict(zip(sents.column("sent_id").to_pylist(), sents.column("raw").to_pylist(),
+                   strict=True))
     sents_of_ref: dict[int, list[int]] = {}
     for sid, (rid, _) in sorted(sent_rows.items()):
         sents_of_ref.setdefault(rid, []).append(sid)
@@ -275,6 +277,7 @@ def _read_lookups(inputs: RowInputs) -> dict[str, Any]:
         "views": views,
         "ref": ref_by_id,
         "sent": sent_rows,
+        "raw": raw,
         "sents_of_ref": sents_of_ref,
         "refs_of_image": refs_of_image,
         "rle": dict(zip(objects.column("ann_id").to_pylist(), objects.column("rle").to_pylist(),
@@ -377,6 +380,8 @@ def _rows_shard(payload: dict[str, Any], writer: ShardWriter[ShardsParams]) -> d
             # a spatial view names its own position ("the cat on the left"): a sample showing
             # it must place the positive by its words, not by the original sentence's
             ("view_allowed_quadrants", [quadrants_for_tokens(tokenize(t))[1] for _, t in views]),
+            # the sentence as written: LAVT and ReLA tokenize REFER's `raw`, not `sent`
+            ("raw", look["raw"][sid]),
         ):
             rows[col].append(value)
     table = pa.Table.from_pydict(rows, schema=row_schema())

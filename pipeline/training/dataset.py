@@ -105,7 +105,7 @@ SCHEMA_VERSIONS = SHARDS_SCHEMA_VERSIONS
 READ_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "no_target", "mask_rle",
     "neg_image_ids", "allowed_quadrants", "hn_texts", "hn_kinds", "hn_source_ids", FROM_POOL,
-    EXCLUDED,
+    EXCLUDED, "raw",
 )
 VIEW_COLUMNS = ("view_names", "view_texts", "view_allowed_quadrants")
 
@@ -474,6 +474,10 @@ class NemoDataset(torch.utils.data.Dataset):
             "image": image,
             "mask": mask,
             "sentence": sentence,
+            # as written: REFER's `raw` of the row's own sentence (older shards: `sent`), a view
+            # as generated; what LAVT and ReLA tokenize
+            "raw_sentence": (row.get("raw") or sentence) if expression == ORIGINAL_EXPRESSION
+            else sentence,
             "hard_negatives": hard,
             "hard_negative_kinds": kinds,
             "hard_negative_sources": hard_sources,
@@ -597,6 +601,7 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "image": stack([s["image"] for s in batch]),
         "mask": stack([s["mask"] for s in batch]),
         "sentence": [s["sentence"] for s in batch],
+        "raw_sentence": [s.get("raw_sentence", s["sentence"]) for s in batch],
         "hard_negatives": texts,
         "hard_negative_kinds": kinds,
         "hard_negative_sources": sources,

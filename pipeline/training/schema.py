@@ -51,7 +51,8 @@ and `view_texts` (the referent's multi-view expressions, training rows with `sha
 and the manifest's `with_views`; the hard-negative lists hold at most `shards.hard_negative_pool`
 entries. 5 (additive): `view_allowed_quadrants`, each view's own allowed quadrants (aligned
 with `view_texts`), so a sample showing a view places the positive by that view's positional
-words, not by its original sentence's. The reader reads every version; what an older one lacks
+words, not by its original sentence's; `raw`, the sentence as written (REFER's `raw`, which LAVT
+and ReLA tokenize). The reader reads every version; what an older one lacks
 it fills with its empty value (`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
 SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4", "5"})
 """Shards schema versions the reader understands (manifest and every Parquet file)."""
@@ -77,17 +78,17 @@ ROW_COLUMNS = (
     "sent_id", "ref_id", "image_id", "split", "sent", "category_id", "ann_ids", "no_target",
     "mask_rle", "neg_image_ids", "k_shortfall", "positional_words", "allowed_quadrants",
     "hn_texts", "hn_kinds", "hn_scores", "hn_source_ids", "view_names", "view_texts",
-    FROM_POOL, EXCLUDED, "view_allowed_quadrants",
+    FROM_POOL, EXCLUDED, "view_allowed_quadrants", "raw",
 )
 """The columns of a split table, in file order."""
 COLUMN_SINCE = {"hn_source_ids": "4", "view_names": "4", "view_texts": "4", FROM_POOL: "4",
-                EXCLUDED: "4", "view_allowed_quadrants": "5"}
+                EXCLUDED: "4", "view_allowed_quadrants": "5", "raw": "5"}
 """Columns added after schema version 1, with the version that added them: a file of an older
 version lacks them, and a reader fills them with their empty value (see :func:`added_after`)."""
 
 COLUMN_EMPTY: dict[str, object] = {"hn_source_ids": [], "view_names": [], "view_texts": [],
                                    FROM_POOL: False, EXCLUDED: None,
-                                   "view_allowed_quadrants": []}
+                                   "view_allowed_quadrants": [], "raw": None}
 """The value a reader gives a column its file lacks: no views, no source ids, and a listed
 mosaic row (`neg_image_ids` holds its candidates, as every row before `k=all` did); views
 without their own quadrants (schema 4) place the positive in any cell."""
@@ -121,7 +122,7 @@ def row_schema() -> pa.Schema:
              "hn_source_ids": pa.list_(pa.int64()), "view_names": pa.list_(pa.string()),
              "view_texts": pa.list_(pa.string()),
              FROM_POOL: pa.bool_(), EXCLUDED: pa.list_(pa.int64()),
-             "view_allowed_quadrants": pa.list_(pa.list_(pa.int8()))}
+             "view_allowed_quadrants": pa.list_(pa.list_(pa.int8())), "raw": pa.string()}
     return pa.schema([(c, types[c]) for c in ROW_COLUMNS])
 
 

@@ -57,6 +57,7 @@ def test_shards_join_equals_independent_reading(demo, work, dataset):
             seen.add(row["sent_id"])
             assert (row["ref_id"], row["image_id"], row["sent"], row["split"]) == (
                 ref["ref_id"], ref["image_id"], sent["sent"], split)
+            assert row["raw"] == sent.get("raw", sent["sent"])  # as written, for BERT trainers
             targets = [a for a in (ref["ann_id"] if isinstance(ref["ann_id"], list)
                                    else [ref["ann_id"]]) if a != -1]
             assert row["ann_ids"] == targets and row["no_target"] == (not targets)

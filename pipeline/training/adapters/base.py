@@ -65,6 +65,13 @@ def unpack_sample(sample: Mapping[str, Any]) -> tuple[Image.Image, np.ndarray, s
     return image, binary_mask(mask), text, dict(sample.get("meta") or {})
 
 
+def raw_text(sample: Mapping[str, Any], sentence: str) -> str:
+    """The sentence as written (``raw_sentence``: REFER's ``raw``, or a view as generated),
+    which the BERT trainers tokenize; ``sentence`` when the sample has none (older shards)."""
+    raw = sample.get("raw_sentence")
+    return raw if isinstance(raw, str) and raw.strip() else sentence
+
+
 def binary_mask(mask: np.ndarray) -> np.ndarray:
     """A user's mask as uint8 {0, 1}, whatever form it comes in.
 

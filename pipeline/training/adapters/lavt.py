@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline.training.adapters.base import (
     check_hard_negatives,
     hard_negatives_of,
+    raw_text,
     unpack_sample,
 )
 from pipeline.training.adapters.bert import LazyHFTokenizer, bert_encode_padded
@@ -47,11 +48,11 @@ class LavtAdapter(LazyHFTokenizer):
     neg_embeddings, neg_attention_mask, neg_valid)``, the first two int64 [N, 1, max_tokens]
     (each entry shaped as the positive's), ``neg_valid`` bool [N] (False on padding).
 
-    Deviations: they tokenize the REFER ``raw`` sentence; a NemoDataset sample carries the
-    cleaned lowercase ``sentence`` (identical for uncased BERT up to punctuation the cleaning
-    removed). The mask is resized as an "L" image instead of "P" (NEAREST: same pixels). Their
-    tokenizer is a vendored old HF BertTokenizer; any HF WordPiece BERT tokenizer gives the same
-    ids for the same vocab.
+    The text is the sample's ``raw_sentence`` (REFER's ``raw``, as they tokenize it; shards
+    before schema 5 and samples without it give the cleaned ``sentence``, which differs where
+    the cleaning removed punctuation). Deviations: the mask is resized as an "L" image instead
+    of "P" (NEAREST: same pixels). Their tokenizer is a vendored old HF BertTokenizer; any HF
+    WordPiece BERT tokenizer gives the same ids for the same vocab.
     """
 
     MODES = ("train", "eval")
@@ -100,7 +101,7 @@ class LavtAdapter(LazyHFTokenizer):
         target = torch.as_tensor(np.asarray(target).copy(), dtype=torch.int64)
         img = TF.normalize(img, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
-        tensor_embeddings, attention_mask = self.encode_text(text)
+        tensor_embeddings, attention_mask = self.encode_text(raw_text(sample, text))
         if not self.hard_negatives:
             return img, target, tensor_embeddings, attention_mask
         texts, valid = hard_negatives_of(sample, self.hard_negatives)

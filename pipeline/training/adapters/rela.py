@@ -13,6 +13,7 @@ from pipeline.training.adapters.base import (
     check_hard_negatives,
     hard_negatives_of,
     is_no_target,
+    raw_text,
     unpack_sample,
 )
 from pipeline.training.adapters.bert import LazyHFTokenizer, bert_encode_padded
@@ -65,7 +66,7 @@ class RelaAdapter(LazyHFTokenizer):
     polygon's. ``instances`` is a real detectron2 ``Instances``/``Boxes`` when detectron2 is
     importable, else a minimal stand-in (``InstancesStandIn``; gt_boxes then a float32 tensor).
     ``file_name`` is ``meta.get("file_name")`` (usually None: the image is in memory). The
-    sentence is the cleaned lowercase one, not REFER ``raw`` (see LavtAdapter).
+    sentence is the sample's ``raw_sentence``, REFER's ``raw`` as theirs (see LavtAdapter).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class RelaAdapter(LazyHFTokenizer):
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         image, mask01, text, meta = unpack_sample(sample)
+        text = raw_text(sample, text)
         s = self.image_size
         empty = is_no_target(meta, mask01)
         if empty and mask01.any():

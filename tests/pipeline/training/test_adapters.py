@@ -277,6 +277,21 @@ def test_lavt(bert_tok, vocab_dir, how):
     assert max(abs(y0 - ey0), abs(y1 - ey1), abs(x0 - ex0), abs(x1 - ex1)) <= 1
 
 
+def test_bert_adapters_tokenize_the_sentence_as_written(bert_tok):
+    """LAVT (data/dataset_refer_bert.py) and ReLA (refcoco_mapper.py) encode REFER's `raw`;
+    the cleaned `sentence` drops its punctuation. The sample's raw_sentence is what they get."""
+    sample = make_sample("the man on the left")
+    sample["raw_sentence"] = "The man, on the left"
+    _, _, emb, att = ad.get_adapter("lavt", tokenizer=bert_tok)(sample)
+    _check_bert_ids(emb, att, ["the", "man", ",", "on", "the", "left"])
+    d = ad.get_adapter("rela", tokenizer=bert_tok)(sample)
+    _check_bert_ids(d["lang_tokens"], d["lang_mask"], ["the", "man", ",", "on", "the", "left"])
+    assert d["sentence"]["raw"] == "The man, on the left"
+    # a sample without it (shards before schema 5) falls back to the cleaned sentence
+    _, _, emb, att = ad.get_adapter("lavt", tokenizer=bert_tok)(make_sample())
+    _check_bert_ids(emb, att, ["the", "man", "on", "the", "left"])
+
+
 def test_lavt_truncation_and_eval_shape(bert_tok):
     long = " ".join(["dog"] * 30)
     _, _, emb, att = ad.get_adapter("lavt", tokenizer=bert_tok)(make_sample(long))

@@ -388,3 +388,24 @@ def test_a_target_that_falls_through_its_cell_is_shown_single(data):
                 assert mask.shape == (H, W) and mask[7, 11] == 1 and mask.sum() == 1
             mosaics += s["meta"]["is_mosaic"]
     assert vanished and mosaics  # both happen on these cuts
+
+
+def test_raw_sentence_is_the_rows_raw_or_the_view_shown(data):
+    rows = []
+    for i in range(6):
+        row = train_row(i)
+        row.update(raw=f"Original {i}, as written.", view_names=["spatial"],
+                   view_texts=[f"view {i} on the left"], view_allowed_quadrants=[[0, 2]])
+        rows.append(row)
+    root = build(data["base"] / "raw_text", {"train": rows}, version="5")
+    for expressions in ("original", "both"):
+        d = ds({**data, "shards": root}, expressions=expressions)
+        for i, row in enumerate(rows):
+            s = d[i]
+            want = row["raw"] if s["meta"]["expression"] == "original" else row["view_texts"][0]
+            assert s["raw_sentence"] == want
+            assert s["sentence"] == (row["sent"] if s["meta"]["expression"] == "original"
+                                     else row["view_texts"][0])
+    old = ds(data)  # schema-4 rows without raw: the cleaned sentence
+    assert old[0]["raw_sentence"] == data["train"][0]["sent"]
+    assert collate_fn([old[0], old[1]])["raw_sentence"] == [r["sent"] for r in data["train"][:2]]
