@@ -522,13 +522,19 @@ class NemoDataset(torch.utils.data.Dataset):
 
         With ``fit`` (header size -> target size) the image is shown in a mosaic cell: it comes
         from its thumbnail when the artifact has one, and libjpeg downscales by 1/2, 1/4 or 1/8
-        while decoding (``Image.draft``), never below the target. A positive shown alone is
-        decoded at full size.
+        while decoding (``Image.draft``), never below the target; a cell larger than the
+        thumbnail is decoded from the original. A positive shown alone is decoded at full size.
         """
         thumb = self._thumbnail(image_id) if fit is not None else None
         if thumb is not None:
             data, size = thumb  # the original's size: the fit is computed from it
-            return _decode_rgb(io.BytesIO(data), fit(size)), size
+            assert fit is not None
+            target = fit(size)
+            small = Image.open(io.BytesIO(data))  # reads the header only
+            if small.width >= target[0] and small.height >= target[1]:
+                return _decode_rgb(small, target), size
+            # a cell larger than the thumbnail (shifted or random cuts, a large input_size):
+            # decoded from the original, never an enlarged thumbnail
         path = self.image_path(image_id)
         try:
             with open(path, "rb") as f:

@@ -225,3 +225,26 @@ def test_old_shards_keys_still_work_with_a_warning(old, new, value, caplog, tmp_
     with pytest.raises(ConfigError, match=f"{old} and {new} are both set"):
         load_config(REGISTRY, sets=[f"{old}={value}", f"{new}={value + 1}"])
     load_config(REGISTRY, sets=[f"{old}={value}", f"{new}={value}"])  # the same: fine
+
+
+def test_cells_larger_than_a_thumbnail_come_from_the_original(demo, work):
+    """A cell larger than the 320-px thumbnail (a large input_size, shifted or random cuts)
+    was filled by enlarging the thumbnail: a blur the user never asked for. Such cells are
+    decoded from the original, exactly as without thumbnails; smaller cells keep using them."""
+    pipe = pipe_for(demo, work)
+    pipe.run("shards")
+    shards = pipe.artifact_dir("shards")
+
+    def samples(input_size, thumbnails):
+        ds = NemoDataset(shards, "train", demo.images_dir, gamma=1.0, thumbnails=thumbnails,
+                         cell_geometry="square", input_size=input_size)
+        return [ds[i] for i in range(min(len(ds), 10))]
+
+    big_thumbs, big_plain = samples(1400, None), samples(1400, False)  # 700-px cells
+    assert any(s["meta"]["is_mosaic"] for s in big_thumbs)
+    for a, b in zip(big_thumbs, big_plain, strict=True):
+        assert a["meta"]["source_image_ids"] == b["meta"]["source_image_ids"]
+        np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    small_thumbs, small_plain = samples(416, None), samples(416, False)  # 208-px cells
+    assert any(not np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+               for a, b in zip(small_thumbs, small_plain, strict=True) if a["meta"]["is_mosaic"])
