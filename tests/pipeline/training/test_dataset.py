@@ -379,7 +379,7 @@ def test_mosaic_cells_come_from_thumbnails(thumbed):
     sh, thumbs = thumbed
     ds = sh.ds(gamma=1.0)
     assert ds.uses_thumbnails
-    seen_fallback = False
+    seen_fallback = seen_thumb = False
     for index in range(0, 64, 3):
         s = ds[index]
         if not s["meta"]["is_mosaic"]:
@@ -388,11 +388,14 @@ def test_mosaic_cells_come_from_thumbnails(thumbed):
         w, h = sh.sizes[s["meta"]["image_id"]]
         for q, (x0, y0, cw, ch) in cells_for(w, h).items():
             source = s["meta"]["source_image_ids"][q]
-            if source == 6:  # no thumbnail: the original, decoded at reduced size
-                seen_fallback = True
-                im = pil_rgb(sh.images / "img_0006.jpg", (cw, ch))
+            thumb = None if source == 6 else Image.open(io.BytesIO(thumbs[source]))
+            if thumb is None or thumb.width < cw or thumb.height < ch:
+                # no thumbnail, or one smaller than the cell: the original at reduced size
+                seen_fallback |= source == 6
+                im = pil_rgb(sh.images / f"img_{source:04d}.jpg", (cw, ch))
             else:
-                im = Image.open(io.BytesIO(thumbs[source]))
+                seen_thumb = True
+                im = thumb
                 im.draft("RGB", (cw, ch))
                 im = im.convert("RGB")
             want = np.asarray(im.resize((cw, ch), Image.Resampling.BILINEAR))
@@ -403,7 +406,7 @@ def test_mosaic_cells_come_from_thumbnails(thumbed):
         expected[y0:y0 + ch, x0:x0 + cw] = np.asarray(Image.fromarray(
             sh.masks[s["meta"]["sent_id"]]).resize((cw, ch), Image.Resampling.NEAREST))
         np.testing.assert_array_equal(s["mask"], expected)
-    assert seen_fallback
+    assert seen_fallback and seen_thumb
 
 
 def test_thumbnails_off_or_required(thumbed, shards):
