@@ -72,6 +72,8 @@ from pipeline.training.mosaic_candidates import EXCLUDED, FROM_POOL
 from pipeline.training.sampling import (
     EXPRESSIONS,
     HARD_NEGATIVE_STREAM,
+    ITEMS,
+    REF_SENTENCE_STREAM,
     SENTENCE_STREAM,
     SamplerOptions,
     curriculum_starts,
@@ -231,6 +233,7 @@ class NemoDataset(torch.utils.data.Dataset):
         fallback: str = "single",
         replace: bool = False,
         expressions: str = ORIGINAL_EXPRESSION,
+        items: str = "sentence",
     ) -> None:
         if int(n_hard_negatives) < 0:
             raise ValueError(f"n_hard_negatives must be >= 0, got {n_hard_negatives!r}")
@@ -255,6 +258,8 @@ class NemoDataset(torch.utils.data.Dataset):
             raise TypeError("transform must be callable as transform(image, mask)")
         if expressions not in EXPRESSIONS:
             raise ValueError(f"expressions must be one of {EXPRESSIONS}, got {expressions!r}")
+        if items not in ITEMS:
+            raise ValueError(f"items must be one of {ITEMS}, got {items!r}")
 
         self.shards_dir = Path(shards_dir)
         self.split = str(split)
@@ -270,6 +275,7 @@ class NemoDataset(torch.utils.data.Dataset):
         self.cell_geometry = cell_geometry
         self.input_size = input_size
         self.expressions = expressions
+        self.items = items
 
         self._artifact = artifact = ShardsArtifact(self.shards_dir)
         split_files = artifact.split_files(self.split)
@@ -277,6 +283,9 @@ class NemoDataset(torch.utils.data.Dataset):
         views = self.split == TRAIN_SPLIT and expressions != ORIGINAL_EXPRESSION
         self._columns = READ_COLUMNS + (VIEW_COLUMNS if views else ())
         self._groups = RowGroups.of(split_files, self._columns)
+        #: items="ref": each referent's rows (ascending sent_id) as offsets into `_ref_rows`
+        self._ref_offsets, self._ref_rows = (_rows_by_ref(split_files) if items == "ref"
+                                             else (None, None))
         #: Rows of the split without a view, which show their own sentence (None: not asked).
         self.rows_without_views = (_rows_without_views(artifact, split_files, expressions)
                                    if views else None)
@@ -358,7 +367,28 @@ class NemoDataset(torch.utils.data.Dataset):
 
     # ---------------------------------------------------------------------------------- access
     def __len__(self) -> int:
+        if self._ref_offsets is not None:
+            return len(self._ref_offsets) - 1
         return self._groups.length
+
+    def item_rows(self, index: int) -> list[int]:
+        """The row indices item ``index`` may show: itself per sentence, the referent's rows
+        (ascending sent_id) with ``items="ref"``."""
+        index = self._normalize_index(index)
+        if self._ref_offsets is None:
+            return [index]
+        lo, hi = self._ref_offsets[index], self._ref_offsets[index + 1]
+        return [int(r) for r in self._ref_rows[lo:hi]]
+
+    def _row_index(self, index: int, epoch: int) -> int:
+        """The row item ``index`` shows at ``epoch``: with ``items="ref"`` a training item draws
+        one of its referent's sentences (its own stream), an evaluation item shows the first,
+        as CRIS validates (`sents[0]`)."""
+        rows = self.item_rows(index)
+        if len(rows) == 1 or self.split != TRAIN_SPLIT:
+            return rows[0]
+        pick = stream_rng(self.seed, epoch, index, REF_SENTENCE_STREAM).integers(len(rows))
+        return rows[int(pick)]
 
     def __repr__(self) -> str:
         return (f"NemoDataset({str(self.shards_dir)!r}, split={self.split!r}, len={len(self)}, "
@@ -381,8 +411,12 @@ class NemoDataset(torch.utils.data.Dataset):
                 "`nemo-pipe run --stage shards --force`") from None
 
     def row(self, index: int) -> dict[str, Any]:
-        """The Parquet row of sample ``index`` (needed columns only), via the row-group cache."""
-        index = self._normalize_index(index)
+        """The Parquet row of sample ``index`` (needed columns only), via the row-group cache;
+        with ``items="ref"`` the row of the referent's first sentence."""
+        return self._row_at(self.item_rows(index)[0])
+
+    def _row_at(self, index: int) -> dict[str, Any]:
+        """Row ``index`` of the split's files (0 <= index < rows)."""
         file, group, offset = self._groups.locate(index)
         key = (file, group)
         local = self._process_local()
@@ -420,7 +454,7 @@ class NemoDataset(torch.utils.data.Dataset):
         else:
             epoch = self.epoch
         index = self._normalize_index(index)
-        row = self.row(index)
+        row = self._row_at(self._row_index(index, epoch))
         rng = sample_rng(self.seed, epoch, index)
         u = draw_mosaic_u(rng)
         image_id = int(row["image_id"])
@@ -544,6 +578,21 @@ class NemoDataset(torch.utils.data.Dataset):
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"image {path} (image_id {image_id}) not found; is images_dir right?") from None
+
+
+def _rows_by_ref(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, rows): the row indices of each referent of the split, ascending sent_id, the
+    referents in order of their first row."""
+    ids = [pq.read_table(f, columns=["ref_id", "sent_id"]) for f in files]
+    ref = np.concatenate([t.column("ref_id").to_numpy() for t in ids]) if ids else np.zeros(0)
+    sent = np.concatenate([t.column("sent_id").to_numpy() for t in ids]) if ids else np.zeros(0)
+    first: dict[int, int] = {}
+    for i, r in enumerate(ref.tolist()):
+        first.setdefault(r, i)
+    order = np.lexsort((sent, np.array([first[r] for r in ref.tolist()], np.int64)))
+    starts = np.flatnonzero(np.r_[True, ref[order][1:] != ref[order][:-1]]) if len(order) \
+        else np.zeros(0, np.int64)
+    return np.r_[starts, len(order)].astype(np.int64), order.astype(np.int64)
 
 
 def _rows_without_views(artifact: ShardsArtifact, files: list[Path], expressions: str) -> int:

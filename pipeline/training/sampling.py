@@ -6,9 +6,10 @@ Every draw of sample ``index`` at epoch ``e`` comes from ``numpy.random.default_
 index])`` and nothing else, so a sample does not depend on the number of DataLoader workers, on
 the order of access, or on what was read before. The sentence and the hard negatives come from
 streams of their own, ``default_rng([seed, e, index, stream])`` (:data:`SENTENCE_STREAM`,
-:data:`HARD_NEGATIVE_STREAM`), so a change to the mosaic draws (a new option, another order)
-never changes which expression or which negatives a sample gets, and the reverse. The order of
-the mosaic stream's draws is part of the output:
+:data:`HARD_NEGATIVE_STREAM`, and with ``items="ref"`` :data:`REF_SENTENCE_STREAM`), so a change
+to the mosaic draws (a new option, another order) never changes which expression or which
+negatives a sample gets, and the reverse. The order of the mosaic stream's draws is part of the
+output:
 
 1. ``u`` (:func:`draw_mosaic_u`), for every sample: single or which mosaic kind;
 2. with ``grid="mixed"`` and a mosaic: 2x2 or 3x3, one half each;
@@ -80,6 +81,10 @@ FALLBACKS = ("single", "replace", "pool")
 ONE, RANDOM, RETRIEVAL = "one", "random", "retrieval"
 SENTENCE_STREAM = 1
 HARD_NEGATIVE_STREAM = 2
+REF_SENTENCE_STREAM = 3  # items="ref": which of the referent's sentences a training item shows
+ITEMS = ("sentence", "ref")
+"""`NemoDataset(items=...)`: one item per sentence (default), or per referent as the official
+NeMo and CRIS loaders (a random sentence in training, the first one in evaluation)."""
 EXPRESSIONS = (ORIGINAL_EXPRESSION, "views", "both")
 """`NemoDataset(expressions=...)`: the row's sentence, one of its referent's views, or either."""
 

@@ -328,8 +328,9 @@ def _epoch_samples(d: NemoDataset, workers: int) -> list[tuple]:
     return out
 
 
-def test_draws_agree_across_worker_counts(data):
-    d = ds(data, n_hard_negatives=3, expressions="both", seed=11)
+@pytest.mark.parametrize("items", ["sentence", "ref"])
+def test_draws_agree_across_worker_counts(data, items):
+    d = ds(data, n_hard_negatives=3, expressions="both", seed=11, items=items)
     for epoch in (0, 3):
         d.set_epoch(epoch)
         assert _epoch_samples(d, 0) == _epoch_samples(d, 2)
@@ -409,3 +410,42 @@ def test_raw_sentence_is_the_rows_raw_or_the_view_shown(data):
     old = ds(data)  # schema-4 rows without raw: the cleaned sentence
     assert old[0]["raw_sentence"] == data["train"][0]["sent"]
     assert collate_fn([old[0], old[1]])["raw_sentence"] == [r["sent"] for r in data["train"][:2]]
+
+
+def test_items_per_ref_as_the_official_and_cris_loaders(data):
+    """items="ref": one item per referent (the official NeMo loader's and CRIS's datasets);
+    a training item draws one of its referent's sentences each epoch, an evaluation item shows
+    the first (CRIS validates on `sents[0]`)."""
+    sents_of: dict[int, list[dict]] = {}
+    for r in data["train"]:
+        sents_of.setdefault(r["ref_id"], []).append(r)
+    d = ds(data, items="ref", gamma=0.7, thumbnails=False)
+    assert len(d) == len(sents_of) == 20  # two sentences per ref in this fixture
+    shown: dict[int, set[str]] = {}
+    for epoch in range(12):
+        d.set_epoch(epoch)
+        for i in range(len(d)):
+            s = d[i]
+            rid = s["meta"]["ref_id"]
+            mine = {r["sent_id"]: r for r in sents_of[rid]}
+            assert s["meta"]["sent_id"] in mine
+            assert s["sentence"] == mine[s["meta"]["sent_id"]]["sent"]
+            assert s["meta"]["image_id"] == mine[s["meta"]["sent_id"]]["image_id"]
+            shown.setdefault(rid, set()).add(s["sentence"])
+            again = d[(epoch, i)]
+            assert again["meta"]["sent_id"] == s["meta"]["sent_id"]  # a draw, not a state
+    assert all(len(v) == 2 for v in shown.values())  # every sentence of every ref is used
+    assert [d.item_rows(i) for i in range(2)] == [[0, 1], [2, 3]]
+    assert d.row(1)["sent_id"] == sents_of[51][0]["sent_id"]
+
+    val = ds(data, "val", items="ref")
+    val_refs: dict[int, list[dict]] = {}
+    for r in data["val"]:
+        val_refs.setdefault(r["ref_id"], []).append(r)
+    assert len(val) == len(val_refs)
+    for epoch in range(3):
+        val.set_epoch(epoch)
+        got = {val[i]["meta"]["ref_id"]: val[i]["meta"]["sent_id"] for i in range(len(val))}
+        assert got == {rid: min(r["sent_id"] for r in rows) for rid, rows in val_refs.items()}
+    with pytest.raises(ValueError, match="items must be one of"):
+        ds(data, items="referent")
