@@ -72,6 +72,7 @@ class FakeIngest(Stage):
         tokens = [[WORDS[w] for w in row] for row in words]
         ctx.write_table("sentences", pa.table({
             "sent_id": sent, "ref_id": ref, "sent": [" ".join(t) for t in tokens],
+            "raw": [" ".join(t).capitalize() + "." for t in tokens],
             "tokens": pa.array(tokens, pa.list_(pa.string()))}))
         rle = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
         ctx.write_table("objects", pa.table({

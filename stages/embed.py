@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -168,12 +169,16 @@ class _EmbedStage(Stage[EmbedParams]):
     libraries = ("pyarrow", "torch", "open_clip_torch", "pillow")
 
     def fingerprint(self, env: RunEnv, params: EmbedParams) -> dict[str, Any]:
-        from stages.models.clip import checkpoint_path
-
         p = params
+        value = (p.pretrained or "").strip()
+        if not value or not Path(value).expanduser().is_file():
+            return {}  # random init, a tag (fixed by name), or what the preflight refuses
+        from stages.models.clip import checkpoint_path  # a file: is it also a tag? (loads
+        # open_clip, so only here: `status` on the usual configs stays light)
+
         path = checkpoint_path(p.model, p.pretrained)
-        if path is None:  # a tag (its weights are fixed by name), random init, or a value the
-            return {}  # preflight refuses with the reason
+        if path is None:  # a tag of the model that happens to name a file too: the tag wins
+            return {}
         digest = FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite").digests([path])
         found = digest[path.absolute()]
         if found is None:
