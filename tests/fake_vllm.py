@@ -180,6 +180,10 @@ class FakeLLM:
                 if set(prompt) - _TEXT_PROMPT_KEYS:
                     raise TypeError(f"not a TextPrompt: {sorted(prompt)}")
                 ids = self._tokenizer(prompt["prompt"], add_special_tokens=True)["input_ids"]
+            limit = self.llm_engine.model_config.max_model_len
+            if len(ids) > limit:  # vLLM refuses the whole call, not only this request
+                raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the "
+                                 f"maximum model length of {limit}.")
             self.seen.append({"ids": ids, "params": sp, "prompt": prompt})
             text, finish = type(self).respond(ids, sp)
             n_new = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

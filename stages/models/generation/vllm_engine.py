@@ -253,19 +253,32 @@ class VLLMGenerator:
         """
         del batch_size
         inputs, keys, lengths = self._inputs(requests)
-        budgets = per_request(max_new_tokens, len(requests))
+        n = len(requests)
+        budgets = per_request(max_new_tokens, n)
+        schemas = (list(schema) if isinstance(schema, Sequence) else [schema] * n)
+        # a prompt that fills the context leaves no room for an answer, and vLLM refuses it
+        # for the whole call: such a request gets an empty, truncated answer without being
+        # sent (a recorded `truncated` failure, as on the transformers path)
+        full = {i for i, length in enumerate(lengths)
+                if self.context is not None and length is not None and length >= self.context}
         if self.context is not None:
             budgets = [b if length is None else max(1, min(b, self.context - length))
                        for b, length in zip(budgets, lengths, strict=True)]
-        items = vllm_requests(inputs, schema, max_new_tokens=budgets, group_keys=keys)
+        result = [Answer("", truncated=i in full) for i in range(n)]
+        self.stats.truncated += len(full)
+        send = [i for i in range(n) if i not in full]
+        if not send:
+            return result
+        items = vllm_requests([inputs[i] for i in send], [schemas[i] for i in send],
+                              max_new_tokens=[budgets[i] for i in send],
+                              group_keys=[keys[i] for i in send] if keys is not None else None)
         sampling = [vllm_sampling_params(self._vllm, it["sampling_params"]) for it in items]
         t0 = time.perf_counter()
         outputs = self.llm.generate([it["inputs"] for it in items], sampling, use_tqdm=False)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.batches += 1
-        result = [Answer("")] * len(requests)
         for item, text in zip(items, parse_vllm_outputs(outputs, self.stats), strict=True):
-            result[item["index"]] = text
+            result[send[item["index"]]] = text
         return result
 
 

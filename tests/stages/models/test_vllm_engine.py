@@ -160,3 +160,32 @@ def test_vllm_text_requests_and_missing_vllm() -> None:
     with pytest.raises(InputError, match="vllm"):
         VLLMTextGenerator("tiny")
 
+
+
+@pytest.mark.parametrize("api", ["new", "old"])
+def test_a_prompt_that_fills_the_context_is_a_truncated_answer_not_a_crash(
+        api: str, tiny_work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM refuses a call holding a prompt longer than max_model_len, which would have
+    failed every request of the batch with a traceback. Such a request gets an empty,
+    truncated answer without being sent (as on the transformers path), the others theirs."""
+    from stages.models.generation.hf_engine import chat_prompt_ids
+    from stages.models.generation.vllm_engine import VLLMTextGenerator
+
+    llm_cls = fake_vllm.install(monkeypatch, api)
+    llm_cls.respond = staticmethod(lambda ids, sp: ("fine", "stop"))
+    monkeypatch.setenv("NEMO_WORK_DIR", str(tiny_work))
+    probe = VLLMTextGenerator("tiny")
+    short, long = "a short question", "word " * 300
+    n_short = len(chat_prompt_ids(probe.tokenizer, short))
+    n_long = len(chat_prompt_ids(probe.tokenizer, long))
+    assert n_short + 10 < n_long
+    gen = VLLMTextGenerator("tiny", max_model_len=n_short + 10)
+    answers = gen.generate([short, long, short], max_new_tokens=50)
+    assert list(answers) == ["fine", "", "fine"]
+    assert [is_truncated(a) for a in answers] == [False, True, False]
+    seen = llm_cls.instances[-1].seen
+    assert len(seen) == 2 and all(len(s["ids"]) == n_short for s in seen)
+    assert [s["params"].max_tokens for s in seen] == [10, 10]  # capped by the context
+    assert gen.stats.truncated == 1
+    # a batch of nothing but such prompts sends nothing
+    assert list(gen.generate([long], max_new_tokens=5)) == [""] and len(seen) == 2
