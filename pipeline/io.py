@@ -172,7 +172,6 @@ class ParquetStream(CloseOrAbort):
                 self._thread.shutdown(wait=True)
 
 
-
 def parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 

@@ -583,16 +583,16 @@ class NemoDataset(torch.utils.data.Dataset):
 def _rows_by_ref(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, rows): the row indices of each referent of the split, ascending sent_id, the
     referents in order of their first row."""
+    empty = [np.zeros(0, np.int64)]
     ids = [pq.read_table(f, columns=["ref_id", "sent_id"]) for f in files]
-    ref = np.concatenate([t.column("ref_id").to_numpy() for t in ids]) if ids else np.zeros(0)
-    sent = np.concatenate([t.column("sent_id").to_numpy() for t in ids]) if ids else np.zeros(0)
-    first: dict[int, int] = {}
-    for i, r in enumerate(ref.tolist()):
-        first.setdefault(r, i)
-    order = np.lexsort((sent, np.array([first[r] for r in ref.tolist()], np.int64)))
-    starts = np.flatnonzero(np.r_[True, ref[order][1:] != ref[order][:-1]]) if len(order) \
-        else np.zeros(0, np.int64)
-    return np.r_[starts, len(order)].astype(np.int64), order.astype(np.int64)
+    ref = np.concatenate([t.column("ref_id").to_numpy() for t in ids] or empty)
+    sent = np.concatenate([t.column("sent_id").to_numpy() for t in ids] or empty)
+    _, first, inverse = np.unique(ref, return_index=True, return_inverse=True)
+    order = np.lexsort((sent, first[inverse]))  # by the referent's first row, then sent_id
+    grouped = ref[order]
+    new_ref = np.ones(len(order), bool)
+    new_ref[1:] = grouped[1:] != grouped[:-1]
+    return np.r_[np.flatnonzero(new_ref), len(order)].astype(np.int64), order.astype(np.int64)
 
 
 def _rows_without_views(artifact: ShardsArtifact, files: list[Path], expressions: str) -> int:

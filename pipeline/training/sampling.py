@@ -273,10 +273,10 @@ def allowed_cells(allowed_quadrants: Sequence[Any] | None, grid: int,
 
 def plan_sample(rng: np.random.Generator, u: float, opts: SamplerOptions, epoch: int,
                 train: bool, row: Mapping[str, Any], pool: np.ndarray | None,
-                allowed_quadrants: Sequence[int] | None = None) -> Plan:
+                allowed_quadrants: Sequence[int]) -> Plan:
     """The plan of one sample from its row, after ``u`` was drawn (draws 2-4 of the module
     docstring). `allowed_quadrants` are those of the text the sample shows
-    (:func:`expression_quadrants`); None takes the row's own sentence's."""
+    (:func:`expression_quadrants`), which the positive's cell follows."""
     image_id = int(row["image_id"])
     kind = mosaic_kind(u, opts, epoch, train)
     if kind == ONE:
@@ -291,8 +291,6 @@ def plan_sample(rng: np.random.Generator, u: float, opts: SamplerOptions, epoch:
                                                  image_id, pool)
     if negatives is None:
         return single(image_id, fallback)
-    if allowed_quadrants is None:
-        allowed_quadrants = row.get("allowed_quadrants")
     cells = allowed_cells(allowed_quadrants, grid, opts.positional_constraint)
     cell = cells[int(rng.integers(len(cells)))]
     it = iter(negatives)

@@ -44,8 +44,8 @@ class ReferData:
     images: dict[int, dict[str, Any]]  # the images the refs use, from instances.json
     anns_by_image: dict[int, list[dict[str, Any]]]  # every annotation of those images
     categories: list[dict[str, Any]]
-    # sentences left out while parsing, by reason (`blank`: no text to train on), and the
-    # refs they came from; ingest records both in its manifest
+    # sentences left out while parsing, by reason (`blank`: no text to train on); ingest
+    # records them in its manifest with the refs it drops
     dropped_sentences: dict[str, int] = field(default_factory=dict)
     repeated_targets: int = 0  # refs that listed one target twice (kept once)
 
@@ -253,7 +253,8 @@ def _ref_targets(raw: dict[str, Any], fmt: str, where: str) -> tuple[list[int], 
     listed twice. A REFER ref has a target; a gRefCOCO ref lists its targets or [-1], never
     both, and its `no_target` flag, where present, must agree."""
     listed = [_int(v, "ann_id", where) for v in _as_list(raw["ann_id"])]
-    targets = list(dict.fromkeys(a for a in listed if a != NO_TARGET))
+    given = [a for a in listed if a != NO_TARGET]
+    targets = list(dict.fromkeys(given))
     if NO_TARGET in listed and targets:
         raise InputError(f"{where} lists both targets {targets} and no-target ({NO_TARGET}) in "
                          "ann_id; fix the record")
@@ -264,7 +265,7 @@ def _ref_targets(raw: dict[str, Any], fmt: str, where: str) -> tuple[list[int], 
     if flag is not None and bool(flag) != (not targets):
         raise InputError(f"{where} has no_target={flag!r} but ann_id {raw['ann_id']!r}; the "
                          "flag and the targets disagree: fix the record")
-    return targets, len(targets) < len([a for a in listed if a != NO_TARGET])
+    return targets, len(targets) < len(given)
 
 
 def _records(container: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:

@@ -31,13 +31,12 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, NotPublished
-from pipeline.io import output_dir
+from pipeline.io import output_dir, output_file
 from stages.refer.views import refer_sentence, valid_views
 from stages.text.normalise import normalise_sentence
 
@@ -104,17 +103,12 @@ def add_views(refs: list[dict[str, Any]], views: dict[int, list[tuple[str, str]]
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    """`write(file)` into a temporary file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(file)` into a temporary file next to `path`, synced, then renamed into place
+    (`output_file`: a failed write leaves nothing and is an error naming the path)."""
+    with output_file(path, "REFER copy", "OUT folder") as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_refer(refs_path: Path, instances_path: Path, fmt: str, out_dir: Path,
