@@ -74,18 +74,6 @@ INSTANCES_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(INSTANCES_CASES))
-def test_malformed_instances_record_is_an_input_error(tmp_path, case):
-    made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
-    edit, phrase = INSTANCES_CASES[case]
-    _edit_instances(made, edit)
-    with pytest.raises(InputError) as err:
-        ingest(made, tmp_path / "work")
-    assert str(err.value).startswith(str(made.instances_path)), err.value
-    assert phrase in str(err.value), err.value
-    assert nothing_published(tmp_path / "work")
-
-
 def test_json_number_past_the_int_digit_limit_is_an_input_error(tmp_path):
     made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
     text = made.instances_path.read_text()
@@ -118,14 +106,22 @@ REFS_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFS_CASES))
-def test_malformed_refs_record_is_an_input_error(tmp_path, case):
+@pytest.mark.parametrize("file,case", [*(("instances", c) for c in sorted(INSTANCES_CASES)),
+                                       *(("refs", c) for c in sorted(REFS_CASES))])
+def test_malformed_record_is_an_input_error(tmp_path, file, case):
+    """The error names the file (and, in the refs file, the ref) and says what is wrong."""
     made = write_handmade(tmp_path / "data", bad=[], context_bad=False)
-    edit, phrase = REFS_CASES[case]
-    _edit_refs(made, edit)
+    if file == "instances":
+        edit, phrase = INSTANCES_CASES[case]
+        _edit_instances(made, edit)
+        prefix = str(made.instances_path)
+    else:
+        edit, phrase = REFS_CASES[case]
+        _edit_refs(made, edit)
+        prefix = f"{made.refs_path}: ref "
     with pytest.raises(InputError) as err:
         ingest(made, tmp_path / "work")
-    assert str(err.value).startswith(f"{made.refs_path}: ref "), err.value
+    assert str(err.value).startswith(prefix), err.value
     assert phrase in str(err.value), err.value
     assert nothing_published(tmp_path / "work")
 
