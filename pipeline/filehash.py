@@ -43,10 +43,12 @@ class FileHashCache:
     disk) digests are computed every time and a warning says so; `status` and `path` keep
     working on a read-only work dir, and `run` fails on its first real write instead."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, persist: bool = True) -> None:
         self.db_path = db_path
         self._memo: dict[str, str] = {}
-        self.usable = True
+        self.usable = persist
+        if not persist:
+            return
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as con:
@@ -57,6 +59,13 @@ class FileHashCache:
                 con.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT)")
         except (OSError, sqlite3.Error) as exc:
             self._give_up(exc)
+
+    @classmethod
+    def for_work_dir(cls, work_dir: Path) -> FileHashCache:
+        """The work dir's cache, `<work>/.cache/file_hashes.sqlite`; memory-only, silently,
+        while the work dir does not exist: `status` and `path` on a fresh (or mistyped) work
+        dir must not create it, and `run` creates it with its first artifact anyway."""
+        return cls(work_dir / ".cache" / "file_hashes.sqlite", persist=work_dir.is_dir())
 
     def _give_up(self, exc: Exception) -> None:
         if self.usable and self.db_path not in _WARNED:  # once per process and database

@@ -179,7 +179,7 @@ class _EmbedStage(Stage[EmbedParams]):
         path = checkpoint_path(p.model, p.pretrained)
         if path is None:  # a tag of the model that happens to name a file too: the tag wins
             return {}
-        digest = FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite").digests([path])
+        digest = FileHashCache.for_work_dir(env.work_dir).digests([path])
         found = digest[path.absolute()]
         if found is None:
             raise InputError(f"embed.pretrained={p.pretrained}: the checkpoint file went away "

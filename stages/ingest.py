@@ -78,7 +78,7 @@ def data_locations(env: RunEnv, manifest: DataManifest) -> tuple[Path, Path]:
 
 
 def _hash_cache(env: RunEnv) -> FileHashCache:
-    return FileHashCache(env.work_dir / ".cache" / "file_hashes.sqlite")
+    return FileHashCache.for_work_dir(env.work_dir)
 
 
 def _parse(manifest: DataManifest, data_root: Path, digest_key: str) -> ReferData:

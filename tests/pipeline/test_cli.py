@@ -206,3 +206,15 @@ def test_path_refuses_what_run_would_refuse(demo, work):
         assert res.exit_code == 2, res.output
         assert "hard_negatives.source_splits" in res.output and "nosuch" in res.output
     assert str(work) not in path.output.splitlines()[0]  # no artifact path printed
+
+
+def test_status_and_path_leave_a_new_work_dir_uncreated(demo, tmp_path):
+    """They only look: hashing the inputs for the ingest key made `<work>/.cache` (and so the
+    work dir) on a mistyped --work-dir. `run` still keeps the hashes for the next call."""
+    work = tmp_path / "new-work"
+    for cmd in (["status"], ["path", "--stage", "ingest"]):
+        res = runner.invoke(app, [*cmd, *common(demo, work)])
+        assert res.exit_code in (0, 1), res.output
+        assert not work.exists(), cmd
+    assert runner.invoke(app, ["run", "--stage", "ingest", *common(demo, work)]).exit_code == 0
+    assert (work / ".cache" / "file_hashes.sqlite").is_file()
