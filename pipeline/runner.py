@@ -28,7 +28,9 @@ from pipeline.registry import Registry
 from pipeline.shards import clear_resume_state, prune_resume_state
 from pipeline.stage import P, Params, RunEnv, Stage, StageContext, key_params
 
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# full disk or quota, permissions, read-only mount, a file-size limit (`ulimit -f`, FAT32)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                  errno.EFBIG}
 log = logging.getLogger(__name__)
 
 
@@ -254,9 +256,9 @@ class Pipeline:
             tmp = self.store.tmp_dir(self.env.dataset, r.name, r.key)
             raise StorageError(
                 f"{r.name}: cannot write under {tmp.parent} ({exc.strerror}: "
-                f"{exc.filename or tmp}); nothing was published. Free space or fix the "
-                "permissions (or choose another --work-dir), then rerun: finished shards "
-                "are kept and resumed") from exc
+                f"{exc.filename or tmp}); nothing was published. Free space, fix the "
+                "permissions or raise the file-size limit (or choose another --work-dir), "
+                "then rerun: finished shards are kept and resumed") from exc
 
     def _execute_locked(self, r: Resolved[Any], force: bool, wait: bool) -> None:
         store, dataset = self.store, self.env.dataset
@@ -286,8 +288,16 @@ class Pipeline:
 
     def _finalize(self, r: Resolved[Any], ctx: StageContext[Any], tmp: Path) -> None:
         clear_resume_state(tmp)
+        for leftover in [p for p in tmp.rglob(".*") if p.is_file() or p.is_symlink()]:
+            leftover.unlink()  # a writer's temporary (`.part-*.tmp`), never listed or read
         paths = [p for p in sorted(tmp.rglob("*"))
                  if p.is_file() and not p.name.startswith(("_", "."))]
+        missing = [t for t in r.stage.tables
+                   if t not in r.stage.optional_tables and not (tmp / t).exists()]
+        if missing:  # a stage bug (or its files went away under it): never publish that
+            raise RuntimeError(
+                f"{r.name}: declared table(s) {', '.join(missing)} were not written; nothing "
+                f"was published (unfinished work stays in {tmp})")
         # sha256 of every output file: hashlib releases the GIL, so threads hash the parts of a
         # large artifact in parallel (2.8 GiB of negatives: 1.9 s serial on one core)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -79,6 +79,7 @@ class _ShardJob:
     params: Any
     staging: Path
     schema_version: str
+    call: int
 
 
 @dataclass
@@ -86,12 +87,16 @@ class _ShardDone:
     index: int
     staging: Path
     stats: dict[str, Any]
+    call: int
 
 
 def _run_shard_job(job: _ShardJob) -> _ShardDone:
+    # a retried task (a dask worker died mid-shard) gets the same staging dir: the dead
+    # attempt's half-written files must not be committed with the new ones
+    shutil.rmtree(job.staging, ignore_errors=True)
     writer = ShardWriter(job.staging, job.index, job.schema_version, job.params)
     stats = job.fn(job.payload, writer) or {}
-    return _ShardDone(job.index, job.staging, stats)
+    return _ShardDone(job.index, job.staging, stats, job.call)
 
 
 def valid_marker(tmp_dir: Path, marker: Path, key: str) -> dict[str, Any] | None:
@@ -168,12 +173,18 @@ class ShardRuntime:
         self.progress = progress
         self.stats = stats
         self._done_here = 0  # shards committed by this process: the kill hook counts them
+        self._calls = 0  # run() calls so far: a stage with two sharded phases numbers both
+        # from 0, and the second must not take the first's markers for its own
+
+    def _marker(self, call: int, index: int) -> Path:
+        prefix = f"{call}-" if call else ""  # the first call's names are the historical ones
+        return self.tmp_dir / SHARD_MARKERS / f"{prefix}{index:05d}.json"
 
     def run(self, fn: ShardFn, tasks: Sequence[ShardTask], params: Params,
             desc: str) -> list[dict[str, Any]]:
         """Each shard's stats, in task order, including those recorded by earlier attempts."""
-        markers = self.tmp_dir / SHARD_MARKERS
-        markers.mkdir(parents=True, exist_ok=True)
+        call, self._calls = self._calls, self._calls + 1
+        (self.tmp_dir / SHARD_MARKERS).mkdir(parents=True, exist_ok=True)
         staging_root = self.tmp_dir / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)
         indices = [t.index for t in tasks]
@@ -183,13 +194,13 @@ class ShardRuntime:
         results: dict[int, dict[str, Any]] = {}
         todo: list[_ShardJob] = []
         for task in tasks:
-            done = valid_marker(self.tmp_dir, markers / f"{task.index:05d}.json", self.key)
+            done = valid_marker(self.tmp_dir, self._marker(call, task.index), self.key)
             if done is not None:
                 results[task.index] = done["stats"]
                 continue
-            staging = staging_root / f"{task.index:05d}-{uuid.uuid4().hex[:8]}"
+            staging = staging_root / f"{call}-{task.index:05d}-{uuid.uuid4().hex[:8]}"
             todo.append(_ShardJob(fn, task.index, task.payload, params, staging,
-                                  self.schema_version))
+                                  self.schema_version, call))
 
         resumed = len(tasks) - len(todo)
         self.stats["shards_total"] = self.stats.get("shards_total", 0) + len(tasks)
@@ -210,14 +221,16 @@ class ShardRuntime:
     def _commit(self, done: _ShardDone) -> None:
         files: dict[str, int] = {}
         if done.staging.is_dir():
-            for src in sorted(p for p in done.staging.rglob("*") if p.is_file()):
+            # dot-files are writers' temporaries (`.part-*.tmp`), never a shard's output
+            for src in sorted(p for p in done.staging.rglob("*")
+                              if p.is_file() and not p.name.startswith(".")):
                 rel = src.relative_to(done.staging)
                 dst = self.tmp_dir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 files[rel.as_posix()] = src.stat().st_size
                 os.replace(src, dst)
-        marker = self.tmp_dir / SHARD_MARKERS / f"{done.index:05d}.json"
-        write_json(marker, {"key": self.key, "files": files, "stats": done.stats})
+        write_json(self._marker(done.call, done.index),
+                   {"key": self.key, "files": files, "stats": done.stats})
         self._done_here += 1
         self._kill_hook()
 

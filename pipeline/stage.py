@@ -169,7 +169,9 @@ class Stage(ABC, Generic[P]):
         inputs: names of upstream stages whose artifacts `run` reads.
         section: config namespace of the params (defaults to `name`; stages may share one).
         params_model: the pydantic model of the params (set from the type argument).
-        tables: names of the tables the stage writes (`<key>/<table>/part-*.parquet`).
+        tables: names of the tables the stage writes (`<key>/<table>/part-*.parquet`); the
+            runner refuses to publish an artifact that lacks one, unless it is also in
+            `optional_tables` (written only for some inputs, e.g. a split a dataset lacks).
         libraries: distributions whose versions are recorded in the manifest.
         requires: optional libraries the stage needs, importable module -> the nemo-pipe extra
             that installs it (`{"vllm": "vllm"}`); `required_libraries` may make it depend on
@@ -186,6 +188,7 @@ class Stage(ABC, Generic[P]):
     section: ClassVar[str | None] = None
     params_model: ClassVar[type[Params]] = Params
     tables: ClassVar[tuple[str, ...]] = ()
+    optional_tables: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
     requires: ClassVar[Mapping[str, str]] = {}
     uses_sections: ClassVar[tuple[str, ...]] = ()

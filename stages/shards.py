@@ -104,6 +104,7 @@ class Shards(Stage[ShardsParams]):
     version = SHARDS_SCHEMA_VERSION
     inputs = ("ingest", "mosaic_tables")
     tables = (IMAGES_TABLE, POOL_TABLE, *SPLIT_TABLES)
+    optional_tables = SPLIT_TABLES  # each dataset has its own splits
     libraries = ("pyarrow", "pycocotools", "numpy")
 
     def upstream(self, params: ShardsParams) -> tuple[str, ...]:
