@@ -25,6 +25,7 @@ class Garbage:
     path: Path
     why: str
     bytes: int
+    lock: Path | None = None  # a temp dir's artifact lock: held while it is deleted
 
 
 def dir_bytes(path: Path) -> int:
@@ -82,8 +83,10 @@ def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
                 found.append(Garbage(path, "left over from a replaced artifact", dir_bytes(path)))
             elif path.name.startswith(".tmp-"):
                 key = path.name[len(".tmp-"):]
-                if not _locked(store.lock_path(dataset, name, key)):
-                    found.append(Garbage(path, "unfinished run (resume state)", dir_bytes(path)))
+                lock = store.lock_path(dataset, name, key)
+                if not _locked(lock):
+                    found.append(Garbage(path, "unfinished run (resume state)", dir_bytes(path),
+                                         lock))
             elif keep_current and path.is_dir() and not path.name.startswith(".") \
                     and path.name != current:
                 found.append(Garbage(path, f"not the current {name} ({current})",
@@ -94,10 +97,29 @@ def find_garbage(pipe: Pipeline, keep_current: bool) -> list[Garbage]:
 
 
 def collect(garbage: list[Garbage], work_dir: Path) -> int:
+    """Delete what `find_garbage` found; bytes freed. A temp dir is deleted only while gc holds
+    its artifact's lock: a run that took the lock since it was listed (resuming that key) keeps
+    its resume state, which deleting under it would turn into a published artifact missing
+    the files written before."""
+    from filelock import FileLock, Timeout
+
     for g in garbage:  # all checked before anything goes
         check_inside(g.path, work_dir)
     freed = 0
     for g in garbage:
-        shutil.rmtree(g.path, ignore_errors=True)
-        freed += g.bytes
+        if g.lock is None:
+            shutil.rmtree(g.path, ignore_errors=True)
+            freed += g.bytes
+            continue
+        lock = FileLock(str(g.lock))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a run owns it now
+        try:
+            if g.path.is_dir():
+                shutil.rmtree(g.path, ignore_errors=True)
+                freed += g.bytes
+        finally:
+            lock.release()
     return freed

@@ -84,3 +84,20 @@ def test_resume_from_a_broken_staging_area_is_byte_identical(crashed, toy_log, h
     breaker, extra = BREAKS[how]
     breaker(tmp)
     _resume_and_compare(pipe, clean, toy_log, ["numbers 2", "numbers 3", *extra])
+
+
+def test_gc_keeps_resume_state_a_run_took_after_gc_listed_it(crashed):
+    """gc listed the temp dir while no run held its lock, then deleted it while a resuming
+    run (which took the lock meanwhile) was writing there: the run published an artifact
+    without the shards gc had deleted, and verify saw nothing wrong."""
+    from pipeline.gc import collect, find_garbage
+
+    pipe, tmp, _ = crashed
+    garbage = find_garbage(pipe, keep_current=False)
+    assert [g.path for g in garbage] == [tmp]
+    key = pipe.resolve("numbers").key
+    with pipe.store.lock("toy", "numbers", key):  # a resuming run holds it now
+        assert collect(garbage, pipe.env.work_dir) == 0
+        assert (tmp / "_shards" / "00000.json").is_file()
+    assert collect(garbage, pipe.env.work_dir) > 0  # no run: gc may take it
+    assert not tmp.exists()
