@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,11 +88,18 @@ def _unlisted(artifact: Path, listed: dict) -> list[Problem]:
     """Files the manifest does not list: never published by the engine, so never trusted (a
     reader globbing `part-*.parquet` would take them in)."""
     problems = []
-    for path in sorted(artifact.rglob("*")):
-        rel = path.relative_to(artifact).as_posix()
-        if path.is_file() and rel not in listed and rel not in (MANIFEST, SUCCESS, CORRUPT):
-            problems.append(Problem(artifact, rel, "not listed in the manifest"))
-    return problems
+    for root, dirs, names in os.walk(artifact):  # does not enter linked dirs: listed below
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            rel = path.relative_to(artifact).as_posix()
+            if path.is_symlink():  # the engine never publishes a link; one to a dir of parts
+                # would add a split no checksum covers
+                problems.append(Problem(artifact, rel, "a symbolic link, not listed in the "
+                                                       "manifest"))
+            elif path.is_file() and rel not in listed and rel not in (MANIFEST, SUCCESS,
+                                                                        CORRUPT):
+                problems.append(Problem(artifact, rel, "not listed in the manifest"))
+    return sorted(problems, key=lambda p: p.file)
 
 
 def quick_check(artifact: Path, identity: bool = True) -> list[Problem]:

@@ -201,3 +201,25 @@ def test_matching_hash_but_not_parquet_is_corrupt(tmp_path):
     wrong = UpstreamFile(str(tmp_path), "numbers", "k", "t/part-00000.parquet", "0" * 64)
     with pytest.raises(UpstreamCorrupt, match="does not match the sha256"):
         wrong.read_table()  # the mismatch wins over the parse error
+
+
+@pytest.mark.parametrize("what", ["dir", "file"])
+def test_a_link_into_an_artifact_is_found_by_verify_and_the_plan(tmp_path, what):
+    """A linked dir of parts (a split to a trainer that globs part files) was invisible to
+    verify and to the plan's quick check: rglob does not enter linked dirs."""
+    from pipeline.verify import quick_check
+
+    work = tmp_path / "w"
+    make_pipe(work).run("numbers")
+    d = make_pipe(work).artifact_dir("numbers")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "part-00000.parquet").write_bytes((d / "numbers/part-00000.parquet").read_bytes())
+    link = d / "extra" if what == "dir" else d / "numbers" / "part-00099.parquet"
+    link.symlink_to(outside if what == "dir" else outside / "part-00000.parquet")
+    rel = link.relative_to(d).as_posix()
+    assert [(p.file, p.what) for p in quick_check(d)] == [
+        (rel, "a symbolic link, not listed in the manifest")]
+    checked, problems = verify_store(ArtifactStore(work))
+    assert checked == 1 and [p.file for p in problems] == [rel]
+    assert {r.name: r.state for r in make_pipe(work).status()}["numbers"] == "corrupt"
