@@ -37,10 +37,15 @@ class LocalExecutor:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        try:
             futures = [pool.submit(fn, t) for t in tasks]
             for fut in as_completed(futures):
                 yield fut.result()
+        finally:
+            # on a failed shard (or the caller stopping early) the queued shards are dropped,
+            # not run to completion and then thrown away: only those already running finish
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskExecutor:
@@ -77,7 +82,18 @@ class DaskExecutor:
         if not tasks:
             return
         cluster = None if self.scheduler else self._cluster()
-        client = Client(self.scheduler) if self.scheduler else Client(cluster)
+        try:
+            client = Client(self.scheduler) if self.scheduler else Client(cluster)
+        except (OSError, TimeoutError) as exc:
+            if cluster is not None:
+                cluster.close()
+                raise
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(
+                f"--scheduler {self.scheduler}: cannot connect ({exc}); check that a dask "
+                "scheduler runs there and this machine can reach it, or omit --scheduler "
+                "for a local cluster") from None
         try:
             futures = client.map(fn, tasks, pure=False)
             for fut in as_completed(futures):
@@ -88,11 +104,32 @@ class DaskExecutor:
                 cluster.close()
 
 
+def check_scheduler_address(address: str) -> None:
+    """ConfigError unless dask can parse `address` (`tcp://HOST:PORT`, `HOST:PORT`, ...): a
+    typo is refused before any stage runs, not as a traceback at the first shard."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from pipeline.errors import ConfigError
+
+    try:
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls", "ucx"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--scheduler {address!r}: not a dask scheduler address ({exc}); "
+                          "give it as tcp://HOST:PORT") from None
+
+
 def make_executor(kind: str = "local", workers: int = 1, scheduler: str | None = None) -> Executor:
+    from pipeline.errors import ConfigError
+
+    if scheduler is not None and kind != "dask":
+        raise ConfigError(f"--scheduler {scheduler}: only with --executor dask")
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "dask":
+        if scheduler is not None:
+            check_scheduler_address(scheduler)
         return DaskExecutor(scheduler, workers if workers > 1 else 2)
-    from pipeline.errors import ConfigError
 
     raise ConfigError(f"--executor {kind!r}: expected 'local' or 'dask'")

@@ -2,12 +2,13 @@
 
 `numbers` writes the integers [0, n) in shards; `squares` reads them and squares them. Each shard
 call appends a line to the file named by TOY_LOG, so tests can count what was (re)computed, and
-TOY_FAIL_AT=i makes shard i raise, to simulate a crash.
+TOY_FAIL_AT=i makes shard i raise, to simulate a crash; TOY_SHARD_SECONDS makes each shard sleep.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def _numbers_shard(payload: dict[str, Any],
             f.write(f"numbers {payload['index']}\n")
     if os.environ.get("TOY_FAIL_AT") == str(payload["index"]):
         raise RuntimeError(f"simulated crash in shard {payload['index']}")
+    if os.environ.get("TOY_SHARD_SECONDS"):  # slow shards, for tests of a pool's scheduling
+        time.sleep(float(os.environ["TOY_SHARD_SECONDS"]))
     offset = writer.params.offset  # the engine hands every shard the stage's params
     values = list(range(offset + payload["start"], offset + payload["stop"]))
     writer.write_table("numbers", pa.table({"value": pa.array(values, pa.int64())}))

@@ -159,6 +159,19 @@ def test_process_pool_gives_same_bytes(tmp_path):
     assert artifact_bytes(pool, "numbers") == artifact_bytes(seq, "numbers")
 
 
+def test_a_failed_shard_in_a_pool_drops_the_queued_ones(tmp_path, toy_log, monkeypatch):
+    """Shard 0 fails at once; leaving the pool waited for all 19 queued shards to run, whose
+    results were then thrown away (hours, on a real stage). Only those already handed to a
+    worker (2 running, a few in the call queue) may still finish."""
+    monkeypatch.setenv("TOY_FAIL_AT", "0")
+    monkeypatch.setenv("TOY_SHARD_SECONDS", "0.3")
+    pipe = make_pipe(tmp_path, "numbers.per_shard=1", workers=2)
+    with pytest.raises(RuntimeError, match="simulated crash in shard 0"):
+        pipe.run("numbers")
+    ran = [x for x in log_lines(toy_log) if x.startswith("numbers ")]
+    assert len(ran) <= 8, ran
+
+
 def test_input_error_publishes_nothing_and_leaves_no_tmp(tmp_path):
     pipe = make_pipe(tmp_path, "numbers.bad_input=true")
     with pytest.raises(InputError, match="toy input is bad"):
@@ -280,6 +293,31 @@ def test_dask_executor_output_equals_local(tmp_path, monkeypatch):
     assert artifact_bytes(distributed, "numbers") == artifact_bytes(local, "numbers")
     manifest = json.loads((distributed.artifact_dir("numbers") / "_manifest.json").read_text())
     assert manifest["executor"] == "dask"
+
+
+@pytest.mark.parametrize("address", ["not an address", "tcp://head"])
+def test_a_malformed_scheduler_address_is_refused_before_any_work(address):
+    from pipeline.executor import make_executor
+
+    with pytest.raises(ConfigError, match="not a dask scheduler address.*tcp://HOST:PORT"):
+        make_executor("dask", scheduler=address)
+    with pytest.raises(ConfigError, match="only with --executor dask"):
+        make_executor("local", scheduler="tcp://head:8786")
+
+
+def test_an_unreachable_scheduler_is_an_error_and_publishes_nothing(tmp_path):
+    """It was a traceback (OSError after the connect timeout), exit 1, temp dir left."""
+    import dask
+
+    from pipeline.executor import make_executor
+
+    pipe = make_pipe(tmp_path)
+    pipe.executor = make_executor("dask", scheduler="tcp://127.0.0.1:1")  # nothing listens
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(ConfigError, match="127.0.0.1:1: cannot connect.*omit --scheduler"):
+        pipe.run("numbers")
+    assert not [p for p in (tmp_path / "toy" / "numbers").iterdir()
+                if not p.name.endswith(".lock")]
 
 
 def test_disk_full_mid_write_is_a_clear_error_and_resumes(tmp_path, toy_log, monkeypatch):

@@ -193,6 +193,21 @@ def test_full_disk_during_a_run(demo, tmp_path):
     error_exit(res, "No space left on device", "nothing was published")
 
 
+def test_file_size_limit_during_a_run(demo, tmp_path):
+    """EFBIG (`ulimit -f`, FAT32's 4 GiB) was a traceback, not a storage error."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, resource.RLIM_INFINITY))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--stage", "ingest", "--dataset",
+         "refcoco", "--work-dir", str(tmp_path / "w"), *locations(demo)],
+        capture_output=True, text=True, preexec_fn=limit,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
+    error_exit(res, "File too large", "nothing was published")
+
+
 # -- the SQLite request cache ---------------------------------------------------------------------
 def test_request_cache_on_a_full_disk_is_a_storage_error(tmp_path):
     d = tmp_path / "tiny"
