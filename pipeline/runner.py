@@ -55,9 +55,10 @@ class Resolved(Generic[P]):
     shared: dict[str, Params] = field(default_factory=dict)
 
     def key_params(self) -> dict[str, Any]:
-        out = key_params(self.params)
+        fields = self.stage.key_fields
+        out = key_params(self.params, fields.get(self.stage.section or self.name))
         for section, params in sorted(self.shared.items()):
-            out[f"@{section}"] = key_params(params)
+            out[f"@{section}"] = key_params(params, fields.get(section))
         return out
 
 

@@ -105,12 +105,18 @@ def runtime_field(default: Any, description: str = "", **kwargs: Any) -> Any:
                  **kwargs)
 
 
-def key_params(params: Params) -> dict[str, Any]:
-    """The resolved parameters that determine the output: everything but runtime fields."""
+def key_params(params: Params, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The resolved parameters that determine the output: everything but runtime fields
+    (and, with `only`, but the fields not named there)."""
     dumped = params.model_dump(mode="json")
+    unknown = set(only or ()) - set(type(params).model_fields)
+    if unknown:  # a typo would silently leave a field out of every key
+        raise TypeError(f"key_fields names {sorted(unknown)}, not fields of "
+                        f"{type(params).__name__}")
     for name, info in type(params).model_fields.items():
         extra = info.json_schema_extra
-        if isinstance(extra, dict) and extra.get("affects_output") is False:
+        runtime = isinstance(extra, dict) and extra.get("affects_output") is False
+        if runtime or (only is not None and name not in only):
             dumped.pop(name, None)
     return dumped
 
@@ -178,6 +184,10 @@ class Stage(ABC, Generic[P]):
             the params. The runner checks them before any stage of a run starts.
         uses_sections: other config sections whose params the stage reads (e.g. a stage that
             embeds its own texts reads `embed`); their output-affecting params join its key.
+        key_fields: for a section (its own or a used one) shared by stages that read different
+            parts of it, the fields that affect this stage's output: only those join its key
+            (an image-decode setting must not rebuild what only the text encoder made).
+            Sections not named key on every output-affecting field.
         renamed_keys: old config keys still accepted for this stage's, `{"old_section.name":
             "section.name"}`: a key that moved keeps working, with a deprecation warning.
     """
@@ -192,6 +202,7 @@ class Stage(ABC, Generic[P]):
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
     requires: ClassVar[Mapping[str, str]] = {}
     uses_sections: ClassVar[tuple[str, ...]] = ()
+    key_fields: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     renamed_keys: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

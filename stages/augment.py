@@ -46,6 +46,7 @@ from pipeline.stage import (
     runtime_field,
 )
 from pipeline.upstream import UpstreamTable
+from stages.embed import TEXT_ENCODER_FIELDS
 from stages.refer.manifests import check_splits
 
 KINDS = ("swap_color", "swap_spatial", "swap_count", "negation", "role_reversal")
@@ -88,6 +89,7 @@ class Augment(Stage[AugmentParams]):
     tables = ("distractors", "rejected")
     libraries = ("pyarrow", "lemminflect")
     uses_sections = ("embed",)  # the report's cosine uses the shared CLIP text encoder
+    key_fields = {"embed": TEXT_ENCODER_FIELDS}  # the shared text encoder only
 
     def required_libraries(self, params: AugmentParams) -> dict[str, str]:
         return {"vllm": "vllm"} if params.backend == "llm" and params.llm_engine == "vllm" else {}

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.stage import Cosine, Params, Stage, StageContext
-from stages.embed import EmbedParams, embedding_array
+from stages.embed import TEXT_ENCODER_FIELDS, EmbedParams, embedding_array
 
 HIST_BINS = 20
 
@@ -34,6 +34,7 @@ class Clusters(Stage[ClustersParams]):
     tables = ("clusters", "view_embeddings")
     libraries = ("pyarrow", "torch", "open_clip_torch", "numpy")
     uses_sections = ("embed",)
+    key_fields = {"embed": TEXT_ENCODER_FIELDS}  # the shared text encoder only
 
     def run(self, ctx: StageContext[ClustersParams]) -> None:
         import numpy as np

@@ -162,6 +162,11 @@ def resolve_decode(params: EmbedParams, bundle: ClipBundle) -> str:
     return "gpu"
 
 
+TEXT_ENCODER_FIELDS = ("model", "pretrained")
+"""The `embed` fields that decide a text embedding: the key fields of every stage that encodes
+text with the shared encoder (`encode_sentences`); image decode and sharding are not."""
+
+
 class _EmbedStage(Stage[EmbedParams]):
     section = "embed"
     inputs = ("ingest",)
@@ -217,6 +222,7 @@ class EmbedImages(_EmbedStage):
     name = "embed_images"
     version = "1"
     tables = ("embeddings", "errors")
+    key_fields = {"embed": (*TEXT_ENCODER_FIELDS, "fast_decode", "decode", "images_per_shard")}
 
     def run(self, ctx: StageContext[EmbedParams]) -> None:
         from stages.models.clip import auto_batch_size
@@ -262,6 +268,7 @@ class EmbedTexts(_EmbedStage):
 
     name = "embed_texts"
     version = "1"
+    key_fields = {"embed": (*TEXT_ENCODER_FIELDS, "texts_per_shard")}
 
     def run(self, ctx: StageContext[EmbedParams]) -> None:
         from stages.models.clip import auto_batch_size

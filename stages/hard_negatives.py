@@ -43,6 +43,7 @@ from pipeline.stage import (
     Stage,
     StageContext,
 )
+from stages.embed import TEXT_ENCODER_FIELDS
 from stages.refer.files import other_referent_sentences
 from stages.refer.manifests import check_splits, load_data_manifest
 from stages.text.negative_rules import DROP_REASONS, TextRules, drop_reason
@@ -148,6 +149,7 @@ class HardNegatives(Stage[HardNegativesParams]):
     tables = ("hard_negatives",)
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")
     uses_sections = ("clusters", "embed")
+    key_fields = {"embed": TEXT_ENCODER_FIELDS}  # the shared text encoder only
 
     def preflight(self, env: RunEnv, params: HardNegativesParams) -> None:
         p = params
