@@ -94,6 +94,17 @@ class Augment(Stage[AugmentParams]):
     def required_libraries(self, params: AugmentParams) -> dict[str, str]:
         return {"vllm": "vllm"} if params.backend == "llm" and params.llm_engine == "vllm" else {}
 
+    def fingerprint(self, env: RunEnv, params: AugmentParams) -> dict[str, Any]:
+        p = params
+        if p.backend != "llm":
+            return {}
+        from pipeline.filehash import FileHashCache
+        from stages.models.generation.engines import model_key
+
+        # a newer hub snapshot or weights replaced in a local dir: new edits, not cached ones
+        return {"model": model_key(p.llm_engine, p.model, images=False,
+                                   hashes=FileHashCache.for_work_dir(env.work_dir))}
+
     def preflight(self, env: RunEnv, params: AugmentParams) -> None:
         p = params
         check_splits("augment.splits", p.splits, env.dataset)
@@ -118,7 +129,8 @@ class Augment(Stage[AugmentParams]):
                          for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")
         tasks = [ShardTask(n, {"sent_ids": ids[s:s + p.sentences_per_shard],
-                               "ingest_tables": ingest_tables, "cache": cache})
+                               "ingest_tables": ingest_tables, "cache": cache,
+                               "model_key": ctx.resolved.fingerprint.get("model")})
                  for n, s in enumerate(range(0, len(ids), p.sentences_per_shard))]
         stats = ctx.run_shards(_augment_shard, tasks, desc="augment")
         ctx.record(sentences=len(ids), report=self._report(ctx, p),
@@ -218,7 +230,8 @@ def _augment_shard(payload: dict[str, Any], writer: ShardWriter[AugmentParams]) 
             items.append((sid, text, scene_context(scene, scene["refs"][rid])))
         ok, bad, counts = run_llm_backend(items, list(p.kinds), p.per_kind, p.model, p.device,
                                           Path(payload["cache"]), max_attempts=p.max_attempts,
-                                          batch_size=p.batch_size, engine=p.llm_engine)
+                                          batch_size=p.batch_size, engine=p.llm_engine,
+                                          model_key=payload.get("model_key"))
     else:
         for sid in payload["sent_ids"]:
             rid, text = scene["sent"][sid]
@@ -257,6 +270,7 @@ def run_llm_backend(
     engine: str = "hf",
     generator: Any = None,
     max_new_tokens: int | None = None,
+    model_key: str | None = None,
 ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, str]], dict[str, int]]:
     """Distractors of `sentences` (``(sent_id, text, SceneContext or None)``) by a causal LM.
 
@@ -280,10 +294,13 @@ def run_llm_backend(
     `engine`: ``hf`` or ``vllm`` (`get_generator`). `generator`: any object with
     ``generate(prompts, max_new_tokens=, batch_size=)`` instead (tests inject a scripted one);
     its ``cache_key`` attribute, if any, is the cache's model key, else ``f"custom:{model}"``.
+    `model_key`: the cache's model key when the caller has it (the stage's, from the work
+    dir's file hashes), else `engines.model_key`.
     """
     from pipeline.request_cache import prompt_hash
     from stages.models.generation.answers import BUDGET_VERSION
-    from stages.models.generation.engines import get_generator, model_key
+    from stages.models.generation.engines import get_generator
+    from stages.models.generation.engines import model_key as engine_model_key
     from stages.models.generation.loop import Outcome, Plan, run_cached
     from stages.text.distractor_answers import judge_answer
     from stages.text.distractor_prompts import (
@@ -301,7 +318,7 @@ def run_llm_backend(
     if generator is not None:
         key = str(getattr(generator, "cache_key", None) or f"custom:{model}")
     else:
-        key = model_key(engine, model, images=False)
+        key = model_key or engine_model_key(engine, model, images=False)
     cap = None if max_new_tokens is None else int(max_new_tokens)
     gen_params = {"prompt_version": PROMPT_VERSION, "max_attempts": int(max_attempts),
                   "max_new_tokens": cap, "budget": BUDGET_VERSION}

@@ -112,7 +112,16 @@ class Multiview(Stage[MultiviewParams]):
 
     def fingerprint(self, env: RunEnv, params: MultiviewParams) -> dict[str, Any]:
         p = params
-        return {} if p.backend == "template" else {"prompt_version": PROMPT_VERSION}
+        if p.backend == "template":
+            return {}
+        from pipeline.filehash import FileHashCache
+        from stages.models.generation.engines import model_key
+
+        # the model's identity: a hub snapshot's revision, a local directory's file digest
+        # (weights replaced in place, or a newer snapshot, are new views, not cached ones)
+        return {"prompt_version": PROMPT_VERSION,
+                "model": model_key(p.backend, p.model,
+                                   hashes=FileHashCache.for_work_dir(env.work_dir))}
 
     def preflight(self, env: RunEnv, params: MultiviewParams) -> None:
         p = params
@@ -142,7 +151,8 @@ class Multiview(Stage[MultiviewParams]):
         tasks = [ShardTask(n, {"image_ids": image_ids[s:s + p.images_per_shard],
                                "splits": p.splits, "ingest_tables": ingest_tables,
                                "images_dir": str(images_dir),
-                               "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite")})
+                               "cache": str(ctx.env.work_dir / ".cache" / "requests.sqlite"),
+                               "model_key": ctx.resolved.fingerprint.get("model")})
                  for n, s in enumerate(range(0, len(image_ids), p.images_per_shard))]
         stats = ctx.run_shards(_multiview_shard, tasks, desc="views")
         seconds = sum(s.get("generation_seconds", 0.0) for s in stats)
@@ -446,7 +456,7 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
 
     records, counts, usage = run_cached(
         ViewTask(bool(p.per_instance)), plans, cache=payload["cache"],
-        model_key=engines.model_key(p.backend, p.model),
+        model_key=payload.get("model_key") or engines.model_key(p.backend, p.model),
         load_generator=lambda: engines.get_generator(p.backend, p.model, p.device,
                                                      options=generator_options(p)),
         to_record=to_record, max_attempts=int(p.max_attempts),

@@ -197,7 +197,8 @@ def test_check_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     local = tmp_path / "my-llava"
     local.mkdir()
     (local / "config.json").write_text("{}")
-    assert engines.model_key("vllm", str(local)) == f"vllm:{local.resolve()}"
+    key = engines.model_key("vllm", str(local))  # path and the digest of its files
+    assert re.fullmatch(rf"vllm:{re.escape(str(local.resolve()))}#[0-9a-f]{{16}}", key), key
 
 
 def test_multiview_params_have_what_the_backend_reads() -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.filehash import FileHashCache
 from pipeline.process_cache import process_cached
 from stages.models.loading import resolve_model_path
 from stages.models.tiny import is_tiny, tiny_identity, tiny_model_dir
 
-__all__ = ["ENGINES", "check_engine", "get_generator", "locate_model", "model_key"]
+__all__ = ["ENGINES", "check_engine", "get_generator", "local_model_digest", "locate_model",
+           "model_key"]
 
 ENGINES = ("hf", "vllm")
 
@@ -36,13 +38,43 @@ def locate_model(model: str, images: bool, *, cache_dir: Path | None = None,
     return resolve_model_path(model)
 
 
-def model_key(backend: str, model: str, *, images: bool = True, seed: int = 0) -> str:
-    """The model's identity in the request cache: namespace + hub revision or local path.
+_DIR_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def local_model_digest(path: Path, hashes: FileHashCache | None = None) -> str:
+    """A digest of every file of a local model directory (weights, config, tokenizer, chat
+    template; dot-files and dot-dirs left out), so replacing the weights in place is a new
+    model. Files are read once per (size, mtime) in `hashes` (the work dir's input-hash cache)
+    and once per process otherwise: 14 GB of LLaVA weights are not re-read on every status."""
+    import xxhash
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    stats = tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in files)
+    memo = (str(path), stats)
+    if memo not in _DIR_DIGESTS:
+        digests = (hashes or FileHashCache(Path("unused"), persist=False)).digests(files)
+        h = xxhash.xxh3_128()
+        for p, (rel, _, _) in zip(files, stats, strict=True):
+            found = digests[p.absolute()]
+            if found is None:
+                raise InputError(f"model directory {path}: {rel} went away while it was read; "
+                                 "rerun once the directory is complete")
+            h.update(f"{rel}\0{found.digest}\n".encode())
+        _DIR_DIGESTS[memo] = h.hexdigest()[:16]
+    return _DIR_DIGESTS[memo]
+
+
+def model_key(backend: str, model: str, *, images: bool = True, seed: int = 0,
+              hashes: FileHashCache | None = None) -> str:
+    """The model's identity in the request cache and the stage's key: namespace + hub
+    revision, or local path + a digest of its files.
 
     The namespace is the backend for image-text models (``hf``, ``vllm``) and ``causal-lm``
     (``vllm:causal-lm`` under vLLM) for text models. A hub snapshot is pinned by its commit,
-    so a re-downloaded newer revision is a new key. A local directory is identified by its
-    path only: replace its weights and you should clear the cache (or use a new directory).
+    so a re-downloaded newer revision is a new key; a local directory by the digest of its
+    files (`local_model_digest`), so weights replaced in place are too.
     """
     namespace = backend if images else ("causal-lm" if backend == "hf" else
                                          f"{backend}:causal-lm")
@@ -50,7 +82,9 @@ def model_key(backend: str, model: str, *, images: bool = True, seed: int = 0) -
     if is_tiny(name):
         return f"{namespace}:{tiny_identity(images, seed)}"
     path, revision = resolve_model_path(name)
-    return f"{namespace}:{name}@{revision}" if revision else f"{namespace}:{path}"
+    if revision:
+        return f"{namespace}:{name}@{revision}"
+    return f"{namespace}:{path}#{local_model_digest(path, hashes)}"
 
 
 def check_engine(engine: str, model: str) -> None:

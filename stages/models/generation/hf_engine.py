@@ -20,6 +20,7 @@ torch and transformers are imported inside functions only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -162,7 +163,7 @@ class HFGenerator:
                                                 seed=seed)
         import torch
 
-        self.cache_key = model_key("hf", model, images=self.images, seed=seed)
+        self._seed = seed
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.processor, self.model = load_local_pretrained(
@@ -181,6 +182,13 @@ class HFGenerator:
         self._torch = torch
 
     # -- what a specialisation says ------------------------------------------------------------
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        """The request cache's model key (`model_key`), computed on first use: for a local
+        directory it reads the digest of its files (a stage passes its own key instead)."""
+        return model_key("hf", self.model_name, images=self.images, seed=self._seed)
+
     def _auto_classes(self) -> tuple[Any, Any]:
         """(processor or tokenizer class, model class) to load with."""
         raise NotImplementedError

@@ -22,6 +22,7 @@ installed (tests use strict stand-ins, tests/fake_vllm.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -215,7 +216,7 @@ class VLLMGenerator:
         self.model_name = str(model)
         self.path, self.revision = locate_model(model, self.images, cache_dir=cache_dir,
                                                 seed=seed)
-        self.cache_key = model_key("vllm", model, images=self.images, seed=seed)
+        self._seed = seed
         self._vllm = vllm
         with hf_offline():
             self.llm = vllm.LLM(model=str(self.path), seed=seed, enable_prefix_caching=True,
@@ -223,6 +224,13 @@ class VLLMGenerator:
         self.tokenizer: Any = None
         self.context = _max_model_len(self.llm)
         self.stats = GenerationStats()
+
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        """The request cache's model key (`model_key`), computed on first use: for a local
+        directory it reads the digest of its files (a stage passes its own key instead)."""
+        return model_key("vllm", self.model_name, images=self.images, seed=self._seed)
 
     def _inputs(self, requests: Sequence[Any],
                 ) -> tuple[list[dict[str, Any]], list[Hashable] | None, list[int | None]]:
