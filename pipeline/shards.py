@@ -112,7 +112,9 @@ def valid_marker(tmp_dir: Path, marker: Path, key: str) -> dict[str, Any] | None
         done = read_json(marker)
     except (OSError, ValueError):
         return None
-    files = done.get("files") if isinstance(done, dict) else None
+    if not isinstance(done, dict):  # valid JSON, but not a marker (a list, a number)
+        return None
+    files = done.get("files")
     if done.get("key") != key or not isinstance(files, dict) or "stats" not in done:
         return None
     for rel, size in files.items():

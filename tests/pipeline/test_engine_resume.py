@@ -70,6 +70,8 @@ BREAKS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         ["numbers 1"]),
     "unparsable_marker": (lambda tmp: (tmp / "_shards/00000.json").write_text("{not json"),
                           ["numbers 0"]),
+    "marker_not_an_object": (lambda tmp: (tmp / "_shards/00001.json").write_text("[1, 2]"),
+                             ["numbers 1"]),
     # a file nobody wrote: never published
     "stray_file": (
         lambda tmp: (tmp / "numbers/part-00077.parquet").write_bytes(
