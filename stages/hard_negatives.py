@@ -143,8 +143,10 @@ class HardNegatives(Stage[HardNegativesParams]):
 
     name = "hard_negatives"
     # 2: split rule, positives and normalised duplicates dropped; 3: the normal form drops
-    # invisible (Cf) characters and articles and case-folds
-    version = "3"
+    # invisible (Cf) characters and articles and case-folds; 4: class_source=extracted reads
+    # "orange and white cat" as a cat (not the fruit), "pitcher of water" as no person and
+    # "sweater on dog" as the dog (stages.text.class_extract)
+    version = "4"
     inputs = ("ingest", "embed_texts", "index", "clusters", "augment")
     tables = ("hard_negatives",)
     libraries = ("pyarrow", "faiss-gpu", "faiss-cpu", "numpy", "torch")

@@ -215,7 +215,9 @@ class MosaicTables(Stage[MosaicParams]):
     name = "mosaic_tables"
     # 2: pool.parquet, neg_from_pool and excluded_image_ids (k=all)
     # 3: and "higher" / "lowermost" are positional words (one lexicon, issue 14)
-    version = "3"
+    # 4: positional words read negation ("not on the left" -> right), settle each axis on its
+    # own, and let relational / gaze / body-part / verb "left" give way to a real position
+    version = "4"
     inputs = ("negatives", "ingest", "embed_images")
     tables = ("mosaic",)
     libraries = ("pyarrow", "numpy", "torch")

@@ -101,8 +101,10 @@ class Multiview(Stage[MultiviewParams]):
 
     name = "multiview"
     # 2: per-instance validation, budgets per request, reason words in failures; 3: template
-    # views of two referents of one object are that object's (never its own neighbour)
-    version = "3"
+    # views of two referents of one object are that object's (never its own neighbour); 4: a
+    # placeholder appearance or spatial ("N/A", "(none - not visible)") and a view repeating
+    # another of the instance (normalised) are invalid: repaired, else a failures row
+    version = "4"
     inputs = ("ingest",)
     tables = ("views", "failures")
     libraries = ("pyarrow", "transformers", "torch", "pillow")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # -- shards ------------------------------------------------------------------------------------
 SHARDS_STAGE = "shards"
-SHARDS_SCHEMA_VERSION = "5"
+SHARDS_SCHEMA_VERSION = "6"
 """Written by the shards stage (its stage version, in the manifest and every Parquet file).
 1: first layout. 2: same columns; training rows' same-image negatives follow the split and
 positive rules, evaluation rows have none. 3: same columns; the thumbnails are their own
@@ -52,9 +52,12 @@ and the manifest's `with_views`; the hard-negative lists hold at most `shards.ha
 entries. 5 (additive): `view_allowed_quadrants`, each view's own allowed quadrants (aligned
 with `view_texts`), so a sample showing a view places the positive by that view's positional
 words, not by its original sentence's; `raw`, the sentence as written (REFER's `raw`, which LAVT
-and ReLA tokenize). The reader reads every version; what an older one lacks
-it fills with its empty value (`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
-SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4", "5"})
+and ReLA tokenize). 6: same columns; `positional_words`, `allowed_quadrants` (from
+mosaic_tables 4) and `view_allowed_quadrants` follow the mended positional parser: a negated
+word counts as its opposite, each axis is settled on its own, relational / gaze / body-part
+words give way to a real position (`stages.text.positional`). The reader reads every version;
+what an older one lacks it fills with its empty value (`COLUMN_SINCE`, `COLUMN_EMPTY`)."""
+SHARDS_SCHEMA_VERSIONS = frozenset({"1", "2", "3", "4", "5", "6"})
 """Shards schema versions the reader understands (manifest and every Parquet file)."""
 
 SCHEMA_VERSION_FIELD = "schema_version"

@@ -24,13 +24,18 @@ Pipeline of :func:`extract_class`
      once a noun has been seen, before the first relative pronoun ("that", "who", ...),
      conjunction ("and", "or"), -ing verb form ("holding", "wearing") or common finite verb
      ("is", "holds"). Before any noun those are modifiers: "standing man", "black and white
-     cat", "that dog".
+     cat", "that dog". An "and"/"or" between two colour words joins colours, never noun phrases
+     (:func:`stages.text.phrases.joins_colours`, the rule ``head_noun`` uses), and a colour so
+     joined is no noun: "orange and white cat" -> cat, "white and orange" -> no head.
    * English noun phrases are head-final, so the chunk's nouns come rightmost first:
      "white laptop computer" -> computer, laptop.
    * "of" is transparent: "plate of pizza", "one of the kids", "side of the bus", "leftmost of
      the two umbrellas" continue with the complement's nouns (after the chunk's own), except
      after "left"/"right" ("left of the man" is beside the man) and picture words ("picture of
      a dog" is a picture).
+   * "on" after a garment is transparent the same way, so the wearer it names can claim the
+     garment (step 5): "sweater on dog" -> dog, "shirt on the left" -> person as before, "hat on
+     the table" -> person as before (a table wears nothing).
    * A word right before the pro-form "one(s)" is a modifier: "orange one" has no head.
    * Never candidates: positional, ordinal, numeric and generic words ("left", "one", "second",
      "thing", "side", "front"), colours, common adjectives, determiners and pronouns - so
@@ -66,7 +71,8 @@ sense)
 * "orange" is the fruit (55) when it is the head ("orange on left"); as a modifier it is not the
   rightmost noun ("orange cat" -> cat) or it precedes a pro-form ("orange one" -> None).
   "blonde", "brunette", "redhead" are people.
-* "calf" -> 21 cow; "pitcher" -> person (baseball images); "glove", "mitt" -> 40 baseball glove;
+* "calf" -> 21 cow; "pitcher" -> person (baseball images), but "pitcher of ..." is a jug, a
+  container (transparent; "pitcher of water" -> no class); "glove", "mitt" -> 40 baseball glove;
   "ball", "baseball", "football", ... -> 37 sports ball; "burger" -> 54 sandwich; "cupcake" ->
   61 cake; "plant" -> 64 potted plant; "stove" -> 79 oven; "fridge" -> 82 refrigerator.
 * Deliberately unmapped (ambiguous across classes or not COCO): vehicle, animal, food, board,
@@ -99,7 +105,7 @@ from stages.text.lexicon import (
     RELATIVES,
     SPATIAL_WORDS,
 )
-from stages.text.phrases import ing_is_noun
+from stages.text.phrases import ing_is_noun, joins_colours
 
 __all__ = [
     "COCO_CATEGORIES",
@@ -310,7 +316,7 @@ _TRANSPARENT = _wordset(
     "plate tray box basket carton crate pan platter dish bucket jar container package packet "
     "bunch group pile stack row line herd flock pack set bundle couple pair slice bite chunk "
     "serving kind type sort"
-)
+) | {"pitcher of"}  # a jug: "pitcher of water" (a unit, so "of" is consumed with it)
 
 # Never a head: positions, ordinals, numbers, generic nouns, colours, common adjectives and
 # adverbs, determiners and pronouns. Many of these read as nouns to lemminflect ("left",
@@ -340,6 +346,8 @@ _NO_OF_CONTINUE = _wordset("left right picture pic pics photo photograph image f
 _LATE_BOUNDARIES = RELATIVES | CONJUNCTIONS | AUXILIARIES | frozenset(FREQUENT_VERBS.values())
 
 _TABLE_WORDS = frozenset(SYNONYMS) | frozenset(_WEAK) | _TRANSPARENT
+# Weak heads worn by their owner: "on" after one continues to the wearer ("sweater on dog").
+_WORN = frozenset(k for k, (_, owners) in _WEAK.items() if owners == _ANIMATE)
 
 
 def _phrase_index() -> dict[int, frozenset[tuple[str, ...]]]:
@@ -446,22 +454,29 @@ def candidate_nouns(tokens: str | Sequence[str]) -> list[str]:
     seen_noun = False
     last_content: str | None = None
     units = _units(_normalise(tokens))
+    surfaces = [u[0] for u in units]
     for i, (surface, key, is_phrase) in enumerate(units):
         if not is_phrase:
             if surface in PREPOSITIONS:
+                head = chunk[-1] if chunk else None
                 out.extend(reversed(chunk))
                 chunk = []
-                if surface == "of" and last_content not in _NO_OF_CONTINUE:
+                if (surface == "of" and last_content not in _NO_OF_CONTINUE) or (
+                        surface == "on" and head in _WORN):
                     seen_noun, last_content = False, None
                     continue
                 return _dedupe(out)
+            if joins_colours(surfaces, i):
+                continue  # "orange and white cat": one noun phrase, coloured twice
             next_surface = units[i + 1][0] if i + 1 < len(units) else None
             if surface in _LATE_BOUNDARIES or _is_verb_ing(surface, next_surface):
                 if seen_noun:
                     break
                 continue
         pro_form_next = i + 1 < len(units) and units[i + 1][0] in PRO_FORMS
-        if _is_noun(surface, key) and not pro_form_next:
+        colour_joined = (i > 0 and joins_colours(surfaces, i - 1)) or (
+            i + 1 < len(units) and joins_colours(surfaces, i + 1))
+        if _is_noun(surface, key) and not pro_form_next and not colour_joined:
             chunk.append(key)
             seen_noun = True
         last_content = surface

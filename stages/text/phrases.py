@@ -61,6 +61,7 @@ __all__ = [
     "is_participle",
     "is_vbg",
     "is_verbal",
+    "joins_colours",
     "starts_np",
     "vbz_lemma",
 ]
@@ -143,6 +144,14 @@ def is_verbal(tokens: Sequence[str], j: int) -> bool:
     return lemma is not None and (starts_np(nxt) or lemma in FREQUENT_VERBS)
 
 
+def joins_colours(tokens: Sequence[str], j: int, start: int = 0) -> bool:
+    """Is tokens[j] an "and"/"or" between two colour words ("orange and white cat"), so it
+    joins colours of one noun phrase rather than two noun phrases? (``start``: the chunk's
+    first index; the colour before must lie in it.) Shared with class extraction."""
+    return (tokens[j] in CONJUNCTIONS and start < j < len(tokens) - 1
+            and tokens[j - 1] in COLOR_SET and tokens[j + 1] in COLOR_SET)
+
+
 def chunk_head_index(tokens: Sequence[str], start: int = 0) -> int | None:
     """Index of the head noun of the chunk starting at ``start`` (see the module docstring)."""
     cand: int | None = None
@@ -153,8 +162,7 @@ def chunk_head_index(tokens: Sequence[str], start: int = 0) -> int | None:
             continue  # adjective: "the near side"
         if w in PREPOSITIONS or w in AUXILIARIES or w == "not":
             break
-        if (w in CONJUNCTIONS and j > start and tokens[j - 1] in COLOR_SET
-                and nxt in COLOR_SET):
+        if joins_colours(tokens, j, start):
             continue  # "orange and white cat": colours joined, not noun phrases
         if w in RELATIVES or w in CONJUNCTIONS:
             if cand is not None:

@@ -62,20 +62,66 @@ A bare token ``right`` is an adverb, and ignored, in:
   ``right in front`` (and ``right infront``),
 
 unless the token before ``right`` makes it a noun or a direction (``_RIGHT_NOUN_CONTEXT``: "the",
-"on", "at", "to", "far", "from", "extreme", "very", "most", a possessive such as "your", or any
-positional form such as "top"/"upper"/"bottom"): "guy on right next to girl", "the one to the
-right behind the table", "top right by the window" ARE positional, while "guy right next to
-girl" and "the one right there" are not. Missing a real position would make the mosaic lie;
-keeping a spurious one only narrows the quadrant choice, so the adverb rule is kept narrow.
+"on", "at", "to", "far", "from", "extreme", "very", "most", a possessive such as "your", or a
+vertical positional form such as "top"/"upper"/"bottom"): "guy on right next to girl", "the one
+to the right behind the table", "top right by the window" ARE positional, while "guy right next
+to girl", "the one right there" and "guy on the left right next to the girl" (a left/right form
+before it is no noun context: "left right" names no place) are not. Missing a real position
+would make the mosaic lie; keeping a spurious one only narrows the quadrant choice, so the adverb
+rule is kept narrow.
 "rightmost", "right-hand", "righthand" are always positional.
 
-Quadrants
----------
+Negation
+--------
+
+A negator (``not``, ``never``, ``neither``, ``nor`` and the contracted forms ``isnt``, ``arent``,
+``doesnt``, ... with or without the apostrophe; the ``NEGATION_WORDS`` of the lexicon without
+"no", "without", "none", "nothing", "nobody", which negate nouns, not places) negates a
+positional word when only place filler lies between them (``_NEGATION_BRIDGE``: "on", "in",
+"at", "to", "the", "far", "is", "sitting", "one", other positional forms, ...; at most
+``_NEGATION_REACH`` pieces). A negated word counts as its opposite, which is exact on the 2x2
+mosaic: "guy not on the left" and "the one that isnt leftmost" -> right; "not in the top row"
+-> bottom. "man not wearing a hat on the left" keeps "left" ("wearing", "hat" are no filler).
+One negator over words on BOTH axes ("not on the top left": quadrants {1, 2, 3}, which no
+intersection of words expresses) drops those words: no constraint rather than a false one.
+
+Weak readings
+-------------
+
+A left/right/top/bottom form read in one of these ways says nothing, or only something relative,
+about where the target is in the image:
+
+* a relation to another object: the form (possibly followed by "side", "hand", "end", "corner",
+  "edge", "part", "half") followed by "of", unless a frame noun follows ("picture", "image",
+  "photo", "frame", "screen", "center", ...): "to the left of the truck", "on top of the table",
+  "the left side of the bench" are relations; "top of the picture", "right of center" are not;
+* gaze or motion: a verb such as "facing", "looking", "turned", "pointing", "heading",
+  "walking" before the form, at most ``_GAZE_REACH`` pieces back over "to", "the", "his",
+  "slightly", ...: "looking right", "facing to the left";
+* a body part: the form followed by "hand", "arm", "leg", "foot", "ear", "eye", "shoulder",
+  "knee", "paw", "wing", ... ("left hand", "right arm"), unless a place noun follows that
+  ("left hand side", "upper right hand corner" are positions);
+* the verb "left": "left" after "only" or "last" (within three pieces) and not right after a
+  preposition, article, possessive or another positional form: "the only donut left", "last one
+  left" (but "the only one on the left" is a position).
+
+Weak readings give way: on each axis (left/right, top/bottom) the strong words decide when there
+are any, and the weak ones only when there are none. A weak word alone still counts (narrowing
+the quadrant choice never makes the sentence false; "car to the left of the truck" keeps "left"),
+so this only settles sentences that would otherwise contradict themselves: "the car on the right
+to the left of the truck" -> right, "guy on left looking right" -> left, "man on the right
+holding racket in left hand" -> right, "the only donut left on the right" -> right.
+
+Quadrants and conflicts
+-----------------------
 
 left -> {0, 2}, right -> {1, 3}, top -> {0, 1}, bottom -> {2, 3}. Several words intersect
-("top left" -> [0], "lower right corner" -> [3]). An empty intersection (a conflict such as
-"left and right" or "top ... bottom") and no positional word at all both allow all four
-quadrants [0, 1, 2, 3].
+("top left" -> [0], "lower right corner" -> [3]). Each axis is settled on its own: an axis whose
+words still disagree after the rules above ("left and right") gives no word and no constraint,
+and the other axis keeps its own: "top left and right" -> ["top"], [0, 1]. So
+:func:`positional_words` never returns both words of an axis, and :func:`allowed_quadrants`
+treats a conflicting axis of any word list the same way. No positional word at all allows all
+four quadrants [0, 1, 2, 3].
 
 All functions are pure and deterministic; :func:`positional_words` is one pass over the tokens
 with a single dict lookup per token (plus a neighbour look at the rare hits).
@@ -86,7 +132,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from stages.text.lexicon import HOUR_WORDS, POSITION_FORMS
+from stages.text.lexicon import HOUR_WORDS, NEGATION_WORDS, POSITION_FORMS, PREPOSITIONS
 
 __all__ = [
     "CANONICAL",
@@ -142,12 +188,68 @@ for _tok, _h in _HOURS.items():
 del _tok, _word, _h, _suffix
 
 _RIGHT_ADVERB_NEXT = frozenset({"next", "behind", "beside", "by", "there", "infront"})
-_RIGHT_NOUN_CONTEXT = frozenset(WORD_FORMS) | frozenset(
+_HORIZONTAL_FORMS = frozenset(f for f, w in WORD_FORMS.items() if w in ("left", "right"))
+_RIGHT_NOUN_CONTEXT = (frozenset(WORD_FORMS) - _HORIZONTAL_FORMS) | frozenset(
     {
         "the", "on", "at", "to", "far", "from", "extreme", "very", "most",
         "your", "my", "his", "her", "its", "their", "our",
     }
 )  # fmt: skip
+
+# -- negation (see the module docstring) ------------------------------------------------------
+_NEGATORS = (NEGATION_WORDS - {"no", "without", "none", "nothing", "nobody"}) | {
+    "neither", "aint", "nt"}  # "nt": REFER's "isn't" split as "is" + "n't"
+_NEGATION_REACH = 6
+_NEGATION_BRIDGE = frozenset(WORD_FORMS) | frozenset(
+    {
+        "on", "in", "at", "to", "toward", "towards", "from", "the", "a", "an", "far", "very",
+        "most", "extreme", "is", "are", "was", "were", "be", "being", "been", "sitting",
+        "standing", "located", "placed", "positioned", "one", "ones", "all", "way", "or",
+        "side", "exactly", "quite", "really",
+    }
+)  # fmt: skip
+
+# -- weak readings (see the module docstring) -------------------------------------------------
+_OF_BRIDGE = frozenset({"side", "hand", "end", "corner", "edge", "part", "half", "most"})
+_FRAME_NOUNS = frozenset(
+    {
+        "picture", "pictures", "pic", "pics", "photo", "photos", "photograph", "image",
+        "images", "frame", "screen", "scene", "shot", "view", "center", "centre", "middle",
+    }
+)  # fmt: skip
+_ARTICLES = frozenset({"the", "a", "an", "this", "that"})
+_GAZE_VERBS = frozenset(
+    {
+        "face", "faces", "facing", "faced", "look", "looks", "looking", "looked", "turn",
+        "turns", "turning", "turned", "point", "points", "pointing", "pointed", "glance",
+        "glances", "glancing", "gaze", "gazes", "gazing", "stare", "stares", "staring", "lean",
+        "leans", "leaning", "head", "heads", "heading", "headed", "going", "goes", "move",
+        "moves", "moving", "walk", "walks", "walking", "run", "runs", "running", "drive",
+        "drives", "driving", "swerving", "veering",
+    }
+)  # fmt: skip
+_GAZE_BRIDGE = frozenset(
+    {
+        "to", "toward", "towards", "the", "his", "her", "its", "their", "slightly", "a", "bit",
+        "little", "more", "further", "farther", "far", "straight", "off",
+    }
+)  # fmt: skip
+_GAZE_REACH = 4
+_BODY_PARTS = frozenset(
+    {
+        "hand", "hands", "arm", "arms", "leg", "legs", "foot", "feet", "ear", "ears", "eye",
+        "eyes", "shoulder", "shoulders", "knee", "knees", "elbow", "elbows", "wrist", "wrists",
+        "wing", "wings", "paw", "paws", "hip", "hips", "thumb", "fingers", "cheek",
+    }
+)  # fmt: skip
+_PLACE_NOUNS = frozenset(
+    {"side", "corner", "edge", "end", "part", "half", "area", "portion", "column", "row", "most"}
+)
+_LEFT_VERB_CUES = frozenset({"only", "last"})
+# Before these "left" is a place ("the only one on the left", "only top left"), not the verb.
+_LEFT_NOUN_CONTEXT = _RIGHT_NOUN_CONTEXT | frozenset(WORD_FORMS) | PREPOSITIONS | _LEFT_VERB_CUES
+_AXIS = {"left": 0, "right": 0, "top": 1, "bottom": 1}
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 _APOSTROPHES = "'\u2019\u2018"
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
@@ -200,14 +302,56 @@ def _right_is_adverb(pieces: list[str], i: int) -> bool:
     return nxt == "in" and i + 2 < n and pieces[i + 2] == "front"
 
 
+def _negator_at(pieces: list[str], i: int) -> int:
+    """Index of the negator whose scope reaches the positional word at ``i`` (over place filler
+    only), or -1."""
+    for j in range(i - 1, max(i - 1 - _NEGATION_REACH, -1), -1):
+        p = pieces[j].replace("'", "")
+        if p in _NEGATORS:
+            return j
+        if p not in _NEGATION_BRIDGE and p not in _TABLE:  # an hour ("not at 3 o'clock")
+            return -1
+    return -1
+
+
+def _is_weak(pieces: list[str], i: int, word: str) -> bool:
+    """Whether the form at ``i`` is read as a relation, a gaze, a body part or the verb "left"
+    (module docstring, "Weak readings") rather than as the target's place in the image."""
+    n = len(pieces)
+    j = i + 1
+    while j < n and j <= i + 2 and pieces[j] in _OF_BRIDGE:
+        j += 1
+    if j < n and pieces[j] == "of":
+        k = j + 1
+        while k < n and pieces[k] in _ARTICLES:
+            k += 1
+        if k >= n or pieces[k] not in _FRAME_NOUNS:
+            return True
+    if word in ("left", "right") and i + 1 < n and pieces[i + 1] in _BODY_PARTS \
+            and (i + 2 >= n or pieces[i + 2] not in _PLACE_NOUNS):
+        return True
+    for j in range(i - 1, max(i - 1 - _GAZE_REACH, -1), -1):
+        if pieces[j] in _GAZE_VERBS:
+            return True
+        if pieces[j] not in _GAZE_BRIDGE:
+            break
+    if pieces[i] == "left" and i > 1 and pieces[i - 1] not in _LEFT_NOUN_CONTEXT:
+        return any(p in _LEFT_VERB_CUES for p in pieces[max(i - 3, 0):i - 1])
+    return False
+
+
 def positional_words(tokens: Sequence[str]) -> list[str]:
-    """Canonical positional words in ``tokens`` (REFER tokens or :func:`tokenize` output),
-    deduplicated, in ``CANONICAL`` order."""
+    """Canonical positional words that ``tokens`` (REFER tokens or :func:`tokenize` output)
+    assert about the target's place, deduplicated, in ``CANONICAL`` order: negated words turned
+    to their opposite, weak readings dropped where a strong word speaks for the same axis, and
+    an axis whose words still disagree left out (module docstring)."""
     if isinstance(tokens, str):
         raise TypeError("positional_words expects a token list; use tokenize() on raw text")
     pieces = _pieces(tokens)
     n = len(pieces)
-    bits = 0
+    # per axis: [strong words, weak words]; per negator: the axes it negates and its hits
+    found: list[list[set[str]]] = [[set(), set()], [set(), set()]]
+    hits: list[tuple[str, bool, int]] = []
     for i, p in enumerate(pieces):
         hit = _TABLE.get(p)
         if hit is None:
@@ -222,26 +366,41 @@ def positional_words(tokens: Sequence[str]) -> list[str]:
                 continue
         elif kind == _HOUR_O and (i + 1 >= n or pieces[i + 1] != "clock"):
             continue
-        bits |= _BIT[word]
+        weak = kind == _FORM and _is_weak(pieces, i, word)
+        hits.append((word, weak, _negator_at(pieces, i)))
+    negated_axes: dict[int, set[int]] = {}
+    for word, _, neg in hits:
+        if neg >= 0:
+            negated_axes.setdefault(neg, set()).add(_AXIS[word])
+    for word, weak, neg in hits:
+        if neg >= 0:
+            if len(negated_axes[neg]) > 1:
+                continue  # "not top left": the complement of one quadrant; no words say that
+            word = _OPPOSITE[word]
+        found[_AXIS[word]][weak].add(word)
+    bits = 0
+    for strong, weak in found:
+        axis_words = strong or weak
+        if len(axis_words) == 1:
+            bits |= _BIT[next(iter(axis_words))]
     return list(_BITS_TO_WORDS[bits])
 
 
 def allowed_quadrants(words: Sequence[str]) -> list[int]:
     """Sorted quadrant ids consistent with all ``words`` (canonical words or ``WORD_FORMS``
-    surface forms; anything else, e.g. "corner", adds no constraint). A conflict, or no
-    positional word, allows all four."""
+    surface forms; anything else, e.g. "corner", adds no constraint). Each axis is settled on
+    its own: one whose words conflict ("left", "right") adds no constraint, the other axis
+    still does. No positional word allows all four."""
     if isinstance(words, str):
         raise TypeError("allowed_quadrants expects a sequence of words, not a str")
-    mask = _FULL
+    axis_mask = [_FULL, _FULL]
     for w in words:
-        m = _MASK.get(w)
-        if m is None:
-            canonical = WORD_FORMS.get(w.lower())
-            if canonical is None:
-                continue
-            m = _MASK[canonical]
-        mask &= m
-    return list(_MASK_TO_QUADS[mask or _FULL])
+        canonical = w if w in _MASK else WORD_FORMS.get(w.lower())
+        if canonical is None:
+            continue
+        axis_mask[_AXIS[canonical]] &= _MASK[canonical]
+    mask = (axis_mask[0] or _FULL) & (axis_mask[1] or _FULL)
+    return list(_MASK_TO_QUADS[mask])
 
 
 def quadrants_for_tokens(tokens: Sequence[str]) -> tuple[list[str], list[int]]:

@@ -39,6 +39,7 @@ from stages.text.llm_output import (
     scan_json,
     validation_problems,
 )
+from stages.text.normalise import normalise_sentence
 
 __all__ = ["EXAMPLES_JSON", "VIEWS", "Instance", "ViewJob", "ViewParseError", "ViewSet",
            "ViewTask", "build_prompt", "build_repair_prompt", "generate_views",
@@ -282,9 +283,23 @@ def build_repair_prompt(previous_output: str, error_message: str,
 # --------------------------------------------------------------------------------------------
 # parsing the answer
 
+# Placeholders models write instead of an expression (often echoing the examples' "(none -
+# object is static)"), matched on the normalised text (`normalise_sentence`: case, punctuation
+# and articles gone, so "N/A" is "na" and "(none - not visible)" is "none not visible"). A
+# prefix marks the whole text ("none of the above", "not visible in the image"); the full
+# forms only count alone ("unknown dog" is an expression).
 _NONE_LIKE = re.compile(
-    r"^\(?\s*(none|null|nil|n/?a|not applicable|no action|static)\b.*$", re.IGNORECASE | re.DOTALL
+    r"^(?:(?:none|null|nil|na|n a|not applicable|no action|no spatial|no appearance|static|"
+    r"not visible|not shown|not available|no description|no expression|not sure)\b.*"
+    r"|unknown|unclear|unavailable|nothing|nan|tbd|empty|same|same as above|see above|ditto)$",
+    re.DOTALL,
 )
+
+
+def _placeholder(value: str) -> bool:
+    """Whether `value` says "no expression" (or is only punctuation) rather than being one."""
+    norm = normalise_sentence(value)
+    return not norm or _NONE_LIKE.match(norm) is not None
 
 
 class ViewParseError(ValueError):
@@ -309,19 +324,25 @@ class ViewSet(BaseModel):
     @field_validator("appearance", "spatial")
     @classmethod
     def _non_empty(cls, value: str) -> str:
+        # Appearance and spatial always apply: a placeholder ("N/A", "(none - not visible)")
+        # there would become a "view" of the instance, so it is rejected (and repaired).
         value = " ".join(value.split())
         if not value:
             raise ValueError("must be a non-empty string")
+        if _placeholder(value):
+            raise ValueError(f"{json.dumps(value)} is a placeholder, not an expression: write "
+                             "an expression that refers to the instance")
         return value
 
     @field_validator("action", "appearance_alt")
     @classmethod
     def _none_like(cls, value: str | None) -> str | None:
-        # Models often echo the examples' "(none - object is static)" instead of null.
+        # Models often echo the examples' "(none - object is static)" instead of null; that
+        # means "no such view", the same as null (then the other of the two must be given).
         if value is None:
             return None
         value = " ".join(value.split())
-        return None if not value or _NONE_LIKE.match(value) else value
+        return None if _placeholder(value) else value
 
     @model_validator(mode="after")
     def _one_of_action_or_alt(self) -> ViewSet:
@@ -331,6 +352,18 @@ class ViewSet(BaseModel):
         if self.action is not None and self.appearance_alt is not None:
             raise ValueError('both "action" and "appearance_alt" are set: "appearance_alt" is '
                              'only for instances with no action (set it to null)')
+        # Three views of one instance: a repeated one (normalised, as "the same text"
+        # everywhere) would leave the cluster two expressions, one of them counted twice.
+        seen: dict[str, str] = {}
+        for name in VIEWS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            norm = normalise_sentence(value)
+            if norm in seen:
+                raise ValueError(f'"{name}" repeats "{seen[norm]}" ({json.dumps(value)}): the '
+                                 "three expressions must differ")
+            seen[norm] = name
         return self
 
     def expressions(self) -> list[str]:

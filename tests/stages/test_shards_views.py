@@ -46,7 +46,7 @@ def test_training_rows_carry_their_referents_views(demo, work):
         assert all(r["view_texts"] == [] == r["view_names"]
                    for r in pq.read_table(d / split).to_pylist())
     m = json.loads((d / "_manifest.json").read_text())
-    assert m["with_views"] is True and m["schema_version"] == "5"
+    assert m["with_views"] is True and m["schema_version"] == "6"
     # each view's own quadrants, aligned with its texts; hand rule on views naming exactly one
     # of the four sides (and no other position word): left {0, 2}, right {1, 3}, top {0, 1},
     # bottom {2, 3}; any other view is checked only for alignment and range

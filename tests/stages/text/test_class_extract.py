@@ -108,6 +108,20 @@ CASES: list[tuple[str, int | None]] = [
     ("orange on left", 55),
     ("orange cat", 17),
     ("black and white cat", 17),
+    # "and"/"or" between two colours joins colours: "orange" is then a colour, not the fruit
+    ("orange and white cat", 17),
+    ("an orange and white cat laying", 17),
+    ("orange and black dog", 18),
+    ("white and orange cat", 17),
+    ("brown or orange dog on the left", 18),
+    ("orange and white", None),  # colours only: no object named
+    ("orange and apple", 55),  # two nouns: the first conjunct, as "man and dog"
+    ("pitcher on the mound", 1),
+    ("pitcher of water", None),  # a jug of water: neither a person nor a COCO class
+    ("the pitcher of beer on the table", None),
+    ("sweater on dog", 18),  # the garment's wearer
+    ("the red sweater on the dog on the left", 18),
+    ("shirt on the left", 1),
     ("standing man on right", 1),
     ("man and dog", 1),
     ("man blue shirt", 1),
@@ -157,6 +171,18 @@ def test_candidate_nouns_order() -> None:
     assert candidate_nouns(["right", "one"]) == []
     assert candidate_nouns(["second", "one", "from", "left"]) == []
     assert candidate_nouns("the giraffe head") == ["head", "giraffe"]
+    assert candidate_nouns("orange and white cat") == ["cat"]
+    assert candidate_nouns("sweater on dog") == ["sweater", "dog"]
+    assert candidate_nouns("man on dog") == ["man"]  # "on" continues after a garment only
+
+
+def test_colour_joining_is_the_rule_head_noun_uses() -> None:
+    # one rule for "orange and white cat", shared with stages.text.phrases (not a copy)
+    from stages.text import class_extract, phrases
+
+    assert class_extract.joins_colours is phrases.joins_colours
+    for text in ("orange and white cat", "orange and black dog", "white and orange cat"):
+        assert phrases.head_noun(text.split()) == candidate_nouns(text)[0]
 
 
 def test_coco_categories_are_the_real_80() -> None:

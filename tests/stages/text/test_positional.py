@@ -96,11 +96,13 @@ CASES = [
     ("middle left", ["left"], L),
     ("center right", ["right"], R),
     ("top middle", ["top"], T),
-    # --- conflicts ----------------------------------------------------------------------------
-    ("left and right", ["left", "right"], ALL),
-    ("top cake above the bottom plate", ["top", "bottom"], ALL),
-    ("top left and bottom", ["left", "top", "bottom"], ALL),
-    ("left-right", ["left", "right"], ALL),
+    # --- conflicts: an axis whose words disagree says nothing, the other axis still counts ---
+    ("left and right", [], ALL),
+    ("top cake above the bottom plate", [], ALL),
+    ("top left and bottom", ["left"], L),
+    ("left-right", [], ALL),
+    ("top left and right", ["top"], T),
+    ("upper left lower right", [], ALL),
     # --- no constraint ------------------------------------------------------------------------
     ("corner", [], ALL),
     ("middle", [], ALL),
@@ -136,7 +138,7 @@ CASES = [
     ("10 o'clock", ["left"], L),
     ("ten o'clock guy", ["left"], L),
     ("3 o'clock and 6 o'clock", ["right", "bottom"], [3]),
-    ("3 o'clock and 9 o'clock", ["left", "right"], ALL),
+    ("3 o'clock and 9 o'clock", [], ALL),
     # --- numbers without o'clock -------------------------------------------------------------
     ("2 men", [], ALL),
     ("three dogs", [], ALL),
@@ -169,6 +171,68 @@ CASES = [
     ("rightmost next to the wall", ["right"], R),
     ("bottom-right next to the lamp", ["right", "bottom"], [3]),
     ("guy right next to the girl on the left", ["left"], L),
+    # a left/right form before "right" is no noun context: "left right" names no place
+    ("guy on the left right next to the girl", ["left"], L),
+    ("the leftmost right behind the table", ["left"], L),
+    ("the left guy right behind the table", ["left"], L),
+    # --- negation: a negated word counts as its opposite on the 2x2 mosaic -------------------
+    ("guy not on the left", ["right"], R),
+    ("woman that isnt on the left", ["right"], R),
+    (["woman", "that", "isn't", "on", "the", "left"], ["right"], R),
+    (["woman", "that", "is", "n't", "on", "the", "left"], ["right"], R),
+    ("the man who is not on the right", ["left"], L),
+    ("not the leftmost one", ["right"], R),
+    ("cake not on the top shelf", ["bottom"], B),
+    ("plate that is never on the bottom", ["top"], T),
+    ("not at 3 o'clock", ["left"], L),
+    ("the one not on the far left side", ["right"], R),
+    ("neither on the left nor on the right", [], ALL),
+    ("not on the left but on the right", ["right"], R),
+    ("the one on the left not on the right", ["left"], L),
+    ("not top row, on the left", ["left", "bottom"], [2]),
+    # one negator over both axes: {1, 2, 3} is no intersection of words, so no constraint
+    ("the slice not on the top left", [], ALL),
+    ("not bottom-right", [], ALL),
+    # ... but the other, unnegated words stay
+    ("the top cup, not the bottom-right one", ["top"], T),
+    # a negator whose scope ends before the word does not negate it
+    ("man not wearing a hat on the left", ["left"], L),
+    ("dog that is not sleeping on the right", ["right"], R),
+    ("no hat guy on left", ["left"], L),
+    ("man without a shirt on the right", ["right"], R),
+    # --- weak readings give way to a strong word on the same axis ------------------------------
+    ("the car on the right to the left of the truck", ["right"], R),
+    ("a child wearing a orange shirt walking to the left of a kid in black on the right",
+     ["right"], R),
+    ("bowl on top left to the right of the plate", ["left", "top"], [0]),
+    ("cup on top of the box on the left", ["left", "top"], [0]),  # weak "top" alone stays
+    ("cup on top of the box at the bottom", ["bottom"], B),
+    ("man on left side of the picture to the right of the woman", ["left"], L),
+    ("man on left side of bench to the right of the woman", [], ALL),  # both relations
+    ("guy on left looking right", ["left"], L),
+    ("the elephant on the left facing right", ["left"], L),
+    ("giraffe on right turned to the left", ["right"], R),
+    ("man on the right holding racket in left hand", ["right"], R),
+    ("woman on right with her left arm raised", ["right"], R),
+    ("the only donut left on the right", ["right"], R),
+    ("last one left in the bottom right", ["right", "bottom"], [3]),
+    # ... and speak for their axis only when nothing strong does
+    ("car to the left of the truck", ["left"], L),
+    ("cup on top of the box", ["top"], T),
+    ("guy looking right", ["right"], R),
+    ("woman holding bag in left hand", ["left"], L),
+    ("the only one left", ["left"], L),
+    ("left of the man facing right", [], ALL),  # two weak words disagree
+    # strong readings that look like weak ones
+    ("top of the picture", ["top"], T),
+    ("far left of the photo", ["left"], L),
+    ("just right of center", ["right"], R),
+    ("the left side of the image, right of the dog", ["left"], L),
+    ("left hand side facing right", ["left"], L),
+    ("upper right hand corner, holding a cup in his left hand", ["right", "top"], [1]),
+    ("the only one on the left holding a cup in his right hand", ["left"], L),
+    ("guy walking on the left, looking right", ["left"], L),
+    ("guy looking at the man on the right, on the left", [], ALL),  # both strong
 ]
 
 
@@ -223,6 +287,9 @@ def test_tokenize(text, tokens):
         (["bottom", "right"], [3]),
         (["left", "right"], ALL),
         (["top", "bottom"], ALL),
+        (["left", "right", "top"], T),  # a conflict on one axis keeps the other axis
+        (["top", "bottom", "leftmost"], L),
+        (["left", "right", "top", "bottom"], ALL),
         (["left", "left"], L),
         (["upper", "leftmost"], [0]),  # surface forms are accepted too
         (["corner"], ALL),  # non-positional words add no constraint
@@ -283,17 +350,18 @@ def test_allowed_quadrants_nonempty_sorted_subset(words):
 
 
 @given(canonical_words, st.sampled_from(CANONICAL))
-def test_adding_a_word_never_enlarges_unless_conflict(words, extra):
-    before = set(allowed_quadrants(words))
-    after = set(allowed_quadrants([*words, extra]))
+def test_each_axis_is_settled_on_its_own(words, extra):
+    # Oracle: per axis, the intersection of its words' quadrants, all four if that is empty;
+    # then the two axes intersected.
+    words = [*words, extra]
     expected = set(range(4))
-    for w in [*words, extra]:
-        expected &= QUADRANTS_OF[w]
-    if expected:
-        assert after == expected
-        assert after <= before
-    else:
-        assert after == {0, 1, 2, 3}
+    for axis in (("left", "right"), ("top", "bottom")):
+        on_axis = set(range(4))
+        for w in words:
+            if w in axis:
+                on_axis &= QUADRANTS_OF[w]
+        expected &= on_axis or set(range(4))
+    assert set(allowed_quadrants(words)) == expected
 
 
 @given(canonical_words)
@@ -355,3 +423,44 @@ def test_positional_words_canonical_order_and_deterministic(tokens):
     assert words == [w for w in CANONICAL if w in words]
     assert positional_words(list(tokens)) == words
     assert quadrants_for_tokens(tokens) == (words, allowed_quadrants(words))
+
+
+# --- negation and weak readings, over every form -------------------------------------------
+
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+@pytest.mark.parametrize("form", sorted(WORD_FORMS))
+@pytest.mark.parametrize("negator", ["not", "isnt", "isn't", "never"])
+def test_a_negated_form_counts_as_its_opposite(form, negator):
+    # "the one that is not on the <form>": on a 2x2 mosaic, the other side of that axis.
+    canonical = WORD_FORMS[form]
+    tokens = ["the", "one", "that", "is", negator, "on", "the", form]
+    assert positional_words(tokens) == [OPPOSITE[canonical]]
+
+
+STRONG = {"left": "on the left", "right": "on the right", "top": "at the top",
+          "bottom": "at the bottom"}
+WEAK = {  # weak readings of a horizontal word x
+    "relation": "to the {x} of the truck",
+    "gaze": "looking {x}",
+    "turned": "turned to the {x}",
+    "body part": "holding a cup in his {x} hand",
+    "arm": "with {x} arm raised",
+}
+
+
+@given(st.sampled_from(["left", "right"]), st.sampled_from(["left", "right"]),
+       st.sampled_from(sorted(WEAK)), st.booleans(),
+       st.sampled_from([None, "top", "bottom"]))
+def test_weak_words_never_override_a_strong_one(strong, weak, reading, weak_first, vertical):
+    # "the man on the right, looking left" says where the man is (right) and where he looks;
+    # the weak word on the same axis must not erase or contradict the strong one, and the
+    # other axis keeps its own word.
+    parts = ["the man", STRONG[strong], WEAK[reading].format(x=weak)]
+    if weak_first:
+        parts[1], parts[2] = parts[2], parts[1]
+    if vertical:
+        parts.append(STRONG[vertical])
+    expected = [w for w in CANONICAL if w in (strong, vertical)]
+    assert positional_words(tokenize(" ".join(parts))) == expected

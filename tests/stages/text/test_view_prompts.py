@@ -214,9 +214,72 @@ def test_parse_reports_all_problems_at_once() -> None:
 
 
 def test_viewset_direct_construction_enforces_rules() -> None:
-    assert ViewSet(appearance="a", action="b", spatial="c").expressions() == ["a", "b", "c"]
+    # (real words: a lone article such as "a" is no expression, it normalises to nothing)
+    assert ViewSet(appearance="red cup", action="cup falling", spatial="left cup").expressions() \
+        == ["red cup", "cup falling", "left cup"]
     with pytest.raises(ValueError):
-        ViewSet(appearance="a", spatial="c")
+        ViewSet(appearance="red cup", spatial="left cup")
+
+
+@pytest.mark.parametrize("placeholder", [
+    "(none - not visible)", "N/A", "n/a", "none", "None.", "NULL", "unknown", "Unknown.",
+    "not visible", "(not applicable)", "-", "...", "?", "the", "nothing",
+])
+@pytest.mark.parametrize("field", ["appearance", "spatial"])
+def test_parse_placeholder_appearance_or_spatial_is_an_error(placeholder: str,
+                                                            field: str) -> None:
+    # Appearance and spatial always apply: a placeholder there is no view of the instance and
+    # goes back to the model (repair) rather than into the instance's cluster.
+    entry = {**VALID["101"], field: placeholder}
+    views, problems = vp.parse_views_partial(json.dumps({"101": entry, "102": VALID["102"]}),
+                                             IDS)
+    assert list(views) == ["102"]
+    assert list(problems) == ["101"]
+    assert problems["101"].startswith(f'instance "101": "{field}" ')
+    assert "placeholder" in problems["101"] or "non-empty" in problems["101"]
+
+
+def test_parse_placeholder_action_and_alt_count_as_null() -> None:
+    # action "N/A" is null, so the given alt is the third view; alt "unknown" next to a real
+    # action is null too; both placeholders leave no third view: an error.
+    views = parse_views(json.dumps({"101": _entry(action="N/A", alt="the man in white"),
+                                    "102": _entry(alt="unknown")}), IDS)
+    assert views["101"].expressions() == ["the young man with glasses", "the man on the left",
+                                          "the man in white"]
+    assert views["102"].expressions() == ["the young man with glasses",
+                                          "the man looking at the woman", "the man on the left"]
+    with pytest.raises(ViewParseError, match=r'"action" is null, so "appearance_alt"'):
+        parse_views(json.dumps({"101": _entry(action="unknown", alt="(none - not visible)")}),
+                    ["101"])
+
+
+def test_placeholder_words_inside_an_expression_are_fine() -> None:
+    # only the whole text (or its start, for "none ..."/"not visible ...") is a placeholder
+    views = parse_views(json.dumps({"101": _entry(appearance="the unknown dog with no collar",
+                                                  spatial="the dog with nothing next to it")}),
+                        ["101"])
+    assert views["101"].appearance == "the unknown dog with no collar"
+    assert views["101"].spatial == "the dog with nothing next to it"
+
+
+@pytest.mark.parametrize(("entry", "field", "repeats"), [
+    (_entry(action=None, appearance="the man in red", alt="the man in red"),
+     "appearance_alt", "appearance"),
+    (_entry(action=None, appearance="the man in red", alt="The man in red."),
+     "appearance_alt", "appearance"),  # equal after normalising (case, punctuation)
+    (_entry(action=None, appearance="a man in red", alt="the man  in red"),
+     "appearance_alt", "appearance"),  # articles and spaces carry no identity
+    (_entry(spatial="the young man with glasses"), "spatial", "appearance"),
+    (_entry(action="the man on the left"), "spatial", "action"),
+])
+def test_parse_repeated_expression_is_an_error(entry: dict, field: str, repeats: str) -> None:
+    # three views of one instance: a repeated one would leave two distinct expressions
+    views, problems = vp.parse_views_partial(json.dumps({"101": entry, "102": VALID["102"]}),
+                                             IDS)
+    assert list(views) == ["102"]
+    shown = " ".join(entry[field].split())  # as parsed: whitespace collapsed
+    assert problems == {"101": f'instance "101": "{field}" repeats "{repeats}" '
+                               f'({json.dumps(shown)}): the three expressions must differ'}
 
 
 def test_json_schema_shape() -> None:
