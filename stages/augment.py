@@ -83,8 +83,12 @@ class Augment(Stage[AugmentParams]):
     """Validated distractors (attribute swap, negation, role reversal) of each sentence."""
 
     name = "augment"
-    version = "4"  # 3: one lexicon (issue 14); 4: llm swap_spatial checks every position word
+    version = "5"  # 3: one lexicon (issue 14); 4: llm swap_spatial checks every position word
     # 2: llm backend budgets per request, "truncated: ..." rejections
+    # 5: no swap inside a negation's scope ("under negation"), no negation of a clause holding
+    # one ("double negation"; isnt/doesnt/non/no removed instead), no "not" inside a noun phrase,
+    # no swap of adverb "right", verb "left" or intensifying "furthest"; role reversal keeps "X of
+    # Y" and "number 5"; the llm judge wants a changed direction / negation parity
     inputs = ("ingest",)
     tables = ("distractors", "rejected")
     libraries = ("pyarrow", "lemminflect")

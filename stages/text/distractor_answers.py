@@ -14,9 +14,13 @@ request, i.e. per (sentence, kind), `judge_answer` does:
    re-inflects a word: "two little girls" -> "one little girl"); when the text makes two or more
    real edits ("red ... left" -> "green ... right" for a colour swap), the distractor's span is
    its first edit only, so ``validate`` rejects it as "edit outside slot" (`build_distractor`);
-5. ``validate(source, d, context)`` decides; a text that passes it but does not touch the kind's
-   words at all (a "swap_color" without a colour on both sides, a "negation" without a negation
-   word, ...) is rejected as ``"not a <kind> edit"`` (`candidate_reason`).
+5. ``validate(source, d, context)`` decides (a swap inside a negation's scope is "under
+   negation", a negation added to a clause that holds one "double negation", as for the rules);
+   a text that passes it but is not the edit its kind names is rejected as ``"not a <kind>
+   edit"`` (`candidate_reason`): a "swap_color" without a colour on both sides, a
+   "swap_spatial" whose position words name the same directions ("left" -> "leftmost", "under"
+   -> "beneath"), a "negation" that keeps the parity of the negation words ("without" -> "with
+   no", "is not" -> "isnt").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 
+from stages.text.distractor_edits import negation_flips
 from stages.text.distractor_rules import (
     SPATIAL_OPPOSITES,
     Distractor,
@@ -32,7 +37,7 @@ from stages.text.distractor_rules import (
 )
 from stages.text.lexicon import (
     COLOR_SET,
-    NEGATION_WORDS,
+    POSITION_FORMS,
     SPATIAL_RELATION_WORDS,
     SPATIAL_WORDS,
 )
@@ -123,6 +128,27 @@ _SPATIAL_WORDS = (SPATIAL_WORDS | SPATIAL_RELATION_WORDS | frozenset(SPATIAL_OPP
                   | frozenset(SPATIAL_OPPOSITES.values()))
 
 
+# The direction each spatial word names, so that a swap between synonyms is no swap: "left" ->
+# "leftmost", "under" -> "beneath", "top" -> "upper", "lower" -> "bottom", "closest" ->
+# "nearest", "behind" -> "in back of" keep it. A word not listed names its own ("inside",
+# "side").
+_SPATIAL_SENSE: dict[str, str] = {
+    **POSITION_FORMS,
+    "above": "top",
+    **dict.fromkeys(("below", "under", "underneath", "beneath"), "bottom"),
+    **dict.fromkeys(("front", "foreground"), "front"),
+    **dict.fromkeys(("behind", "back", "background"), "back"),
+    **dict.fromkeys(("near", "nearer", "nearest", "close", "closer", "closest", "next",
+                     "beside"), "near"),
+    **dict.fromkeys(("far", "farther", "farthest", "further", "furthest"), "far"),
+    **dict.fromkeys(("middle", "center", "centre", "central", "between"), "middle"),
+}
+
+
+def _spatial_senses(words: Iterable[str]) -> set[str]:
+    return {_SPATIAL_SENSE.get(w, w) for w in words if w in _SPATIAL_WORDS}
+
+
 def _is_count_word(word: str) -> bool:
     from stages.text.distractor_rules import NUMBERS as _NUMBERS
 
@@ -134,9 +160,11 @@ def candidate_reason(source: str, d: Distractor,
     """Why `d` is not kept: ``validate``'s reason, else ``"not a <kind> edit"``, else None.
 
     The kind check: swap_color needs a colour word among both the replaced and the new words,
-    swap_spatial a position word on both sides, swap_count a number/ordinal on both sides,
-    negation a negation word (not, without, no, ...) on either side; role_reversal is fully
-    checked by ``validate`` ("head noun not swapped").
+    swap_spatial a position word on both sides and a change of the directions they name
+    (``_SPATIAL_SENSE``: "left" -> "leftmost" or "under" -> "beneath" is no swap), swap_count a
+    number/ordinal on both sides, negation a change in the parity of the negation words
+    (``negation_flips``: "with" -> "without", not "without" -> "with no" nor "is not" ->
+    "isnt"); role_reversal is fully checked by ``validate`` ("head noun not swapped").
     """
     reason = validate(source, d, context)
     if reason is not None:
@@ -144,15 +172,16 @@ def candidate_reason(source: str, d: Distractor,
     src = source.lower().split()
     dst = d.text.split()
     s, e = d.span
-    old, new = set(src[s:e]), set(dst[s:len(dst) - (len(src) - e)])
+    old, new = src[s:e], dst[s:len(dst) - (len(src) - e)]
     if d.kind == "swap_color":
-        ok = bool(old & COLOR_SET) and bool(new & COLOR_SET)
+        ok = bool(COLOR_SET.intersection(old)) and bool(COLOR_SET.intersection(new))
     elif d.kind == "swap_spatial":
-        ok = bool(old & _SPATIAL_WORDS) and bool(new & _SPATIAL_WORDS)
+        old_senses, new_senses = _spatial_senses(old), _spatial_senses(new)
+        ok = bool(old_senses) and bool(new_senses) and old_senses != new_senses
     elif d.kind == "swap_count":
         ok = any(map(_is_count_word, old)) and any(map(_is_count_word, new))
     elif d.kind == "negation":
-        ok = bool((old | new) & NEGATION_WORDS)
+        ok = negation_flips(old, new)
     else:
         ok = True
     return None if ok else f"not a {d.kind} edit"

@@ -22,14 +22,19 @@ from stages.text.lexicon import (
     COMPOUND_VBG,
     CONJUNCTIONS,
     DETERMINERS,
+    DISTANCE_SUPERLATIVES,
     FUNCTION_WORDS,
     ING_NOUNS,
     INTRANSITIVE,
     LOCATIVE_PREPOSITIONS,
+    NEGATION_WORDS,
     NUMBERS,
     ORDINAL_NUMERALS,
     ORDINALS,
+    POSITION_FORMS,
     PREPOSITIONS,
+    PRO_FORMS,
+    PRONOUNS,
     RELATIVES,
 )
 from stages.text.morphology import (
@@ -43,16 +48,21 @@ from stages.text.morphology import (
 from stages.text.phrases import (
     FAR_NEAR_NOUNS,
     chunk_head_index,
+    clause_ids,
+    distance_preposition,
     head_noun,
     ing_is_noun,
+    is_head_candidate,
     is_nounlike,
     is_np_end,
     is_participle,
     is_vbg,
     is_verbal,
+    negated_positions,
     starts_np,
     vbz_lemma,
 )
+from stages.text.positional import _right_is_adverb
 
 __all__ = [
     "SPATIAL_OPPOSITES",
@@ -62,6 +72,9 @@ __all__ = [
     "color_options",
     "count_options",
     "negation_edits",
+    "negation_flips",
+    "other_negation_in_clause",
+    "swap_under_negation",
     "role_edits",
     "role_pattern",
     "spatial_edits",
@@ -110,6 +123,11 @@ _SPATIAL_PHRASES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("far", "from"), ("close", "to")),
 )
 _TOP_CLOTHING_PREV = frozenset({"tank", "crop", "halter", "tube", "bikini"})
+# A superlative of distance before these intensifies them ("furthest right", "farthest to the
+# left", "farthest back", "furthest away"): swapping it to "closest" says the same thing.
+_INTENSIFIED = frozenset(POSITION_FORMS) | frozenset(
+    {"front", "back", "away", "out", "up", "down", "off", "over"})
+_INTENSIFIED_SKIP = frozenset({"to", "on", "at", "the"})
 _FAMILY_FORMS: dict[str, tuple[str, ...]] = {
     "card_word": CARDINALS,
     "card_digit": tuple(str(v) for v in range(1, 11)),
@@ -158,8 +176,11 @@ def color_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
         if w in COLOR_SET:
             present |= color_group(w)
     head = noun_lemma(head_noun(tokens))
+    negated = negated_positions(tokens)
     out = []
     for i in _color_slots(tokens):
+        if i in negated:
+            continue  # "man without red hat" is also without a beige hat
         edits = []
         for c in _COLOR_SUBSTITUTES:
             if c in present:
@@ -173,8 +194,64 @@ def color_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
     return out
 
 
+def _left_is_verb(tokens: Sequence[str], i: int) -> bool:
+    """"left" as the verb: "the only one left", "only two donuts left", "left over/behind",
+    "was left"; not "the only man on the left" (a preposition comes first)."""
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    prev = tokens[i - 1] if i else None
+    if nxt in ("over", "behind") or prev in ("was", "were", "been", "being"):
+        return True
+    for k in range(i - 1, max(-1, i - 5), -1):
+        if tokens[k] == "only":
+            return True
+        if tokens[k] in PREPOSITIONS:
+            return False
+    return False
+
+
+def _superlative_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
+    """closest/nearest <-> farthest/furthest as a single word. None before a position or
+    direction ("furthest right", "farthest to the left", "farthest back": an intensifier of that
+    word, as "far left" is), else the preposition the opposite needs before a noun phrase
+    ("nearest the camera" -> "farthest from the camera", "man nearest camera"), else the plain
+    adjective ("closest elephant" -> "farthest elephant")."""
+    n = len(tokens)
+    w = tokens[i]
+    k = i + 1
+    while k < n and tokens[k] in _INTENSIFIED_SKIP:
+        k += 1
+    if k < n and tokens[k] in _INTENSIFIED:
+        return None
+    new = SPATIAL_OPPOSITES[w]
+    if distance_preposition(tokens, i):
+        return (new, "from") if new == "farthest" else (new, "to")
+    return (new,)
+
+
+def _near_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
+    """"near" -> "far from" before a noun phrase ("dog near the door"), "far" as an adjective
+    ("the near side", "the near one", "man standing near"), None otherwise ("near by")."""
+    n = len(tokens)
+    prev = tokens[i - 1] if i else None
+    nxt = tokens[i + 1] if i + 1 < n else None
+    if nxt is None or nxt in FAR_NEAR_NOUNS:
+        return ("far",)
+    if prev in DETERMINERS:
+        return ("far",) if nxt in PRO_FORMS or is_head_candidate(nxt) else None
+    if nxt in PREPOSITIONS or nxt in CONJUNCTIONS or nxt in RELATIVES:
+        return None
+    if starts_np(nxt) or nxt in PRO_FORMS or is_head_candidate(nxt) or nxt in PRONOUNS:
+        return ("far", "from")
+    return None
+
+
 def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
+    """Every spatial word that names a position, with its opposite (see the rules). Skipped:
+    words inside a negation's scope ("the one not on the left" is also not on the right),
+    "right" as an adverb ("right next to", ``positional._right_is_adverb``), "left" as a verb
+    ("the only one left"), and superlatives that only intensify a position ("furthest right")."""
     edits: list[Edit] = []
+    negated = negated_positions(tokens)
     n = len(tokens)
     i = 0
     while i < n:
@@ -182,7 +259,8 @@ def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
         for src, dst in _SPATIAL_PHRASES:
             k = len(src)
             if tuple(tokens[i:i + k]) == src:
-                edits.append((i, i + k, dst))
+                if negated.isdisjoint(range(i, i + k)):
+                    edits.append((i, i + k, dst))
                 i += k
                 matched = True
                 break
@@ -192,18 +270,23 @@ def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
         prev = tokens[i - 1] if i else None
         nxt = tokens[i + 1] if i + 1 < n else None
         new: tuple[str, ...] | None = None
-        if w == "behind":
+        if i in negated:
+            new = None
+        elif w == "behind":
             np_follows = nxt is not None and nxt not in PREPOSITIONS and nxt not in RELATIVES \
                 and nxt not in CONJUNCTIONS and not is_vbg(nxt)
             new = ("in", "front", "of") if np_follows else ("in", "front")
         elif w == "near":
-            if nxt is None or nxt in FAR_NEAR_NOUNS:
-                new = ("far",)
-            elif nxt not in PREPOSITIONS and nxt not in CONJUNCTIONS and nxt not in RELATIVES:
-                new = ("far", "from")
+            new = _near_edit(tokens, i)
         elif w == "far":
             if nxt in FAR_NEAR_NOUNS:
                 new = ("near",)
+        elif w in DISTANCE_SUPERLATIVES:
+            new = _superlative_edit(tokens, i)
+        elif w == "right" and _right_is_adverb(list(tokens), i):
+            new = None  # "right next to", "right behind"
+        elif w == "left" and _left_is_verb(tokens, i):
+            new = None  # "the only one left"
         elif w == "top":
             if prev in _TOP_CLOTHING_PREV or nxt in ("hat", "hats"):
                 new = None
@@ -231,10 +314,11 @@ def count_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
         if w in NUMBERS:
             fam, v = NUMBERS[w]
             present[fam.split("_")[0]].add(v)
+    negated = negated_positions(tokens)
     out = []
     for i, w in enumerate(tokens):
-        if w not in NUMBERS:
-            continue
+        if w not in NUMBERS or i in negated:
+            continue  # "man not holding two cups" is also not holding three
         fam, v = NUMBERS[w]
         prev = tokens[i - 1] if i else None
         nxt = tokens[i + 1] if i + 1 < n else None
@@ -280,7 +364,55 @@ def count_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
     return out
 
 
+_CONTRACTED_BE_HAVE: dict[str, str] = {
+    "isnt": "is", "arent": "are", "wasnt": "was", "werent": "were", "hasnt": "has",
+    "havent": "have", "hadnt": "had",
+}
+_CONTRACTED_DO: dict[str, str] = {"doesnt": "VBZ", "dont": "VBP", "didnt": "VBD"}
+_DO_TAG: dict[str, str] = {"does": "VBZ", "do": "VBP", "did": "VBD"}
+# "with no shirt" -> "with shirt": "no" is dropped only after these.
+_NO_DROP_PREV = frozenset({"with", "w", "wearing"})
+
+
+def swap_under_negation(src: Sequence[str], start: int, end: int, dst: Sequence[str]) -> bool:
+    """Does replacing src[start:end] (giving ``dst``) edit words inside the scope of a negation
+    (``negated_positions``), in the source or in the result? "man without red hat" -> "man
+    without beige hat" stays true of the target, and so does "man in red" -> "man not in
+    blue": a swap there is no negative."""
+    if not negated_positions(src).isdisjoint(range(start, end)):
+        return True
+    return not negated_positions(dst).isdisjoint(range(start, len(dst) - (len(src) - end)))
+
+
+def _inflect(lemma: str, tag: str) -> str | None:
+    forms = getAllInflections(lemma, upos="VERB").get(tag)
+    return forms[0] if forms else None
+
+
+def negation_flips(old: Sequence[str], new: Sequence[str]) -> bool:
+    """Does replacing the words ``old`` by ``new`` add or remove a negation? The parity of the
+    negation words (``NEGATION_WORDS``) must change: "with" -> "without" does, "without" ->
+    "with no" and "is not" -> "isnt" keep the meaning."""
+    return sum(w in NEGATION_WORDS for w in old) % 2 != sum(w in NEGATION_WORDS for w in new) % 2
+
+
+def other_negation_in_clause(tokens: Sequence[str], start: int, end: int) -> bool:
+    """Does the clause (``clause_ids``) of the span tokens[start:end] hold a negation word
+    outside the span? Negating "man wearing no shirt" or "man who isnt wearing a hat" gives a
+    double negative, and removing one negation of two keeps the other: such a clause is not
+    negated by the rules (the llm backend's are rejected as "double negation")."""
+    if not tokens:
+        return False
+    clause = clause_ids(tokens)
+    touched = {clause[min(start, len(tokens) - 1)]} | {clause[j] for j in range(start, end)}
+    return any(w in NEGATION_WORDS and clause[j] in touched
+               for j, w in enumerate(tokens) if not start <= j < end)
+
+
 def negation_edits(tokens: Sequence[str]) -> list[Edit]:
+    """Every negation edit of the rules (verbal ones first, then prepositional ones), each
+    kept only when it flips its clause: it adds or removes one negation (``negation_flips``)
+    and the clause holds no other (``other_negation_in_clause``)."""
     n = len(tokens)
     verbal: list[Edit] = []
     prepositional: list[Edit] = []
@@ -288,15 +420,31 @@ def negation_edits(tokens: Sequence[str]) -> list[Edit]:
         prev = tokens[i - 1] if i else None
         nxt = tokens[i + 1] if i + 1 < n else None
         if w == "not":
-            if prev in ("does", "do", "did") and nxt is not None:
-                lemma = nxt
-                tag = {"does": "VBZ", "do": "VBP", "did": "VBD"}[prev]
-                forms = getAllInflections(lemma, upos="VERB").get(tag)
-                if forms:
-                    verbal.append((i - 1, i + 2, (forms[0],)))
+            if prev in _DO_TAG and nxt is not None:
+                form = _inflect(nxt, _DO_TAG[prev])
+                if form:
+                    verbal.append((i - 1, i + 2, (form,)))
             elif prev is not None and (prev in AUXILIARIES or nxt in PREPOSITIONS or (
                     nxt is not None and (is_vbg(nxt) or is_participle(nxt)))):
                 verbal.append((i, i + 1, ()))  # "is not x", "not on x", "not holding x"
+            continue
+        if w in _CONTRACTED_BE_HAVE:
+            if nxt is not None:
+                verbal.append((i, i + 1, (_CONTRACTED_BE_HAVE[w],)))  # "isnt x" -> "is x"
+            continue
+        if w in _CONTRACTED_DO:
+            form = None if nxt is None else _inflect(nxt, _CONTRACTED_DO[w])
+            if form:
+                verbal.append((i, i + 2, (form,)))  # "doesnt have" -> "has"
+            continue
+        if w == "non":
+            if nxt is not None:
+                verbal.append((i, i + 1, ()))  # "the non smiling man" -> "the smiling man"
+            continue
+        if w == "no":
+            if prev in _NO_DROP_PREV and nxt is not None and nxt not in NUMBERS \
+                    and nxt not in PRO_FORMS and nxt not in FUNCTION_WORDS:
+                prepositional.append((i, i + 1, ()))  # "man with no shirt" -> "man with shirt"
             continue
         if prev is None or nxt == "not" or prev == "not":
             continue
@@ -305,7 +453,7 @@ def negation_edits(tokens: Sequence[str]) -> list[Edit]:
                 verbal.append((i, i + 1, (w, "not")))
             continue
         if w in ("has", "have", "had"):
-            if nxt is None or prev in ("does", "do", "did"):
+            if nxt is None or prev in _DO_TAG:
                 continue
             if nxt == "been" or is_participle(nxt):
                 verbal.append((i, i + 1, (w, "not")))
@@ -334,8 +482,12 @@ def negation_edits(tokens: Sequence[str]) -> list[Edit]:
         if w in LOCATIVE_PREPOSITIONS and nxt is not None and is_np_end(tokens, i):
             if w == "next" and nxt != "to":
                 continue
-            prepositional.append((i, i + 1, ("not", w)))
-    return verbal + prepositional
+            if prev == "right" and _right_is_adverb(list(tokens), i - 1):
+                prepositional.append((i - 1, i, ("not", "right")))  # "not right next to"
+            else:
+                prepositional.append((i, i + 1, ("not", w)))
+    return [(s, e, new) for s, e, new in verbal + prepositional
+            if negation_flips(tokens[s:e], new) and not other_negation_in_clause(tokens, s, e)]
 
 
 def role_pattern(tokens: Sequence[str]) -> tuple[int, int, int, int] | None:
@@ -373,11 +525,30 @@ def role_pattern(tokens: Sequence[str]) -> tuple[int, int, int, int] | None:
         return None  # "kid wearing orange": a colour, not an object to swap with
     if any(t in PREPOSITIONS or t in RELATIVES or t in CONJUNCTIONS for t in tokens[k + 1:h2]):
         return None
-    if noun_lemma(tokens[h1]) == noun_lemma(tokens[h2]):
+    if noun_lemma(tokens[h1]) == noun_lemma(tokens[h2]) or _np2_end(tokens, h2) is None:
         return None
     if (vbz or aux) and _plural(tokens[h1]) != _plural(tokens[h2]):
         return None
     return h1, k, k + 1, h2
+
+
+def _np2_end(tokens: Sequence[str], h2: int) -> int | None:
+    """Where the object phrase whose head is tokens[h2] ends: over "of" + a noun phrase ("cup of
+    coffee", "slice of pizza") and a following number ("number 5"), which the head alone would
+    split ("cup holding woman of coffee"); None when a conjunction follows ("bat and ball",
+    "umbrella and smiling"), whose reach the rules cannot tell."""
+    n = len(tokens)
+    end = h2 + 1
+    if end < n and tokens[end] == "of":
+        head = chunk_head_index(tokens, end + 1)
+        if head is None:
+            return None
+        end = head + 1
+    while end < n and tokens[end] in NUMBERS:
+        end += 1
+    if end < n and tokens[end] in CONJUNCTIONS:
+        return None
+    return end
 
 
 def _plural(word: str) -> bool:
@@ -389,7 +560,9 @@ def role_edits(tokens: Sequence[str]) -> list[Edit]:
     if pat is None:
         return []
     h1, verb, s2, h2 = pat
-    np1, np2 = list(tokens[0:h1 + 1]), list(tokens[s2:h2 + 1])
+    end2 = _np2_end(tokens, h2)
+    assert end2 is not None  # role_pattern checked it
+    np1, np2 = list(tokens[0:h1 + 1]), list(tokens[s2:end2])
     d1 = np1[0] if np1[0] in DETERMINERS else None
     d2 = np2[0] if np2[0] in DETERMINERS else None
     c1 = np1[1:] if d1 else np1
@@ -407,6 +580,6 @@ def role_edits(tokens: Sequence[str]) -> list[Edit]:
     else:
         new1, new2 = np2, np1
     middle = list(tokens[h1 + 1:s2])
-    return [(0, h2 + 1, tuple(new1 + middle + new2))]
+    return [(0, end2, tuple(new1 + middle + new2))]
 
 

@@ -30,6 +30,13 @@ on every hand-written test sentence; the guard only fires on garbled input.
 Kinds
 =====
 
+Negation scope (all three swaps): a word inside the scope of a negation is never swapped, since
+the result stays true of the target ("man without red hat" -> "man without beige hat": he is
+without a beige one too). ``stages.text.phrases.negated_positions`` gives the scope: the noun
+phrase after no/non/without/nothing/... ("man with no shirt in blue shorts" edits "blue"), the
+rest of the clause after not/isnt/doesnt/never/... ("the one not on the left", "shirt that isnt
+blue"); a clause ends at a relative pronoun, "that" before a verb, or "but".
+
 ``swap_color`` (random draw)
     Colour lexicon ``COLORS``: red blue green yellow white black orange purple pink brown gray
     grey tan beige silver gold. Decisions:
@@ -62,8 +69,16 @@ Kinds
     "farthest from"/"furthest from"->"closest to", "near"->"far from" (preposition) or "far"
     (before side/end/corner/edge or at the end), "far"->"near" only before side/end/corner/edge
     ("far left" is an intensifier: only "left" is edited), "on top" (not followed by "of") ->
-    "on the bottom". Not edited: "top" after tank/crop/halter/tube/bikini or before hat(s)
-    (clothing), "bottom" after bikini, "back" after a verb ("looking back"). Decision: with
+    "on the bottom". "near" is an adjective after a determiner ("the near one" -> "the far
+    one"); closest/nearest/farthest/furthest are prepositions between two nouns or before a
+    determiner ("man nearest the camera" -> "man farthest from the camera"), else adjectives
+    ("the closest elephant" -> "the farthest elephant"). Not edited: "top" after
+    tank/crop/halter/tube/bikini or before hat(s) (clothing), "bottom" after bikini, "back" after
+    a verb ("looking back"), "right" as an adverb ("right next to", "right behind": the test of
+    ``stages.text.positional``), "left" as the verb ("the only one left", "left over", "was
+    left"), closest/nearest/farthest/furthest before a position or direction, where they only
+    intensify it as "far" does ("furthest right", "farthest to the left", "furthest away"), and
+    anything inside a negation's scope. Decision: with
     several spatial words, ONE word is edited per distractor (one distractor per word, in sentence
     order, up to ``per_kind``): "top left" -> "bottom left" and "top right".
     "middle"/"center" have no opposite and are never edited.
@@ -73,12 +88,13 @@ Kinds
     (word/digit, cardinal/ordinal), lies within +-2 of the original value (1..10; near values are
     the hard ones) and is not a value already present in the sentence (cardinal and ordinal values
     are counted separately). Not a slot: "one" without a following noun ("right one", "the one on
-    left", "one of", "one holding bat"), a number after "number", before "o"/"oclock"/"clock", or an
-    ordinal after "a" ("a second"). Agreement: crossing 1 <-> 2+ re-inflects the head noun of the
-    following noun phrase with lemminflect ("one person" -> "two people", "two little girls" -> "one
-    little girl"); when that head is missing or cannot be inflected the crossing substitutes are
-    simply not drawn, so no ungrammatical count is ever generated (``validate`` reports hand-made
-    ones as "number agreement").
+    left", "one of", "one holding bat"), a number after "number", before "o"/"oclock"/"clock", an
+    ordinal after "a" ("a second"), or a number inside a negation's scope ("man not holding two
+    cups" is not holding three either). Agreement: crossing 1 <-> 2+ re-inflects the head noun
+    of the following noun phrase with lemminflect ("one person" -> "two people", "two little
+    girls" -> "one little girl"); when that head is missing or cannot be inflected the crossing
+    substitutes are simply not drawn, so no ungrammatical count is ever generated (``validate``
+    reports hand-made ones as "number agreement").
 
 ``negation`` (deterministic; verbal edits first, then prepositional ones, each in sentence order)
     * "is/are/was/were X" -> "is not X" ("man who is sitting" -> "man who is not sitting");
@@ -90,21 +106,35 @@ Kinds
       umbrella" -> "man not holding an umbrella", "car parked on street" -> "car not parked on
       street"). Not for nouns in -ing (``ING_NOUNS``: building, painting, ceiling ...), prenominal
       compounds (``COMPOUND_VBG`` + noun: "dining table", "folding chair"), participles that can
-      be nouns ("shed"), or after a bare adjective ("white dining table");
+      be nouns ("shed"), after a bare adjective ("white dining table"), nor for an adjective
+      between a modifier and its noun (``phrases.is_np_end``: "purple potted plant", "red parked
+      car", "two sleeping cats"; a verb-ing after a position or a worn colour still is a verb:
+      "man on the left holding bat", "man in white holding bat");
     * an existing negation is removed (also wrong for the target): "does not have" -> "has",
-      "without" -> "with", and "not" after an auxiliary or before a verb form / preposition
-      ("is not sitting" -> "is sitting", "man not wearing hat" -> "man wearing hat");
+      "doesnt have" -> "has", "isnt"/"arent"/"wasnt"/"werent"/"hasnt"/... -> "is"/"are"/...,
+      "without" -> "with", "non" and "no" after with/wearing are dropped ("the non smiling man"
+      -> "the smiling man", "man with no shirt" -> "man with shirt"), and "not" after an
+      auxiliary or before a verb form / preposition ("is not sitting" -> "is sitting", "man not
+      wearing hat" -> "man wearing hat");
+    * every edit must flip its clause: it adds or removes exactly one negation word
+      (``negation_flips``), and the clause holds no other (``other_negation_in_clause``), so
+      "man wearing no shirt" is never negated to "man not wearing no shirt" nor "man who isnt
+      wearing a hat" to "... isnt not wearing ...";
     * "with" -> "without" after a noun phrase ("woman with a hat" -> "woman without a hat");
     * a locative preposition after a noun phrase gets "not" ("dog on the couch" -> "dog not on
       the couch"): in on at near by behind under underneath beneath above below beside inside
       outside between among against along across atop over around into onto through toward(s),
-      and "next" before "to". Never "of", "from", "to", "for" ("second from left").
+      and "next" before "to"; after the adverb "right" the "not" goes before it ("guy not right
+      next to the girl"). Never "of", "from", "to", "for" ("second from left").
 
 ``role_reversal`` (deterministic)
     Pattern ``NP1 [who|that|which [is|are]] VERB NP2 [rest]`` where NP1 starts the sentence and
     ends at its head noun, VERB is a transitive verb-ing (or verb-s followed by a determiner /
     after a relative pronoun), not in ``INTRANSITIVE`` (stand, sit, look ...), and NP2 follows the
-    verb directly and ends at its head noun. The two noun phrases (with their adjectives) swap:
+    verb directly and ends at its head noun, or after the "of" phrase and the number that follow
+    it ("woman holding cup of coffee" -> "cup of coffee holding woman", "man wearing number 5"
+    -> "number 5 wearing man"); skipped when a conjunction follows NP2 ("man holding bat and
+    ball": how far it reaches is unknown). The two noun phrases (with their adjectives) swap:
     "big dog chasing small cat" -> "small cat chasing big dog". Determiners: when both are articles
     (or absent), no number word is involved and a/an never lands on a plural, the determiners stay
     in place and a/an is re-chosen ("man holding the child" -> "child holding the man", "a man
@@ -124,7 +154,10 @@ so only the span changed, insertions at either span boundary - the +-1 allowance
 "not"/"without" - included; the ``slot`` string must also name exactly the replaced and the new
 words), "head noun changed" (``head_noun`` lemmas differ; not for role_reversal), "head noun not
 swapped" (role_reversal: the new head must be the head of the source's second noun phrase),
-"synonym" (colour in the same ``COLOR_GROUPS`` group, or the same number value: "two"->"2"),
+"under negation" (swap_color/swap_spatial/swap_count: a replaced word of the source or a new word
+of the distractor inside a negation's scope, see above), "double negation" (negation: the clause
+of the span holds another negation word), "synonym" (colour in the same ``COLOR_GROUPS`` group,
+or the same number value: "two"->"2"),
 "number agreement" (swap_count: in the edited region a cardinal 1 now precedes a plural head
 noun, or 2+ a singular one, while the source agreed there - "an eight year old" never did), and
 "describes another instance" (swap_spatial with a ``SceneContext`` only, below).
@@ -159,9 +192,11 @@ from stages.text.distractor_edits import (
     color_options,
     count_options,
     negation_edits,
+    other_negation_in_clause,
     role_edits,
     role_pattern,
     spatial_edits,
+    swap_under_negation,
 )
 from stages.text.lexicon import (
     COLOR_GROUPS,
@@ -288,6 +323,7 @@ def _with_article(tokens: Sequence[str], edit: Edit) -> Edit:
 
 
 _RANDOM_KINDS = frozenset({"swap_color", "swap_count"})
+_SWAP_KINDS = frozenset({"swap_color", "swap_spatial", "swap_count"})
 
 
 def _options(tokens: list[str], kind: str) -> list[list[Edit]]:
@@ -433,6 +469,10 @@ def validate(source: str, d: Distractor, context: SceneContext | None = None) ->
     s, e = d.span
     new_words = dst[s:len(dst) - (len(src) - e)]
     old_words = src[s:e]
+    if d.kind in _SWAP_KINDS and swap_under_negation(src, s, e, dst):
+        return "under negation"
+    if d.kind == "negation" and other_negation_in_clause(src, s, e):
+        return "double negation"
     if d.kind == "swap_color":
         for old, new in zip(old_words, new_words, strict=False):
             if old != new and old in COLOR_SET and new in color_group(old):

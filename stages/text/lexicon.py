@@ -92,6 +92,12 @@ SPATIAL_WORDS = frozenset(POSITION_FORMS) | _words(
     "under underneath beneath far near close closer closest nearest farther farthest further "
     "furthest"
 )
+# Positions that head a noun phrase of their own ("on the left", "in the middle", "in the back").
+POSITION_HEADS = frozenset(POSITION_FORMS.values()) | _words(
+    "middle center centre front back foreground background")
+# Superlatives of distance: adjectives ("the closest elephant") or prepositions after a noun ("man
+# nearest the camera").
+DISTANCE_SUPERLATIVES = _words("closest nearest farthest furthest")
 # Relations between objects that SPATIAL_WORDS leaves out because they also head other phrases
 # ("the side of the bus", "next one"); an edit that swaps one of these still edits a position.
 SPATIAL_RELATION_WORDS = _words("behind beside between next side nearer")
@@ -128,12 +134,16 @@ AUXILIARIES = _words(
 )
 CONJUNCTIONS = _words("and or but nor plus")
 NEGATION_WORDS = _words(
-    "not no without never none nothing nobody nor isnt arent doesnt dont didnt wasnt werent "
-    "hasnt havent cannot cant"
+    "not no non without never none nothing nobody neither nor isnt arent doesnt dont didnt "
+    "wasnt werent hasnt havent hadnt cannot cant wont wouldnt couldnt shouldnt aint"
 )
 """Words that make a sentence negative (an edit touching one is a negation edit)."""
+# The negation words whose scope is the noun phrase right after them ("no black jacket", "without
+# red hat", "non smiling man"); the others ("not", "isnt", ...) negate the rest of their clause
+# (stages.text.phrases.negated_positions).
+NP_NEGATION_WORDS = _words("no non without none nothing nobody neither")
 FUNCTION_WORDS = (PREPOSITIONS | DETERMINERS | PRONOUNS | RELATIVES | AUXILIARIES | CONJUNCTIONS
-                  | _words("not very so"))
+                  | _words("not non very so"))
 
 # --------------------------------------------------------------------------------------------
 # Nouns and verbs

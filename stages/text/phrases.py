@@ -24,7 +24,18 @@ bottle, "blue shirt guy" -> guy, "man in red" -> man). Returns None when the chu
 -> pair), noun-noun compounds misread as verbs ("glass building" -> glass) and the like; they are
 consistent between a source and its distractor, which is what validation needs. Heads are compared
 by noun lemma (``person``/``people`` are the same head, so "one person" -> "two people" keeps its
-head).
+head). "near" after a determiner is an adjective ("the near one" -> one), and a superlative of
+distance between two nouns or before a determiner is a preposition, a boundary ("man nearest the
+camera" -> man; ``distance_preposition``).
+
+Clauses and negation scope
+==========================
+``clause_ids`` splits a sentence at relative pronouns, "that" before a verb ("shirt | that isnt
+blue") and "but" ("and" never splits: whether "man without hat and red scarf" lacks the scarf
+is unknown). ``negated_positions`` is the scope of each negation word: the noun phrase after
+no/non/without/nothing/... (to its head, over "and"/"or" + another phrase), the rest of the
+clause after not/isnt/doesnt/never/... . The distractor rules swap nothing there and add no
+negation to a clause that already holds one.
 """
 
 from __future__ import annotations
@@ -37,11 +48,16 @@ from stages.text.lexicon import (
     COMPOUND_VBG,
     CONJUNCTIONS,
     DETERMINERS,
+    DISTANCE_SUPERLATIVES,
     FREQUENT_VERBS,
     FUNCTION_WORDS,
     ING_NOUN_VERBS,
     ING_NOUNS,
+    NEGATION_WORDS,
+    NP_NEGATION_WORDS,
     NUMBERS,
+    OTHER_COLOR_WORDS,
+    POSITION_HEADS,
     PREPOSITIONS,
     PRO_FORMS,
     RELATIVES,
@@ -53,6 +69,8 @@ __all__ = [
     "FAR_NEAR_NOUNS",
     "MODIFIERS",
     "chunk_head_index",
+    "clause_ids",
+    "distance_preposition",
     "head_noun",
     "ing_is_noun",
     "is_head_candidate",
@@ -62,6 +80,7 @@ __all__ = [
     "is_vbg",
     "is_verbal",
     "joins_colours",
+    "negated_positions",
     "starts_np",
     "vbz_lemma",
 ]
@@ -70,6 +89,11 @@ __all__ = [
 MODIFIERS = (COLOR_SET | SPATIAL_WORDS | frozenset(NUMBERS) | {"half", "whole"}) - {"one"}
 # "near"/"far" before these are adjectives: "the near side", "far end".
 FAR_NEAR_NOUNS = frozenset({"side", "end", "corner", "edge"})
+# A colour after these is clothing, a noun phrase of its own: "man in white holding bat".
+_CLOTHING_COLOR_PREV = frozenset({"in", "wearing"})
+# Words that open a new clause: the scope of a negation ends before them.
+# ("that" only before a verb: it is also a determiner).
+_CLAUSE_OPENERS = (RELATIVES - {"that"}) | {"but"}
 
 
 def starts_np(word: str | None) -> bool:
@@ -152,16 +176,31 @@ def joins_colours(tokens: Sequence[str], j: int, start: int = 0) -> bool:
             and tokens[j - 1] in COLOR_SET and tokens[j + 1] in COLOR_SET)
 
 
+def distance_preposition(tokens: Sequence[str], i: int) -> bool:
+    """Is tokens[i], a superlative of distance (closest, nearest, farthest, furthest), a
+    preposition ("man nearest the camera", "dog closest car") rather than an adjective ("the
+    nearest one", "closest elephant", "the closest two people")?"""
+    prev = tokens[i - 1] if i else None
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    if nxt is None or nxt in PRO_FORMS:
+        return False
+    if nxt in DETERMINERS:
+        return prev not in DETERMINERS
+    return prev is not None and is_head_candidate(prev) and is_head_candidate(nxt)
+
+
 def chunk_head_index(tokens: Sequence[str], start: int = 0) -> int | None:
     """Index of the head noun of the chunk starting at ``start`` (see the module docstring)."""
     cand: int | None = None
     for j in range(start, len(tokens)):
         w = tokens[j]
         nxt = tokens[j + 1] if j + 1 < len(tokens) else None
-        if w == "near" and nxt in FAR_NEAR_NOUNS:
-            continue  # adjective: "the near side"
+        if w == "near" and (nxt in FAR_NEAR_NOUNS or (j > start and tokens[j - 1] in DETERMINERS)):
+            continue  # adjective: "the near side", "the near one"
         if w in PREPOSITIONS or w in AUXILIARIES or w == "not":
             break
+        if cand is not None and w in DISTANCE_SUPERLATIVES and distance_preposition(tokens, j):
+            break  # "man nearest the camera"
         if joins_colours(tokens, j, start):
             continue  # "orange and white cat": colours joined, not noun phrases
         if w in RELATIVES or w in CONJUNCTIONS:
@@ -189,7 +228,8 @@ def head_noun(tokens: Sequence[str]) -> str | None:
 
 
 def is_np_end(tokens: Sequence[str], i: int) -> bool:
-    """Does the token before position i close a noun phrase (so a verb/PP may attach there)?"""
+    """Does the token before position i close a noun phrase (so a verb/PP may attach there)?
+    Not when tokens[i] is an adjective that continues it ("purple | potted plant")."""
     if i <= 0:
         return False
     prev = tokens[i - 1]
@@ -199,6 +239,8 @@ def is_np_end(tokens: Sequence[str], i: int) -> bool:
             return True
         return not (is_vbg(prev) or is_participle(prev))
     if prev in MODIFIERS:
+        if _continues_np(tokens, i):
+            return False  # "next to purple | potted plant": an adjective, not a clause verb
         # "man on the left | holding", "man left | holding"; not "white | dining table"
         for k in range(i - 2, -1, -1):
             w = tokens[k]
@@ -208,3 +250,75 @@ def is_np_end(tokens: Sequence[str], i: int) -> bool:
                 return False
         return False
     return False
+
+
+def _continues_np(tokens: Sequence[str], i: int) -> bool:
+    """Is tokens[i], a verb form right after a bare modifier, an adjective of the noun after it
+    ("purple potted plant", "red parked car", "two sleeping cats") rather than the verb of a
+    clause? A participle before a noun always is; a verb-ing is not after a position that heads
+    its own phrase ("on the left holding umbrella") or a worn colour ("in white holding bat")."""
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    if nxt is None or not is_head_candidate(nxt):
+        return False
+    w, prev = tokens[i], tokens[i - 1]
+    if is_participle(w):
+        return True
+    if not is_vbg(w) or prev in POSITION_HEADS or (prev in NUMBERS and i >= 2
+                                                   and tokens[i - 2] in ("number", "no")):
+        return False  # "on the left | holding umbrella", "player number 5 | holding bat"
+    worn = (prev in COLOR_SET or prev in OTHER_COLOR_WORDS) and i >= 2 \
+        and tokens[i - 2] in _CLOTHING_COLOR_PREV
+    return not worn
+
+
+def _opens_clause(tokens: Sequence[str], j: int) -> bool:
+    w = tokens[j]
+    if w in _CLAUSE_OPENERS:
+        return True
+    if w != "that" or j + 1 >= len(tokens):
+        return False  # "that" is also a determiner: "not holding that red cup"
+    nxt = tokens[j + 1]
+    return (nxt in AUXILIARIES or nxt in NEGATION_WORDS or is_vbg(nxt) or is_participle(nxt)
+            or vbz_lemma(nxt) is not None)
+
+
+def clause_ids(tokens: Sequence[str]) -> list[int]:
+    """The clause of each token: a new clause opens at a relative pronoun ("man | who is not
+    smiling"), "that" before a verb ("shirt | that isnt blue") and "but". Without a parser this
+    splits less than English does ("and" never splits), which only makes negation scopes longer,
+    the safe direction for the rules that read them."""
+    out: list[int] = []
+    k = 0
+    for j in range(len(tokens)):
+        if j > 0 and _opens_clause(tokens, j):
+            k += 1
+        out.append(k)
+    return out
+
+
+def negated_positions(tokens: Sequence[str]) -> frozenset[int]:
+    """The token positions inside the scope of a negation word (``NEGATION_WORDS``), the word
+    itself included. A word of ``NP_NEGATION_WORDS`` ("no", "without", "non", ...) negates the
+    noun phrase after it, up to its head noun and over "and"/"or" + another noun phrase
+    ("without hat or red scarf"); any other ("not", "isnt", "never", ...), or one whose phrase
+    has no head ("wearing nothing red"), negates the rest of its clause (``clause_ids``): "the
+    one not on the left", "shirt that isnt blue". A word edited there stays true of the
+    target ("man without red hat" is also without a beige hat), so the swap rules skip them."""
+    clause = clause_ids(tokens)
+    n = len(tokens)
+    out: set[int] = set()
+    for j, w in enumerate(tokens):
+        if w not in NEGATION_WORDS:
+            continue
+        clause_end = j
+        while clause_end < n and clause[clause_end] == clause[j]:
+            clause_end += 1
+        end = clause_end
+        if w in NP_NEGATION_WORDS:
+            head = chunk_head_index(tokens, j + 1)
+            while head is not None and head + 1 < n and tokens[head + 1] in ("and", "or", "nor"):
+                head = chunk_head_index(tokens, head + 2)
+            if head is not None:
+                end = min(head + 1, clause_end)
+        out.update(range(j, end))
+    return frozenset(out)

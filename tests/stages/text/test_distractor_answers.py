@@ -67,3 +67,43 @@ def test_spatial_swaps_need_a_position_word_replaced_and_inserted(src, new, reas
     d = build_distractor("swap_spatial", src, new)
     assert validate(src, d) is None
     assert candidate_reason(src, d) == reason
+
+
+@pytest.mark.parametrize(("src", "new", "reason"), [
+    # synonyms name the same direction: no swap
+    ("left man", "leftmost man", "not a swap_spatial edit"),
+    ("man under the umbrella", "man beneath the umbrella", "not a swap_spatial edit"),
+    ("man under the umbrella", "man underneath the umbrella", "not a swap_spatial edit"),
+    ("top shelf", "upper shelf", "not a swap_spatial edit"),
+    ("lower left corner", "bottom left corner", "not a swap_spatial edit"),
+    ("man closest to camera", "man nearest to camera", "not a swap_spatial edit"),
+    ("man behind the car", "man in back of the car", "not a swap_spatial edit"),
+    # opposites do
+    ("left man", "right man", None),
+    ("man under the umbrella", "man above the umbrella", None),
+    ("top shelf", "bottom shelf", None),
+    ("man closest to camera", "man farthest from camera", None),
+    ("man behind the car", "man in front of the car", None),
+    # and none inside a negation's scope
+    ("the one not on the left", "the one not on the right", "under negation"),
+])
+def test_spatial_swaps_must_change_the_direction(src, new, reason):
+    d = build_distractor("swap_spatial", src, new)
+    assert candidate_reason(src, d) == reason
+
+
+@pytest.mark.parametrize(("src", "new", "reason"), [
+    # the same polarity in other words: no negation
+    ("man without hat", "man with no hat", "not a negation edit"),
+    ("woman with no shoes", "woman without shoes", "not a negation edit"),
+    ("man who is not smiling", "man who isnt smiling", "not a negation edit"),
+    # one negation added or removed
+    ("man without hat", "man with hat", None),
+    ("man who is smiling", "man who isnt smiling", None),
+    ("man who is not smiling", "man who is smiling", None),
+    # added to a clause that already holds one
+    ("man who isnt wearing a hat", "man who isnt not wearing a hat", "double negation"),
+])
+def test_negations_must_flip_the_polarity(src, new, reason):
+    d = build_distractor("negation", src, new)
+    assert candidate_reason(src, d) == reason

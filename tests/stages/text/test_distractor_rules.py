@@ -86,6 +86,11 @@ COLOR_CASES: list[tuple[str, tuple[int, ...]]] = [
     ("the blue one on the right", (1,)),
     ("man in blue jeans and white shirt", (2, 5)),
     ("man in a black shirt", (3,)),
+    # a colour inside a negation's scope is no slot: a man without a red hat is also without a
+    # beige one; the scope of no/without is their noun phrase, of not/isnt the rest of the clause
+    ("man in a red shirt that isnt blue", (3,)),
+    ("man with no shirt in blue shorts", (5,)),
+    ("man with no hat holding red umbrella", (5,)),
     # nothing to edit
     ("bright shirt", ()),
     ("reddish bowl", ()),
@@ -103,6 +108,13 @@ COLOR_CASES: list[tuple[str, tuple[int, ...]]] = [
     ("redhead", ()),
     ("whiteboard on the wall", ()),
     ("two oranges", ()),
+    ("man without red hat", ()),
+    ("guy not wearing white", ()),
+    ("woman with no black jacket", ()),
+    ("man whose shirt is not red", ()),
+    ("not red shirt guy", ()),
+    ("man not holding that red cup", ()),
+    ("man without hat or red scarf", ()),
 ]
 
 
@@ -191,6 +203,19 @@ SPATIAL_CASES: list[tuple[str, list[str]]] = [
     ("bottom left corner of the top shelf",
      ["top left corner of the top shelf", "bottom right corner of the top shelf",
       "bottom left corner of the bottom shelf"]),
+    ("man without hat on the left", ["man without hat on the right"]),
+    ("woman on the left who is not smiling", ["woman on the right who is not smiling"]),
+    ("the one right behind the man", ["the one right in front of the man"]),
+    ("the only man on the left", ["the only man on the right"]),
+    # farthest/furthest before a position intensify it, like "far left": only the position flips
+    ("furthest right guy", ["furthest left guy"]),
+    ("man farthest left", ["man farthest right"]),
+    ("farthest to the left", ["farthest to the right"]),
+    # "near" as an adjective, superlatives as prepositions
+    ("the near one", ["the far one"]),
+    ("the nearest one", ["the farthest one"]),
+    ("man nearest the camera", ["man farthest from the camera"]),
+    ("dog closest car", ["dog farthest from car"]),
     # nothing to edit
     ("bowl", []),
     ("man in middle", []),
@@ -204,6 +229,12 @@ SPATIAL_CASES: list[tuple[str, list[str]]] = [
     ("the tallest giraffe", []),
     ("man standing", []),
     ("leftover pizza", []),
+    ("the one not on the left", []),
+    ("man not in the front row", []),
+    ("guy right next to the girl", []),  # "right" is an adverb, not a position
+    ("the only one left", []),  # "left" is the verb
+    ("only two donuts left", []),
+    ("guy furthest away", []),
 ]
 
 
@@ -294,6 +325,8 @@ COUNT_CASES: list[tuple[str, set[str]]] = [
     ("twenty people", set()),
     ("11 players", set()),
     ("the smaller one", set()),
+    ("man not holding two cups", set()),
+    ("kid without two front teeth", set()),
 ]
 
 
@@ -370,6 +403,23 @@ NEGATION_CASES: list[tuple[str, list[str]]] = [
     ("a painting on the wall", ["a painting not on the wall"]),
     ("dog holds a frisbee", ["dog does not hold a frisbee"]),
     ("man who was running", ["man who was not running"]),
+    # a participle between an adjective and its noun is no clause verb
+    ("vehicle next to purple potted plant", ["vehicle not next to purple potted plant"]),
+    ("man near red parked car", ["man not near red parked car"]),
+    ("bear next to the brown stuffed bear", ["bear not next to the brown stuffed bear"]),
+    ("cat next to two sleeping dogs", ["cat not next to two sleeping dogs"]),
+    ("player number 5 holding bat", ["player number 5 not holding bat"]),
+    # an existing negation is removed, contractions included; none is added to a clause that
+    # already holds one
+    ("man wearing no shirt", ["man wearing shirt"]),
+    ("man who isnt wearing a hat", ["man who is wearing a hat"]),
+    ("man who doesnt have a hat", ["man who has a hat"]),
+    ("people who arent standing", ["people who are standing"]),
+    ("the non smiling man", ["the smiling man"]),
+    ("man with no hat holding umbrella", ["man with hat holding umbrella"]),
+    ("woman on the left who is not smiling",
+     ["woman on the left who is smiling", "woman not on the left who is not smiling"]),
+    ("guy right next to the girl", ["guy not right next to the girl"]),
     # nothing to edit
     ("bowl", []),
     ("man", []),
@@ -385,7 +435,7 @@ NEGATION_CASES: list[tuple[str, list[str]]] = [
     ("right one", []),
     ("blue car", []),
     ("kitchen dining table", []),
-    ("man with no shirt", []),
+    ("man with no shirt", ["man with shirt"]),
 ]
 
 
@@ -443,6 +493,10 @@ ROLE_CASES: list[tuple[str, list[str]]] = [
     ("man holding umbrella on the left", ["umbrella holding man on the left"]),
     ("the elephant pushing a car", ["the car pushing an elephant"]),
     ("left man hugging the woman", ["woman hugging the left man"]),
+    # the object phrase keeps its "of" phrase and its number
+    ("woman holding cup of coffee", ["cup of coffee holding woman"]),
+    ("kid holding a slice of pizza", ["slice of pizza holding a kid"]),
+    ("man wearing number 5", ["number 5 wearing man"]),
     # nothing to produce
     ("man standing", []),
     ("man on left", []),
@@ -463,6 +517,7 @@ ROLE_CASES: list[tuple[str, list[str]]] = [
     ("people who are watching the game", []),
     ("dog that chases the cats", []),
     ("kid wearing orange", []),
+    ("man holding bat and ball", []),
 ]
 
 

@@ -57,6 +57,26 @@ BAD_CASES: list[tuple[str, Distractor, str]] = [
      "number agreement"),
     ("3 cats", Distractor("swap_count", "1 cats", "3->1", (0, 1)), "number agreement"),
     ("man in red", Distractor("swap_shape", "man in blue", "red->blue", (2, 3)), "unknown kind"),
+    # a swap inside a negation's scope stays true of the target, in the source or the result
+    ("man without red hat", Distractor("swap_color", "man without blue hat", "red->blue", (2, 3)),
+     "under negation"),
+    ("shirt that isnt blue", Distractor("swap_color", "shirt that isnt red", "blue->red", (3, 4)),
+     "under negation"),
+    ("the one not on the left",
+     Distractor("swap_spatial", "the one not on the right", "left->right", (5, 6)),
+     "under negation"),
+    ("man in red", Distractor("swap_color", "man not in blue", "in red->not in blue", (1, 3)),
+     "under negation"),
+    ("man not holding two cups",
+     Distractor("swap_count", "man not holding three cups", "two->three", (3, 4)),
+     "under negation"),
+    # a negation added to, or removed from, a clause that holds another one
+    ("man who isnt wearing a hat",
+     Distractor("negation", "man who isnt not wearing a hat", "->not", (3, 3)),
+     "double negation"),
+    ("man wearing no shirt",
+     Distractor("negation", "man not wearing no shirt", "wearing->not wearing", (1, 2)),
+     "double negation"),
 ]
 
 
@@ -75,6 +95,13 @@ GOOD_HAND_MADE: list[tuple[str, Distractor]] = [
                                            "holding->not holding", (1, 2))),
     ("man holding an umbrella", Distractor("negation", "man not holding an umbrella",
                                            "->not", (1, 1))),
+    # outside the negation's scope: another noun phrase, another clause
+    ("man with no shirt in blue shorts",
+     Distractor("swap_color", "man with no shirt in red shorts", "blue->red", (5, 6))),
+    ("man on the left who is not smiling",
+     Distractor("swap_spatial", "man on the right who is not smiling", "left->right", (3, 4))),
+    ("man on the left who is not smiling",
+     Distractor("negation", "man not on the left who is not smiling", "on->not on", (1, 2))),
 ]
 
 
@@ -225,6 +252,11 @@ HEAD_CASES: list[tuple[str, str | None]] = [
     ("car that has a dent", "car"),
     ("man not holding an umbrella", "man"),
     ("on the left", None),
+    ("the near one", "one"),  # "near" after a determiner is an adjective
+    ("man nearest the camera", "man"),  # a superlative of distance as a preposition
+    ("dog closest car", "dog"),
+    ("the closest two people", "people"),
+    ("the non smiling man", "man"),
 ]
 
 
