@@ -16,7 +16,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli_common import WORK_DIR, PipelineOptions, command, dataset_command
+from pipeline.cli_common import (
+    WORK_DIR,
+    PipelineOptions,
+    UsageErrorsAsErrors,
+    command,
+    dataset_command,
+)
 from pipeline.errors import InputError, NemoError
 from pipeline.io import human_bytes
 from pipeline.registry import load_commands
@@ -29,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=UsageErrorsAsErrors,
 )
 
 

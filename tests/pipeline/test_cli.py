@@ -177,6 +177,30 @@ def test_help_texts_survive_rich_markup():
         assert hint in out, hint
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["run", "--dataset", "refcoco"], "run: missing option '--stage'"),
+    (["run", "--stage", "ingest", "--dataset", "refcoco", "--workers", "0"],
+     "run: invalid value for '--workers'"),
+    (["status", "--dataset", "refcoco", "--bogus"], "status: no such option: --bogus"),
+    (["demo-data", "x", "--n-images", "11"], "demo-data: invalid value for '--n-images'"),
+    (["sttus"], "no such command 'sttus'"),
+])
+def test_usage_errors_are_one_error_line_with_exit_2(tmp_path, args, words):
+    """typer printed click's usage errors in a boxed "Error" panel, unlike every other bad
+    input; they are `error: <command>: <what> (see <command> --help)` now, still exit 2."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert words in lines[0] and lines[0].endswith(" --help`)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_arguments_still_print_the_help():
+    res = runner.invoke(app, [])
+    assert "Commands" in res.output and "error:" not in res.output
+
+
 def test_help_states_every_state_and_exit_status():
     """`status --help` listed done / stale / missing without corrupt; `path --help` said only
     "exit 1 if unbuilt", though a corrupt artifact or a refused config exits 2."""
