@@ -542,6 +542,20 @@ def test_shipped_manifests_hold_valid_defaults():
         assert type(d.k) is int and d.k >= 3 and 0.0 <= d.tau <= 1.0 and 0 <= d.gamma <= 1
 
 
+def test_a_manifest_key_nothing_reads_is_refused(tmp_path):
+    """`positional_words_allowed` (false for RefCOCO+) was accepted and never read: the
+    positional constraint acts only on sentences that name a position, so a dataset whose
+    annotators avoided them needs no switch. A manifest still giving it is told so."""
+    from stages.refer.manifests import DataManifest, load_data_manifest
+
+    assert "positional_words_allowed" not in DataManifest.model_fields
+    path = _manifest(tmp_path, "  k: 800\n  tau: 0.85\n  gamma: 0.6\n")
+    Path(path).write_text(Path(path).read_text() + "positional_words_allowed: false\n")
+    with pytest.raises(InputError, match="positional_words_allowed: extra inputs are not "
+                                         "permitted"):
+        load_data_manifest(path)
+
+
 def test_calibrate_rejects_a_tau_outside_its_scale():
     from stages.tools.calibrate import _grid_params
 
