@@ -5,7 +5,7 @@ No real weights can be fetched, so the model is LLaVA-1.5-7B's architecture (CLI
 saved with ``save_pretrained`` and loaded back by the stage's own hf path
 (``HFVisionGenerator`` through ``stages.multiview.run_model_backend`` / the pipeline).
 Throughput does not depend on the weights; a random model never writes EOS
-(``generation_config.eos_token_id`` is set to None, as ../shared/gpu/README.md advises), so
+(``generation_config.eos_token_id`` is set to None), so
 every request writes its whole token budget and ends as a `truncated` failure: the failure
 reasons show the truncation path at scale, not answer quality. The tokenizer is the project's
 small test BPE with LLaVA's ``<image>`` token (no Llama tokenizer offline): it writes the
@@ -23,7 +23,7 @@ Parts (each in its own try block; figures go to ``$OUT/gpu_multiview.json`` as t
 3. ``stage``: ``nemo-pipe``'s multiview stage end to end (ingest of the synthetic demo data,
    then multiview with ``multiview.model=<saved dir>``): the manifest's figures.
 
-    # on the GPU machine (see ../shared/gpu/README.md for the wheels):
+    # on a GPU machine (README.md, Benchmarks; without CUDA it refuses: error, exit 2):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_multiview_run.py   # figures in $OUT
     # on CPU, tiny sizes, to check the script itself (2-3 minutes on 2 cores):
     python benchmarks/gpu_multiview_run.py --tiny --out /tmp/gpu-mv
@@ -236,7 +236,7 @@ def _batch_size(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="figures go here")
@@ -251,9 +251,18 @@ def main() -> None:
     ap.add_argument("--max-attempts", type=int, default=1)
     ap.add_argument("--stage-images", type=int, default=40, help="demo images for part 3")
     ap.add_argument("--parts", default="build,mixed,stage")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     size = "tiny" if args.tiny else "7b"
     device = args.device or ("cpu" if args.tiny else "cuda")
+    if not args.tiny or device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # every part would fail; refuse before any write
+            print("error: benchmarks/gpu_multiview_run.py needs a CUDA GPU "
+                  "(torch.cuda.is_available() is False here): run it on the GPU machine "
+                  "(README.md, Benchmarks) or pass --tiny for the CPU check of the script",
+                  file=sys.stderr)
+            return 2
     per_count = args.images_per_count or (1 if args.tiny else 4)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +310,8 @@ def main() -> None:
         print(f"[gpu_multiview_run] {name}: {json.dumps(figures[name])[:600]}", flush=True)
         save()
     print(f"[gpu_multiview_run] figures in {out / 'gpu_multiview.json'}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,8 +6,8 @@ request writes exactly its budget), saved with ``save_pretrained`` and loaded ba
 stage's own path (`HFVisionGenerator`: the processor, left padding, the memory-sized batches).
 Throughput does not depend on the weights. Requests are synthetic 640x480 images with the
 multiview prompt: fixed-length ones (``--prompt-tokens``, 1,641 as in the baseline of
-../shared/gpu/README.md, 576 of them the image's) for the sweeps, and images with 1 to 8
-instances (prompts of different lengths) for the sorting comparison. Every request writes
+benchmarks/RESULTS-gpu-baseline.md, 576 of them the image's) for the sweeps, and images with 1
+to 8 instances (prompts of different lengths) for the sorting comparison. Every request writes
 ``--new-tokens`` (160).
 
 Parts (each in its own try block; figures go to ``OUT/llava_bench.json`` as they come):

@@ -36,8 +36,19 @@ LOCATIONS_FILE = "_locations.json"
 LOCATION_ENV = {"data_root": "NEMO_DATA_ROOT", "images": "NEMO_IMAGES"}
 
 
+def user_path(value: Path | str | None) -> Path | None:
+    """A path the user gave (option, env variable, argument), `~` expanded; None when not
+    given or empty. Shells leave a quoted `~` alone (and env files, docker --env-file and
+    systemd never expand it): without this a dir literally named `~` appeared in the cwd, and
+    an empty NEMO_WORK_DIR put the dataset dirs straight into the cwd."""
+    if value is None or str(value) == "":
+        return None
+    return Path(value).expanduser()
+
+
 def default_work_dir() -> Path:
-    return Path(os.environ.get("NEMO_WORK_DIR", DEFAULT_WORK_DIR))
+    """$NEMO_WORK_DIR (`~` expanded), or ./artifacts when it is unset or empty."""
+    return user_path(os.environ.get("NEMO_WORK_DIR")) or Path(DEFAULT_WORK_DIR)
 
 
 def check_work_dir(work: Path) -> None:
@@ -66,8 +77,9 @@ def resolve_locations(work_dir: Path, dataset: str,
         remembered = {}
     out: dict[str, Path | None] = {}
     for name, env_var in LOCATION_ENV.items():
-        value = given.get(name) or os.environ.get(env_var) or remembered.get(name)
-        out[name] = Path(value).absolute() if value else None
+        value = (user_path(given.get(name)) or user_path(os.environ.get(env_var))
+                 or user_path(remembered.get(name)))
+        out[name] = value.absolute() if value else None
     return out
 
 
@@ -93,16 +105,13 @@ def open_pipeline(
     executor: Executor | None = None,
     progress: bool = True,
 ) -> Pipeline:
-    work = (Path(work_dir) if work_dir else default_work_dir()).absolute()
+    work = (user_path(work_dir) or default_work_dir()).absolute()
     check_work_dir(work)
     registry = load_registry()
-    cfg = load_config(registry, Path(config) if config else None, sets)
+    cfg = load_config(registry, user_path(config), sets)
     spec, name = dataset_spec(dataset)
-    locations = resolve_locations(
-        work, name,
-        {"data_root": Path(data_root) if data_root else None,
-         "images": Path(images) if images else None},
-    )
+    locations = resolve_locations(work, name, {"data_root": user_path(data_root),
+                                               "images": user_path(images)})
     env = RunEnv(work_dir=work, dataset=spec, locations=locations, name=name)
     return Pipeline(registry, cfg, env, executor or LocalExecutor(), progress=progress)
 

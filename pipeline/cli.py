@@ -16,7 +16,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli_common import WORK_DIR, PipelineOptions, command, dataset_command
+from pipeline.cli_common import (
+    WORK_DIR,
+    PipelineOptions,
+    UsageErrorsAsErrors,
+    command,
+    dataset_command,
+)
 from pipeline.errors import InputError, NemoError
 from pipeline.io import human_bytes
 from pipeline.registry import load_commands
@@ -29,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=UsageErrorsAsErrors,
 )
 
 
@@ -65,7 +72,8 @@ def run(
     for item in plan:
         line = f"{item.name:<16} {item.state:<8} {item.key}"
         typer.echo(line + (f"  ({item.reason})" if item.reason else ""))
-    if dry_run:
+    if dry_run:  # what `run` would refuse (a missing library, a preflight) fails here too
+        pipe.check(plan)
         return
     if any(i.needs_run for i in plan):
         from pipeline.api import remember_locations
@@ -82,7 +90,8 @@ def status(
     stage: str = typer.Option(None, "--stage",
                               help="Show this stage's statistics and report from its manifest."),
 ) -> None:
-    """Every stage under the current config: done / stale / missing, key, rows, bytes, seconds."""
+    """Every stage under the current config: done / stale / missing / corrupt, key, rows,
+    bytes, seconds."""
     pipe = opts.open()
     if stage is not None:
         _stage_report(pipe, opts.dataset, stage)
@@ -157,7 +166,8 @@ def path(
     stage: str = typer.Option(..., "--stage"),
     table: str = typer.Option(None, "--table", help="Print the table's directory instead."),
 ) -> None:
-    """Print the artifact dir (or table dir) the current config resolves to; exit 1 if unbuilt."""
+    """Print the artifact dir (or table dir) the current config resolves to; exit 1 if
+    unbuilt, 2 if it is corrupt or `run` would refuse the config."""
     pipe = opts.open()
     cls = pipe.registry.get(stage)
     if table is not None and table not in cls.tables:
@@ -186,12 +196,12 @@ def verify(
 ) -> None:
     """Re-check every published artifact's files against its manifest (sha256, rows); mark
     each one with problems corrupt (`status` shows it, the next `run` rebuilds it)."""
-    from pipeline.api import check_work_dir, default_work_dir
+    from pipeline.api import check_work_dir, default_work_dir, user_path
     from pipeline.cache import ArtifactStore
     from pipeline.registry import dataset_spec
     from pipeline.verify import verify_store
 
-    work = (work_dir or default_work_dir()).absolute()
+    work = (user_path(work_dir) or default_work_dir()).absolute()
     check_work_dir(work)
     if not work.is_dir():  # "checked 0 artifact(s)" would pass a mistyped path as verified
         raise InputError(f"work dir {work} does not exist: nothing was built there; check "

@@ -1,7 +1,7 @@
 """What every `nemo-pipe` command shares, declared once: the dataset options (`--dataset`,
 `--data-root`, `--images`, `--work-dir`, `--config`, `--set`), opening the pipeline they
-describe, and turning a :class:`~pipeline.errors.NemoError` into `error: ...` and its exit
-status.
+describe, and turning a :class:`~pipeline.errors.NemoError` or a command-line usage error
+into `error: ...` and its exit status.
 
 Both the engine's commands (:mod:`pipeline.cli`) and the ones the stages add (`stages.COMMANDS`)
 are written as ``@dataset_command def cmd(opts: PipelineOptions, <own options>)``: the decorator
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from pipeline.errors import NemoError
 
@@ -97,6 +98,50 @@ def failing() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.secho(INTERRUPTED, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
+
+
+# click's UsageError (missing or unknown option, bad value, unknown command), reached through
+# the public typer.BadParameter: typer >= 0.2x vendors click as typer._click, older typer
+# uses click itself, and this finds the class either way.
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__
+                                     if c.__name__ == "UsageError")
+
+
+def usage_error_line(exc: Any) -> str:
+    """A command-line usage error (missing or unknown option, a value out of range) as one
+    `error: <command>: <what> (see <command> --help)` line, like every other bad input."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "nemo-pipe"
+    what = " ".join(exc.format_message().split()).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    return f"error: {where}: {what} (see `{where} --help`)"
+
+
+class UsageErrorsAsErrors(TyperGroup):
+    """The `nemo-pipe` group: a usage error, whether in the group's own arguments or in a
+    command's (both are parsed inside these two methods), prints `usage_error_line` and exits
+    with click's status 2, instead of typer's boxed "Error" panel. `nemo-pipe` alone still
+    prints the help."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None,
+                     **extra: Any) -> Any:
+        with _usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _USAGE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `nemo-pipe` alone: typer prints help
+            raise
+        typer.secho(usage_error_line(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
 
 def command(fn: Callable[..., None]) -> Callable[..., None]:

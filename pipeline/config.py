@@ -65,6 +65,9 @@ def _merge(dst: dict[str, Any], path: list[str], value: Any, origin: str) -> Non
     node[path[-1]] = value
 
 
+_YAML_KINDS = {bool: "boolean", int: "number", float: "number"}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
     silently, so a config holding `k: 800` and later `k: 200` would run with 200 unnoticed."""
@@ -72,13 +75,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: the base class merges it
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ConfigError(self._non_string_key(key_node, key, line))
             if key in seen:
                 raise ConfigError(f"config file {self.name}: key {key!r} given twice in one "
                                   f"section (lines {seen[key]} and {line}); keep one")
             seen[key] = line
         return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call]
+
+    def _non_string_key(self, key_node: yaml.Node, key: Any, line: int) -> str:
+        """Every config key is a name; YAML 1.1 reads `on:`, `no:` or `1:` as a boolean or a
+        number (and `? [a, b]` as a list), which would fail later with a traceback."""
+        where = f"config file {self.name}: line {line}:"
+        if isinstance(key_node, yaml.ScalarNode):
+            text = key_node.value
+            read_as = ("null" if key is None else
+                       f"the {_YAML_KINDS.get(type(key), type(key).__name__)} "
+                       f"{format_value(key)}")
+            return (f"{where} key {text!r} is not a name (YAML reads it as {read_as}); "
+                    f"quote it ('{text}': ...) or correct it")
+        kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+        return (f"{where} a {kind} is used as a key; config keys are names: write "
+                "`name: value`, quoting the name if needed")
 
 
 def _seed_mapping_default(raw: dict[str, Any], path: list[str],
@@ -314,21 +336,23 @@ def load_config(
         _merge(raw, path, value, f"--set {item!r}")
 
     apply_renamed_keys(raw, registry)
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(
-            f"unknown config section {unknown[0]!r}; known sections: {', '.join(sorted(sections))}"
-        )
+    # every bad section and key is reported at once (one `error:` line each), so a config
+    # with three typos takes one round trip, not three
+    msgs = [f"unknown config section {name!r}; known sections: {', '.join(sorted(sections))}"
+            for name in sorted(set(raw) - set(sections))]
     out: dict[str, Params] = {}
     for section, cls in sections.items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            msgs.append(f"config section {section!r} must be a mapping of keys, got "
+                        f"{format_value(values)}; fix the config file")
+            continue
         try:
             out[section] = cls.params_model(**values)
         except ValidationError as exc:
-            msgs = _describe_errors(exc.errors(), section, cls.params_model, values)
-            raise ConfigError("\nerror: ".join(msgs)) from None
+            msgs += _describe_errors(exc.errors(), section, cls.params_model, values)
+    if msgs:
+        raise ConfigError("\nerror: ".join(msgs))
     for name in registry.names():
         registry.get(name).check_config(out)
     return Config(out)

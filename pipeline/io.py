@@ -7,6 +7,7 @@ gives the same bytes: artifact checksums are then meaningful and reruns are comp
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -225,6 +226,19 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def make_dirs(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, with a file in the way reported as what it
+    is: Python raises FileExistsError ("File exists") when the file is the folder's parent, a
+    puzzling reason for `report afile/out.html`; here it is NotADirectoryError naming it."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
+            break
+    path.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def output_file(path: Path, what: str, option: str = "the output path") -> Iterator[Path]:
     """A temp path next to `path` for a command to write `what` into, renamed onto `path` when
@@ -238,7 +252,7 @@ def output_file(path: Path, what: str, option: str = "the output path") -> Itera
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "it is a directory", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
@@ -258,7 +272,7 @@ def output_dir(path: Path, what: str, option: str = "the output folder") -> Path
     try:
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(20, "it is a file, not a folder", str(path))
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
         if not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied", str(path))
     except OSError as exc:

@@ -49,7 +49,6 @@ class DataManifest(BaseModel):
     split_by: str
     splits: list[str]
     train_split: str = "train"
-    positional_words_allowed: bool = True
     expected: dict[str, SplitCounts] = {}
     defaults: PaperDefaults
     citation: str = ""

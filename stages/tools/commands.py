@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cli_common import PipelineOptions, command, dataset_command
-from pipeline.errors import NemoError
+from pipeline.errors import NemoError, NotPublished
 
 
 @dataset_command
@@ -90,7 +90,8 @@ def preview(
                                    "retrieval, random, 3x3, square, mixed."),
 ) -> None:
     """Contact sheet of training samples, one band per sampler setting (retrieval, random and
-    3x3 mosaics, square cells): mosaics, target mask, sentence and hard negatives."""
+    3x3 mosaics, square cells): mosaics, target mask, sentence and hard negatives. Exit 1 if
+    the shards are not built."""
     from pipeline.api import check_published
     from stages.ingest import data_locations
     from stages.refer.manifests import load_data_manifest
@@ -98,8 +99,8 @@ def preview(
     pipe = opts.open()
     key = pipe.resolve("shards").key
     if not pipe.store.is_published(pipe.env.dataset, "shards", key):
-        raise NemoError(f"shards ({key}) for {opts.dataset} is not built; run `nemo-pipe run "
-                        f"--stage shards --dataset {opts.dataset}` first")
+        raise NotPublished(f"shards ({key}) for {opts.dataset} is not built; run `nemo-pipe "
+                           f"run --stage shards --dataset {opts.dataset}` first")
     check_published(pipe, "shards")
     _, images_dir = data_locations(pipe.env, load_data_manifest(pipe.env.dataset))
     from pipeline.training.preview import render_preview
@@ -119,15 +120,19 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed, same bytes)."),
 ) -> None:
     """Write a synthetic REFER-format dataset (all five layouts, real JPEGs, broken cases)."""
+    from pipeline.io import make_dirs
     from stages.refer.synthetic import write_demo_data
 
     try:
+        make_dirs(out.parent)  # a file in the way is "Not a directory", not "File exists"
         summary = write_demo_data(out, n_images=n_images, seed=seed)
     except OSError as exc:
         if isinstance(exc, FileExistsError) and exc.errno is None:  # the writer's refusal
             raise NemoError(str(exc)) from None
-        raise NemoError(f"{exc.filename or out}: cannot write the demo data "
-                        f"({exc.strerror or exc}); choose a writable OUT folder") from None
+        # OUT, not the file that failed: the writer works in a temp dir beside OUT, whose
+        # name means nothing to the user
+        raise NemoError(f"{out}: cannot write the demo data ({exc.strerror or exc}); choose a "
+                        "writable OUT folder") from None
     for name, counts in summary.datasets.items():
         typer.echo(f"{name:<16} " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     typer.echo(f"REFER data root: {summary.refer_root}\nimages: {summary.images_dir}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -176,6 +177,40 @@ def test_help_texts_survive_rich_markup():
         assert hint in out, hint
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["run", "--dataset", "refcoco"], "run: missing option '--stage'"),
+    (["run", "--stage", "ingest", "--dataset", "refcoco", "--workers", "0"],
+     "run: invalid value for '--workers'"),
+    (["status", "--dataset", "refcoco", "--bogus"], "status: no such option: --bogus"),
+    (["demo-data", "x", "--n-images", "11"], "demo-data: invalid value for '--n-images'"),
+    (["sttus"], "no such command 'sttus'"),
+])
+def test_usage_errors_are_one_error_line_with_exit_2(tmp_path, args, words):
+    """typer printed click's usage errors in a boxed "Error" panel, unlike every other bad
+    input; they are `error: <command>: <what> (see <command> --help)` now, still exit 2."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert words in lines[0] and lines[0].endswith(" --help`)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_arguments_still_print_the_help():
+    res = runner.invoke(app, [])
+    assert "Commands" in res.output and "error:" not in res.output
+
+
+def test_help_states_every_state_and_exit_status():
+    """`status --help` listed done / stale / missing without corrupt; `path --help` said only
+    "exit 1 if unbuilt", though a corrupt artifact or a refused config exits 2."""
+    wide = {"COLUMNS": "250"}
+    status = " ".join(runner.invoke(app, ["status", "--help"], env=wide).output.split())
+    assert "done / stale / missing / corrupt" in status
+    path = " ".join(runner.invoke(app, ["path", "--help"], env=wide).output.split())
+    assert "exit 1 if unbuilt, 2 if it is corrupt or `run` would refuse the config" in path
+
+
 def test_verify_on_a_work_dir_that_does_not_exist_is_an_error(tmp_path):
     """'checked 0 artifact(s)', exit 0, passed a mistyped --work-dir as verified."""
     res = runner.invoke(app, ["verify", "--work-dir", str(tmp_path / "typo")])
@@ -201,11 +236,53 @@ def test_path_refuses_what_run_would_refuse(demo, work):
     bad = ["--set", "hard_negatives.source_splits=[nosuch]", "--set", "embed.model=tiny",
            "--set", "embed.pretrained=null", "--set", "multiview.backend=template"]
     path = runner.invoke(app, ["path", "--stage", "hard_negatives", *common(demo, work), *bad])
+    # the dry run printed the plan and exit 0 ("stale") for a config the run refuses
+    dry = runner.invoke(app, ["run", "--stage", "hard_negatives", "--dry-run",
+                              *common(demo, work), *bad])
+    assert not work.exists()  # neither changed anything
     run = runner.invoke(app, ["run", "--stage", "hard_negatives", *common(demo, work), *bad])
-    for res in (path, run):
+    for res in (path, run, dry):
         assert res.exit_code == 2, res.output
         assert "hard_negatives.source_splits" in res.output and "nosuch" in res.output
     assert str(work) not in path.output.splitlines()[0]  # no artifact path printed
+
+
+def test_dry_run_refuses_a_missing_optional_library(demo, work):
+    """`--dry-run` skipped the library check `run` makes: vLLM missing passed as a plan."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    res = runner.invoke(app, ["run", "--stage", "multiview", "--dry-run", *common(demo, work),
+                              "--set", "multiview.backend=vllm"])
+    assert res.exit_code == 2, res.output
+    assert "error: stage 'multiview' needs the optional library 'vllm'" in res.output
+
+
+def test_a_tilde_or_empty_work_dir_and_data_root(demo, tmp_path, monkeypatch):
+    """A quoted `~` (env files, docker --env-file, systemd) made a dir literally named `~` in
+    the cwd, and an empty NEMO_WORK_DIR put the dataset dirs straight into the cwd."""
+    home = tmp_path / "home"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    loc = ["--dataset", "refcoco", "--images", str(demo.images_dir)]
+    home.mkdir()
+    os.symlink(demo.refer_root, home / "data")
+    for env, extra, want in [
+        ({"NEMO_WORK_DIR": "~/art"}, [], home / "art"),
+        ({}, ["--work-dir", "~/w"], home / "w"),
+        ({"NEMO_WORK_DIR": ""}, [], cwd / "artifacts"),
+    ]:
+        res = runner.invoke(app, ["path", "--stage", "ingest", *loc, *extra,
+                                  "--data-root", "~/data"], env=env)
+        assert res.exit_code == 1, res.output  # built nowhere yet, but resolved
+        assert res.output.splitlines()[0].startswith(f"{want}/refcoco/ingest/"), res.output
+    res = runner.invoke(app, ["path", "--stage", "ingest", *loc, "--work-dir", "~/w"],
+                        env={"NEMO_DATA_ROOT": "~/data"})
+    assert res.exit_code == 1 and res.output.startswith(f"{home}/w/refcoco/ingest/"), res.output
+    assert list(cwd.iterdir()) == []  # nothing named `~`, no dataset dir in the cwd
 
 
 def test_status_and_path_leave_a_new_work_dir_uncreated(demo, tmp_path):

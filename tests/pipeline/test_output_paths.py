@@ -79,3 +79,41 @@ def test_demo_data_into_an_unwritable_place_and_a_negative_seed_exit_2(tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--seed" in res.stderr and not (tmp_path / "demo").exists()
 
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_path_under_a_file_is_not_a_directory(tmp_path, depth):
+    """`report afile/out.html` said "(File exists)": Python's mkdir reports a file that is the
+    folder's parent that way. The reason names what is wrong, for a folder and a file."""
+    (tmp_path / "afile").write_text("x")
+    under = tmp_path / "afile" / ("sub/" * (depth - 1))
+    with pytest.raises(InputError, match=r"cannot write the report \(Not a directory\)"), \
+            output_file(under / "out.html", "report") as tmp:
+        tmp.write_text("x")
+    with pytest.raises(InputError, match=r"cannot write the calibration there \(Not a dir"):
+        output_dir(under / "cal", "calibration")
+
+
+def test_demo_data_names_out_not_its_temp_dir(tmp_path, monkeypatch):
+    """On a read-only mount the writer's temp dir beside OUT fails first; the error named it
+    (`.../.dd.tmp-xxxx: cannot write the demo data`), a path the user never gave."""
+    import errno
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    def read_only(prefix="", dir=None, **_):
+        path = os.path.join(dir, f"{prefix}abcd")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    out = tmp_path / "dd"
+    res = CliRunner().invoke(app, ["demo-data", str(out), "--n-images", "12"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {out}: cannot write the demo data (Read-only file "
+                                 "system); choose a writable OUT folder"), res.output
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(app, ["demo-data", str(tmp_path / "file" / "dd")])
+    assert res.exit_code == 2 and "cannot write the demo data (Not a directory)" in res.output

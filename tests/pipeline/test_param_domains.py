@@ -387,6 +387,45 @@ def test_each_bad_key_gets_its_own_line_and_a_fix():
     assert "pass --set mosaic_tables.k=VALUE (the default is auto)" in msg
 
 
+def test_bad_keys_of_every_section_are_reported_together(tmp_path):
+    """Only the first section with a bad key was reported: a config with three typos in three
+    sections took three round trips. Every bad section and key is a line of one error."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("bogus: {}\nembed: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(REGISTRY, cfg, sets=["mosaic_tables.k=2", "index.kind=x",
+                                         "ingest.threads=-1"])
+    lines = str(info.value).splitlines()
+    assert len(lines) == 5, lines
+    assert all(x.startswith("error: ") for x in lines[1:])
+    for words in ("unknown config section 'bogus'", "config section 'embed' must be a mapping",
+                  "ingest.threads: must be an integer >= 0 (got -1)",
+                  "index.kind: must be one of flat, ivf, auto (got x)", f"{K_DOMAIN} (got 2)"):
+        assert sum(words in x for x in lines) == 1, words
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("mosaic_tables:\n  on: 3\n",
+     "line 2: key 'on' is not a name (YAML reads it as the boolean true); quote it ('on': ...)"),
+    ("1: {}\nfoo: {}\n", "line 1: key '1' is not a name (YAML reads it as the number 1)"),
+    ("mosaic_tables:\n  k: 200\n  ? [a, b]\n  : 3\n", "line 3: a list is used as a key"),
+])
+def test_a_config_key_that_is_not_a_string_is_a_config_error(tmp_path, text, words):
+    """YAML 1.1 reads `on:` as true and `1:` as a number: the params model then failed with a
+    TypeError traceback (keywords must be strings; sorting str and int section names; a list
+    key is unhashable)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    msg = _error_file(cfg)
+    assert msg.startswith(f"config file {cfg}: line ") and words in msg
+
+
+def test_a_yaml_merge_key_is_not_mistaken_for_a_bad_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mosaic_tables: &m\n  k: 200\nnegatives:\n  <<: {m: 400}\n  m: 512\n")
+    assert load_config(REGISTRY, cfg).params_for("negatives").m == 512
+
+
 def test_unknown_key_suggests_the_close_one():
     msg = _error(["mosaic_tables.kk=200"])
     assert "unknown config key 'mosaic_tables.kk'" in msg and "did you mean mosaic_tables.k?" in msg
@@ -503,6 +542,20 @@ def test_shipped_manifests_hold_valid_defaults():
         assert type(d.k) is int and d.k >= 3 and 0.0 <= d.tau <= 1.0 and 0 <= d.gamma <= 1
 
 
+def test_a_manifest_key_nothing_reads_is_refused(tmp_path):
+    """`positional_words_allowed` (false for RefCOCO+) was accepted and never read: the
+    positional constraint acts only on sentences that name a position, so a dataset whose
+    annotators avoided them needs no switch. A manifest still giving it is told so."""
+    from stages.refer.manifests import DataManifest, load_data_manifest
+
+    assert "positional_words_allowed" not in DataManifest.model_fields
+    path = _manifest(tmp_path, "  k: 800\n  tau: 0.85\n  gamma: 0.6\n")
+    Path(path).write_text(Path(path).read_text() + "positional_words_allowed: false\n")
+    with pytest.raises(InputError, match="positional_words_allowed: extra inputs are not "
+                                         "permitted"):
+        load_data_manifest(path)
+
+
 def test_calibrate_rejects_a_tau_outside_its_scale():
     from stages.tools.calibrate import _grid_params
 
@@ -538,9 +591,11 @@ def test_cli_issue_cases_exit_2_and_create_nothing(demo, tmp_path):
         assert res.returncode == 2, (item, res.stdout, res.stderr)
         assert f"error: {words}" in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert not work.exists(), item  # nothing created in the work dir
-    # the control: a value in the domain passes the config (a dry run plans the stage)
+    # the control: a value in the domain passes the config (a dry run plans the stage; it
+    # makes the run's checks too, so the model must be one that is there)
     ok = _cli("run", "--stage", "mosaic_tables", "--dry-run", "--work-dir",
-              str(tmp_path / "ok"), *common, "--set", "mosaic_tables.k=200")
+              str(tmp_path / "ok"), *common, "--set", "mosaic_tables.k=200",
+              "--set", "embed.model=tiny")
     assert ok.returncode == 0, ok.stderr
     assert any(ln.startswith("mosaic_tables ") for ln in ok.stdout.splitlines())
 

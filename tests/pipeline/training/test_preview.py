@@ -84,4 +84,5 @@ def test_preview_refuses_unbuilt_shards(demo, work, tmp_path):
     res = CliRunner().invoke(app, ["preview", str(tmp_path / "x.png"), "--dataset", "refcoco",
                                    "--work-dir", str(work), "--data-root", str(demo.refer_root),
                                    "--images", str(demo.images_dir)])
-    assert res.exit_code == 2 and "not built" in res.output
+    # unbuilt is exit 1, as for path, status --stage and export-refer (2 is bad input)
+    assert res.exit_code == 1 and "not built" in res.output

@@ -70,8 +70,8 @@ def test_estimate_adds_weights_rows_with_margin_and_overhead(shape_7b: MemorySha
 
 
 def test_h200_figures(shape_7b: MemoryShape) -> None:
-    """The measured H200 case (../shared/gpu/README.md): batch 48 ran, 96 ran out of memory
-    with the default dynamic cache. The estimate keeps the batch between the two."""
+    """The measured H200 case (benchmarks/RESULTS-gpu-baseline.md): batch 48 ran, 96 ran out
+    of memory with the default dynamic cache. The estimate keeps the batch between the two."""
     available, weights = int(139.5 * GIB), int(13.5 * GIB)
     dynamic = fit_batch(shape_7b, available, 1641, 160, 512, weights)
     assert 48 <= dynamic < 96
