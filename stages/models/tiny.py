@@ -191,8 +191,8 @@ def tiny_root(cache_dir: Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     work = os.environ.get("NEMO_WORK_DIR")
-    if work:
-        return Path(work) / ".cache" / "tiny-llava"
+    if work:  # `~` expanded, as for the work dir itself
+        return Path(work).expanduser() / ".cache" / "tiny-llava"
     scratch = process_cached("tiny.scratch", None,
                              lambda: tempfile.TemporaryDirectory(prefix="nemo-tiny-llava-"))
     return Path(scratch.name)
