@@ -102,12 +102,11 @@ class Augment(Stage[AugmentParams]):
         p = params
         if p.backend != "llm":
             return {}
-        from pipeline.filehash import FileHashCache
-        from stages.models.generation.engines import model_key
+        from stages.models.generation.engines import model_identity
 
         # a newer hub snapshot or weights replaced in a local dir: new edits, not cached ones
-        return {"model": model_key(p.llm_engine, p.model, images=False,
-                                   hashes=FileHashCache.for_work_dir(env.work_dir))}
+        return {"model": model_identity(p.llm_engine, p.model, images=False,
+                                        work_dir=env.work_dir)}
 
     def preflight(self, env: RunEnv, params: AugmentParams) -> None:
         p = params
@@ -303,7 +302,7 @@ def run_llm_backend(
     """
     from pipeline.request_cache import prompt_hash
     from stages.models.generation.answers import BUDGET_VERSION
-    from stages.models.generation.engines import get_generator
+    from stages.models.generation.engines import cache_model_key, get_generator
     from stages.models.generation.engines import model_key as engine_model_key
     from stages.models.generation.loop import Outcome, Plan, run_cached
     from stages.text.distractor_answers import judge_answer
@@ -322,7 +321,7 @@ def run_llm_backend(
     if generator is not None:
         key = str(getattr(generator, "cache_key", None) or f"custom:{model}")
     else:
-        key = model_key or engine_model_key(engine, model, images=False)
+        key = cache_model_key(model_key, lambda: engine_model_key(engine, model, images=False))
     cap = None if max_new_tokens is None else int(max_new_tokens)
     gen_params = {"prompt_version": PROMPT_VERSION, "max_attempts": int(max_attempts),
                   "max_new_tokens": cap, "budget": BUDGET_VERSION}

@@ -116,14 +116,13 @@ class Multiview(Stage[MultiviewParams]):
         p = params
         if p.backend == "template":
             return {}
-        from pipeline.filehash import FileHashCache
-        from stages.models.generation.engines import model_key
+        from stages.models.generation.engines import model_identity
 
         # the model's identity: a hub snapshot's revision, a local directory's file digest
         # (weights replaced in place, or a newer snapshot, are new views, not cached ones)
         return {"prompt_version": PROMPT_VERSION,
-                "model": model_key(p.backend, p.model,
-                                   hashes=FileHashCache.for_work_dir(env.work_dir))}
+                "model": model_identity(p.backend, p.model, images=True,
+                                        work_dir=env.work_dir)}
 
     def preflight(self, env: RunEnv, params: MultiviewParams) -> None:
         p = params
@@ -458,7 +457,8 @@ def run_model_backend(p: Any, by_image: Mapping[int, Sequence[Mapping[str, Any]]
 
     records, counts, usage = run_cached(
         ViewTask(bool(p.per_instance)), plans, cache=payload["cache"],
-        model_key=payload.get("model_key") or engines.model_key(p.backend, p.model),
+        model_key=engines.cache_model_key(payload.get("model_key"),
+                                          lambda: engines.model_key(p.backend, p.model)),
         load_generator=lambda: engines.get_generator(p.backend, p.model, p.device,
                                                      options=generator_options(p)),
         to_record=to_record, max_attempts=int(p.max_attempts),

@@ -13,7 +13,7 @@ with `stages.models.tiny`; every other name goes through `resolve_model_path`, w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from pipeline.process_cache import process_cached
 from stages.models.loading import resolve_model_path
 from stages.models.tiny import is_tiny, tiny_identity, tiny_model_dir
 
-__all__ = ["ENGINES", "check_engine", "get_generator", "local_model_digest", "locate_model",
-           "model_key"]
+__all__ = ["ENGINES", "cache_model_key", "check_engine", "get_generator", "local_model_digest",
+           "locate_model", "model_identity", "model_key"]
 
 ENGINES = ("hf", "vllm")
 
@@ -64,6 +64,27 @@ def local_model_digest(path: Path, hashes: FileHashCache | None = None) -> str:
             h.update(f"{rel}\0{found.digest}\n".encode())
         _DIR_DIGESTS[memo] = h.hexdigest()[:16]
     return _DIR_DIGESTS[memo]
+
+
+def model_identity(backend: str, model: str, *, images: bool, work_dir: Path) -> str:
+    """`model_key` for a stage's key (`fingerprint`), through the work dir's input-hash cache.
+
+    A model that is not here yet has no identity but its name: the key still resolves (for
+    `status`, and for stages that do not read this one), and `run` stops at the preflight,
+    which names the missing model."""
+    try:
+        return model_key(backend, model, images=images,
+                         hashes=FileHashCache.for_work_dir(work_dir))
+    except InputError:
+        return f"unavailable:{model}"
+
+
+def cache_model_key(from_stage: str | None, compute: Callable[[], str]) -> str:
+    """The request cache's model key in a shard: the stage's (`model_identity`, computed once
+    in the driver through the work dir's hash cache) unless it had none, else `compute()`."""
+    if from_stage and not from_stage.startswith("unavailable:"):
+        return from_stage
+    return compute()
 
 
 def model_key(backend: str, model: str, *, images: bool = True, seed: int = 0,
