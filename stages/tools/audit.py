@@ -13,10 +13,10 @@ Checks (a training row is a row of `hard_negatives`, of the shards' training spl
   split (or is unknown to ingest).
 - `eval_sentences_as_negatives`: a hard negative whose source sentence (`neg_source_ids`; the
   shards' `hn_source_ids` since schema 4) belongs to an evaluation split; without a source id
-  (shards before schema 4, a null, unknown or -1 id), a retrieved negative (kinds `same_image`,
-  `neighbour`, `neighbour_same_class`) whose normalised text is the text of evaluation
-  sentences only. Augmented negatives are edits of the
-  query's own sentence: only their source id is checked.
+  (shards before schema 4, a null, unknown or -1 id, a misaligned row), a retrieved negative
+  (kinds `same_image`, `neighbour`, `neighbour_same_class`) whose normalised text is the text
+  of evaluation sentences only. Augmented negatives are edits of the query's own sentence:
+  only their source id is checked.
 - `eval_images_as_mosaic_negatives`: a mosaic negative image that holds no training referent.
 - `positives_as_negatives`: a negative text whose normalised form equals a sentence of the
   query's own referent or of a referent with the same target set (same image, same sorted
