@@ -5,18 +5,17 @@ ann_id, view, text, ...) and one `failures` row per failed request (image_id, an
 Two consumers turn them into training expressions: the `shards` stage (`shards.with_views`, for
 `NemoDataset(expressions=...)`) and `nemo-pipe export-refer` (extra REFER sentences). Both take
 the views through :func:`valid_views`, so they agree on what a valid view is, and the export
-writes sentences with :func:`refer_sentence`, the record REFER stores.
+writes sentences with :func:`refer_sentence`, the record REFER stores (leaving out a view with no
+REFER token at all, only symbols, which would be an empty REFER sentence).
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from stages.text.normalise import normalise_sentence
-
-_NOT_TOKEN = re.compile(r"[^a-z0-9 ]+")
 
 
 def valid_views(views: Iterable[Mapping[str, Any]], failures: Iterable[Mapping[str, Any]],
@@ -53,11 +52,24 @@ def valid_views(views: Iterable[Mapping[str, Any]], failures: Iterable[Mapping[s
 
 
 def refer_tokens(raw: str) -> list[str]:
-    """The tokens REFER stores for a raw expression: lowercase, punctuation removed (every
-    character other than a-z, 0-9 and space is a word break: "Man's shirt." -> ["man", "s",
-    "shirt"]); the record's `sent` is their join with single spaces. The synthetic demo data
-    writes its sentences with this same function."""
-    return _NOT_TOKEN.sub(" ", raw.lower()).split()
+    """The tokens REFER stores for a raw expression: lowercase, punctuation removed.
+
+    After NFKC (full-width and composed forms of a letter become one) and `lower`, a token is a
+    run of letters, digits and combining marks (Unicode categories L*, N*, M*) in any script;
+    every other character (punctuation, symbols, whitespace) is a word break, and format
+    characters (Cf: soft hyphen, zero-width space) are dropped in place. On ASCII this is
+    REFER's rule, every character other than a-z and 0-9 a break ("Man's shirt." -> ["man",
+    "s", "shirt"]); beyond it no letter is lost ("the café" -> ["the", "café"], "左边的猫" ->
+    ["左边的猫"]). The record's `sent` is the tokens joined with single spaces. The synthetic
+    demo data writes its sentences with this same function."""
+    chars = []
+    for ch in unicodedata.normalize("NFKC", raw).lower():
+        cat = unicodedata.category(ch)
+        if cat[0] in "LNM":
+            chars.append(ch)
+        elif cat != "Cf":
+            chars.append(" ")
+    return "".join(chars).split()
 
 
 def refer_sentence(raw: str, sent_id: int) -> dict[str, Any]:

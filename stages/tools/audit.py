@@ -13,10 +13,10 @@ Checks (a training row is a row of `hard_negatives`, of the shards' training spl
   split (or is unknown to ingest).
 - `eval_sentences_as_negatives`: a hard negative whose source sentence (`neg_source_ids`; the
   shards' `hn_source_ids` since schema 4) belongs to an evaluation split; without a source id
-  (shards before schema 4, a null, unknown or -1 id), a retrieved negative (kinds `same_image`,
-  `neighbour`, `neighbour_same_class`) whose normalised text is the text of evaluation
-  sentences only. Augmented negatives are edits of the
-  query's own sentence: only their source id is checked.
+  (shards before schema 4, a null, unknown or -1 id, a misaligned row), a retrieved negative
+  (kinds `same_image`, `neighbour`, `neighbour_same_class`) whose normalised text is the text
+  of evaluation sentences only. Augmented negatives are edits of the query's own sentence:
+  only their source id is checked.
 - `eval_images_as_mosaic_negatives`: a mosaic negative image that holds no training referent.
 - `positives_as_negatives`: a negative text whose normalised form equals a sentence of the
   query's own referent or of a referent with the same target set (same image, same sorted
@@ -25,6 +25,12 @@ Checks (a training row is a row of `hard_negatives`, of the shards' training spl
   text: a retrieved negative whose normalised text is not that of its source sentence, or an
   augmented edit whose source id is not the query's own sentence. Without this a negative could
   carry an evaluation sentence's text under a training sentence's id and pass the checks above.
+- `misaligned_negatives`: a row whose kinds or source-id list (`neg_kinds` / `neg_source_ids`,
+  `hn_kinds` / `hn_source_ids`) is not as long as its text list, so its negatives cannot be
+  matched to their kinds or sources (the stages always write them aligned). Alignment is judged
+  row by row: the other rows keep their source ids, and the misaligned row's negatives are
+  judged by text as retrieved ones (no kind, no source), so one bad row never turns the checks
+  above off for a whole part.
 - `duplicate_negatives`: a normalised text or an image id repeated within one row's list
   (counted once per extra occurrence).
 - `own_image_negatives`: the query's own image among its mosaic negatives. Same-image text
@@ -71,6 +77,8 @@ CHECKS: dict[str, str] = {
     "negatives_unlike_their_source":
         "hard negatives whose text is not their source sentence's (retrieved) or whose source "
         "is not the query (edits)",
+    "misaligned_negatives":
+        "rows whose kinds or source-id list is not as long as their negative texts",
     "duplicate_negatives": "a text or image id repeated in one row's negatives",
     "own_image_negatives": "the query's own image among its mosaic negatives",
     "k_shortfall": "k_shortfall disagreeing with len(neg_image_ids), or more than K images",
@@ -352,8 +360,9 @@ class _Audit:
                     f"{state('shards')} under the current config)")
         for name, c in self.checks.items():
             c.status = "ok"
-            if name in ("eval_sentences_as_negatives", "positives_as_negatives") and (
-                    not self.text_negatives):
+            text_check = name in ("eval_sentences_as_negatives", "positives_as_negatives")
+            if (text_check and not self.text_negatives) or (
+                    name == "misaligned_negatives" and not text_sources):
                 c.status, c.why = "skipped", no_text
             elif name in ("eval_images_as_mosaic_negatives", "own_image_negatives",
                           "k_shortfall") and not image_sources:
@@ -417,15 +426,26 @@ class _Audit:
 
         t = self.t
         lengths, flat_texts = _flat(texts)
+        kind_lengths, flat_kinds = _flat(kinds)
+        src_lengths, flat_src = _flat(sources) if sources is not None else (lengths, None)
+        # Row by row: a row whose lists disagree in length is a finding of its own, and only
+        # its negatives lose their kinds and sources (judged by text, as retrieved ones).
+        bad_rows = np.flatnonzero((kind_lengths != lengths) | (src_lengths != lengths))
+        _tally(self.checks["misaligned_negatives"], f"{table} rows", len(sent_ids))
+        self._add("misaligned_negatives", table, sent_ids[bad_rows], lambda j: {
+            "sent_id": int(sent_ids[bad_rows[j]]), "texts": int(lengths[bad_rows[j]]),
+            "kinds": int(kind_lengths[bad_rows[j]]),
+            **({"source_ids": int(src_lengths[bad_rows[j]])} if sources is not None else {})})
         n = int(lengths.sum())
         if not n:
             return
         self.text_negatives += n
         row = np.repeat(np.arange(len(sent_ids)), lengths)
         norm = t.norm_ids(flat_texts)
-        flat_kinds = _flat(kinds)[1]
-        if len(flat_kinds) != n:  # no usable kinds: every negative may be a retrieved one
-            flat_kinds = pa.nulls(n, pa.string())
+        at, aligned = _aligned_positions(lengths, kind_lengths)
+        flat_kinds = (pc.if_else(pa.array(aligned), flat_kinds.take(pa.array(at)),
+                                 pa.scalar(None, pa.string())) if aligned.any()
+                      else pa.nulls(n, pa.string()))  # no kind: may be a retrieved one
         kind = flat_kinds.to_pylist()
         retrieved = np.asarray(pc.is_in(flat_kinds, value_set=pa.array(sorted(RETRIEVED_KINDS)))
                                .to_numpy(zero_copy_only=False), bool) | np.asarray(
@@ -446,11 +466,11 @@ class _Audit:
 
         # Evaluation sentences: by source id where it names a known sentence, else by text.
         src_pos = np.full(n, -1, np.int64)
-        if sources is not None:
-            src_lengths, flat_src = _flat(sources)
-            if int(src_lengths.sum()) == n and np.array_equal(src_lengths, lengths):
-                src_ids = _ints(flat_src)
-                src_pos = t.sentence_pos(src_ids)
+        if flat_src is not None:
+            at, aligned = _aligned_positions(lengths, src_lengths)
+            if aligned.any():
+                src_ids = np.where(aligned, _ints(flat_src)[at], -1)
+                src_pos = np.where(aligned, t.sentence_pos(src_ids), -1)
         by_source = src_pos >= 0
         leak_src = by_source & ~t.sent_train[np.maximum(src_pos, 0)]
         leak_text = (~by_source & retrieved & t.text_is(t.eval_text, norm)
@@ -600,6 +620,19 @@ def _flat(col: Any) -> tuple[np.ndarray, pa.Array]:
     lengths = np.asarray(pc.list_value_length(col).fill_null(0).to_numpy(
         zero_copy_only=False), np.int64)
     return lengths, pc.list_flatten(col)
+
+
+def _aligned_positions(lengths: np.ndarray, other_lengths: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """For every flattened entry of a list column with per-row `lengths`: the position of the
+    same row's same index in another list column with `other_lengths`, and whether that row's
+    two lists are as long (where not, the position is 0 and must not be used)."""
+    import numpy as np
+
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(int(lengths.sum())) - (np.cumsum(lengths) - lengths)[row]
+    aligned = (other_lengths == lengths)[row]
+    return np.where(aligned, (np.cumsum(other_lengths) - other_lengths)[row] + within, 0), aligned
 
 
 def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

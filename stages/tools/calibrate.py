@@ -6,7 +6,9 @@ measures two proxies of that difficulty for every point of a grid, from the publ
 `negatives` table and ingest's annotations, without rebuilding anything:
 
 * **distractor rate** -- a candidate image is a *distractor* for a query if it holds at least one
-  non-crowd instance of the referent's category (``refs.category_id``). Per query, the share of
+  non-crowd instance of a referent's category (``refs.category_id`` and the categories of every
+  target in ``refs.ann_ids``: a gRefCOCO referent of several targets has each one's). Per query,
+  the share of
   its kept candidates that are distractors; ``distractor_share`` is the mean over queries, and
   ``expected_distractors_per_mosaic`` = 3 x that share (a mosaic draws 3 of the K kept
   candidates uniformly without replacement, so each cell is a distractor with probability equal
@@ -15,7 +17,7 @@ measures two proxies of that difficulty for every point of a grid, from the publ
   the quadrant (``quadrants_for_tokens`` allows fewer than four quadrants; no words, conflicting
   words or ``corner``-only sentences do not count). The words name sides: left/right constrain the
   box centre's x, top/bottom its y. A kept candidate is *risky* if ONE non-crowd instance of the
-  referent's category satisfies ALL the named sides inside that candidate image, strictly:
+  referent's categories satisfies ALL the named sides inside that candidate image, strictly:
   left ``cx < W/2``, right ``cx > W/2``, top ``cy < H/2``, bottom ``cy > H/2`` with
   ``(cx, cy)`` the COCO box centre and ``W, H`` the candidate image's size (a centre exactly on
   the midline is on neither side). Placed in a quadrant the words name, such a negative cell
@@ -27,8 +29,11 @@ measures two proxies of that difficulty for every point of a grid, from the publ
   with fewer than K kept (mosaic_tables' ``k_shortfall`` > 0); ``positional_queries`` -- share
   of queries with quadrant-constraining positional words; ``queries`` -- number of queries.
 
-Which queries enter which mean: ``queries``, ``kept_mean``, ``short_share`` and
-``positional_queries`` are over every query sentence of the negatives table. The two rates skip
+Which queries enter which mean: only training sentences (of the data manifest's training split,
+by ingest's refs) become mosaics, so only the negatives rows of training sentences count; rows
+of the other ``negatives.query_splits`` are left out (``meta["non_training_queries_skipped"]``).
+``queries``, ``kept_mean``, ``short_share`` and ``positional_queries`` are over every training
+query sentence of the negatives table. The two rates skip
 gRefCOCO no-target queries (category -1: no referent, no distractor) and queries with no kept
 candidate (they get no mosaic; they show in ``kept_mean`` / ``short_share``). A mean over no
 query is NaN.
@@ -58,7 +63,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import NemoError
 from pipeline.io import output_dir, output_file
-from stages.mosaic_tables import TAU_RANGE, MosaicParams, active_taus, select_negatives
+from pipeline.stage import INT_MAX
+from stages.mosaic_tables import MIN_K, TAU_RANGE, MosaicParams, active_taus, select_negatives
 from stages.text.positional import quadrants_for_tokens
 
 if TYPE_CHECKING:
@@ -78,9 +84,10 @@ __all__ = [
     "parse_ks",
     "parse_taus",
     "render_heatmaps",
+    "training_sentence_ids",
 ]
 
-DEFAULT_TAUS: tuple[float | None, ...] = (0.6, 0.7, 0.8, 0.9, None)
+DEFAULT_TAUS: tuple[float | None, ...] = (0.6, 0.7, 0.8, 0.85, 0.9, None)  # the CLI's too
 DEFAULT_KS: tuple[int, ...] = (50, 100, 200, 400, 800)
 MOSAIC_NEGATIVES = 3  # negative cells of a 2x2 mosaic
 
@@ -100,9 +107,9 @@ _DENSE_MAX_CELLS = 1 << 26  # ... when images x categories cells fit (int32: 256
 _NEG_COLUMNS = ["sent_id", "ref_id", "cand_image_ids", "rho_ti", "rho_ii",
                 "ti_min", "ti_max", "ii_min", "ii_max"]
 _INGEST_COLUMNS = {
-    "refs": ["ref_id", "category_id"],
-    "objects": ["image_id", "category_id", "bbox", "iscrowd"],
-    "sentences": ["sent_id", "tokens"],
+    "refs": ["ref_id", "category_id", "ann_ids", "split"],
+    "objects": ["ann_id", "image_id", "category_id", "bbox", "iscrowd"],
+    "sentences": ["sent_id", "ref_id", "tokens"],
     "images": ["image_id", "width", "height"],
 }
 
@@ -206,15 +213,31 @@ def _check_taus(taus: Iterable[float | None]) -> list[float | None]:
 
 
 def _check_ks(ks: Iterable[int]) -> list[int]:
+    """mosaic_tables.k's domain (>= 3: a mosaic shows 3 negatives; <= 2^31 - 1), so every grid
+    point is a K the stage could publish. K <= negatives.m is :func:`_check_ks_fit`'s."""
     out: list[int] = []
     for k in ks:
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise NemoError(f"calibrate: K {k!r} must be a positive integer")
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or not (
+                MIN_K <= k <= INT_MAX):
+            raise NemoError(f"calibrate: K {k!r} must be an integer in [{MIN_K}, {INT_MAX}] "
+                            f"(mosaic_tables.k's range: a mosaic shows {MIN_K} negatives); e.g. "
+                            "--ks 50,100,200,400,800")
         if int(k) not in out:
             out.append(int(k))
     if not out:
         raise NemoError("calibrate: give at least one K")
     return out
+
+
+def _check_ks_fit(ks: Sequence[int], pipe: Pipeline) -> None:
+    """No K above negatives.m, the candidates the table keeps per query: no query could keep
+    that many (mosaic_tables.k refuses it too), so such a column would only repeat K = m."""
+    m = getattr(pipe.resolve("negatives").params, "m", None)
+    over = [k for k in ks if isinstance(m, int) and k > m]
+    if over:
+        raise NemoError(f"calibrate: K {over[0]} is above negatives.m={m}, the candidates kept "
+                        f"per query (mosaic_tables.k must be <= negatives.m too); drop it from "
+                        f"--ks or pass --set negatives.m={max(over)} (or more)")
 
 
 def _grid_params(taus: list[float | None], ks: list[int], relevance: str,
@@ -231,8 +254,8 @@ def _grid_params(taus: list[float | None], ks: list[int], relevance: str,
     grid = []
     for tau in taus:
         for k in ks:
-            # built unvalidated: the sweep may look at K < 3 (mosaic_tables' minimum); tau and
-            # the names were checked above
+            # built unvalidated (model_construct: no per-point pydantic cost); tau and the
+            # names were checked above, K by _check_ks
             p = MosaicParams.model_construct(
                 relevance=relevance, **active_taus(relevance, tau, tau), scale=scale, k=k)
             grid.append((tau, k, p))
@@ -245,7 +268,11 @@ class _Annotations:
     """Lookups built once from ingest's refs, objects, sentences and images."""
 
     ref_ids: np.ndarray  # sorted
-    ref_cats: np.ndarray  # aligned with ref_ids
+    # the referent's categories (refs.category_id and its targets'), per sorted ref: the
+    # values ref_cat_values[ref_cat_start[i]:ref_cat_start[i + 1]]; -1 alone for no target
+    ref_cat_start: np.ndarray
+    ref_cat_values: np.ndarray
+    train_sent_ids: np.ndarray  # sorted sentence ids of the training split
     pair_keys: np.ndarray  # sorted unique (image_id, category_id) keys of non-crowd instances
     pair_sat: np.ndarray  # int32 per pair: bit R set if one instance has all sides of R
     tokens: dict[int, list[str]]
@@ -272,12 +299,13 @@ class _Annotations:
 
     @classmethod
     def from_tables(cls, refs: pa.Table, objects: pa.Table, sentences: pa.Table,
-                    images: pa.Table) -> _Annotations:
+                    images: pa.Table, train_split: str = "train") -> _Annotations:
         import numpy as np
 
         ref_ids = np.asarray(refs.column("ref_id").to_numpy(), dtype=np.int64)
-        ref_cats = np.asarray(refs.column("category_id").to_numpy(), dtype=np.int64)
         order = np.argsort(ref_ids, kind="stable")
+        cat_start, cat_values = _ref_categories(refs.take(order), objects)
+        train_sent_ids = training_sentence_ids(refs, sentences, train_split)
 
         crowd = np.asarray(objects.column("iscrowd").fill_null(False).to_numpy(
             zero_copy_only=False), dtype=bool)
@@ -315,8 +343,51 @@ class _Annotations:
 
         tokens = dict(zip(sentences.column("sent_id").to_pylist(),
                           sentences.column("tokens").to_pylist(), strict=True))
-        return cls(ref_ids[order], ref_cats[order], pair_keys, pair_sat, tokens, dense,
-                   dense_index)
+        return cls(ref_ids[order], cat_start, cat_values, train_sent_ids, pair_keys, pair_sat,
+                   tokens, dense, dense_index)
+
+
+def _ref_categories(refs: pa.Table, objects: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per ref (in table order): its distinct categories, refs.category_id and those of its
+    targets (objects by ann_id), as (start offsets of length n + 1, values). A no-target ref
+    (category -1, no ann_ids) has -1 alone; a single-target ref, its one category."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = refs.num_rows
+    own = np.asarray(refs.column("category_id").to_numpy(), dtype=np.int64)
+    anns = refs.column("ann_ids").combine_chunks()
+    lengths = np.asarray(pc.list_value_length(anns).fill_null(0).to_numpy(
+        zero_copy_only=False), dtype=np.int64)
+    flat = np.asarray(pc.list_flatten(anns).to_numpy(zero_copy_only=False), dtype=np.int64)
+    obj_ids = np.asarray(objects.column("ann_id").to_numpy(), dtype=np.int64)
+    obj_order = np.argsort(obj_ids, kind="stable")
+    obj_cat = np.asarray(objects.column("category_id").to_numpy(), dtype=np.int64)[obj_order]
+    target_cat = _lookup(obj_ids[obj_order], obj_cat, flat, -1)
+    row = np.concatenate([np.arange(n), np.repeat(np.arange(n), lengths)])
+    cat = np.concatenate([own, target_cat])
+    keep = (cat >= 0) | (np.arange(len(cat)) < n)  # a target unknown to objects adds nothing
+    pairs = np.unique(np.stack([row[keep], cat[keep]], axis=1), axis=0)
+    # a ref with a real category drops its -1 (a ref whose own id is -1 but has targets)
+    real = np.zeros(n, dtype=bool)
+    real[pairs[pairs[:, 1] >= 0, 0]] = True
+    pairs = pairs[(pairs[:, 1] >= 0) | ~real[pairs[:, 0]]]
+    start = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=n))])
+    return start.astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+def training_sentence_ids(refs: pa.Table, sentences: pa.Table, train_split: str) -> np.ndarray:
+    """Sorted ids of the sentences whose ref is in `train_split`: the only queries shards and
+    NemoDataset turn into mosaics (negatives.query_splits may hold others)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    train = pc.equal(refs.column("split"), pa.scalar(train_split)).fill_null(False)
+    train_refs = refs.column("ref_id").filter(train)
+    mask = pc.is_in(sentences.column("ref_id"), value_set=train_refs.combine_chunks())
+    return np.sort(np.asarray(sentences.column("sent_id").filter(mask).to_numpy(),
+                              dtype=np.int64))
 
 
 def _bboxes(column: pa.ChunkedArray) -> np.ndarray:
@@ -364,13 +435,21 @@ class _Accumulator:
         self.grid = grid
         self.ann = ann
         self.queries = 0
+        self.skipped = 0  # rows of sentences outside the training split
         self.positional = 0
         self.sums = [dict.fromkeys(("kept", "short", "d_sum", "d_n", "r_sum", "r_n"), 0.0)
                      for _ in grid]
 
     def add(self, neg: pa.Table) -> None:
         import numpy as np
+        import pyarrow as pa
 
+        sent_ids = np.asarray(neg.column("sent_id").to_numpy(), dtype=np.int64)
+        train = _lookup(self.ann.train_sent_ids, np.ones(len(self.ann.train_sent_ids), bool),
+                        sent_ids, False).astype(bool)
+        self.skipped += int((~train).sum())
+        if not train.all():
+            neg = neg.filter(pa.array(train))
         n = neg.num_rows
         if n == 0:
             return
@@ -385,20 +464,31 @@ class _Accumulator:
 
         ann = self.ann
         ref_ids = np.asarray(neg.column("ref_id").to_numpy(), dtype=np.int64)
-        cat = _lookup(ann.ref_ids, ann.ref_cats, ref_ids, -2)
-        if (cat == -2).any():
-            missing = ref_ids[cat == -2][:5].tolist()
+        ref_pos = _lookup(ann.ref_ids, np.arange(len(ann.ref_ids)), ref_ids, -1)
+        if (ref_pos < 0).any():
+            missing = ref_ids[ref_pos < 0][:5].tolist()
             raise NemoError(f"calibrate: negatives ref_ids {missing} are not in ingest refs")
-        target = cat >= 0
+        first = ann.ref_cat_start[ref_pos]
+        n_cats = ann.ref_cat_start[ref_pos + 1] - first
+        target = ann.ref_cat_values[first] >= 0  # a no-target ref has -1 alone
         need = np.array([_required_sides(ann.tokens.get(s))
                          for s in neg.column("sent_id").to_pylist()], dtype=np.int64)
         positional = need != 0
 
-        # per flattened candidate: distractor (same-category instance) and risky flags
-        cand_cat = cat[row]
-        sat = ann.satisfied(cand, cand_cat)
-        distractor = (sat >= 0) & (cand_cat >= 0)
-        risky = distractor & positional[row] & (((np.maximum(sat, 0) >> need[row]) & 1) == 1)
+        # per (flattened candidate, referent category): does the candidate image hold a
+        # non-crowd instance of it (distractor), and one on every named side (risky); a
+        # candidate is either if any of its query's categories makes it so
+        reps = n_cats[row]
+        entry = np.repeat(np.arange(len(cand)), reps)
+        within = np.arange(len(entry)) - np.repeat(np.cumsum(reps) - reps, reps)
+        e_cat = ann.ref_cat_values[np.repeat(first[row], reps) + within]
+        e_row = row[entry]
+        sat = ann.satisfied(cand[entry], e_cat)
+        e_distractor = (sat >= 0) & (e_cat >= 0)
+        e_risky = e_distractor & positional[e_row] & (
+            ((np.maximum(sat, 0) >> need[e_row]) & 1) == 1)
+        distractor = np.bincount(entry[e_distractor], minlength=len(cand)) > 0
+        risky = np.bincount(entry[e_risky], minlength=len(cand)) > 0
 
         self.queries += n
         self.positional += int(positional.sum())
@@ -501,25 +591,31 @@ def calibrate_tables(
     ks: Sequence[int],
     relevance: str = "ti",
     scale: str = "minmax",
+    train_split: str = "train",
 ) -> CalibrationResult:
     """The calibration grid from in-memory tables.
 
     ``tables`` has ``negatives`` (a table, or an iterable of tables read one at a time),
-    ``refs``, ``objects``, ``sentences`` and ``images`` with the columns of the README.
+    ``refs``, ``objects``, ``sentences`` and ``images`` with the columns of the README. Only
+    negatives rows of sentences of ``train_split`` (by ``refs.split``) count; the others are
+    counted in ``meta["non_training_queries_skipped"]``.
     """
     taus_l, ks_l = _check_taus(taus), _check_ks(ks)
     grid = _grid_params(taus_l, ks_l, relevance, scale)
     missing = {"negatives", *_INGEST_COLUMNS} - set(tables)
     if missing:
         raise NemoError(f"calibrate: missing tables {sorted(missing)}")
-    ann = _Annotations.from_tables(*(tables[name] for name in _INGEST_COLUMNS))  # type: ignore[arg-type]
+    ann = _Annotations.from_tables(*(tables[name] for name in _INGEST_COLUMNS),  # type: ignore[arg-type]
+                                   train_split=train_split)
     acc = _Accumulator(grid, ann)
     negatives = tables["negatives"]
     import pyarrow as pa
 
     for part in [negatives] if isinstance(negatives, pa.Table) else negatives:
         acc.add(part)
-    return CalibrationResult(acc.rows(relevance, scale), taus_l, ks_l, relevance, scale)
+    return CalibrationResult(acc.rows(relevance, scale), taus_l, ks_l, relevance, scale, meta={
+        "train_split": train_split, "queries": acc.queries,
+        "non_training_queries_skipped": acc.skipped})
 
 
 def _read_dir(pipe: Pipeline, stage: str, table: str, columns: list[str]) -> Iterable[pa.Table]:
@@ -551,8 +647,11 @@ def calibrate(
 
     from pipeline.errors import NotPublished
     from pipeline.io import read_json
+    from stages.refer.manifests import load_data_manifest
 
     dataset = pipe.env.dataset
+    ks_l = _check_ks(ks)
+    _check_ks_fit(ks_l, pipe)
     for stage in ("ingest", "negatives"):
         key = pipe.resolve(stage).key
         if not pipe.store.is_published(dataset, stage, key):
@@ -565,9 +664,11 @@ def calibrate(
         for name, cols in _INGEST_COLUMNS.items()
     }
     tables["negatives"] = _read_dir(pipe, "negatives", "negatives", _NEG_COLUMNS)
-    result = calibrate_tables(tables, taus, ks, relevance, scale)
+    result = calibrate_tables(tables, taus, ks_l, relevance, scale,
+                              train_split=load_data_manifest(dataset).train_split)
     manifest = read_json(negatives_dir / "_manifest.json")
     result.meta = {
+        **result.meta,
         "dataset": dataset,
         "negatives_key": pipe.resolve("negatives").key,
         "ingest_key": pipe.resolve("ingest").key,
@@ -656,6 +757,7 @@ def calibrate_command(
     taus_l, ks_l = _check_taus(taus), _check_ks(ks)
     _grid_params(taus_l, ks_l, relevance, scale)  # bad arguments fail before any work
     pipe = open_pipeline(dataset, work_dir, config, sets, data_root, images)
+    _check_ks_fit(ks_l, pipe)  # before negatives is built
     if not pipe.store.is_published(pipe.env.dataset, "negatives", pipe.resolve("negatives").key):
         pipe.run("negatives")
     out = Path(out_dir)

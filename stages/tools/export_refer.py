@@ -12,24 +12,33 @@ trainers that read REFER (the official refer.py, the official NeMo loader, CRIS'
   (`stages.refer.views.valid_views`) gets one sentence per view appended to `sentences`, in view
   order, with `sent_ids` extended to match. The new sent_ids count up from one above the largest
   sent_id of the file (every split), refs in file order, so no id is reused. The new records are
-  built as REFER's (`tokens`, `raw`, `sent_id`, `sent`: `stages.refer.views.refer_sentence`). A
-  view equal (normalised) to a sentence the ref already has is not added again. Evaluation refs
-  are never touched, even if `multiview.splits` gave them views.
-- `instances.json`, a byte copy of the original (REFER needs it next to the refs).
-- `nemo_export.json`: where the views came from (the multiview key and params), the id range
-  given to the new sentences and the counts; no REFER reader opens it.
+  built as REFER's (`tokens`, `raw`, `sent_id`, `sent`: `stages.refer.views.refer_sentence`;
+  letters of every script are kept). A view is not added when it equals (normalised) a
+  sentence the ref already has or a view added before it, when its REFER `sent` is one of
+  theirs (REFER's tokens drop punctuation: "guy in t-shirt" is stored as "guy in t shirt"), or
+  when it has no REFER token at all (only symbols: it would be an empty training sentence).
+  Evaluation refs are never touched, even if `multiview.splits` gave them views.
+- `instances.json`, a byte copy of the original (REFER needs it next to the refs; one copy
+  serves every partition of the dataset, so an identical one already there is kept).
+- `nemo_export(<splitBy>).json` (:func:`record_name`), one per refs file: where the views came
+  from (the multiview key and params), the id range given to the new sentences and the
+  counts; no REFER reader opens it. G-Ref's two partitions (`refs(umd).p`, `refs(google).p`)
+  exported into one OUT each keep their own record.
 
 The views are the multiview artifact the current config resolves to, which must be built (the
 key chain ties it to these very REFER files). Files are written to temporary names and renamed
-into place; OUT may not be the original data root, and existing files are replaced only with
-`--force`.
+into place; OUT may not be the original data root. An earlier export of the same refs file
+(that file or its record in OUT, or the `nemo_export.json` of an older version describing it)
+or a different `instances.json` there is replaced only with `--force`.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import pickle
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,11 +46,20 @@ from typing import Any
 
 from pipeline.errors import InputError, NotPublished
 from pipeline.io import output_dir, output_file
-from stages.refer.views import refer_sentence, valid_views
+from stages.refer.views import refer_sentence, refer_tokens, valid_views
 from stages.text.normalise import normalise_sentence
 
 PICKLE_PROTOCOL = 2  # the REFER pickles were written by Python 2's cPickle
-EXPORT_RECORD = "nemo_export.json"
+LEGACY_RECORD = "nemo_export.json"  # one record per OUT folder, before one per refs file
+_REFS_NAME = re.compile(r"g?refs\((.+)\)\.(?:p|json)")
+
+
+def record_name(refs_file: str) -> str:
+    """The provenance record of one exported refs file: `nemo_export(<splitBy>).json` for
+    REFER's `refs(<splitBy>).p` / gRefCOCO's `grefs(<splitBy>).json`, else
+    `nemo_export(<file stem>).json`; so partitions sharing a folder keep a record each."""
+    m = _REFS_NAME.fullmatch(refs_file)
+    return f"nemo_export({m.group(1) if m else Path(refs_file).stem}).json"
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,7 @@ class ExportSummary:
 
     refs_file: str
     instances_file: str
+    record_file: str
     multiview_key: str
     train_split: str
     refs_with_views: int
@@ -58,6 +77,7 @@ class ExportSummary:
     last_new_sent_id: int | None
     views_of_eval_refs_skipped: int
     views_equal_to_a_sentence: int
+    views_without_tokens: int
     views_of_unknown_refs: int
 
 
@@ -70,7 +90,7 @@ def add_views(refs: list[dict[str, Any]], views: dict[int, list[tuple[str, str]]
     first = next_id
     known = set()
     counts = {"refs_with_views": 0, "added_sentences": 0, "views_of_eval_refs_skipped": 0,
-              "views_equal_to_a_sentence": 0}
+              "views_equal_to_a_sentence": 0, "views_without_tokens": 0}
     for ref in refs:
         ref_id = int(ref["ref_id"])
         known.add(ref_id)
@@ -80,16 +100,26 @@ def add_views(refs: list[dict[str, Any]], views: dict[int, list[tuple[str, str]]
         if ref.get("split") != train_split:
             counts["views_of_eval_refs_skipped"] += len(mine)
             continue
-        have = {normalise_sentence(str(s.get("sent", ""))) for s in ref["sentences"]}
-        have |= {normalise_sentence(str(s.get("raw", ""))) for s in ref["sentences"]}
+        # "The same sentence" twice over: normalised (articles, case, punctuation) and as
+        # REFER stores it (the tokens joined), which can be equal where the normalised forms
+        # are not ("guy in t-shirt" and "guy in t shirt" are both sent "guy in t shirt").
+        texts = [str(s.get(f, "")) for s in ref["sentences"] for f in ("sent", "raw")]
+        have = {normalise_sentence(t) for t in texts}
+        have_sent = {str(s.get("sent", "")) for s in ref["sentences"]}
+        have_sent |= {" ".join(refer_tokens(t)) for t in texts}
         added = 0
         for _, text in mine:
+            record = refer_sentence(text, next_id)
+            if not record["tokens"]:  # only symbols: REFER would hold an empty sentence
+                counts["views_without_tokens"] += 1
+                continue
             norm = normalise_sentence(text)
-            if norm in have:
+            if norm in have or record["sent"] in have_sent:
                 counts["views_equal_to_a_sentence"] += 1
                 continue
             have.add(norm)
-            ref["sentences"].append(refer_sentence(text, next_id))
+            have_sent.add(record["sent"])
+            ref["sentences"].append(record)
             if isinstance(ref.get("sent_ids"), list):
                 ref["sent_ids"].append(next_id)
             next_id += 1
@@ -121,11 +151,20 @@ def export_refer(refs_path: Path, instances_path: Path, fmt: str, out_dir: Path,
     if out_dir.resolve() == refs_path.parent.resolve():
         raise InputError(f"{out_dir}: this is the original dataset's own folder; pick another "
                          "OUT so the original REFER files stay as they are")
-    targets = [out_dir / refs_path.name, out_dir / instances_path.name, out_dir / EXPORT_RECORD]
-    there = [t.name for t in targets if t.exists()]
+    targets = [out_dir / refs_path.name, out_dir / instances_path.name,
+               out_dir / record_name(refs_path.name)]
+    legacy = out_dir / LEGACY_RECORD
+    legacy_mine = _legacy_record_of(legacy, refs_path.name)
+    there = [t.name for t in (targets[0], targets[2]) if t.exists()]
+    there += [legacy.name] if legacy_mine else []
+    same_instances = targets[1].is_file() and filecmp.cmp(targets[1], instances_path,
+                                                          shallow=False)
+    if targets[1].exists() and not same_instances:
+        there.append(f"{targets[1].name}, not the original's")
     if there and not force:
-        raise InputError(f"{out_dir} already holds an export ({', '.join(there)}); pass --force "
-                         "to replace it, or pick another OUT")
+        raise InputError(f"{out_dir} already holds an export of {refs_path.name} "
+                         f"({'; '.join(there)}); pass --force to replace it, or pick another "
+                         "OUT")
     refs = load_refs_file(refs_path, fmt)
     if not isinstance(refs, list) or not all(isinstance(r, dict) and isinstance(
             r.get("sentences"), list) for r in refs):
@@ -141,15 +180,29 @@ def export_refer(refs_path: Path, instances_path: Path, fmt: str, out_dir: Path,
         with instances_path.open("rb") as src:
             shutil.copyfileobj(src, f)
 
-    _write_atomic(targets[1], copy_instances)
+    if not same_instances:
+        _write_atomic(targets[1], copy_instances)
     summary = ExportSummary(refs_file=str(targets[0]), instances_file=str(targets[1]),
+                            record_file=str(targets[2]),
                             multiview_key=str(provenance.get("key")), train_split=train_split,
                             **counts)
     record = {**asdict(summary), "source_refs_file": str(refs_path),
               "source_instances_file": str(instances_path), "multiview": provenance}
     _write_atomic(targets[2], lambda f: f.write(
         (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()))
+    if legacy_mine:  # superseded by this file's own record: never two records of one export
+        legacy.unlink(missing_ok=True)
     return summary
+
+
+def _legacy_record_of(path: Path, refs_name: str) -> bool:
+    """Whether `path` is an older version's single `nemo_export.json` describing an export of
+    `refs_name` (a record describing another refs file, or unreadable, is left alone)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and Path(str(record.get("refs_file", ""))).name == refs_name
 
 
 def export_refer_command(dataset: str, out: Path, work_dir: Path | None = None,
@@ -189,13 +242,16 @@ def export_refer_command(dataset: str, out: Path, work_dir: Path | None = None,
 def format_summary(s: ExportSummary) -> str:
     ids = (f"sent_ids {s.first_new_sent_id}..{s.last_new_sent_id}"
            if s.added_sentences else "no new sentence")
-    lines = [s.refs_file, s.instances_file,
+    lines = [s.refs_file, s.instances_file, s.record_file,
              f"{s.added_sentences} generated expressions added to {s.refs_with_views} "
              f"{s.train_split} refs ({ids}); multiview {s.multiview_key}"]
     if s.views_of_eval_refs_skipped:
         lines.append(f"{s.views_of_eval_refs_skipped} views of evaluation refs left out")
     if s.views_equal_to_a_sentence:
         lines.append(f"{s.views_equal_to_a_sentence} views equal to a sentence of their ref "
+                     "not added")
+    if s.views_without_tokens:
+        lines.append(f"{s.views_without_tokens} views without a REFER token (only symbols) "
                      "not added")
     if s.views_of_unknown_refs:
         lines.append(f"{s.views_of_unknown_refs} views of refs not in the refs file ignored")

@@ -8,7 +8,9 @@ file with every image embedded as a base64 PNG data URI, inline CSS and no exter
 2. histograms of rho_ti and rho_ii over every candidate of the `negatives` table, on the raw
    cosine scale and on the declared scale of `mosaic_tables` with its tau drawn;
 3. mean kept candidates per query against tau for several K, computed with
-   `stages.mosaic_tables.select_negatives` (the stage's own filter), also as tables;
+   `stages.mosaic_tables.select_negatives` (the stage's own filter) over the training queries
+   only (the only ones made into mosaics; `negatives.query_splits` may add others), also as
+   tables;
 4. hard-negative counts by kind (`hard_negatives`, else the shards' `hn_kinds`) and augment's
    per-kind report;
 5. a contact sheet of training mosaics (`pipeline.training.preview.render_preview`);
@@ -285,6 +287,7 @@ def _notable(s: _Stage) -> str:
 class _Scan:
     queries: int
     candidates: int
+    training: int | None  # training queries (the sweep's population); None: ingest unknown
     swept: int  # queries of the kept-candidates sweep
     stride: int  # the sweep takes every stride-th query
     raw: dict[str, np.ndarray]  # rel -> counts over RAW_BINS on [-1, 1]
@@ -312,8 +315,29 @@ def _candidate_arrays(t: Any) -> tuple[np.ndarray, dict[str, np.ndarray],
     return offsets, rho, ext
 
 
+def _training_ids(ctx: _Context) -> np.ndarray | None:
+    """Sorted sentence ids of the training split from ingest (None when ingest is not built
+    under the current config: the sweep then says it ran over every query)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.tools.calibrate import training_sentence_ids
+
+    ingest = ctx.built("ingest")
+    if ingest is None or ingest.dir is None:
+        return None
+    refs, sents = (pa.concat_tables([pq.read_table(p, columns=cols)
+                                     for p in table_files(ingest.dir / name)])
+                   for name, cols in (("refs", ["ref_id", "split"]),
+                                      ("sentences", ["sent_id", "ref_id"])))
+    return training_sentence_ids(refs, sents, _train_split(ctx))
+
+
 def _scan_negatives(neg_dir: Path, mp: MosaicParams, taus: list[float | None],
-                    ks: list[int], max_sweep_queries: int | None) -> _Scan:
+                    ks: list[int], max_sweep_queries: int | None,
+                    train_ids: np.ndarray | None = None) -> _Scan:
+    """Histograms over every candidate; the kept sweep over the rows whose sent_id is in
+    `train_ids` (every row when None)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -321,7 +345,15 @@ def _scan_negatives(neg_dir: Path, mp: MosaicParams, taus: list[float | None],
     from stages.mosaic_tables import scaled, select_negatives
 
     parts = table_files(neg_dir)
-    total = sum(pq.ParquetFile(part).metadata.num_rows for part in parts)
+    sweepable = []  # per part: rows of the sweep's population
+    for part in parts:
+        if train_ids is None:
+            sweepable.append(np.arange(pq.ParquetFile(part).metadata.num_rows))
+            continue
+        sid = np.asarray(pq.read_table(part, columns=["sent_id"]).column("sent_id").to_numpy(),
+                         np.int64)
+        sweepable.append(np.flatnonzero(np.isin(sid, train_ids)))
+    total = sum(len(rows) for rows in sweepable)
     stride = (max(1, -(-total // max_sweep_queries)) if max_sweep_queries else 1)
     raw_edges = np.linspace(-1.0, 1.0, RAW_BINS + 1)
     dec_edges = (raw_edges if mp.scale == "cosine"
@@ -331,9 +363,9 @@ def _scan_negatives(neg_dir: Path, mp: MosaicParams, taus: list[float | None],
     above = {"ti": 0, "ii": 0}
     kept_sum = {(t, k): 0 for t in taus for k in ks}
     short_n = dict.fromkeys(kept_sum, 0)
-    queries = candidates = swept = 0
+    queries = candidates = swept = seen = 0
     cols = ["cand_image_ids", "rho_ti", "rho_ii", "ti_min", "ti_max", "ii_min", "ii_max"]
-    for part in parts:
+    for part, rows in zip(parts, sweepable, strict=True):
         t = pq.read_table(part, columns=cols)
         offsets, rho, ext = _candidate_arrays(t)
         n = len(offsets) - 1
@@ -349,10 +381,11 @@ def _scan_negatives(neg_dir: Path, mp: MosaicParams, taus: list[float | None],
             tau = getattr(mp, f"tau_{r}")
             if tau is not None:
                 above[r] += int((s >= tau).sum())
-        # Sweep: every query, or every stride-th one (by position in the table).
-        if stride > 1:
-            pick = np.flatnonzero((queries + np.arange(n)) % stride == 0)
-            offsets, rho, ext = _candidate_arrays(t.take(pa.array(pick)))
+        # Sweep: every training query, or every stride-th one (by position in the table).
+        pick = rows[(seen + np.arange(len(rows))) % stride == 0]
+        if len(pick) != n:
+            offsets, rho, ext = _candidate_arrays(t.take(pa.array(pick, pa.int64())))
+        seen += len(rows)
         queries += n
         swept += len(offsets) - 1
         # One select_negatives call per tau with K at least every list's length: `survivors`
@@ -367,7 +400,8 @@ def _scan_negatives(neg_dir: Path, mp: MosaicParams, taus: list[float | None],
                 short_n[(tau, k)] += int((survivors < k).sum())
     kept = {key: (v / swept if swept else 0.0) for key, v in kept_sum.items()}
     short = {key: (v / swept if swept else 0.0) for key, v in short_n.items()}
-    return _Scan(queries, candidates, swept, stride, raw, declared, above, kept, short)
+    return _Scan(queries, candidates, None if train_ids is None else total, swept, stride, raw,
+                 declared, above, kept, short)
 
 
 def _section_scores_and_kept(ctx: _Context, taus: Sequence[float], ks: Sequence[int] | None,
@@ -390,7 +424,8 @@ def _section_scores_and_kept(ctx: _Context, taus: Sequence[float], ks: Sequence[
     sweep.append(None)
     current = {int(mp.k)} if isinstance(mp.k, int) else set()  # k=all has no single K
     k_list = sorted({int(k) for k in (ks if ks is not None else KS)} | current)
-    scan = _scan_negatives(neg.dir / "negatives", mp, sweep, k_list, max_sweep_queries)
+    scan = _scan_negatives(neg.dir / "negatives", mp, sweep, k_list, max_sweep_queries,
+                           _training_ids(ctx))
     return (_scores_html(ctx, head2, mp, scan) + "\n"
             + _kept_html(ctx, head3, mp, scan, sweep, k_list, current_tau))
 
@@ -485,11 +520,16 @@ def _kept_html(ctx: _Context, head: str, mp: MosaicParams, scan: _Scan,
     else:
         config = (f"The current config (tau = {_fmt_tau(current_tau)}, K = {mp.k}) is "  # type: ignore[arg-type]
                   "highlighted.")
-    if scan.stride > 1:
-        sample = (f"Computed on {scan.swept:,} of the {scan.queries:,} queries (every "
-                  f"{scan.stride}th in table order).")
-    else:
-        sample = f"Computed on all {scan.queries:,} queries."
+    population = scan.queries if scan.training is None else scan.training
+    which = ("queries (ingest is not built: every query of the table, training or not)"
+             if scan.training is None else "training queries")
+    sample = (f"Computed on {scan.swept:,} of the {population:,} {which} (every "
+              f"{scan.stride}th in table order)." if scan.stride > 1
+              else f"Computed on all {population:,} {which}.")
+    if scan.training is not None and scan.queries > scan.training:
+        sample += (f" The {scan.queries - scan.training:,} queries of other splits in the "
+                   "negatives table (negatives.query_splits) are left out: no mosaic is made "
+                   "of them.")
     text = (
         f"<p>Mean number of negative candidates kept per query, as <code>mosaic_tables</code> "
         f"would keep them (<code>select_negatives</code>: the first K, in rank order, whose "

@@ -202,8 +202,17 @@ def brute_force(pipe, t: Truth) -> tuple[Counter, dict[str, set]]:
         hit("k_shortfall", table, sid,
             int(r["k_shortfall"] != max(0, k - len(ids)) or len(ids) > k))
 
-    def texts(table: str, sid: int, negs: list[str], kinds: list[str],
+    def texts(table: str, sid: int, negs: list[str], kinds: list[str] | None,
               sources: list[int] | None) -> None:
+        # a row whose lists disagree in length is a finding; its negatives are then judged
+        # by text alone, as retrieved ones (no kind, no source)
+        kinds, sources = kinds or [], sources if sources is not None else None
+        aligned = len(kinds) == len(negs) and (sources is None or len(sources) == len(negs))
+        hit("misaligned_negatives", table, sid, int(not aligned))
+        if len(kinds) != len(negs):
+            kinds = ["neighbour"] * len(negs)
+        if sources is not None and len(sources) != len(negs):
+            sources = None
         seen: set[str] = set()
         for i, (text, kind) in enumerate(zip(negs, kinds, strict=True)):
             n = norm(text)
@@ -442,6 +451,44 @@ def test_planted_texts_unlike_their_sources_are_found(clean):
     assert ex[b]["kind"] == "role_reversal" and ex[b]["source_id"] == other_train
 
 
+def test_a_misaligned_row_is_found_and_does_not_hide_the_other_rows_sources(clean):
+    """One row whose source-id (or kinds) list is shorter than its texts is a finding of its
+    own; the part's other rows are still judged by their source ids, so an evaluation
+    sentence planted as an edit (source id and text of a testB sentence) is still found."""
+    pipe, t = clean
+    leak = _eval_only_sentence(t)
+    sh = rows_of(pipe, "shards", "train")
+    a, b, c = sh[0]["sent_id"], sh[1]["sent_id"], sh[2]["sent_id"]
+    pos_text = t.sent[next(s for s in sorted(t.sent) if t.target(s) == t.target(c))]["sent"]
+
+    def plant(rows):
+        by = {r["sent_id"]: r for r in rows}
+        by[a]["hn_texts"][0], by[a]["hn_kinds"][0] = t.sent[leak]["sent"], "swap_color"
+        by[a]["hn_source_ids"][0] = leak
+        by[b]["hn_source_ids"] = by[b]["hn_source_ids"][:-1]  # one id short
+        # kinds one short, and a positive planted: still judged by text
+        by[c]["hn_kinds"] = by[c]["hn_kinds"][:-1]
+        by[c]["hn_texts"][1] = pos_text
+        return rows
+
+    edit(pipe, "shards", "train", plant)
+    result = run_audit(pipe, max_examples=100)
+    assert_only(result, {
+        "eval_sentences_as_negatives": {("shards/train", a)},
+        # c's kinds are lost: its planted text is judged as a retrieved one, unlike its source
+        "negatives_unlike_their_source": {("shards/train", a), ("shards/train", c)},
+        "positives_as_negatives": {("shards/train", c)},
+        "misaligned_negatives": {("shards/train", b), ("shards/train", c)}})
+    assert result.exit_code == 1
+    ex = {e["sent_id"]: e for e in result.check("misaligned_negatives").examples}
+    assert ex[b] == {"table": "shards/train", "sent_id": b, "texts": N_CLEAN,
+                     "kinds": N_CLEAN, "source_ids": N_CLEAN - 1}
+    assert ex[c]["kinds"] == N_CLEAN - 1 and ex[c]["source_ids"] == N_CLEAN
+    leak_ex = result.check("eval_sentences_as_negatives").examples[0]
+    assert leak_ex["source_id"] == leak and leak_ex["kind"] == "swap_color"
+    check_against_brute_force(pipe)
+
+
 def test_planted_duplicates_own_images_and_k_shortfalls_are_found(clean):
     pipe, t = clean
     mosaic = rows_of(pipe, "mosaic_tables", "mosaic")
@@ -497,7 +544,7 @@ def test_planted_evaluation_rows_are_found(clean):
         row = dict(rows[0])
         row.update(sent_id=moved, ref_id=val[0]["ref_id"], image_id=val[0]["image_id"],
                    sent=val[0]["sent"], neg_image_ids=[], k_shortfall=k_of(pipe),
-                   hn_texts=[], hn_kinds=[], hn_scores=[])
+                   hn_texts=[], hn_kinds=[], hn_scores=[], hn_source_ids=[])
         return [*rows, row]
 
     def unknown(rows):
@@ -627,7 +674,7 @@ def test_report_shows_the_audit(clean, tmp_path):
     assert "No findings." in section
     for name in run_audit(pipe).checks:
         assert f"<tr data-check='{name.name}'>" in section
-    assert section.count("class='audit-ok'") == 8  # every check
+    assert section.count("class='audit-ok'") == 9  # every check
 
     sid = rows_of(pipe, "mosaic_tables", "mosaic")[0]["sent_id"]
 

@@ -48,50 +48,54 @@ from stages.tools.calibrate import (
 #   C sent 102 / ref 1002, no target (cat -1), "nobody on the right": positional, but skipped by
 #     both rates; cands [12, 13], pool min = max = .5 -> scaled 0 (never dropped)
 #
-# Kept lists:              A               B               C
-#   tau off, K=2     [10, 11]        [11, 12]        [12, 13]
-#   tau off, K=3     [10, 11, 12]    [11, 12, 13]    [12, 13] (short)
-#   tau 0.7, K=2     [12, 13]        [13, 10]        [12, 13]
-#   tau 0.7, K=3     [12, 13] short  [13, 10] short  [12, 13] short
+#   D sent 103 / ref 1003, a val sentence (negatives.query_splits may add such rows): no mosaic
+#     is ever made of it, so it counts nowhere (its candidates would change every figure)
+#
+# Kept lists (K >= 3, mosaic_tables.k's range):
+#                    A                  B                  C
+#   tau off, K=3     [10, 11, 12]       [11, 12, 13]       [12, 13] (short)
+#   tau off, K=4     [10, 11, 12, 13]   [11, 12, 13, 10]   [12, 13] (short)
+#   tau 0.7, K=3, 4  [12, 13] short     [13, 10] short     [12, 13] short
 #
 # distractor share (mean over A, B):
-#   off/2: A 2/2, B 1/2 -> 3/4;  off/3: A 3/3, B 2/3 -> 5/6;  0.7/2 and 0.7/3: A 1/2, B 1/2 -> 1/2
+#   off/3: A 3/3, B 2/3 -> 5/6;  off/4: A 3/4, B 2/4 -> 5/8;  0.7/*: A 1/2, B 1/2 -> 1/2
 # false-positive risk (A only):
-#   off/2: 1/2 (11);  off/3: 2/3 (11, 12);  0.7/*: 1/2 (12)
-# kept_mean (over A, B, C): off/2 6/3;  off/3 8/3;  0.7/* 6/3
-# short_share: off/2 0;  off/3 1/3 (C);  0.7/2 0;  0.7/3 3/3
+#   off/3: 2/3 (11, 12);  off/4: 2/4 (11, 12);  0.7/*: 1/2 (12)
+# kept_mean (over A, B, C): off/3 8/3;  off/4 10/3;  0.7/* 6/3
+# short_share: off/3 1/3 (C);  off/4 1/3 (C);  0.7/* 3/3
 # positional_queries: A and C of 3 -> 2/3 (B's words conflict)
+KS = [3, 4]
 EXPECTED = {
     # (tau, K): (distractor_share, false_positive_risk, kept_mean, short_share)
-    (None, 2): (3 / 4, 1 / 2, 2.0, 0.0),
     (None, 3): (5 / 6, 2 / 3, 8 / 3, 1 / 3),
-    (0.7, 2): (1 / 2, 1 / 2, 2.0, 0.0),
+    (None, 4): (5 / 8, 1 / 2, 10 / 3, 1 / 3),
     (0.7, 3): (1 / 2, 1 / 2, 2.0, 1.0),
+    (0.7, 4): (1 / 2, 1 / 2, 2.0, 1.0),
 }
 
 
 def hand_tables() -> dict[str, pa.Table]:
     f32 = pa.list_(pa.float32())
     negatives = pa.table({
-        "sent_id": pa.array([100, 101, 102], pa.int64()),
-        "ref_id": pa.array([1000, 1001, 1002], pa.int64()),
-        "image_id": pa.array([1, 2, 3], pa.int64()),
-        "cand_image_ids": pa.array([[10, 11, 12, 13], [11, 12, 13, 10], [12, 13]],
+        "sent_id": pa.array([100, 103, 101, 102], pa.int64()),
+        "ref_id": pa.array([1000, 1003, 1001, 1002], pa.int64()),
+        "image_id": pa.array([1, 1, 2, 3], pa.int64()),
+        "cand_image_ids": pa.array([[10, 11, 12, 13], [13, 13, 13], [11, 12, 13, 10], [12, 13]],
                                    pa.list_(pa.int32())),
-        "rho_ti": pa.array([[0.9375, 0.75, 0.625, 0.25], [0.75, 0.625, 0.5, 0.375], [0.5, 0.5]],
-                           f32),
-        "rho_ii": pa.array([[0.0] * 4, [0.0] * 4, [0.0] * 2], f32),
-        "ti_min": pa.array([0.0, 0.25, 0.5], pa.float32()),
-        "ti_max": pa.array([1.0, 0.75, 0.5], pa.float32()),
-        "ii_min": pa.array([0.0, 0.0, 0.0], pa.float32()),
-        "ii_max": pa.array([1.0, 1.0, 1.0], pa.float32()),
+        "rho_ti": pa.array([[0.9375, 0.75, 0.625, 0.25], [0.0] * 3, [0.75, 0.625, 0.5, 0.375],
+                            [0.5, 0.5]], f32),
+        "rho_ii": pa.array([[0.0] * 4, [0.0] * 3, [0.0] * 4, [0.0] * 2], f32),
+        "ti_min": pa.array([0.0, 0.0, 0.25, 0.5], pa.float32()),
+        "ti_max": pa.array([1.0, 1.0, 0.75, 0.5], pa.float32()),
+        "ii_min": pa.array([0.0, 0.0, 0.0, 0.0], pa.float32()),
+        "ii_max": pa.array([1.0, 1.0, 1.0, 1.0], pa.float32()),
     })
     refs = pa.table({
-        "ref_id": pa.array([1000, 1001, 1002], pa.int64()),
-        "image_id": pa.array([1, 2, 3], pa.int64()),
-        "ann_ids": pa.array([[1], [2], []], pa.list_(pa.int64())),
-        "split": ["train"] * 3,
-        "category_id": pa.array([1, 2, -1], pa.int32()),
+        "ref_id": pa.array([1000, 1001, 1002, 1003], pa.int64()),
+        "image_id": pa.array([1, 2, 3, 1], pa.int64()),
+        "ann_ids": pa.array([[1], [2], [], [1]], pa.list_(pa.int64())),
+        "split": ["train", "train", "train", "val"],
+        "category_id": pa.array([1, 2, -1, 1], pa.int32()),
     })
     objects = pa.table({
         "ann_id": pa.array(range(1, 12), pa.int64()),
@@ -108,10 +112,10 @@ def hand_tables() -> dict[str, pa.Table]:
         "iscrowd": [False, False, False, False, True, False, False, False, False, True, False],
     })
     sentences = pa.table({
-        "sent_id": pa.array([100, 101, 102], pa.int64()),
-        "ref_id": pa.array([1000, 1001, 1002], pa.int64()),
+        "sent_id": pa.array([100, 101, 102, 103], pa.int64()),
+        "ref_id": pa.array([1000, 1001, 1002, 1003], pa.int64()),
         "tokens": [["man", "upper", "left"], ["car", "between", "left", "and", "right"],
-                   ["nobody", "on", "the", "right"]],
+                   ["nobody", "on", "the", "right"], ["man", "on", "the", "left"]],
     })
     images = pa.table({
         "image_id": pa.array([1, 2, 3, 10, 11, 12, 13], pa.int64()),
@@ -123,9 +127,10 @@ def hand_tables() -> dict[str, pa.Table]:
 
 
 def test_hand_counted_grid():
-    res = calibrate_tables(hand_tables(), taus=[None, 0.7], ks=[2, 3], relevance="ti",
+    res = calibrate_tables(hand_tables(), taus=[None, 0.7], ks=KS, relevance="ti",
                            scale="minmax")
-    assert [(r["tau"], r["k"]) for r in res.rows] == [(None, 2), (None, 3), (0.7, 2), (0.7, 3)]
+    assert [(r["tau"], r["k"]) for r in res.rows] == [(None, 3), (None, 4), (0.7, 3), (0.7, 4)]
+    assert res.meta == {"train_split": "train", "queries": 3, "non_training_queries_skipped": 1}
     for r in res.rows:
         share, risk, kept_mean, short = EXPECTED[(r["tau"], r["k"])]
         assert set(r) == set(COLUMNS)
@@ -136,26 +141,36 @@ def test_hand_counted_grid():
         assert r["kept_mean"] == pytest.approx(kept_mean, abs=1e-12)
         assert r["short_share"] == pytest.approx(short, abs=1e-12)
         assert r["positional_queries"] == pytest.approx(2 / 3, abs=1e-12)
-    np.testing.assert_allclose(res.grid("false_positive_risk"), [[0.5, 2 / 3], [0.5, 0.5]])
+    np.testing.assert_allclose(res.grid("false_positive_risk"), [[2 / 3, 0.5], [0.5, 0.5]])
+    # the val row is what changes nothing: the same grid without it
+    tables = hand_tables()
+    tables["negatives"] = tables["negatives"].filter(pa.array([True, False, True, True]))
+    alone = calibrate_tables(tables, taus=[None, 0.7], ks=KS)
+    assert alone.rows == res.rows and alone.meta["non_training_queries_skipped"] == 0
+    # with "val" as the training split only D counts (its 3 candidates: image 13 holds only a
+    # crowd cat-1 instance, no distractor)
+    val = calibrate_tables(hand_tables(), taus=[None], ks=[3], train_split="val").rows[0]
+    assert (val["queries"], val["distractor_share"], val["kept_mean"]) == (1, 0.0, 3.0)
 
 
 def test_hand_counted_other_relevance_and_parts():
     tables = hand_tables()
     # rho_ii is 0 everywhere (scaled 0): tau 0.7 on ii drops nothing -> same as tau off on ti
-    ii = calibrate_tables(tables, [0.7], [2, 3], relevance="ii")
+    ii = calibrate_tables(tables, [0.7], KS, relevance="ii")
     for r in ii.rows:
         share, risk, kept_mean, short = EXPECTED[(None, r["k"])]
         assert r["distractor_share"] == pytest.approx(share, abs=1e-12)
         assert r["false_positive_risk"] == pytest.approx(risk, abs=1e-12)
-    # cosine scale on the raw scores: A drops .9375, .75; B drops .75 -> A [12, 13], B [12, 13]
-    cos = calibrate_tables(tables, [0.7], [2], relevance="ti", scale="cosine").rows[0]
-    assert cos["distractor_share"] == pytest.approx((1 / 2 + 1 / 2) / 2, abs=1e-12)
+    # cosine scale on the raw scores, K = 3: A drops .9375, .75 -> [12, 13] (12 distractor and
+    # risky); B drops .75 -> [12, 13, 10] (only 13 holds a cat-2 instance)
+    cos = calibrate_tables(tables, [0.7], [3], relevance="ti", scale="cosine").rows[0]
+    assert cos["distractor_share"] == pytest.approx((1 / 2 + 1 / 3) / 2, abs=1e-12)
     assert cos["false_positive_risk"] == pytest.approx(1 / 2, abs=1e-12)
     # the negatives table read part by part (and sliced) gives the same answer
     neg = tables["negatives"]
-    parts = {**tables, "negatives": [neg.slice(0, 1), neg.slice(1, 2)]}
-    whole = calibrate_tables(tables, [None, 0.7], [2, 3])
-    split = calibrate_tables(parts, [None, 0.7], [2, 3])
+    parts = {**tables, "negatives": [neg.slice(0, 1), neg.slice(1, 3), neg.slice(4, 0)]}
+    whole = calibrate_tables(tables, [None, 0.7], KS)
+    split = calibrate_tables(parts, [None, 0.7], KS)
     for a, b in zip(whole.rows, split.rows, strict=True):
         assert a == pytest.approx(b, abs=1e-12)
 
@@ -164,9 +179,9 @@ def test_sparse_id_lookup_gives_the_same(monkeypatch):
     """Large image ids fall back from the direct-address table to a sorted-key search."""
     import stages.tools.calibrate as cal
 
-    dense = calibrate_tables(hand_tables(), [None, 0.7], [2, 3])
+    dense = calibrate_tables(hand_tables(), [None, 0.7], KS)
     monkeypatch.setattr(cal, "_DENSE_MAX_ID", 0)
-    sparse = calibrate_tables(hand_tables(), [None, 0.7], [2, 3])
+    sparse = calibrate_tables(hand_tables(), [None, 0.7], KS)
     assert dense.rows == sparse.rows
 
 
@@ -198,8 +213,8 @@ def test_grid_selection_equals_direct_select_negatives(relevance, scale):
 def test_no_positional_queries_give_nan_and_render(tmp_path):
     tables = hand_tables()
     tables["sentences"] = tables["sentences"].set_column(
-        2, "tokens", pa.array([["man"], ["car"], ["nothing"]], pa.list_(pa.string())))
-    res = calibrate_tables(tables, [None, 0.7], [2, 3])
+        2, "tokens", pa.array([["man"], ["car"], ["nothing"], ["man"]], pa.list_(pa.string())))
+    res = calibrate_tables(tables, [None, 0.7], KS)
     assert all(math.isnan(r["false_positive_risk"]) for r in res.rows)
     assert all(r["positional_queries"] == 0.0 for r in res.rows)
     png = render_heatmaps(res, tmp_path / "x" / "c.png")
@@ -224,10 +239,41 @@ def test_arguments():
         parse_taus("0.6,high")
     with pytest.raises(NemoError):
         parse_ks("50,0")
-    with pytest.raises(NemoError):
-        calibrate_tables(hand_tables(), [0.7], [2], relevance="xy")
-    with pytest.raises(NemoError):
-        calibrate_tables(hand_tables(), [0.7], [2], scale="log")
+    with pytest.raises(NemoError, match="relevance 'xy'"):
+        calibrate_tables(hand_tables(), [0.7], [3], relevance="xy")
+    with pytest.raises(NemoError, match="scale 'log'"):
+        calibrate_tables(hand_tables(), [0.7], [3], scale="log")
+    # mosaic_tables.k's range, [3, 2^31 - 1]: a mosaic shows 3 negatives; a K past int64 ended
+    # in a traceback after the whole grid was computed
+    assert parse_ks("3,2147483647") == [3, 2147483647]
+    for bad in ("2", "50,99999999999999999999", "2147483648", "-5"):
+        with pytest.raises(NemoError, match=r"must be an integer in \[3, 2147483647\]"):
+            parse_ks(bad)
+    for ks in ([2], [2**63], [3.5], [True]):
+        with pytest.raises(NemoError, match="calibrate: K"):
+            calibrate_tables(hand_tables(), [0.7], ks)
+
+
+def test_every_target_category_of_a_multi_target_referent_counts():
+    """gRefCOCO: B (cat 2) gets a second target, of category 1 (an instance in its own image
+    2): a candidate holding a cat-1 or a cat-2 instance is then a distractor. By hand, tau off,
+    K = 3: A [10, 11, 12] 3/3; B [11 (cat 1 and 2), 12 (cat 1), 13 (cat 2)] 3/3 -> 1.
+    K = 4: A 3/4 (13 holds only a crowd cat 1); B [.., 10 (cat 1)] 4/4 -> 7/8."""
+    tables = hand_tables()
+    objects = tables["objects"]
+    extra = pa.table({"ann_id": pa.array([12], pa.int64()), "image_id": pa.array([2], pa.int64()),
+                      "category_id": pa.array([1], pa.int32()),
+                      "bbox": pa.array([[0, 0, 10, 10]], pa.list_(pa.float64())),
+                      "iscrowd": [False]}).select(objects.column_names).cast(objects.schema)
+    tables["objects"] = pa.concat_tables([objects, extra])
+    refs = tables["refs"]
+    tables["refs"] = refs.set_column(refs.column_names.index("ann_ids"), "ann_ids",
+                                     pa.array([[1], [2, 12], [], [1]], pa.list_(pa.int64())))
+    res = calibrate_tables(tables, [None], KS)
+    assert res.row(None, 3)["distractor_share"] == pytest.approx(1.0, abs=1e-12)
+    assert res.row(None, 4)["distractor_share"] == pytest.approx(7 / 8, abs=1e-12)
+    # B is not positional: the risk (A alone) is what it was
+    assert res.row(None, 3)["false_positive_risk"] == pytest.approx(2 / 3, abs=1e-12)
 
 
 # -- demo data against mosaic_tables -------------------------------------------------------------
@@ -318,3 +364,36 @@ def test_demo_matches_mosaic_tables(demo, work, tmp_path):
     assert out2 == tmp_path / "cmd"
     assert pq.read_table(out2 / "calibration.parquet").equals(table)
     assert (out2 / "calibration.png").stat().st_size > 0
+
+
+def test_evaluation_queries_of_the_negatives_table_do_not_count(demo, work, tmp_path):
+    """negatives.query_splits wider than train adds rows no mosaic is ever made of: the grid
+    is that of the training rows alone (the train-only table's), counted from ingest here."""
+    base = pipe_for(demo, work)
+    base.run("negatives")
+    wide = pipe_for(demo, work, "negatives.query_splits=[train,val,testA,testB]")
+    wide.run("negatives")
+    taus, ks = [0.8, None], [3, 8]
+    a = calibrate(base, taus, ks, out_dir=None)
+    b = calibrate(wide, taus, ks, out_dir=None)
+    refs = pq.read_table(base.artifact_dir("ingest") / "refs").to_pylist()
+    train_refs = {r["ref_id"] for r in refs if r["split"] == "train"}
+    sents = pq.read_table(base.artifact_dir("ingest") / "sentences").to_pylist()
+    n_train = sum(s["ref_id"] in train_refs for s in sents)
+    wide_rows = pq.read_table(wide.artifact_dir("negatives") / "negatives").num_rows
+    assert wide_rows > n_train  # the wide table does hold evaluation queries
+    assert b.rows == a.rows and b.rows[0]["queries"] == n_train
+    assert b.meta["non_training_queries_skipped"] == wide_rows - n_train
+    assert b.meta["train_split"] == "train" and a.meta["non_training_queries_skipped"] == 0
+
+
+def test_a_k_above_negatives_m_is_refused_before_any_work(demo, work, tmp_path):
+    sets = [*SETS, "negatives.m=40"]
+    with pytest.raises(NemoError, match=r"K 41 is above negatives.m=40.*negatives.m=41"):
+        calibrate_command("refcoco", tmp_path / "out", [None], [3, 41], work_dir=work,
+                          sets=sets, data_root=demo.refer_root, images=demo.images_dir)
+    assert not (tmp_path / "out").exists()
+    pipe = pipe_for(demo, work, "negatives.m=40")
+    assert not pipe.store.is_published("refcoco", "negatives", pipe.resolve("negatives").key)
+    with pytest.raises(NemoError, match="K 41 is above negatives.m=40"):
+        calibrate(pipe, [None], [41])

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import unicodedata
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,8 +21,10 @@ from typer.testing import CliRunner
 
 from pipeline.api import open_pipeline
 from pipeline.cli import app
+from pipeline.errors import InputError
+from stages.refer.views import refer_tokens
 from stages.text.normalise import normalise_sentence as norm
-from stages.tools.export_refer import add_views
+from stages.tools.export_refer import add_views, export_refer, record_name
 
 SETS = ["embed.model=tiny", "embed.pretrained=null", "multiview.backend=template"]
 VIEW_ORDER = ("appearance", "action", "spatial", "appearance_alt")
@@ -120,8 +123,9 @@ def python2() -> str | None:
 
 
 def tokens_of(raw: str) -> list[str]:
-    """REFER's tokens by hand: the lowercase runs of letters and digits."""
-    return re.findall(r"[a-z0-9]+", raw.lower())
+    """REFER's tokens by hand: the lowercase runs of letters and digits (of any script; no
+    combining marks in the cases here, which `[^\\W_]` would not match)."""
+    return re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", raw).lower())
 
 
 def export(demo, work, out, dataset="refcoco", *extra):
@@ -186,7 +190,7 @@ def test_refer_reads_the_export_with_views_added_to_training_refs(demo, exported
     assert sorted(set(ids) - set(orig.Sents)) == list(range(top + 1, top + 1 + added))
     assert (exported["out"] / "refcoco" / "instances.json").read_bytes() == (
         demo.refer_root / "refcoco" / "instances.json").read_bytes()
-    record = json.loads((exported["out"] / "refcoco" / "nemo_export.json").read_text())
+    record = json.loads((exported["out"] / "refcoco" / "nemo_export(unc).json").read_text())
     assert record["added_sentences"] == added and record["first_new_sent_id"] == top + 1
     assert record["views_equal_to_a_sentence"] == skipped
     assert f"{added} generated expressions added" in exported["output"]
@@ -277,8 +281,124 @@ def test_add_views_hand_case():
     assert refs[1]["sent_ids"] == [9] and len(refs[1]["sentences"]) == 1
     assert counts == {"refs_with_views": 2, "added_sentences": 2,
                       "views_of_eval_refs_skipped": 1, "views_equal_to_a_sentence": 2,
-                      "views_of_unknown_refs": 1, "first_new_sent_id": 10,
+                      "views_without_tokens": 0, "views_of_unknown_refs": 1,
+                      "first_new_sent_id": 10,
                       "last_new_sent_id": 11}
+
+
+
+def test_refer_tokens_keep_every_letter_and_follow_refer_on_ascii():
+    # hand-written: letters of any script survive, punctuation and symbols break words
+    assert refer_tokens("the café on the left") == ["the", "café", "on", "the", "left"]
+    assert refer_tokens("Ñandú, right!") == ["ñandú", "right"]
+    assert refer_tokens("左边的猫") == ["左边的猫"]
+    assert refer_tokens("Straße n\u00ba 5\u00b0") == ["straße", "no", "5"]  # NFKC º -> o; ° a break
+    assert refer_tokens("cafe\u0301 l\u00adeft") == ["café", "left"]  # composed; soft hyphen
+    assert refer_tokens("ＦＵＬＬ-width") == ["full", "width"]
+    assert refer_tokens("😀 + !!") == []
+    # on ASCII, REFER's rule: every character but a-z, 0-9 is a break (random strings against
+    # the old regex)
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        raw = "".join(chr(rng.randrange(0, 128)) for _ in range(rng.randrange(0, 30)))
+        assert refer_tokens(raw) == re.sub(r"[^a-z0-9 ]+", " ", raw.lower()).split(), raw
+
+
+def test_add_views_keep_non_ascii_letters_and_never_write_an_empty_sentence():
+    refs = [{"ref_id": 1, "split": "train", "sent_ids": [0],
+             "sentences": [{"sent_id": 0, "sent": "cat", "raw": "cat", "tokens": ["cat"]}]}]
+    views = {1: [("appearance", "the café on the left"), ("action", "😀😀"),
+                 ("spatial", "左边的猫"), ("appearance_alt", "Ñandú")]}
+    counts = add_views(refs, views, "train")
+    extra = refs[0]["sentences"][1:]
+    assert [(s["sent_id"], s["tokens"], s["sent"]) for s in extra] == [
+        (1, ["the", "café", "on", "the", "left"], "the café on the left"),
+        (2, ["左边的猫"], "左边的猫"), (3, ["ñandú"], "ñandú")]
+    assert refs[0]["sent_ids"] == [0, 1, 2, 3]
+    assert all(s["tokens"] == tokens_of(s["raw"]) for s in extra)
+    assert counts["views_without_tokens"] == 1 and counts["added_sentences"] == 3
+
+
+def test_add_views_never_store_one_refer_sentence_twice():
+    """Two texts whose normalised forms differ can be one REFER sentence (REFER's tokens break
+    at the hyphen and the apostrophe, normalise_sentence removes them in place)."""
+    refs = [{"ref_id": 7, "split": "train", "sent_ids": [10],
+             "sentences": [{"sent_id": 10, "sent": "guy in t shirt", "raw": "guy in t shirt",
+                            "tokens": ["guy", "in", "t", "shirt"]}]}]
+    views = {7: [("appearance", "guy in t-shirt"), ("action", "Guy in T-Shirt!"),
+                 ("spatial", "man's hat"), ("appearance_alt", "man s hat")]}
+    counts = add_views(refs, views, "train")
+    sents = [s["sent"] for s in refs[0]["sentences"]]
+    assert sents == ["guy in t shirt", "man s hat"]  # by hand: the first of each kept
+    assert len(set(sents)) == len(sents)
+    assert counts["views_equal_to_a_sentence"] == 3 and counts["added_sentences"] == 1
+
+
+def _refer_source(root: Path) -> Path:
+    """A G-Ref-like folder: two partitions of one ref (umd: train, google: train) and an
+    instances.json shared by both."""
+    src = root / "src" / "refcocog"
+    src.mkdir(parents=True)
+    for split_by, sid in (("umd", 5), ("google", 8)):
+        refs = [{"ref_id": 1, "split": "train", "image_id": 1, "ann_id": 1, "category_id": 1,
+                 "sent_ids": [sid], "sentences": [{"sent_id": sid, "sent": "a dog",
+                                                   "raw": "a dog", "tokens": ["a", "dog"]}]}]
+        (src / f"refs({split_by}).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (src / "instances.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    return src
+
+
+def test_both_partitions_exported_into_one_folder_keep_a_record_each(tmp_path):
+    src = _refer_source(tmp_path)
+    out = tmp_path / "out" / "refcocog"
+    views = {1: [("appearance", "brown dog")]}
+
+    def run(split_by: str, key: str, force: bool = False):
+        return export_refer(src / f"refs({split_by}).p", src / "instances.json", "refer", out,
+                            views, "train", {"key": key}, force=force)
+
+    assert record_name("refs(umd).p") == "nemo_export(umd).json"
+    assert record_name("grefs(unc).json") == "nemo_export(unc).json"
+    run("umd", "k-umd")
+    umd_record = (out / "nemo_export(umd).json").read_bytes()
+    run("google", "k-google")  # another partition: no --force needed
+    assert (out / "nemo_export(umd).json").read_bytes() == umd_record  # kept
+    for split_by, key, first in (("umd", "k-umd", 6), ("google", "k-google", 9)):
+        record = json.loads((out / f"nemo_export({split_by}).json").read_text())
+        assert record["refs_file"] == str(out / f"refs({split_by}).p")
+        assert record["multiview"] == {"key": key} and record["first_new_sent_id"] == first
+        refs = pickle.loads((out / f"refs({split_by}).p").read_bytes())
+        assert [s["sent"] for s in refs[0]["sentences"]] == ["a dog", "brown dog"]
+    assert not (out / "nemo_export.json").exists()
+    assert (out / "instances.json").read_bytes() == (src / "instances.json").read_bytes()
+
+    # the same partition again: refused without --force, naming what is there
+    with pytest.raises(InputError, match=r"refs\(google\)\.p.*--force"):
+        run("google", "k2")
+    # an instances.json that is not the original's: refused too, replaced with --force
+    (out / "instances.json").write_text("{}")
+    (out / "refs(google).p").unlink()
+    (out / "nemo_export(google).json").unlink()
+    with pytest.raises(InputError, match="instances.json, not the original's"):
+        run("google", "k2")
+    run("google", "k2", force=True)
+    assert (out / "instances.json").read_bytes() == (src / "instances.json").read_bytes()
+
+    # an older version's single record describing refs(umd).p is that export's record: a
+    # re-export needs --force and replaces it; one describing another file is left alone
+    (out / "nemo_export(umd).json").unlink()
+    (out / "nemo_export.json").write_text(json.dumps({"refs_file": str(out / "refs(umd).p")}))
+    (out / "refs(umd).p").unlink()
+    with pytest.raises(InputError, match="nemo_export.json"):
+        run("umd", "k3")
+    run("umd", "k3", force=True)
+    assert not (out / "nemo_export.json").exists()
+    assert json.loads((out / "nemo_export(umd).json").read_text())["multiview"] == {"key": "k3"}
+    (out / "nemo_export.json").write_text(json.dumps({"refs_file": str(out / "refs(umd).p")}))
+    run("google", "k4", force=True)
+    assert (out / "nemo_export.json").exists()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,13 +71,21 @@ def _cell(section: str, table_id: str, attrs: str) -> str:
     return value
 
 
-def _kept_by_hand(negatives, tau: float | None, k: int) -> float:
-    """Mean kept per query: min-max scale rho_ti per query, drop >= tau, keep the first K."""
+def _fmt(tau: float | None) -> str:
+    return "off" if tau is None else f"{tau:g}"
+
+
+def _kept_by_hand(negatives, tau: float | None, k: int, only: set[int] | None = None) -> float:
+    """Mean kept per query: min-max scale rho_ti per query, drop >= tau, keep the first K
+    (over the queries whose sent_id is in `only`, when given)."""
     kept = []
-    for cand, rho, lo, hi in zip(negatives.column("cand_image_ids").to_pylist(),
-                                 negatives.column("rho_ti").to_pylist(),
-                                 negatives.column("ti_min").to_pylist(),
-                                 negatives.column("ti_max").to_pylist(), strict=True):
+    for sid, cand, rho, lo, hi in zip(negatives.column("sent_id").to_pylist(),
+                                      negatives.column("cand_image_ids").to_pylist(),
+                                      negatives.column("rho_ti").to_pylist(),
+                                      negatives.column("ti_min").to_pylist(),
+                                      negatives.column("ti_max").to_pylist(), strict=True):
+        if only is not None and sid not in only:
+            continue
         assert len(cand) == len(rho)
         s = ((np.asarray(rho, np.float64) - lo) / (hi - lo) if hi > lo
              else np.zeros(len(rho)))
@@ -128,7 +136,7 @@ def test_report_with_every_stage(built, demo):
                           f"class='num current' data-tau='{mp.tau_ti:g}' data-k='{mp.k}'"))
     lengths = [len(x) for x in mosaic.column("neg_image_ids").to_pylist()]
     assert current == pytest.approx(np.mean(lengths), abs=5e-4)
-    assert f"Computed on all {negatives.num_rows:,} queries" in kept
+    assert f"Computed on all {negatives.num_rows:,} training queries." in kept
 
     hn = _section(doc, "hard-negatives")
     table = read_table_dir(pipe.artifact_dir("hard_negatives") / "hard_negatives")
@@ -205,3 +213,32 @@ def test_report_command_resolves_images_like_preview(built, demo, tmp_path):
     doc = bare.read_text(encoding="utf-8")
     assert "<img" not in doc and "no data root" in doc
     assert "negatives is not built: it cannot even be resolved" in _section(doc, "scores")
+
+
+def test_kept_sweep_counts_training_queries_only(demo, tmp_path):
+    """negatives.query_splits wider than train adds rows no mosaic is made of: the kept sweep
+    is over the training queries (found here from ingest by hand), the histograms over all."""
+    pipe = open_pipeline("refcoco", tmp_path / "work", data_root=demo.refer_root,
+                         images=demo.images_dir, progress=False,
+                         sets=[*SETS, "negatives.query_splits=[train,val,testA,testB]"])
+    pipe.run("negatives")
+    doc = write_report(pipe, tmp_path / "r.html", ks=(3, K)).read_text(encoding="utf-8")
+    negatives = read_table_dir(pipe.artifact_dir("negatives") / "negatives")
+    ingest = pipe.artifact_dir("ingest")
+    train_refs = {r["ref_id"] for r in read_table_dir(ingest / "refs").to_pylist()
+                  if r["split"] == "train"}
+    train = {s["sent_id"] for s in read_table_dir(ingest / "sentences").to_pylist()
+             if s["ref_id"] in train_refs}
+    n_train = sum(s in train for s in negatives.column("sent_id").to_pylist())
+    assert 0 < n_train < negatives.num_rows
+    kept = _section(doc, "kept")
+    differs = False  # the evaluation rows would change at least one point
+    for tau in (0.5, 0.7, 0.9, None):
+        for k in (3, K):
+            printed = float(_cell(kept, "kept-table", f"data-tau='{_fmt(tau)}' data-k='{k}'"))
+            assert printed == pytest.approx(_kept_by_hand(negatives, tau, k, train), abs=5e-4)
+            differs |= abs(printed - _kept_by_hand(negatives, tau, k)) > 5e-4
+    assert differs
+    assert f"Computed on all {n_train:,} training queries." in kept
+    assert f"The {negatives.num_rows - n_train:,} queries of other splits" in kept
+    assert f"of {negatives.num_rows:,} query sentences" in _section(doc, "scores")
