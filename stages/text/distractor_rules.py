@@ -191,11 +191,12 @@ from stages.text.distractor_edits import (
     color_group,
     color_options,
     count_options,
+    double_negation,
     negation_edits,
-    other_negation_in_clause,
     role_edits,
     role_pattern,
     spatial_edits,
+    swap_contradicts,
     swap_under_negation,
 )
 from stages.text.lexicon import (
@@ -471,7 +472,9 @@ def validate(source: str, d: Distractor, context: SceneContext | None = None) ->
     old_words = src[s:e]
     if d.kind in _SWAP_KINDS and swap_under_negation(src, s, e, dst):
         return "under negation"
-    if d.kind == "negation" and other_negation_in_clause(src, s, e):
+    if d.kind in _SWAP_KINDS and swap_contradicts(src, s, e, dst):
+        return "self-contradiction"
+    if d.kind == "negation" and double_negation(src, s, e, new_words):
         return "double negation"
     if d.kind == "swap_color":
         for old, new in zip(old_words, new_words, strict=False):
