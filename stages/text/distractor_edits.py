@@ -248,7 +248,8 @@ def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
     """Every spatial word that names a position, with its opposite (see the rules). Skipped:
     words inside a negation's scope ("the one not on the left" is also not on the right),
     "right" as an adverb ("right next to", ``positional._right_is_adverb``), "left" as a verb
-    ("the only one left"), and superlatives that only intensify a position ("furthest right")."""
+    ("the only one left"), superlatives that only intensify a position ("furthest right"), and
+    swaps that contradict the rest of the sentence (``swap_contradicts``)."""
     edits: list[Edit] = []
     negated = negated_positions(tokens)
     n = len(tokens)
@@ -303,7 +304,8 @@ def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
         if new is not None:
             edits.append((i, i + 1, new))
         i += 1
-    return edits
+    # "the left man not the right man" -> "the right man not the right man" says nothing
+    return [e for e in edits if not swap_contradicts(tokens, e[0], e[1], apply_edit(tokens, e))]
 
 
 def count_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
