@@ -32,10 +32,16 @@ Clauses and negation scope
 ==========================
 ``clause_ids`` splits a sentence at relative pronouns, "that" before a verb ("shirt | that isnt
 blue") and "but" ("and" never splits: whether "man without hat and red scarf" lacks the scarf
-is unknown). ``negated_positions`` is the scope of each negation word: the noun phrase after
-no/non/without/nothing/... (to its head, over "and"/"or" + another phrase), the rest of the
-clause after not/isnt/doesnt/never/... . The distractor rules swap nothing there and add no
-negation to a clause that already holds one.
+is unknown). ``negation_scopes`` gives the scope of each negation word (``is_negator``: spelt
+with or without apostrophes, "isn't" = "isnt"; "no" before a number is "number": "player no 5"):
+the noun phrase after no/non/without/nothing/... (to its head, over "and"/"or" + another
+phrase); after not/isnt/doesnt/never/... the rest of the clause up to where the predicate surely
+ends (``_verbal_scope_end``): "and" before a new predicate, "not" after a closed phrase, a
+position that :func:`stages.text.positional.asserted_position` reads as plainly asserted ("man
+not wearing a hat | on the left"), a second verb-ing after a closed phrase ("not holding
+anything | standing behind two men") and a worn colour right after the verb ("not smiling | in
+pink"); a negated noun phrase ("not the man on the left") keeps the rest of the clause. The
+distractor rules swap nothing in a scope and make no negation edit that touches two negations.
 """
 
 from __future__ import annotations

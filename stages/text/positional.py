@@ -59,7 +59,7 @@ A bare token ``right`` is an adverb, and ignored, in:
 
 * ``all right``;
 * ``right next``, ``right behind``, ``right beside``, ``right by``, ``right there``,
-  ``right in front`` (and ``right infront``),
+  ``right in front`` (and ``right infront``), ``right in (the) middle/center/centre/front``,
 
 unless the token before ``right`` makes it a noun or a direction (``_RIGHT_NOUN_CONTEXT``: "the",
 "on", "at", "to", "far", "from", "extreme", "very", "most", a possessive such as "your", or a
@@ -78,10 +78,15 @@ A negator (``not``, ``never``, ``neither``, ``nor`` and the contracted forms ``i
 ``doesnt``, ... with or without the apostrophe; the ``NEGATION_WORDS`` of the lexicon without
 "no", "without", "none", "nothing", "nobody", which negate nouns, not places) negates a
 positional word when only place filler lies between them (``_NEGATION_BRIDGE``: "on", "in",
-"at", "to", "the", "far", "is", "sitting", "one", other positional forms, ...; at most
+"at", "to", "the", "far", "is", "located", "one", other positional forms, ...; at most
 ``_NEGATION_REACH`` pieces). A negated word counts as its opposite, which is exact on the 2x2
 mosaic: "guy not on the left" and "the one that isnt leftmost" -> right; "not in the top row"
 -> bottom. "man not wearing a hat on the left" keeps "left" ("wearing", "hat" are no filler).
+A posture or placement verb (``_NEGATION_POSTURE``: sitting, standing, lying, parked, placed,
+...) between them leaves the reading open: "woman not standing on the right" is mostly "(the
+woman who isn't standing) on the right", but may be "not (standing on the right)", so such a
+word is dropped: no constraint ("dog not sitting on the left" -> no words; "man sitting on the
+left", without a negator, -> left).
 One negator over words on BOTH axes ("not on the top left": quadrants {1, 2, 3}, which no
 intersection of words expresses) drops those words: no constraint rather than a false one.
 
@@ -101,9 +106,10 @@ about where the target is in the image:
 * a body part: the form followed by "hand", "arm", "leg", "foot", "ear", "eye", "shoulder",
   "knee", "paw", "wing", ... ("left hand", "right arm"), unless a place noun follows that
   ("left hand side", "upper right hand corner" are positions);
-* the verb "left": "left" after "only" or "last" (within three pieces) and not right after a
-  preposition, article, possessive or another positional form: "the only donut left", "last one
-  left" (but "the only one on the left" is a position).
+* the verb "left" (:func:`left_is_verb`): "left" after "only" or "last" (within three pieces),
+  not right after a preposition, article, possessive, "only"/"last" or another positional form
+  and not before a place noun ("side", "corner", ...): "the only donut left", "last one left"
+  (but "the only one on the left", "only left guy", "the only girl left side" are positions).
 
 Weak readings give way: on each axis (left/right, top/bottom) the strong words decide when there
 are any, and the weak ones only when there are none. A weak word alone still counts (narrowing
