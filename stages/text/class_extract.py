@@ -72,7 +72,8 @@ sense)
   rightmost noun ("orange cat" -> cat) or it precedes a pro-form ("orange one" -> None).
   "blonde", "brunette", "redhead" are people.
 * "calf" -> 21 cow; "pitcher" -> person (baseball images), but "pitcher of ..." is a jug, a
-  container (transparent; "pitcher of water" -> no class); "glove", "mitt" -> 40 baseball glove;
+  container (transparent; "pitcher of water" -> no class), unless a team noun follows within
+  four words ("pitcher of the baseball team" -> person); "glove", "mitt" -> 40 baseball glove;
   "ball", "baseball", "football", ... -> 37 sports ball; "burger" -> 54 sandwich; "cupcake" ->
   61 cake; "plant" -> 64 potted plant; "stove" -> 79 oven; "fridge" -> 82 refrigerator.
 * Deliberately unmapped (ambiguous across classes or not COCO): vehicle, animal, food, board,
@@ -426,6 +427,21 @@ def _phrase_at(words: list[str], keys: list[str], i: int) -> tuple[int, str] | N
     return None
 
 
+# After "pitcher of", these make the pitcher a player, not a jug ("pitcher of the red team").
+_TEAM_NOUNS = _wordset("team teams game match club league squad yankees")
+_TEAM_REACH = 4
+
+
+def _team_follows(words: list[str], i: int) -> bool:
+    """Is a team noun among the few words from ``i`` on, before any preposition?"""
+    for w in words[i:i + _TEAM_REACH]:
+        if w in _TEAM_NOUNS:
+            return True
+        if w in PREPOSITIONS:
+            return False
+    return False
+
+
 def _units(words: list[str]) -> list[tuple[str, str, bool]]:
     """(surface, key, is_phrase) per unit, multi-word names merged (longest match first)."""
     keys = [_lemma(w) for w in words]
@@ -433,6 +449,8 @@ def _units(words: list[str]) -> list[tuple[str, str, bool]]:
     i = 0
     while i < len(words):
         match = _phrase_at(words, keys, i)
+        if match is not None and match[1] == "pitcher of" and _team_follows(words, i + 2):
+            match = None  # "pitcher of the baseball team": the player
         if match is None:
             out.append((words[i], keys[i], False))
             i += 1

@@ -20,7 +20,8 @@ request, i.e. per (sentence, kind), `judge_answer` does:
    edit"`` (`candidate_reason`): a "swap_color" without a colour on both sides, a
    "swap_spatial" whose position words name the same directions ("left" -> "leftmost", "under"
    -> "beneath"), a "negation" that keeps the parity of the negation words ("without" -> "with
-   no", "is not" -> "isnt").
+   no", "is not" -> "isnt" or "isn't": negation words are read with or without apostrophes,
+   ``phrases.negation_word``).
 """
 
 from __future__ import annotations

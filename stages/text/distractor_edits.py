@@ -27,14 +27,13 @@ from stages.text.lexicon import (
     ING_NOUNS,
     INTRANSITIVE,
     LOCATIVE_PREPOSITIONS,
-    NEGATION_WORDS,
+    NP_NEGATION_WORDS,
     NUMBERS,
     ORDINAL_NUMERALS,
     ORDINALS,
     POSITION_FORMS,
     PREPOSITIONS,
     PRO_FORMS,
-    PRONOUNS,
     RELATIVES,
 )
 from stages.text.morphology import (
@@ -53,16 +52,19 @@ from stages.text.phrases import (
     head_noun,
     ing_is_noun,
     is_head_candidate,
+    is_negator,
     is_nounlike,
     is_np_end,
     is_participle,
     is_vbg,
     is_verbal,
     negated_positions,
+    negation_scopes,
+    negation_word,
     starts_np,
     vbz_lemma,
 )
-from stages.text.positional import _right_is_adverb
+from stages.text.positional import _right_is_adverb, left_is_verb
 
 __all__ = [
     "SPATIAL_OPPOSITES",
@@ -72,8 +74,9 @@ __all__ = [
     "color_options",
     "count_options",
     "negation_edits",
+    "double_negation",
     "negation_flips",
-    "other_negation_in_clause",
+    "swap_contradicts",
     "swap_under_negation",
     "role_edits",
     "role_pattern",
@@ -195,18 +198,14 @@ def color_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
 
 
 def _left_is_verb(tokens: Sequence[str], i: int) -> bool:
-    """"left" as the verb: "the only one left", "only two donuts left", "left over/behind",
-    "was left"; not "the only man on the left" (a preposition comes first)."""
+    """"left" as the verb: "left over/behind", "was left", and after "only"/"last" as
+    ``positional.left_is_verb`` reads it ("the only one left", "last one left"; not "the only
+    man on the left", "only left guy", "the only girl left side")."""
     nxt = tokens[i + 1] if i + 1 < len(tokens) else None
     prev = tokens[i - 1] if i else None
     if nxt in ("over", "behind") or prev in ("was", "were", "been", "being"):
         return True
-    for k in range(i - 1, max(-1, i - 5), -1):
-        if tokens[k] == "only":
-            return True
-        if tokens[k] in PREPOSITIONS:
-            return False
-    return False
+    return left_is_verb(tokens, i)
 
 
 def _superlative_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
@@ -229,8 +228,10 @@ def _superlative_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
 
 
 def _near_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
-    """"near" -> "far from" before a noun phrase ("dog near the door"), "far" as an adjective
-    ("the near side", "the near one", "man standing near"), None otherwise ("near by")."""
+    """"near" -> "far from" before a noun phrase ("dog near the door", "dog near red car"), "far"
+    as an adjective ("the near side", "the near one", "man standing near"), None before a
+    preposition, conjunction or relative ("near by") and after a determiner unless a noun or
+    "one" follows."""
     n = len(tokens)
     prev = tokens[i - 1] if i else None
     nxt = tokens[i + 1] if i + 1 < n else None
@@ -240,16 +241,15 @@ def _near_edit(tokens: Sequence[str], i: int) -> tuple[str, ...] | None:
         return ("far",) if nxt in PRO_FORMS or is_head_candidate(nxt) else None
     if nxt in PREPOSITIONS or nxt in CONJUNCTIONS or nxt in RELATIVES:
         return None
-    if starts_np(nxt) or nxt in PRO_FORMS or is_head_candidate(nxt) or nxt in PRONOUNS:
-        return ("far", "from")
-    return None
+    return ("far", "from")  # "dog near the door", "dog near red car", "man near him"
 
 
 def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
     """Every spatial word that names a position, with its opposite (see the rules). Skipped:
     words inside a negation's scope ("the one not on the left" is also not on the right),
     "right" as an adverb ("right next to", ``positional._right_is_adverb``), "left" as a verb
-    ("the only one left"), and superlatives that only intensify a position ("furthest right")."""
+    ("the only one left"), superlatives that only intensify a position ("furthest right"), and
+    swaps that contradict the rest of the sentence (``swap_contradicts``)."""
     edits: list[Edit] = []
     negated = negated_positions(tokens)
     n = len(tokens)
@@ -304,7 +304,8 @@ def spatial_edits(tokens: Sequence[str]) -> list[Edit]:
         if new is not None:
             edits.append((i, i + 1, new))
         i += 1
-    return edits
+    # "the left man not the right man" -> "the right man not the right man" says nothing
+    return [e for e in edits if not swap_contradicts(tokens, e[0], e[1], apply_edit(tokens, e))]
 
 
 def count_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
@@ -322,8 +323,8 @@ def count_options(tokens: Sequence[str]) -> list[tuple[int, list[Edit]]]:
         fam, v = NUMBERS[w]
         prev = tokens[i - 1] if i else None
         nxt = tokens[i + 1] if i + 1 < n else None
-        if prev == "number" or nxt in ("o", "oclock", "clock"):
-            continue
+        if prev in ("number", "no") or nxt in ("o", "oclock", "clock"):
+            continue  # a jersey number ("number 5", "no 5"), a clock hour
         cardinal = fam.startswith("card")
         if not cardinal and prev == "a":
             continue
@@ -384,6 +385,18 @@ def swap_under_negation(src: Sequence[str], start: int, end: int, dst: Sequence[
     return not negated_positions(dst).isdisjoint(range(start, len(dst) - (len(src) - end)))
 
 
+def swap_contradicts(src: Sequence[str], start: int, end: int, dst: Sequence[str]) -> bool:
+    """Does the swap make the sentence deny what it now asserts? A new word that also stands
+    inside a negation's scope elsewhere ("the left man not the right man" -> "the right man
+    not the right man", "the red car not the blue car" -> "the blue car not the blue car";
+    position forms count by the direction they name, "right" as "rightmost"): such a text is
+    no caption of anything."""
+    stop = len(dst) - (len(src) - end)
+    new = {POSITION_FORMS.get(w, w) for w in dst[start:stop] if w not in FUNCTION_WORDS}
+    return any(POSITION_FORMS.get(dst[j], dst[j]) in new
+               for j in negated_positions(dst) if not start <= j < stop)
+
+
 def _inflect(lemma: str, tag: str) -> str | None:
     forms = getAllInflections(lemma, upos="VERB").get(tag)
     return forms[0] if forms else None
@@ -391,34 +404,59 @@ def _inflect(lemma: str, tag: str) -> str | None:
 
 def negation_flips(old: Sequence[str], new: Sequence[str]) -> bool:
     """Does replacing the words ``old`` by ``new`` add or remove a negation? The parity of the
-    negation words (``NEGATION_WORDS``) must change: "with" -> "without" does, "without" ->
-    "with no" and "is not" -> "isnt" keep the meaning."""
-    return sum(w in NEGATION_WORDS for w in old) % 2 != sum(w in NEGATION_WORDS for w in new) % 2
+    negation words (``phrases.is_negator``, with or without apostrophes) must change: "with" ->
+    "without" does, "without" -> "with no", "is not" -> "isnt" and "is not" -> "isn't" keep
+    the meaning."""
+    def count(words: Sequence[str]) -> int:
+        return sum(is_negator(words, j) for j in range(len(words)))
+
+    return count(old) % 2 != count(new) % 2
 
 
-def other_negation_in_clause(tokens: Sequence[str], start: int, end: int) -> bool:
-    """Does the clause (``clause_ids``) of the span tokens[start:end] hold a negation word
-    outside the span? Negating "man wearing no shirt" or "man who isnt wearing a hat" gives a
-    double negative, and removing one negation of two keeps the other: such a clause is not
-    negated by the rules (the llm backend's are rejected as "double negation")."""
-    if not tokens:
-        return False
-    clause = clause_ids(tokens)
-    touched = {clause[min(start, len(tokens) - 1)]} | {clause[j] for j in range(start, end)}
-    return any(w in NEGATION_WORDS and clause[j] in touched
-               for j, w in enumerate(tokens) if not start <= j < end)
+def double_negation(src: Sequence[str], start: int, end: int, new: Sequence[str]) -> bool:
+    """Would replacing src[start:end] by ``new`` touch two negations at once? True when the
+    edited span lies inside the scope (``negation_scopes``) of a negation outside it, in the
+    source or in the result ("man who isnt | wearing a hat" -> "isnt not wearing"), when a
+    negation of the span reaches another one ("man wearing no shirt" -> "man not wearing no
+    shirt"), when the result puts two negations side by side, or when a negation of a noun
+    phrase (no, without, nothing, ...) comes earlier in the clause, since what follows may be
+    part of the negated phrase ("a plate with no food on it" -> "... no food not on it",
+    "chairs that no one is sitting on"). Negations of coordinated predicates are separate
+    ("a man who is not sitting and not wearing a hat" -> "a man who is sitting and not wearing
+    a hat" is a negative). Such edits are not made by the rules (the
+    llm backend's are rejected as "double negation")."""
+    if src:
+        clause = clause_ids(src)
+        here = clause[min(start, len(src) - 1)]
+        if any(clause[j] == here and negation_word(src[j]) in NP_NEGATION_WORDS
+               and is_negator(src, j) for j in range(start)):
+            return True  # "a plate with no food | on it", "chairs that no one | is sitting on"
+    dst = apply_edit(src, (start, end, tuple(new)))
+    for tokens, lo, hi in ((src, start, end), (dst, start, start + len(new))):
+        for j, e in negation_scopes(tokens):
+            if lo <= j < hi:
+                if any(is_negator(tokens, m) for m in range(hi, e)):
+                    return True
+            elif j < lo < e:
+                return True
+    stop = start + len(new)
+    edited_negation = any(is_negator(dst, m) for m in range(start, stop))
+    return edited_negation and (
+        (start > 0 and is_negator(dst, start - 1)) or (stop < len(dst) and is_negator(dst, stop)))
 
 
 def negation_edits(tokens: Sequence[str]) -> list[Edit]:
     """Every negation edit of the rules (verbal ones first, then prepositional ones), each
     kept only when it flips its clause: it adds or removes one negation (``negation_flips``)
-    and the clause holds no other (``other_negation_in_clause``)."""
+    and touches no other (``double_negation``). Negation words are read with or without
+    apostrophes ("doesn't have" -> "has")."""
     n = len(tokens)
     verbal: list[Edit] = []
     prepositional: list[Edit] = []
-    for i, w in enumerate(tokens):
-        prev = tokens[i - 1] if i else None
-        nxt = tokens[i + 1] if i + 1 < n else None
+    canon = [negation_word(t) or t for t in tokens]
+    for i, w in enumerate(canon):
+        prev = canon[i - 1] if i else None
+        nxt = canon[i + 1] if i + 1 < n else None
         if w == "not":
             if prev in _DO_TAG and nxt is not None:
                 form = _inflect(nxt, _DO_TAG[prev])
@@ -442,8 +480,8 @@ def negation_edits(tokens: Sequence[str]) -> list[Edit]:
                 verbal.append((i, i + 1, ()))  # "the non smiling man" -> "the smiling man"
             continue
         if w == "no":
-            if prev in _NO_DROP_PREV and nxt is not None and nxt not in NUMBERS \
-                    and nxt not in PRO_FORMS and nxt not in FUNCTION_WORDS:
+            if is_negator(tokens, i) and prev in _NO_DROP_PREV and nxt is not None \
+                    and nxt not in NUMBERS and nxt not in PRO_FORMS and nxt not in FUNCTION_WORDS:
                 prepositional.append((i, i + 1, ()))  # "man with no shirt" -> "man with shirt"
             continue
         if prev is None or nxt == "not" or prev == "not":
@@ -487,7 +525,7 @@ def negation_edits(tokens: Sequence[str]) -> list[Edit]:
             else:
                 prepositional.append((i, i + 1, ("not", w)))
     return [(s, e, new) for s, e, new in verbal + prepositional
-            if negation_flips(tokens[s:e], new) and not other_negation_in_clause(tokens, s, e)]
+            if negation_flips(tokens[s:e], new) and not double_negation(tokens, s, e, new)]
 
 
 def role_pattern(tokens: Sequence[str]) -> tuple[int, int, int, int] | None:
@@ -527,6 +565,8 @@ def role_pattern(tokens: Sequence[str]) -> tuple[int, int, int, int] | None:
         return None
     if noun_lemma(tokens[h1]) == noun_lemma(tokens[h2]) or _np2_end(tokens, h2) is None:
         return None
+    if any(is_negator(tokens, j) for j in range(h2 + 1)):
+        return None  # "man wearing no shirt": "no shirt wearing man" is no caption
     if (vbz or aux) and _plural(tokens[h1]) != _plural(tokens[h2]):
         return None
     return h1, k, k + 1, h2
@@ -534,9 +574,10 @@ def role_pattern(tokens: Sequence[str]) -> tuple[int, int, int, int] | None:
 
 def _np2_end(tokens: Sequence[str], h2: int) -> int | None:
     """Where the object phrase whose head is tokens[h2] ends: over "of" + a noun phrase ("cup of
-    coffee", "slice of pizza") and a following number ("number 5"), which the head alone would
-    split ("cup holding woman of coffee"); None when a conjunction follows ("bat and ball",
-    "umbrella and smiling"), whose reach the rules cannot tell."""
+    coffee", "slice of pizza") and a following number ("number 5", "number 22", "jersey no
+    23"), which the head alone would split ("cup holding woman of coffee", "number wearing
+    player 22"); None when a conjunction follows ("bat and ball", "umbrella and smiling"), whose
+    reach the rules cannot tell."""
     n = len(tokens)
     end = h2 + 1
     if end < n and tokens[end] == "of":
@@ -544,8 +585,10 @@ def _np2_end(tokens: Sequence[str], h2: int) -> int | None:
         if head is None:
             return None
         end = head + 1
-    while end < n and tokens[end] in NUMBERS:
-        end += 1
+    if end < n and tokens[end] == "no" and end + 1 < n and tokens[end + 1][:1].isdigit():
+        end += 1  # "jersey no 23"
+    while end < n and (tokens[end] in NUMBERS or tokens[end].isdigit()):
+        end += 1  # "number 5", "number 22"
     if end < n and tokens[end] in CONJUNCTIONS:
         return None
     return end

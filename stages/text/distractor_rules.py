@@ -35,7 +35,13 @@ the result stays true of the target ("man without red hat" -> "man without beige
 without a beige one too). ``stages.text.phrases.negated_positions`` gives the scope: the noun
 phrase after no/non/without/nothing/... ("man with no shirt in blue shorts" edits "blue"), the
 rest of the clause after not/isnt/doesnt/never/... ("the one not on the left", "shirt that isnt
-blue"); a clause ends at a relative pronoun, "that" before a verb, or "but".
+blue") up to where the negated predicate surely ends ("man not wearing a hat | on the left",
+"girl not smiling | in pink", "not sitting | and not wearing a hat"; a position after a posture
+verb, "dog not sitting on the left", stays inside); a clause ends at a relative pronoun, "that"
+before a verb, or "but". Negation words count with or without apostrophes ("isn't"), and "no"
+before a number is "number" ("player no 5"). A swap whose new word the sentence denies elsewhere
+is no caption ("the left man not the right man" -> "the right man not the right man"): it is
+not made (``swap_contradicts``).
 
 ``swap_color`` (random draw)
     Colour lexicon ``COLORS``: red blue green yellow white black orange purple pink brown gray
@@ -59,29 +65,32 @@ blue"); a clause ends at a relative pronoun, "that" before a verb, or "but".
     replacement from that slot's remaining substitutes.
 
 ``swap_spatial`` (deterministic: each spatial word maps to its opposite)
-    left<->right, leftmost<->rightmost, lefthand<->righthand, top<->bottom, topmost<->bottommost,
-    uppermost<->lowermost, upper<->lower, highest<->lowest, higher->lower, above<->below,
-    under/underneath/beneath->above, front<->back, inside<->outside, foreground<->background,
-    closest/nearest->farthest, farthest/furthest->closest. Phrases, matched before single words:
-    "in front of"->"behind", "in front"->"behind", "behind"->"in front of" (before a noun phrase)
-    or "in front" (at the end / before a preposition), "on top of"->"under",
-    "close to"->"far from", "far from"->"close to", "closest to"/"nearest to"->"farthest from",
-    "farthest from"/"furthest from"->"closest to", "near"->"far from" (preposition) or "far"
-    (before side/end/corner/edge or at the end), "far"->"near" only before side/end/corner/edge
-    ("far left" is an intensifier: only "left" is edited), "on top" (not followed by "of") ->
-    "on the bottom". "near" is an adjective after a determiner ("the near one" -> "the far
-    one"); closest/nearest/farthest/furthest are prepositions between two nouns or before a
-    determiner ("man nearest the camera" -> "man farthest from the camera"), else adjectives
-    ("the closest elephant" -> "the farthest elephant"). Not edited: "top" after
-    tank/crop/halter/tube/bikini or before hat(s) (clothing), "bottom" after bikini, "back" after
-    a verb ("looking back"), "right" as an adverb ("right next to", "right behind": the test of
-    ``stages.text.positional``), "left" as the verb ("the only one left", "left over", "was
-    left"), closest/nearest/farthest/furthest before a position or direction, where they only
-    intensify it as "far" does ("furthest right", "farthest to the left", "furthest away"), and
-    anything inside a negation's scope. Decision: with
-    several spatial words, ONE word is edited per distractor (one distractor per word, in sentence
-    order, up to ``per_kind``): "top left" -> "bottom left" and "top right".
-    "middle"/"center" have no opposite and are never edited.
+    left<->right, leftmost<->rightmost, lefthand<->righthand, top<->bottom,
+    topmost<->bottommost, uppermost<->lowermost, upper<->lower, highest<->lowest, higher->lower,
+    above<->below, under/underneath/beneath->above, front<->back, inside<->outside,
+    foreground<->background, closest/nearest->farthest, farthest/furthest->closest. Phrases,
+    matched before single words: "in front of"->"behind", "in front"->"behind", "behind"->"in
+    front of" (before a noun phrase) or "in front" (at the end / before a preposition), "on top
+    of"->"under", "close to"->"far from", "far from"->"close to", "closest to"/"nearest
+    to"->"farthest from", "farthest from"/"furthest from"->"closest to", "near"->"far from"
+    (preposition) or "far" (before side/end/corner/edge or at the end), "far"->"near" only
+    before side/end/corner/edge ("far left" is an intensifier: only "left" is edited; "near"
+    before an adjective is still a preposition: "dog near red car" -> "dog far from red car"),
+    "on top" (not followed by "of") -> "on the bottom". "near" is an adjective after a
+    determiner ("the near one" -> "the far one"); closest/nearest/farthest/furthest are
+    prepositions between two nouns or before a determiner ("man nearest the camera" -> "man
+    farthest from the camera"), else adjectives ("the closest elephant" -> "the farthest
+    elephant"). Not edited: "top" after tank/crop/halter/tube/bikini or before hat(s)
+    (clothing), "bottom" after bikini, "back" after a verb ("looking back"), "right" as an
+    adverb ("right next to", "right behind": the test of ``stages.text.positional``; also "right
+    in the middle"), "left" as the verb ("the only one left", "left over", "was left", and after
+    "only"/"last" as ``positional.left_is_verb`` reads it: "last one left", but "only left guy"
+    is a place), closest/nearest/farthest/furthest before a position or direction, where they
+    only intensify it as "far" does ("furthest right", "farthest to the left", "furthest away"),
+    anything inside a negation's scope, and a swap the sentence denies elsewhere ("the left man
+    not the right man"). Decision: with several spatial words, ONE word is edited per distractor
+    (one distractor per word, in sentence order, up to ``per_kind``): "top left" -> "bottom
+    left" and "top right". "middle"/"center" have no opposite and are never edited.
 
 ``swap_count`` (random draw)
     Cardinals one..ten and 1..10, ordinals first..tenth and 1st..10th. A substitute keeps the form
@@ -111,15 +120,21 @@ blue"); a clause ends at a relative pronoun, "that" before a verb, or "but".
       car", "two sleeping cats"; a verb-ing after a position or a worn colour still is a verb:
       "man on the left holding bat", "man in white holding bat");
     * an existing negation is removed (also wrong for the target): "does not have" -> "has",
-      "doesnt have" -> "has", "isnt"/"arent"/"wasnt"/"werent"/"hasnt"/... -> "is"/"are"/...,
+      "doesnt have" (or "doesn't have") -> "has", "isnt"/"arent"/"wasnt"/"werent"/"hasnt"/...
+      (with or without the apostrophe) -> "is"/"are"/...,
       "without" -> "with", "non" and "no" after with/wearing are dropped ("the non smiling man"
       -> "the smiling man", "man with no shirt" -> "man with shirt"), and "not" after an
       auxiliary or before a verb form / preposition ("is not sitting" -> "is sitting", "man not
       wearing hat" -> "man wearing hat");
     * every edit must flip its clause: it adds or removes exactly one negation word
-      (``negation_flips``), and the clause holds no other (``other_negation_in_clause``), so
-      "man wearing no shirt" is never negated to "man not wearing no shirt" nor "man who isnt
-      wearing a hat" to "... isnt not wearing ...";
+      (``negation_flips``) and touches no other (``double_negation``: the edit inside another
+      negation's scope, a negation of the edit whose scope holds another, two negations side by
+      side, or a negated noun phrase earlier in the clause), so "man wearing no shirt" is never
+      negated to "man not wearing no shirt", "man who isnt wearing a hat" to "... isnt not
+      wearing ...", nor "a plate with no food on it" to "... no food not on it"; a coordinated
+      predicate is negated on its own ("a man who is not sitting and not wearing a hat" -> "a
+      man who is sitting and not wearing a hat", "guy in red not wearing hat" -> "guy not in
+      red not wearing hat");
     * "with" -> "without" after a noun phrase ("woman with a hat" -> "woman without a hat");
     * a locative preposition after a noun phrase gets "not" ("dog on the couch" -> "dog not on
       the couch"): in on at near by behind under underneath beneath above below beside inside
@@ -130,18 +145,20 @@ blue"); a clause ends at a relative pronoun, "that" before a verb, or "but".
 ``role_reversal`` (deterministic)
     Pattern ``NP1 [who|that|which [is|are]] VERB NP2 [rest]`` where NP1 starts the sentence and
     ends at its head noun, VERB is a transitive verb-ing (or verb-s followed by a determiner /
-    after a relative pronoun), not in ``INTRANSITIVE`` (stand, sit, look ...), and NP2 follows the
-    verb directly and ends at its head noun, or after the "of" phrase and the number that follow
-    it ("woman holding cup of coffee" -> "cup of coffee holding woman", "man wearing number 5"
-    -> "number 5 wearing man"); skipped when a conjunction follows NP2 ("man holding bat and
-    ball": how far it reaches is unknown). The two noun phrases (with their adjectives) swap:
-    "big dog chasing small cat" -> "small cat chasing big dog". Determiners: when both are articles
-    (or absent), no number word is involved and a/an never lands on a plural, the determiners stay
-    in place and a/an is re-chosen ("man holding the child" -> "child holding the man", "a man
-    holding an umbrella" -> "an umbrella holding a man"); otherwise the whole phrases swap
-    ("two men holding a baby" -> "a baby holding two men"). Skipped when both heads are the same
-    noun, or when verb-s / "is/are" would then disagree in number with the new subject. The rule
-    does not judge plausibility ("shirt wearing a man" is produced; it is false for the target).
+    after a relative pronoun), not in ``INTRANSITIVE`` (stand, sit, look ...), and NP2 follows
+    the verb directly and ends at its head noun, or after the "of" phrase and the number that
+    follow it ("woman holding cup of coffee" -> "cup of coffee holding woman", "man wearing
+    number 5" -> "number 5 wearing man", "player wearing number 22" -> "number 22 wearing
+    player"); skipped when a conjunction follows NP2 ("man holding bat and ball": how far it
+    reaches is unknown) and when a negation comes before NP2's head ("man wearing no shirt").
+    The two noun phrases (with their adjectives) swap: "big dog chasing small cat" -> "small cat
+    chasing big dog". Determiners: when both are articles (or absent), no number word is
+    involved and a/an never lands on a plural, the determiners stay in place and a/an is
+    re-chosen ("man holding the child" -> "child holding the man", "a man holding an umbrella"
+    -> "an umbrella holding a man"); otherwise the whole phrases swap ("two men holding a baby"
+    -> "a baby holding two men"). Skipped when both heads are the same noun, or when verb-s /
+    "is/are" would then disagree in number with the new subject. The rule does not judge
+    plausibility ("shirt wearing a man" is produced; it is false for the target).
 
 ``head_noun`` (the heuristic head of the first noun phrase, no parser) is described in
 :mod:`stages.text.phrases`.
@@ -155,9 +172,11 @@ so only the span changed, insertions at either span boundary - the +-1 allowance
 words), "head noun changed" (``head_noun`` lemmas differ; not for role_reversal), "head noun not
 swapped" (role_reversal: the new head must be the head of the source's second noun phrase),
 "under negation" (swap_color/swap_spatial/swap_count: a replaced word of the source or a new word
-of the distractor inside a negation's scope, see above), "double negation" (negation: the clause
-of the span holds another negation word), "synonym" (colour in the same ``COLOR_GROUPS`` group,
-or the same number value: "two"->"2"),
+of the distractor inside a negation's scope, see above), "self-contradiction" (the same three:
+a new word, position forms by their direction, also stands inside a negation's scope elsewhere
+in the distractor: "the right man not the right man"), "double negation" (negation: the edit
+touches a second negation, ``double_negation`` above), "synonym" (colour in the same
+``COLOR_GROUPS`` group, or the same number value: "two"->"2"),
 "number agreement" (swap_count: in the edited region a cardinal 1 now precedes a plural head
 noun, or 2+ a singular one, while the source agreed there - "an eight year old" never did), and
 "describes another instance" (swap_spatial with a ``SceneContext`` only, below).
@@ -191,11 +210,12 @@ from stages.text.distractor_edits import (
     color_group,
     color_options,
     count_options,
+    double_negation,
     negation_edits,
-    other_negation_in_clause,
     role_edits,
     role_pattern,
     spatial_edits,
+    swap_contradicts,
     swap_under_negation,
 )
 from stages.text.lexicon import (
@@ -471,7 +491,9 @@ def validate(source: str, d: Distractor, context: SceneContext | None = None) ->
     old_words = src[s:e]
     if d.kind in _SWAP_KINDS and swap_under_negation(src, s, e, dst):
         return "under negation"
-    if d.kind == "negation" and other_negation_in_clause(src, s, e):
+    if d.kind in _SWAP_KINDS and swap_contradicts(src, s, e, dst):
+        return "self-contradiction"
+    if d.kind == "negation" and double_negation(src, s, e, new_words):
         return "double negation"
     if d.kind == "swap_color":
         for old, new in zip(old_words, new_words, strict=False):

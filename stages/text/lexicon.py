@@ -132,12 +132,16 @@ AUXILIARIES = _words(
     "is are was were be being been am has have had does do did can could will would should may "
     "might must"
 )
+# The auxiliaries after which a verb stands in its base form ("does not have", "can not see").
+BASE_FORM_AUXILIARIES = _words("does do did can could will would should may might must")
 CONJUNCTIONS = _words("and or but nor plus")
 NEGATION_WORDS = _words(
     "not no non without never none nothing nobody neither nor isnt arent doesnt dont didnt "
     "wasnt werent hasnt havent hadnt cannot cant wont wouldnt couldnt shouldnt aint"
 )
 """Words that make a sentence negative (an edit touching one is a negation edit)."""
+# The negations followed by a verb in its base form ("doesnt have", "cant see").
+BASE_FORM_NEGATIONS = _words("doesnt dont didnt cannot cant wont wouldnt couldnt shouldnt")
 # The negation words whose scope is the noun phrase right after them ("no black jacket", "without
 # red hat", "non smiling man"); the others ("not", "isnt", ...) negate the rest of their clause
 # (stages.text.phrases.negated_positions).

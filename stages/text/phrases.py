@@ -32,10 +32,16 @@ Clauses and negation scope
 ==========================
 ``clause_ids`` splits a sentence at relative pronouns, "that" before a verb ("shirt | that isnt
 blue") and "but" ("and" never splits: whether "man without hat and red scarf" lacks the scarf
-is unknown). ``negated_positions`` is the scope of each negation word: the noun phrase after
-no/non/without/nothing/... (to its head, over "and"/"or" + another phrase), the rest of the
-clause after not/isnt/doesnt/never/... . The distractor rules swap nothing there and add no
-negation to a clause that already holds one.
+is unknown). ``negation_scopes`` gives the scope of each negation word (``is_negator``: spelt
+with or without apostrophes, "isn't" = "isnt"; "no" before a number is "number": "player no 5"):
+the noun phrase after no/non/without/nothing/... (to its head, over "and"/"or" + another
+phrase); after not/isnt/doesnt/never/... the rest of the clause up to where the predicate surely
+ends (``_verbal_scope_end``): "and" before a new predicate, "not" after a closed phrase, a
+position that :func:`stages.text.positional.asserted_position` reads as plainly asserted ("man
+not wearing a hat | on the left"), a second verb-ing after a closed phrase ("not holding
+anything | standing behind two men") and a worn colour right after the verb ("not smiling | in
+pink"); a negated noun phrase ("not the man on the left") keeps the rest of the clause. The
+distractor rules swap nothing in a scope and make no negation edit that touches two negations.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stages.text.lexicon import (
+    ARTICLES,
     AUXILIARIES,
+    BASE_FORM_AUXILIARIES,
+    BASE_FORM_NEGATIONS,
     COLOR_SET,
     COMPOUND_VBG,
     CONJUNCTIONS,
@@ -57,6 +66,7 @@ from stages.text.lexicon import (
     NP_NEGATION_WORDS,
     NUMBERS,
     OTHER_COLOR_WORDS,
+    POSITION_FORMS,
     POSITION_HEADS,
     PREPOSITIONS,
     PRO_FORMS,
@@ -64,6 +74,7 @@ from stages.text.lexicon import (
     SPATIAL_WORDS,
 )
 from stages.text.morphology import lemmas, noun_number, verb_forms
+from stages.text.positional import asserted_position
 
 __all__ = [
     "FAR_NEAR_NOUNS",
@@ -74,6 +85,7 @@ __all__ = [
     "head_noun",
     "ing_is_noun",
     "is_head_candidate",
+    "is_negator",
     "is_nounlike",
     "is_np_end",
     "is_participle",
@@ -81,6 +93,8 @@ __all__ = [
     "is_verbal",
     "joins_colours",
     "negated_positions",
+    "negation_scopes",
+    "negation_word",
     "starts_np",
     "vbz_lemma",
 ]
@@ -278,7 +292,8 @@ def _opens_clause(tokens: Sequence[str], j: int) -> bool:
     if w != "that" or j + 1 >= len(tokens):
         return False  # "that" is also a determiner: "not holding that red cup"
     nxt = tokens[j + 1]
-    return (nxt in AUXILIARIES or nxt in NEGATION_WORDS or is_vbg(nxt) or is_participle(nxt)
+    return (nxt in AUXILIARIES or negation_word(nxt) is not None or is_vbg(nxt)
+            or is_participle(nxt)
             or vbz_lemma(nxt) is not None)
 
 
@@ -296,29 +311,155 @@ def clause_ids(tokens: Sequence[str]) -> list[int]:
     return out
 
 
-def negated_positions(tokens: Sequence[str]) -> frozenset[int]:
-    """The token positions inside the scope of a negation word (``NEGATION_WORDS``), the word
-    itself included. A word of ``NP_NEGATION_WORDS`` ("no", "without", "non", ...) negates the
-    noun phrase after it, up to its head noun and over "and"/"or" + another noun phrase
-    ("without hat or red scarf"); any other ("not", "isnt", "never", ...), or one whose phrase
-    has no head ("wearing nothing red"), negates the rest of its clause (``clause_ids``): "the
-    one not on the left", "shirt that isnt blue". A word edited there stays true of the
-    target ("man without red hat" is also without a beige hat), so the swap rules skip them."""
+_APOSTROPHES = "'\u2019\u2018`"
+# Skipped between a verbal negator and what it negates ("is not even", "isnt being").
+_NEGATION_FILLER = frozenset(
+    {"be", "being", "been", "even", "really", "currently", "actually", "also", "yet", "always",
+     "ever", "quite", "exactly"})
+# Particles closing a verb ("sitting down | wearing a dress").
+_PARTICLES = frozenset(
+    {"down", "up", "out", "off", "around", "away", "alone", "together", "there", "here", "back"})
+_POSITION_FILLER = ARTICLES | frozenset(POSITION_FORMS) | {"far", "very", "extreme", "most"}
+
+
+def negation_word(word: str) -> str | None:
+    """The ``NEGATION_WORDS`` entry that ``word`` spells, with or without apostrophes ("isn't",
+    "isn\u2019t" and "isnt" are "isnt"; a split "n't" is "not"), or None. Every negation lookup
+    goes through here, so a model's "doesn't" is the rules' "doesnt"."""
+    if word in NEGATION_WORDS:
+        return word
+    bare = word.translate({ord(c): None for c in _APOSTROPHES})
+    if bare == "nt":
+        return "not"
+    return bare if bare != word and bare in NEGATION_WORDS else None
+
+
+def is_negator(tokens: Sequence[str], j: int) -> bool:
+    """Is tokens[j] a negation word here? "no" before a number is the abbreviation of "number"
+    ("player no 5", "jersey no 10"), no negation ("no one" still is)."""
+    w = negation_word(tokens[j])
+    if w is None:
+        return False
+    if w == "no" and j + 1 < len(tokens):
+        nxt = tokens[j + 1]
+        if nxt[:1].isdigit() or (nxt in NUMBERS and nxt != "one"):
+            return False
+    return True
+
+
+def _starts_predicate(tokens: Sequence[str], m: int) -> bool:
+    """Does a coordinated predicate start at tokens[m] ("and | not wearing a hat", "and |
+    holding a bat", "and | is smiling")?"""
+    w = tokens[m]
+    nxt = tokens[m + 1] if m + 1 < len(tokens) else None
+    if is_negator(tokens, m) or w in AUXILIARIES or is_participle(w) or vbz_lemma(w):
+        return True
+    return _verbal_ing(w, nxt)
+
+
+def _verbal_ing(w: str, nxt: str | None) -> bool:
+    return is_vbg(w) and not ing_is_noun(w, nxt) and not (
+        w in COMPOUND_VBG and nxt is not None and is_nounlike(nxt))
+
+
+def _worn_colour_at(tokens: Sequence[str], m: int) -> bool:
+    """"in pink", "in a red" + no noun: clothing of the subject, not a place of the verb."""
+    if tokens[m] != "in":
+        return False
+    k = m + 1
+    if k < len(tokens) and tokens[k] in ARTICLES:
+        k += 1
+    if k >= len(tokens) or not (tokens[k] in COLOR_SET or tokens[k] in OTHER_COLOR_WORDS):
+        return False
+    return k + 1 >= len(tokens) or not is_head_candidate(tokens[k + 1])
+
+
+def _verbal_scope_end(tokens: Sequence[str], j: int, clause_end: int) -> int:
+    """Where the scope of the verbal negator tokens[j] (not, isnt, never, ...) ends.
+
+    The rest of its clause (a negation after it stays inside: "not wearing no shirt"), except
+    at what surely starts outside it: "and" before a new predicate ("not sitting | and not
+    wearing a hat", "awake | and not sleeping"), "not" after a closed phrase ("not in red | not
+    wearing a hat"), a position that
+    ``positional.asserted_position`` reads as plainly asserted ("not wearing a hat | on the
+    left"), and, unless the negator negates a noun phrase ("not the man on the left"), a
+    second verb-ing after a closed phrase ("not holding anything | standing behind two men")
+    or a worn colour right after the verb ("not smiling | in pink"). A posture verb before a
+    position ("not sitting on the left") keeps the position inside: which one is negated is
+    unknown."""
+    k = j + 1
+    while k < clause_end and tokens[k] in _NEGATION_FILLER:
+        k += 1
+    if k >= clause_end:
+        return clause_end
+    w = tokens[k]
+    base = negation_word(tokens[j]) in BASE_FORM_NEGATIONS or (
+        j > 0 and tokens[j - 1] in BASE_FORM_AUXILIARIES)
+    verb = is_vbg(w) or is_participle(w) or vbz_lemma(w) is not None or (
+        base and "VERB" in lemmas(w))
+    # "not the man on the left", "not two": a noun phrase is negated, and what follows it may
+    # belong to it; only a coordinated predicate ends that scope
+    nominal = not verb and w not in PREPOSITIONS and (
+        starts_np(w) or w in PRO_FORMS or is_head_candidate(w))
+    for m in range(k + 1, clause_end):
+        t = tokens[m]
+        nxt = tokens[m + 1] if m + 1 < len(tokens) else None
+        if t == "and" and m + 1 < clause_end and _starts_predicate(tokens, m + 1):
+            return m
+        if nominal:
+            continue
+        if is_negator(tokens, m) and negation_word(t) not in NP_NEGATION_WORDS \
+                and is_np_end(tokens, m):
+            return m  # "not in red | not wearing a hat": a second predicate, negated itself
+        if t in POSITION_FORMS and asserted_position(tokens, m):
+            p = m - 1
+            while p > k and tokens[p] in _POSITION_FILLER:
+                p -= 1
+            return p if p > k and tokens[p] in PREPOSITIONS else p + 1
+        if m == k + 1 and verb and _worn_colour_at(tokens, m):
+            return m
+        if _verbal_ing(t, nxt) and (is_np_end(tokens, m) or tokens[m - 1] in _PARTICLES):
+            return m
+    return clause_end
+
+
+def negation_scopes(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """``(j, end)`` per negation word tokens[j] (``is_negator``): its scope is tokens[j:end].
+
+    A word of ``NP_NEGATION_WORDS`` ("no", "without", "non", ...) negates the noun phrase after
+    it, up to its head noun and over "and"/"or" + another noun phrase ("without hat or red
+    scarf"); any other ("not", "isnt", "never", ...), or one whose phrase has no head ("wearing
+    nothing red"), negates the rest of its clause (``clause_ids``) up to where the predicate
+    surely ends (``_verbal_scope_end``): "the one not on the left", "shirt that isnt blue", "man
+    not wearing a hat" (but not "| on the left")."""
     clause = clause_ids(tokens)
     n = len(tokens)
-    out: set[int] = set()
-    for j, w in enumerate(tokens):
-        if w not in NEGATION_WORDS:
+    out: list[tuple[int, int]] = []
+    for j in range(n):
+        if not is_negator(tokens, j):
             continue
         clause_end = j
         while clause_end < n and clause[clause_end] == clause[j]:
             clause_end += 1
         end = clause_end
-        if w in NP_NEGATION_WORDS:
+        head = None
+        if negation_word(tokens[j]) in NP_NEGATION_WORDS:
             head = chunk_head_index(tokens, j + 1)
             while head is not None and head + 1 < n and tokens[head + 1] in ("and", "or", "nor"):
                 head = chunk_head_index(tokens, head + 2)
-            if head is not None:
-                end = min(head + 1, clause_end)
+        if head is not None:
+            end = min(head + 1, clause_end)
+        else:
+            end = _verbal_scope_end(tokens, j, clause_end)
+        out.append((j, end))
+    return out
+
+
+def negated_positions(tokens: Sequence[str]) -> frozenset[int]:
+    """The token positions inside the scope of a negation word (``negation_scopes``), the word
+    itself included. A word edited there stays true of the target ("man without red hat" is
+    also without a beige hat), so the swap rules skip them."""
+    out: set[int] = set()
+    for j, end in negation_scopes(tokens):
         out.update(range(j, end))
     return frozenset(out)

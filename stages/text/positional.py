@@ -59,7 +59,7 @@ A bare token ``right`` is an adverb, and ignored, in:
 
 * ``all right``;
 * ``right next``, ``right behind``, ``right beside``, ``right by``, ``right there``,
-  ``right in front`` (and ``right infront``),
+  ``right in front`` (and ``right infront``), ``right in (the) middle/center/centre/front``,
 
 unless the token before ``right`` makes it a noun or a direction (``_RIGHT_NOUN_CONTEXT``: "the",
 "on", "at", "to", "far", "from", "extreme", "very", "most", a possessive such as "your", or a
@@ -78,10 +78,15 @@ A negator (``not``, ``never``, ``neither``, ``nor`` and the contracted forms ``i
 ``doesnt``, ... with or without the apostrophe; the ``NEGATION_WORDS`` of the lexicon without
 "no", "without", "none", "nothing", "nobody", which negate nouns, not places) negates a
 positional word when only place filler lies between them (``_NEGATION_BRIDGE``: "on", "in",
-"at", "to", "the", "far", "is", "sitting", "one", other positional forms, ...; at most
+"at", "to", "the", "far", "is", "located", "one", other positional forms, ...; at most
 ``_NEGATION_REACH`` pieces). A negated word counts as its opposite, which is exact on the 2x2
 mosaic: "guy not on the left" and "the one that isnt leftmost" -> right; "not in the top row"
 -> bottom. "man not wearing a hat on the left" keeps "left" ("wearing", "hat" are no filler).
+A posture or placement verb (``_NEGATION_POSTURE``: sitting, standing, lying, parked, placed,
+...) between them leaves the reading open: "woman not standing on the right" is mostly "(the
+woman who isn't standing) on the right", but may be "not (standing on the right)", so such a
+word is dropped: no constraint ("dog not sitting on the left" -> no words; "man sitting on the
+left", without a negator, -> left).
 One negator over words on BOTH axes ("not on the top left": quadrants {1, 2, 3}, which no
 intersection of words expresses) drops those words: no constraint rather than a false one.
 
@@ -101,9 +106,10 @@ about where the target is in the image:
 * a body part: the form followed by "hand", "arm", "leg", "foot", "ear", "eye", "shoulder",
   "knee", "paw", "wing", ... ("left hand", "right arm"), unless a place noun follows that
   ("left hand side", "upper right hand corner" are positions);
-* the verb "left": "left" after "only" or "last" (within three pieces) and not right after a
-  preposition, article, possessive or another positional form: "the only donut left", "last one
-  left" (but "the only one on the left" is a position).
+* the verb "left" (:func:`left_is_verb`): "left" after "only" or "last" (within three pieces),
+  not right after a preposition, article, possessive, "only"/"last" or another positional form
+  and not before a place noun ("side", "corner", ...): "the only donut left", "last one left"
+  (but "the only one on the left", "only left guy", "the only girl left side" are positions).
 
 Weak readings give way: on each axis (left/right, top/bottom) the strong words decide when there
 are any, and the weak ones only when there are none. A weak word alone still counts (narrowing
@@ -138,6 +144,8 @@ __all__ = [
     "CANONICAL",
     "WORD_FORMS",
     "allowed_quadrants",
+    "asserted_position",
+    "left_is_verb",
     "positional_words",
     "quadrants_for_tokens",
     "tokenize",
@@ -188,6 +196,8 @@ for _tok, _h in _HOURS.items():
 del _tok, _word, _h, _suffix
 
 _RIGHT_ADVERB_NEXT = frozenset({"next", "behind", "beside", "by", "there", "infront"})
+# "right in front", "right in the middle": after "in" / "in the", these make "right" an adverb.
+_RIGHT_ADVERB_IN = frozenset({"front", "middle", "center", "centre"})
 _HORIZONTAL_FORMS = frozenset(f for f, w in WORD_FORMS.items() if w in ("left", "right"))
 _RIGHT_NOUN_CONTEXT = (frozenset(WORD_FORMS) - _HORIZONTAL_FORMS) | frozenset(
     {
@@ -203,11 +213,22 @@ _NEGATION_REACH = 6
 _NEGATION_BRIDGE = frozenset(WORD_FORMS) | frozenset(
     {
         "on", "in", "at", "to", "toward", "towards", "from", "the", "a", "an", "far", "very",
-        "most", "extreme", "is", "are", "was", "were", "be", "being", "been", "sitting",
-        "standing", "located", "placed", "positioned", "one", "ones", "all", "way", "or",
-        "side", "exactly", "quite", "really",
+        "most", "extreme", "is", "are", "was", "were", "be", "being", "been", "located",
+        "positioned", "situated", "one", "ones", "all", "way", "or", "side", "exactly", "quite",
+        "really",
     }
 )  # fmt: skip
+# A posture or placement verb between a negator and a position leaves the scope open: "woman not
+# standing on the right" is mostly "(the woman who isn't standing) on the right", but may be "not
+# (standing on the right)". Neither reading is safe, so the word gives no constraint.
+_NEGATION_POSTURE = frozenset(
+    {
+        "sitting", "sat", "seated", "standing", "stood", "lying", "laying", "kneeling",
+        "squatting", "crouching", "crouched", "leaning", "resting", "hanging", "perched",
+        "parked", "placed",
+    }
+)  # fmt: skip
+_AMBIGUOUS = -2  # _negator_at: a negator reaches the word only across a posture verb
 
 # -- weak readings (see the module docstring) -------------------------------------------------
 _OF_BRIDGE = frozenset({"side", "hand", "end", "corner", "edge", "part", "half", "most"})
@@ -289,7 +310,7 @@ def _pieces(tokens: Sequence[str]) -> list[str]:
     return out
 
 
-def _right_is_adverb(pieces: list[str], i: int) -> bool:
+def _right_is_adverb(pieces: Sequence[str], i: int) -> bool:
     prev = pieces[i - 1] if i > 0 else ""
     if prev == "all":
         return True
@@ -299,22 +320,54 @@ def _right_is_adverb(pieces: list[str], i: int) -> bool:
     nxt = pieces[i + 1] if i + 1 < n else ""
     if nxt in _RIGHT_ADVERB_NEXT:
         return True
-    return nxt == "in" and i + 2 < n and pieces[i + 2] == "front"
+    if nxt != "in" or i + 2 >= n:
+        return False
+    after = pieces[i + 3] if pieces[i + 2] == "the" and i + 3 < n else pieces[i + 2]
+    return after in _RIGHT_ADVERB_IN
 
 
-def _negator_at(pieces: list[str], i: int) -> int:
+def _negator_at(pieces: Sequence[str], i: int) -> int:
     """Index of the negator whose scope reaches the positional word at ``i`` (over place filler
-    only), or -1."""
+    only), ``_AMBIGUOUS`` when it reaches it only across a posture verb ("not sitting on the
+    left"), or -1."""
+    posture = False
     for j in range(i - 1, max(i - 1 - _NEGATION_REACH, -1), -1):
-        p = pieces[j].replace("'", "")
+        p = pieces[j].replace("'", "").replace("\u2019", "")
         if p in _NEGATORS:
-            return j
-        if p not in _NEGATION_BRIDGE and p not in _TABLE:  # an hour ("not at 3 o'clock")
+            return _AMBIGUOUS if posture else j
+        if p in _NEGATION_POSTURE:
+            posture = True
+        elif p not in _NEGATION_BRIDGE and p not in _TABLE:  # an hour ("not at 3 o'clock")
             return -1
     return -1
 
 
-def _is_weak(pieces: list[str], i: int, word: str) -> bool:
+def left_is_verb(pieces: Sequence[str], i: int) -> bool:
+    """Is "left" at ``i`` the verb ("the only donut left", "last one left") rather than a place?
+    Only after "only"/"last" (within three pieces) and not right after a preposition, article,
+    possessive, "only"/"last" or another positional form ("the only one on the left", "only left
+    guy"), nor before a place noun ("the only girl left side"). Shared with the distractor rules,
+    which must not swap the verb."""
+    n = len(pieces)
+    if pieces[i] != "left" or i < 2 or pieces[i - 1] in _LEFT_NOUN_CONTEXT:
+        return False
+    if i + 1 < n and pieces[i + 1] in _PLACE_NOUNS:
+        return False
+    return any(p in _LEFT_VERB_CUES for p in pieces[max(i - 3, 0):i - 1])
+
+
+def asserted_position(tokens: Sequence[str], i: int) -> bool:
+    """Does the positional form at ``tokens[i]`` (lowercase tokens, read as pieces) say plainly
+    where the target is: no weak reading (relation, gaze, body part, the verb "left"), no adverb
+    "right", and no negator reaching it, not even across a posture verb? The distractor rules
+    take such a word out of an earlier negation's scope ("man not wearing a hat | on the left")."""
+    word = WORD_FORMS.get(tokens[i])
+    if word is None or (tokens[i] == "right" and _right_is_adverb(tokens, i)):
+        return False
+    return not _is_weak(tokens, i, word) and _negator_at(tokens, i) == -1
+
+
+def _is_weak(pieces: Sequence[str], i: int, word: str) -> bool:
     """Whether the form at ``i`` is read as a relation, a gaze, a body part or the verb "left"
     (module docstring, "Weak readings") rather than as the target's place in the image."""
     n = len(pieces)
@@ -335,9 +388,7 @@ def _is_weak(pieces: list[str], i: int, word: str) -> bool:
             return True
         if pieces[j] not in _GAZE_BRIDGE:
             break
-    if pieces[i] == "left" and i > 1 and pieces[i - 1] not in _LEFT_NOUN_CONTEXT:
-        return any(p in _LEFT_VERB_CUES for p in pieces[max(i - 3, 0):i - 1])
-    return False
+    return left_is_verb(pieces, i)
 
 
 def positional_words(tokens: Sequence[str]) -> list[str]:
@@ -366,8 +417,11 @@ def positional_words(tokens: Sequence[str]) -> list[str]:
                 continue
         elif kind == _HOUR_O and (i + 1 >= n or pieces[i + 1] != "clock"):
             continue
+        neg = _negator_at(pieces, i)
+        if neg == _AMBIGUOUS:
+            continue  # "dog not sitting on the left": no safe reading
         weak = kind == _FORM and _is_weak(pieces, i, word)
-        hits.append((word, weak, _negator_at(pieces, i)))
+        hits.append((word, weak, neg))
     negated_axes: dict[int, set[int]] = {}
     for word, _, neg in hits:
         if neg >= 0:

@@ -287,11 +287,12 @@ def build_repair_prompt(previous_output: str, error_message: str,
 # object is static)"), matched on the normalised text (`normalise_sentence`: case, punctuation
 # and articles gone, so "N/A" is "na" and "(none - not visible)" is "none not visible"). A
 # prefix marks the whole text ("none of the above", "not visible in the image"); the full
-# forms only count alone ("unknown dog" is an expression).
+# forms only count alone ("unknown dog", "static bike", "null set" are expressions).
 _NONE_LIKE = re.compile(
-    r"^(?:(?:none|null|nil|na|n a|not applicable|no action|no spatial|no appearance|static|"
+    r"^(?:(?:none|na|n a|not applicable|no action|no spatial|no appearance|"
     r"not visible|not shown|not available|no description|no expression|not sure)\b.*"
-    r"|unknown|unclear|unavailable|nothing|nan|tbd|empty|same|same as above|see above|ditto)$",
+    r"|unknown|unclear|unavailable|nothing|nan|tbd|empty|same|same as above|see above|ditto"
+    r"|null|nil|static|object is static)$",
     re.DOTALL,
 )
 

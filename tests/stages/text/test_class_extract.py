@@ -119,6 +119,8 @@ CASES: list[tuple[str, int | None]] = [
     ("pitcher on the mound", 1),
     ("pitcher of water", None),  # a jug of water: neither a person nor a COCO class
     ("the pitcher of beer on the table", None),
+    ("pitcher of the baseball team", 1),  # a team's pitcher is the player
+    ("the pitcher of the red team on the mound", 1),
     ("sweater on dog", 18),  # the garment's wearer
     ("the red sweater on the dog on the left", 18),
     ("shirt on the left", 1),

@@ -86,6 +86,15 @@ def test_spatial_swaps_need_a_position_word_replaced_and_inserted(src, new, reas
     ("man behind the car", "man in front of the car", None),
     # and none inside a negation's scope
     ("the one not on the left", "the one not on the right", "under negation"),
+    ("the girl that isn't on the left", "the girl that isn't on the right", "under negation"),
+    ("woman not standing on the right", "woman not standing on the left", "under negation"),
+    # outside it, after the negated predicate, a swap is a negative
+    ("man not wearing a hat on the left", "man not wearing a hat on the right", None),
+    # a swap may not contradict the rest of the sentence
+    ("the left man not the right man", "the right man not the right man",
+     "self-contradiction"),
+    ("the left man not the rightmost man", "the right man not the rightmost man",
+     "self-contradiction"),
 ])
 def test_spatial_swaps_must_change_the_direction(src, new, reason):
     d = build_distractor("swap_spatial", src, new)
@@ -101,8 +110,23 @@ def test_spatial_swaps_must_change_the_direction(src, new, reason):
     ("man without hat", "man with hat", None),
     ("man who is smiling", "man who isnt smiling", None),
     ("man who is not smiling", "man who is smiling", None),
+    # apostrophes spell the same words: "isn't" is "isnt", "doesn't" is "doesnt"
+    ("man who is not smiling", "man who isn't smiling", "not a negation edit"),
+    ("man who is not smiling", "man who isn\u2019t smiling", "not a negation edit"),
+    ("the dog that is not sleeping", "the dog that isn't sleeping", "not a negation edit"),
+    ("man who does not wear a hat", "man who doesn't wear a hat", "not a negation edit"),
+    ("man who isnt smiling", "man who isn't smiling", "not a negation edit"),
+    ("man who is smiling", "man who isn't smiling", None),
     # added to a clause that already holds one
     ("man who isnt wearing a hat", "man who isnt not wearing a hat", "double negation"),
+    ("man who doesn't have a hat", "man who doesn't do not have a hat", "double negation"),
+    # ... but a coordinated predicate is negated on its own
+    ("a man who is not sitting and not wearing a hat",
+     "a man who is sitting and not wearing a hat", None),
+    ("a man sitting down and not wearing a shirt",
+     "a man not sitting down and not wearing a shirt", None),
+    # "no" before a number is "number"
+    ("player no 5 in red", "player no 5 not in red", None),
 ])
 def test_negations_must_flip_the_polarity(src, new, reason):
     d = build_distractor("negation", src, new)

@@ -91,6 +91,12 @@ COLOR_CASES: list[tuple[str, tuple[int, ...]]] = [
     ("man in a red shirt that isnt blue", (3,)),
     ("man with no shirt in blue shorts", (5,)),
     ("man with no hat holding red umbrella", (5,)),
+    # a verbal negation ends with its predicate: "girl not smiling | in pink"
+    ("girl not smiling in pink", (4,)),
+    ("a man who is not wearing a hat standing next to a red car", (12,)),
+    ("the woman who is not sitting down wearing a white dress on the right", (9,)),
+    ("the red car not the blue car", (1,)),  # "blue" is negated, "red" is not
+    ("player no 5 in red", (4,)),  # "no 5" is number 5, no negation
     # nothing to edit
     ("bright shirt", ()),
     ("reddish bowl", ()),
@@ -114,6 +120,9 @@ COLOR_CASES: list[tuple[str, tuple[int, ...]]] = [
     ("man whose shirt is not red", ()),
     ("not red shirt guy", ()),
     ("man not holding that red cup", ()),
+    ("girl whose shirt isn't red", ()),
+    ("the man not in the red shirt on the left", ()),
+    ("man not wearing a hat with a red logo", ()),  # the logo may be the hat's
     ("man without hat or red scarf", ()),
 ]
 
@@ -216,6 +225,29 @@ SPATIAL_CASES: list[tuple[str, list[str]]] = [
     ("the nearest one", ["the farthest one"]),
     ("man nearest the camera", ["man farthest from the camera"]),
     ("dog closest car", ["dog farthest from car"]),
+    ("dog near red car", ["dog far from red car"]),
+    ("cat near big tree", ["cat far from big tree"]),
+    ("the bench near green trees", ["the bench far from green trees"]),
+    ("person near blue umbrella on left",
+     ["person far from blue umbrella on left", "person near blue umbrella on right"]),
+    # "left" after "only" is a place unless a noun comes between ("the only donut left")
+    ("only left guy", ["only right guy"]),
+    ("the only left donut", ["the only right donut"]),
+    ("only the left one", ["only the right one"]),
+    ("only top left one", ["only bottom left one", "only top right one"]),
+    ("the only girl left side", ["the only girl right side"]),
+    ("only left", ["only right"]),
+    # a position after a negated predicate is asserted ("man not wearing a hat | on the left")
+    ("man not wearing a hat on the left", ["man not wearing a hat on the right"]),
+    ("zebra not eating on left", ["zebra not eating on right"]),
+    ("woman who never smiles on the left", ["woman who never smiles on the right"]),
+    ("cow not looking at camera on right", ["cow not looking at camera on left"]),
+    ("the man not in the red shirt on the left", ["the man not in the red shirt on the right"]),
+    ("a woman not holding anything standing behind two men",
+     ["a woman not holding anything standing in front of two men"]),
+    ("the woman who is not sitting down wearing a white dress on the right",
+     ["the woman who is not sitting down wearing a white dress on the left"]),
+    ("jersey no 10 on left", ["jersey no 10 on right"]),
     # nothing to edit
     ("bowl", []),
     ("man in middle", []),
@@ -235,6 +267,15 @@ SPATIAL_CASES: list[tuple[str, list[str]]] = [
     ("the only one left", []),  # "left" is the verb
     ("only two donuts left", []),
     ("guy furthest away", []),
+    ("last one left", []),
+    ("the last piece left", []),
+    ("the last donut left on the plate", []),
+    ("man right in the middle", []),
+    ("the left man not the right man", []),  # "the right man not the right man"
+    ("woman not standing on the right", []),  # a posture verb: which is negated is unknown
+    ("dog not sitting on the left", []),
+    ("man not holding a cup in his left hand", []),
+    ("not the man on the left", []),
 ]
 
 
@@ -327,6 +368,11 @@ COUNT_CASES: list[tuple[str, set[str]]] = [
     ("the smaller one", set()),
     ("man not holding two cups", set()),
     ("kid without two front teeth", set()),
+    ("player no 5 in red", set()),  # a jersey number, like "number 5"
+    ("a woman not holding anything standing behind two men",
+     {"a woman not holding anything standing behind one man",
+      "a woman not holding anything standing behind three men",
+      "a woman not holding anything standing behind four men"}),
 ]
 
 
@@ -420,6 +466,24 @@ NEGATION_CASES: list[tuple[str, list[str]]] = [
     ("woman on the left who is not smiling",
      ["woman on the left who is smiling", "woman not on the left who is not smiling"]),
     ("guy right next to the girl", ["guy not right next to the girl"]),
+    ("man who doesn't have a hat", ["man who has a hat"]),
+    ("girl whose shirt isn't red", ["girl whose shirt is red"]),
+    # negations of coordinated predicates are separate
+    ("a man who is not sitting and not wearing a hat",
+     ["a man who is sitting and not wearing a hat", "a man who is not sitting and wearing a hat"]),
+    ("the dog that is awake and not sleeping",
+     ["the dog that is not awake and not sleeping", "the dog that is awake and sleeping"]),
+    ("a man sitting down and not wearing a shirt",
+     ["a man not sitting down and not wearing a shirt", "a man sitting down and wearing a shirt"]),
+    ("guy in red not wearing hat", ["guy in red wearing hat", "guy not in red not wearing hat"]),
+    ("man not wearing a hat on the left",
+     ["man wearing a hat on the left", "man not wearing a hat not on the left"]),
+    # ... but what follows a negated noun phrase may belong to it
+    ("man in a suit and no tie on the left", ["man not in a suit and no tie on the left"]),
+    ("a plate with no food on it", ["a plate with food on it"]),
+    ("the chairs that no one is sitting on", []),
+    ("player no 5 in red", ["player no 5 not in red"]),
+    ("player no 5 holding bat", ["player no 5 not holding bat"]),
     # nothing to edit
     ("bowl", []),
     ("man", []),
@@ -497,6 +561,9 @@ ROLE_CASES: list[tuple[str, list[str]]] = [
     ("woman holding cup of coffee", ["cup of coffee holding woman"]),
     ("kid holding a slice of pizza", ["slice of pizza holding a kid"]),
     ("man wearing number 5", ["number 5 wearing man"]),
+    ("player wearing number 22 on the left", ["number 22 wearing player on the left"]),
+    ("man wearing jersey number 23", ["jersey number 23 wearing man"]),
+    ("man wearing no shirt", []),  # "no shirt wearing man" is no caption
     # nothing to produce
     ("man standing", []),
     ("man on left", []),

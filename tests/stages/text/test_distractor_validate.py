@@ -77,6 +77,30 @@ BAD_CASES: list[tuple[str, Distractor, str]] = [
     ("man wearing no shirt",
      Distractor("negation", "man not wearing no shirt", "wearing->not wearing", (1, 2)),
      "double negation"),
+    ("man who doesn't have a hat",
+     Distractor("negation", "man who doesn't do not have a hat", "have->do not have", (3, 4)),
+     "double negation"),
+    ("a plate with no food on it",
+     Distractor("negation", "a plate with no food not on it", "on->not on", (5, 6)),
+     "double negation"),
+    # apostrophes spell the same negation words
+    ("girl whose shirt isn't red",
+     Distractor("swap_color", "girl whose shirt isn't beige", "red->beige", (4, 5)),
+     "under negation"),
+    ("girl whose shirt isn\u2019t red",
+     Distractor("swap_color", "girl whose shirt isn\u2019t beige", "red->beige", (4, 5)),
+     "under negation"),
+    # a posture verb: "not (sitting on the left)" may be meant
+    ("dog not sitting on the left",
+     Distractor("swap_spatial", "dog not sitting on the right", "left->right", (5, 6)),
+     "under negation"),
+    # a swap whose new word the sentence denies elsewhere
+    ("the left man not the right man",
+     Distractor("swap_spatial", "the right man not the right man", "left->right", (1, 2)),
+     "self-contradiction"),
+    ("the red car not the blue car",
+     Distractor("swap_color", "the blue car not the blue car", "red->blue", (1, 2)),
+     "self-contradiction"),
 ]
 
 
@@ -102,6 +126,23 @@ GOOD_HAND_MADE: list[tuple[str, Distractor]] = [
      Distractor("swap_spatial", "man on the right who is not smiling", "left->right", (3, 4))),
     ("man on the left who is not smiling",
      Distractor("negation", "man not on the left who is not smiling", "on->not on", (1, 2))),
+    # a verbal negation ends with its predicate
+    ("man not wearing a hat on the left",
+     Distractor("swap_spatial", "man not wearing a hat on the right", "left->right", (7, 8))),
+    ("girl not smiling in pink",
+     Distractor("swap_color", "girl not smiling in blue", "pink->blue", (4, 5))),
+    ("a man who is not wearing a hat standing next to a red car",
+     Distractor("swap_color", "a man who is not wearing a hat standing next to a green car",
+                "red->green", (12, 13))),
+    ("a man who is not sitting and not wearing a hat",
+     Distractor("negation", "a man who is sitting and not wearing a hat", "not->", (4, 5))),
+    ("the dog that is awake and not sleeping",
+     Distractor("negation", "the dog that is not awake and not sleeping", "is->is not",
+                (3, 4))),
+    # "no" before a number is "number", no negation
+    ("player no 5 in red", Distractor("swap_color", "player no 5 in blue", "red->blue", (4, 5))),
+    ("jersey no 10 on left",
+     Distractor("swap_spatial", "jersey no 10 on right", "left->right", (4, 5))),
 ]
 
 

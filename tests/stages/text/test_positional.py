@@ -159,6 +159,9 @@ CASES = [
     ("the one right there", [], ALL),
     ("all right", [], ALL),
     ("right next to the dog", [], ALL),
+    ("man right in the middle", [], ALL),
+    ("the vase right in the center of the table", [], ALL),
+    ("the one on the right in the middle", ["right"], R),
     # "right" as a noun/direction stays positional even before those words
     ("guy on right next to girl", ["right"], R),
     ("the one on the right behind the table", ["right"], R),
@@ -200,6 +203,16 @@ CASES = [
     ("dog that is not sleeping on the right", ["right"], R),
     ("no hat guy on left", ["left"], L),
     ("man without a shirt on the right", ["right"], R),
+    # a posture verb between negator and word: "(the woman who isn't standing) on the right" or
+    # "not (standing on the right)"? Neither is safe, so no constraint
+    ("woman not standing on the right", [], ALL),
+    ("the guy who is not sitting on the right", [], ALL),
+    ("the man not sitting on the left", [], ALL),
+    ("the girl that isnt standing on the left", [], ALL),
+    ("the chair not being sat in on the right", [], ALL),
+    ("car not parked on the left, at the top", ["top"], T),  # the other axis stays
+    ("the man sitting on the left", ["left"], L),  # no negator: a plain position
+    ("the car not located on the left", ["right"], R),  # "located" only places
     # --- weak readings give way to a strong word on the same axis ------------------------------
     ("the car on the right to the left of the truck", ["right"], R),
     ("a child wearing a orange shirt walking to the left of a kid in black on the right",

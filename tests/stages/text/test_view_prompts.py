@@ -260,6 +260,15 @@ def test_placeholder_words_inside_an_expression_are_fine() -> None:
                         ["101"])
     assert views["101"].appearance == "the unknown dog with no collar"
     assert views["101"].spatial == "the dog with nothing next to it"
+    # "static", "null" and "nil" are placeholders alone, words at the start of an expression
+    views = parse_views(json.dumps({"101": _entry(appearance="static bike by the wall",
+                                                  spatial="null set sign on the left")}),
+                        ["101"])
+    assert views["101"].appearance == "static bike by the wall"
+    assert views["101"].spatial == "null set sign on the left"
+    for placeholder in ("static", "Null", "nil."):
+        with pytest.raises(ViewParseError, match="placeholder"):
+            parse_views(json.dumps({"101": _entry(appearance=placeholder)}), ["101"])
 
 
 @pytest.mark.parametrize(("entry", "field", "repeats"), [
