@@ -36,6 +36,10 @@ def hash_file(path: Path) -> str:
 
 
 _WARNED: set[Path] = set()  # databases already said to be unusable in this process
+# every digest this process computed, by (path, size, mtime_ns): a file is read at most once
+# per process whichever cache instance asks (the ingest key is computed before `run` makes
+# the work dir, so with a memory-only cache)
+_PROCESS_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 class FileHashCache:
@@ -118,6 +122,7 @@ class FileHashCache:
                 self._give_up(exc)
         out: dict[Path, FileDigest | None] = {}
         stale: list[tuple[Path, int, int]] = []
+        rows: list[tuple[str, int, int, str]] = []  # digests the database lacks
         for p in paths:
             try:
                 st = os.stat(p)
@@ -125,27 +130,32 @@ class FileHashCache:
                 out[p] = None
                 continue
             hit = known.get(str(p))
+            seen = _PROCESS_DIGESTS.get((str(p), st.st_size, st.st_mtime_ns))
             if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
                 out[p] = FileDigest(st.st_size, hit[2])
+            elif seen is not None:  # hashed earlier in this process (a memory-only cache
+                # before `run` made the work dir): kept now, not read again
+                out[p] = FileDigest(st.st_size, seen)
+                rows.append((str(p), st.st_size, st.st_mtime_ns, seen))
             else:
                 stale.append((p, st.st_size, st.st_mtime_ns))
         if on_progress:
             on_progress(len(paths) - len(stale))
         if stale:
-            rows = []
             with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1) * 2)) as pool:
                 for (p, size, mtime), digest in zip(
                     stale, pool.map(lambda s: hash_file(s[0]), stale), strict=True
                 ):
                     out[p] = FileDigest(size, digest)
                     rows.append((str(p), size, mtime, digest))
+                    _PROCESS_DIGESTS[(str(p), size, mtime)] = digest
                     if on_progress:
                         on_progress(1)
-            if self.usable:
-                try:
-                    with self._connect() as con:
-                        con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)",
-                                        rows)
-                except sqlite3.Error as exc:
-                    self._give_up(exc)
+        if rows and self.usable:
+            try:
+                with self._connect() as con:
+                    con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)",
+                                    rows)
+            except sqlite3.Error as exc:
+                self._give_up(exc)
         return out

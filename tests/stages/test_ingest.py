@@ -155,6 +155,33 @@ def test_cached_rerun_reads_no_image_and_does_no_work(demo, work, monkeypatch):
     assert manifest.stat().st_mtime_ns == stamp
 
 
+def test_a_first_run_in_a_new_work_dir_reads_each_input_once(demo, tmp_path, monkeypatch):
+    """The ingest key is computed before `run` makes the work dir (a memory-only hash cache),
+    and the run's own cache then read every image and annotation file a second time."""
+    import collections
+    import sqlite3
+
+    import pipeline.filehash as filehash
+
+    monkeypatch.setattr(filehash, "_PROCESS_DIGESTS", {}, raising=False)  # a fresh process
+    reads: collections.Counter[str] = collections.Counter()
+    real = filehash.hash_file
+
+    def counting(path):
+        reads[str(path)] += 1
+        return real(path)
+
+    monkeypatch.setattr(filehash, "hash_file", counting)
+    work = tmp_path / "new-work"
+    pipe = ingest(demo, work, "refcoco")
+    images = {p for p in reads if p.endswith(".jpg")}
+    assert len(images) == len(tables(pipe)["images"])
+    assert max(reads.values()) == 1, reads.most_common(3)
+    with sqlite3.connect(work / ".cache" / "file_hashes.sqlite") as con:  # kept for the next
+        stored = {row[0] for row in con.execute("SELECT path FROM hashes")}
+    assert images <= stored
+
+
 def test_key_follows_params_and_image_content(demo, work, tmp_path):
     base = open_pipeline("refcoco", work, data_root=demo.refer_root, images=demo.images_dir)
     key = base.resolve("ingest").key
