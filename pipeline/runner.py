@@ -288,17 +288,17 @@ class Pipeline:
                 raise
 
     def _finalize(self, r: Resolved[Any], ctx: StageContext[Any], tmp: Path) -> None:
-        clear_resume_state(tmp)
-        for leftover in [p for p in tmp.rglob(".*") if p.is_file() or p.is_symlink()]:
-            leftover.unlink()  # a writer's temporary (`.part-*.tmp`), never listed or read
-        paths = [p for p in sorted(tmp.rglob("*"))
-                 if p.is_file() and not p.name.startswith(("_", "."))]
         missing = [t for t in r.stage.tables
                    if t not in r.stage.optional_tables and not (tmp / t).exists()]
         if missing:  # a stage bug (or its files went away under it): never publish that
             raise RuntimeError(
                 f"{r.name}: declared table(s) {', '.join(missing)} were not written; nothing "
-                f"was published (unfinished work stays in {tmp})")
+                f"was published (finished shards stay in {tmp} for the rerun)")
+        clear_resume_state(tmp)
+        for leftover in [p for p in tmp.rglob(".*") if p.is_file() or p.is_symlink()]:
+            leftover.unlink()  # a writer's temporary (`.part-*.tmp`), never listed or read
+        paths = [p for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and not p.name.startswith(("_", "."))]
         # sha256 of every output file: hashlib releases the GIL, so threads hash the parts of a
         # large artifact in parallel (2.8 GiB of negatives: 1.9 s serial on one core)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -92,7 +92,10 @@ def test_an_artifact_missing_a_declared_table_is_not_published(tmp_path):
     pipe = _pipe(tmp_path, ForgetsATable)
     with pytest.raises(RuntimeError, match="declared table.*forgotten.*nothing was published"):
         pipe.run("forgets")
-    assert not pipe.store.is_published("toy", "forgets", pipe.resolve("forgets").key)
+    key = pipe.resolve("forgets").key
+    assert not pipe.store.is_published("toy", "forgets", key)
+    # the finished shard is kept for the rerun, as the message says
+    assert (pipe.store.tmp_dir("toy", "forgets", key) / "_shards" / "00000.json").is_file()
 
 
 def test_a_retried_shard_leaves_nothing_of_the_dead_attempt(tmp_path):
