@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from pipeline.errors import InputError
 from pipeline.io import read_table_dir
 from pipeline.stage import (
     Count,
@@ -128,6 +129,11 @@ class Augment(Stage[AugmentParams]):
         ids = sorted(s for s, r in zip(sents.column("sent_id").to_pylist(),
                                        sents.column("ref_id").to_pylist(), strict=True)
                      if r in keep)
+        if not ids:  # nothing to edit: an error, not an artifact without tables
+            raise InputError(
+                f"augment.splits={list(p.splits)}: no sentence in these splits after ingest "
+                "(their images may have been dropped as unreadable: see ingest's errors "
+                "table); choose other splits")
         ingest_tables = {t: ctx.upstream_table("ingest", t)
                          for t in ("refs", "sentences", "objects", "images")}
         cache = str(ctx.env.work_dir / ".cache" / "requests.sqlite")

@@ -142,6 +142,11 @@ class Multiview(Stage[MultiviewParams]):
         single = [r for r in refs.to_pylist() if len(r["ann_ids"]) == 1]
         skipped = len(refs) - len(single)  # before the limit: limited-out refs are not these
         image_ids = sorted({r["image_id"] for r in single})
+        if not image_ids:  # nothing to describe: an error, not an artifact without tables
+            raise InputError(
+                f"multiview.splits={list(p.splits)}: no single-target referent in these splits "
+                "after ingest (their images may have been dropped as unreadable: see ingest's "
+                "errors table); choose other splits")
         limited_out = 0
         if p.limit_images:
             image_ids = image_ids[:p.limit_images]

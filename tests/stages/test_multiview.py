@@ -125,6 +125,31 @@ def test_unknown_split_is_an_error(demo, work, checkpoint):
         pipe_for(demo, work, checkpoint, "multiview.splits=[training]").run("multiview")
 
 
+@pytest.mark.parametrize("stage", ["multiview", "augment"])
+def test_a_split_left_empty_by_ingest_is_an_error(demo, tmp_path, checkpoint, stage):
+    """testB's only images unreadable, so ingest (not strict) drops its refs: multiview over
+    testB had no work, published no tables and ended in a traceback (augment too)."""
+    import shutil
+
+    first = pipe_for(demo, tmp_path / "w0", checkpoint)
+    first.run("ingest")
+    refs = pq.read_table(first.artifact_dir("ingest") / "refs").to_pylist()
+    only_b = ({r["image_id"] for r in refs if r["split"] == "testB"}
+              - {r["image_id"] for r in refs if r["split"] != "testB"})
+    assert only_b
+    images = tmp_path / "images"
+    shutil.copytree(demo.images_dir, images)
+    for image_id in only_b:
+        (images / f"COCO_train2014_{image_id:012d}.jpg").write_bytes(b"not a jpeg")
+    pipe = open_pipeline("refcoco", tmp_path / "w1", data_root=demo.refer_root, images=images,
+                         sets=["embed.model=tiny", f"embed.pretrained={checkpoint}",
+                               "multiview.backend=template", f"{stage}.splits=[testB]"],
+                         progress=False)
+    with pytest.raises(InputError, match=rf"{stage}.splits=\['testB'\]: no .* in these splits"):
+        pipe.run(stage)
+    assert not pipe.store.is_published("refcoco", stage, pipe.resolve(stage).key)
+
+
 class _CutAfterAllButLast:
     """A stand-in model: valid views for every instance of the prompt except the last listed,
     where its answer is cut off at the token limit (an image of one instance gets a full one)."""
