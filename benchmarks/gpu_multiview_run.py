@@ -167,7 +167,7 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
     """`run_model_backend` on images of 1..max_instances instances in one shard."""
     import torch
 
-    from stages.models.generation.engines import get_generator
+    from stages.models.generation.engines import get_generator, model_key
     from stages.multiview import MultiviewParams, generator_options, run_model_backend
     from stages.text.view_prompts import views_budget
 
@@ -176,7 +176,10 @@ def run_mixed(model_dir: Path, work: Path, device: str, per_count: int, max_inst
                         batch_size=batch_size, max_new_tokens=max_new_tokens,
                         max_attempts=max_attempts)
     payload = {"image_ids": sorted(by_image), "images_dir": str(work / "images"),
-               "cache": str(work / "requests.sqlite")}
+               "cache": str(work / "requests.sqlite"),
+               # named here, as the stage's driver does: hashing the 14 GB of weights is not
+               # generation time
+               "model_key": model_key("hf", str(model_dir))}
     t0 = time.perf_counter()
     generator = get_generator("hf", str(model_dir), device, options=generator_options(p))
     load_seconds = time.perf_counter() - t0

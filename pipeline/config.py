@@ -73,19 +73,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     silently, so a config holding `k: 800` and later `k: 200` would run with 200 unnoticed."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self._check_keys(node, deep)
+        return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call]
+
+    def _check_keys(self, node: yaml.MappingNode, deep: bool) -> None:
+        """Every key a name, none twice, at most one merge (`<<: *anchor`); a merged mapping
+        is checked the same way, since the base class only flattens it (its own duplicates
+        would otherwise pass unseen). An explicit key over a merged one is what merging is
+        for, and stays allowed."""
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor`: the base class merges it
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        merges = 0
+        for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merges += 1
+                if merges > 1:
+                    raise ConfigError(f"config file {self.name}: line {line}: a second merge "
+                                      "key (<<) in one section; merge a list (<<: [*a, *b]) "
+                                      "or keep one")
+                merged = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                          else [value_node])
+                for m in merged:
+                    if isinstance(m, yaml.MappingNode):
+                        self._check_keys(m, deep)
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if not isinstance(key, str):
                 raise ConfigError(self._non_string_key(key_node, key, line))
             if key in seen:
                 raise ConfigError(f"config file {self.name}: key {key!r} given twice in one "
                                   f"section (lines {seen[key]} and {line}); keep one")
             seen[key] = line
-        return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call]
 
     def _non_string_key(self, key_node: yaml.Node, key: Any, line: int) -> str:
         """Every config key is a name; YAML 1.1 reads `on:`, `no:` or `1:` as a boolean or a

@@ -111,6 +111,7 @@ def collect(garbage: list[Garbage], work_dir: Path) -> int:
             shutil.rmtree(g.path, ignore_errors=True)
             freed += g.bytes
             continue
+        had_lock_file = g.lock.exists()
         lock = FileLock(str(g.lock))
         try:
             lock.acquire(timeout=0)
@@ -120,6 +121,8 @@ def collect(garbage: list[Garbage], work_dir: Path) -> int:
             if g.path.is_dir():
                 shutil.rmtree(g.path, ignore_errors=True)
                 freed += g.bytes
+            if not had_lock_file:  # made by this acquire: leave the stage dir as it was
+                g.lock.unlink(missing_ok=True)
         finally:
             lock.release()
     return freed

@@ -247,7 +247,7 @@ def output_file(path: Path, what: str, option: str = "the output path") -> Itera
     directory) becomes an InputError naming the path and `option` to change."""
     from pipeline.errors import InputError
 
-    path = Path(path)
+    path = Path(path).expanduser()  # a quoted `~` is the home dir, never a dir named `~`
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         if path.is_dir():
@@ -268,7 +268,7 @@ def output_dir(path: Path, what: str, option: str = "the output folder") -> Path
     it: a file in the way, no permission, a read-only disk."""
     from pipeline.errors import InputError
 
-    path = Path(path)
+    path = Path(path).expanduser()  # a quoted `~` is the home dir, never a dir named `~`
     try:
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(20, "it is a file, not a folder", str(path))

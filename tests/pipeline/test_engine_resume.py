@@ -103,3 +103,15 @@ def test_gc_keeps_resume_state_a_run_took_after_gc_listed_it(crashed):
         assert (tmp / "_shards" / "00000.json").is_file()
     assert collect(garbage, pipe.env.work_dir) > 0  # no run: gc may take it
     assert not tmp.exists()
+
+
+def test_gc_leaves_no_lock_file_of_its_own(crashed):
+    from pipeline.gc import collect, find_garbage
+
+    pipe, tmp, _ = crashed
+    stage_dir = tmp.parent
+    for lock in stage_dir.glob(".*.lock"):
+        lock.unlink()  # a temp dir whose lock file is gone (an older version, a user)
+    collect(find_garbage(pipe, keep_current=False), pipe.env.work_dir)
+    assert not tmp.exists()
+    assert not list(stage_dir.glob(".*.lock"))

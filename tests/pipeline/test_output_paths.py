@@ -117,3 +117,17 @@ def test_demo_data_names_out_not_its_temp_dir(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     res = CliRunner().invoke(app, ["demo-data", str(tmp_path / "file" / "dd")])
     assert res.exit_code == 2 and "cannot write the demo data (Not a directory)" in res.output
+
+
+def test_a_quoted_tilde_in_an_output_path_is_the_home_dir(tmp_path, monkeypatch):
+    """`report '~/r.html'` (an env file, a quoted argument) made a dir named `~` in the cwd."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    with output_file("~/out/r.html", "report") as tmp:
+        tmp.write_text("done")
+    assert output_dir("~/plots", "calibration") == home / "plots"
+    assert (home / "out" / "r.html").read_text() == "done" and (home / "plots").is_dir()
+    assert not (cwd / "~").exists()

@@ -426,6 +426,21 @@ def test_a_yaml_merge_key_is_not_mistaken_for_a_bad_key(tmp_path):
     assert load_config(REGISTRY, cfg).params_for("negatives").m == 512
 
 
+@pytest.mark.parametrize("text, words", [
+    ("mosaic_tables:\n  <<: &b {k: 100, k: 200}\n", "key 'k' given twice"),
+    ("a: &a {k: 100}\nb: &b {k: 200}\nmosaic_tables:\n  <<: *a\n  <<: *b\n",
+     "a second merge key"),
+    ("a: &a {k: 100, k: 300}\nmosaic_tables:\n  <<: [*a]\n", "key 'k' given twice"),
+])
+def test_a_merge_key_hides_no_duplicate(tmp_path, text, words):
+    """A duplicate inside a merged mapping, or a second `<<` (the last silently won), passed
+    the duplicate-key check: the base loader only flattens merged mappings."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    msg = _error_file(cfg)
+    assert msg.startswith(f"config file {cfg}") and words in msg, msg
+
+
 def test_unknown_key_suggests_the_close_one():
     msg = _error(["mosaic_tables.kk=200"])
     assert "unknown config key 'mosaic_tables.kk'" in msg and "did you mean mosaic_tables.k?" in msg

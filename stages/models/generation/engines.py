@@ -48,13 +48,19 @@ def local_model_digest(path: Path, hashes: FileHashCache | None = None) -> str:
     and once per process otherwise: 14 GB of LLaVA weights are not re-read on every status."""
     import xxhash
 
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    stats = tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in files)
-    memo = (str(path), stats)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        stats = tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in files)
+        memo = (str(path), stats)
+        digests = ({} if memo in _DIR_DIGESTS else
+                   (hashes or FileHashCache(Path("unused"), persist=False)).digests(files))
+    except OSError as exc:  # an unreadable file, one removed while listed
+        raise InputError(f"model directory {path}: cannot read {exc.filename or path} "
+                         f"({exc.strerror or exc}); fix its permissions or pass a complete "
+                         "model directory") from None
     if memo not in _DIR_DIGESTS:
-        digests = (hashes or FileHashCache(Path("unused"), persist=False)).digests(files)
         h = xxhash.xxh3_128()
         for p, (rel, _, _) in zip(files, stats, strict=True):
             found = digests[p.absolute()]

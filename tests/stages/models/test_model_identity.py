@@ -65,3 +65,19 @@ def test_replaced_weights_rebuild_the_stage(demo, tmp_path, stage, sets):
     weights = d / "model.safetensors"
     _rewrite(weights, b"\x02" * 4096, weights.stat().st_mtime_ns + 10**9)
     assert key() != before
+
+
+def test_an_unreadable_model_file_is_an_input_error(tmp_path, monkeypatch):
+    """An OSError while hashing (no permission) was a traceback from `status`."""
+    import pipeline.filehash as filehash
+    from pipeline.errors import InputError
+
+    d = _model_dir(tmp_path)
+
+    def no_permission(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(filehash, "hash_file", no_permission)
+    monkeypatch.setattr(filehash, "_PROCESS_DIGESTS", {})
+    with pytest.raises(InputError, match=r"model directory .*cannot read .*Permission denied"):
+        model_key("hf", str(d))
