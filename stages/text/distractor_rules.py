@@ -188,12 +188,13 @@ Geometry rule ("describes another instance")
     among the target and ``same_class_boxes``. A direction holds for an instance when it is the
     extreme instance in that direction (smallest centre x for left, largest for right, smallest
     centre y for top, largest for bottom), or when its centre lies in that outer third of the
-    image (x < w/3 for left, x > 2w/3 for right, y < h/3 top, y > 2h/3 bottom). The distractor
-    is rejected when some OTHER same-class instance satisfies every direction of the
-    description: then the new caption is true of an object in the image and is no negative for
-    "the image". The target itself is not tested (its annotation says where it is); relational
-    words (above, front, near, ...) are depth/relations that boxes cannot decide and are never
-    rejected here.
+    image (x < w/3 for left, x > 2w/3 for right, y < h/3 top, y > 2h/3 bottom); a negated
+    word ("not on the left", ``positional.negated_words``) holds when its direction does not.
+    The distractor is rejected when some OTHER same-class instance satisfies every direction
+    of the description: then the new caption is true of an object in the image and is no
+    negative for "the image". The target itself is not tested (its annotation says where it
+    is); relational words (above, front, near, ...) are depth/relations that boxes cannot
+    decide and are never rejected here.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ from stages.text.phrases import (
     chunk_head_index,
     head_noun,
 )
-from stages.text.positional import positional_words
+from stages.text.positional import OPPOSITE, negated_words, positional_words
 
 __all__ = [
     "COLORS",
@@ -413,8 +414,11 @@ def _centre(box: Box) -> tuple[float, float]:
 
 
 def _describes_other_instance(dst: Sequence[str], context: SceneContext) -> bool:
-    dirs = set(positional_words(dst))
-    if not dirs or not context.same_class_boxes:
+    # a negated word is tested as "not X" (positional_words gives its opposite, "not left" as
+    # "right", which is exact on the 2x2 mosaic only: here "not left" is a larger region)
+    negated = negated_words(dst)
+    dirs = set(positional_words(dst)) - {OPPOSITE[w] for w in negated}
+    if not (dirs or negated) or not context.same_class_boxes:
         return False
     width, height = context.image_size
     centres = [_centre(context.target_box)] + [_centre(b) for b in context.same_class_boxes]
@@ -431,7 +435,8 @@ def _describes_other_instance(dst: Sequence[str], context: SceneContext) -> bool
             return cy <= min(ys) + eps or (height > 0 and cy < height / 3.0)
         return cy >= max(ys) - eps or (height > 0 and cy > 2.0 * height / 3.0)
 
-    return any(all(holds(cx, cy, d) for d in dirs) for cx, cy in centres[1:])
+    return any(all(holds(cx, cy, d) for d in dirs) and not any(holds(cx, cy, d) for d in negated)
+               for cx, cy in centres[1:])
 
 
 def _slot_matches(d: Distractor, src: list[str], dst: list[str]) -> bool:

@@ -142,10 +142,12 @@ from stages.text.lexicon import HOUR_WORDS, NEGATION_WORDS, POSITION_FORMS, PREP
 
 __all__ = [
     "CANONICAL",
+    "OPPOSITE",
     "WORD_FORMS",
     "allowed_quadrants",
     "asserted_position",
     "left_is_verb",
+    "negated_words",
     "positional_words",
     "quadrants_for_tokens",
     "tokenize",
@@ -270,7 +272,8 @@ _LEFT_VERB_CUES = frozenset({"only", "last"})
 # Before these "left" is a place ("the only one on the left", "only top left"), not the verb.
 _LEFT_NOUN_CONTEXT = _RIGHT_NOUN_CONTEXT | frozenset(WORD_FORMS) | PREPOSITIONS | _LEFT_VERB_CUES
 _AXIS = {"left": 0, "right": 0, "top": 1, "bottom": 1}
-_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+_OPPOSITE = OPPOSITE
 
 _APOSTROPHES = "'\u2019\u2018"
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
@@ -389,6 +392,21 @@ def _is_weak(pieces: Sequence[str], i: int, word: str) -> bool:
         if pieces[j] not in _GAZE_BRIDGE:
             break
     return left_is_verb(pieces, i)
+
+
+def negated_words(tokens: Sequence[str]) -> set[str]:
+    """Canonical words a negator plainly reaches ("not on the left" -> {"left"}): the ones
+    `positional_words` gives as their opposite, which is exact on the 2x2 mosaic only. A rule
+    about the scene (where the other instances stand) must test "not left" as such."""
+    pieces = _pieces(tokens)
+    out: set[str] = set()
+    for i, p in enumerate(pieces):
+        word = WORD_FORMS.get(p)
+        if word is None or (p == "right" and _right_is_adverb(pieces, i)):
+            continue
+        if _negator_at(pieces, i) >= 0:
+            out.add(word)
+    return out
 
 
 def positional_words(tokens: Sequence[str]) -> list[str]:

@@ -196,6 +196,24 @@ def test_geometry_other_instance_not_matching_is_accepted() -> None:
                                   "describes another instance")]
 
 
+def test_geometry_reads_a_negated_position_as_not_that_side() -> None:
+    """"bottom man not on the left" was tested as "bottom right man" (the 2x2 reading of "not
+    left"): a man at the bottom middle, neither rightmost nor in the right third, passed, yet
+    the text is true of him."""
+    img = (900, 900)
+    target = (150.0, 50.0, 100.0, 100.0)  # centre (200, 100): top left
+    bottom_middle = (400.0, 750.0, 100.0, 100.0)  # centre (450, 800): bottom, not left
+    top_right = (800.0, 50.0, 100.0, 100.0)  # centre (850, 100)
+    d = Distractor("swap_spatial", "bottom man not on the left", "top->bottom", (0, 1))
+    ctx = SceneContext(target_box=target, same_class_boxes=[bottom_middle, top_right],
+                       image_size=img)
+    assert validate("top man not on the left", d, ctx) == "describes another instance"
+    bottom_left = (50.0, 750.0, 100.0, 100.0)  # centre (100, 800): bottom but on the left
+    ctx = SceneContext(target_box=target, same_class_boxes=[bottom_left, top_right],
+                       image_size=img)
+    assert validate("top man not on the left", d, ctx) is None
+
+
 def test_geometry_thirds_rule() -> None:
     # three men; the target is the leftmost, one man stands in the right third but is not the
     # rightmost... the rightmost is also another man, so "right" is true of someone else.
