@@ -38,38 +38,31 @@ def locate_model(model: str, images: bool, *, cache_dir: Path | None = None,
     return resolve_model_path(model)
 
 
-_DIR_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
-
-
 def local_model_digest(path: Path, hashes: FileHashCache | None = None) -> str:
     """A digest of every file of a local model directory (weights, config, tokenizer, chat
     template; dot-files and dot-dirs left out), so replacing the weights in place is a new
-    model. Files are read once per (size, mtime) in `hashes` (the work dir's input-hash cache)
-    and once per process otherwise: 14 GB of LLaVA weights are not re-read on every status."""
+    model. Each file is read once per (size, mtime): `hashes` (the work dir's input-hash cache)
+    keeps its digest across runs, the file-hash layer within a process, so 14 GB of LLaVA
+    weights are not re-read on every status."""
     import xxhash
 
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        stats = tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                      for p in files)
-        memo = (str(path), stats)
-        digests = ({} if memo in _DIR_DIGESTS else
-                   (hashes or FileHashCache(Path("unused"), persist=False)).digests(files))
+        digests = (hashes or FileHashCache(Path("unused"), persist=False)).digests(files)
     except OSError as exc:  # an unreadable file, one removed while listed
         raise InputError(f"model directory {path}: cannot read {exc.filename or path} "
                          f"({exc.strerror or exc}); fix its permissions or pass a complete "
                          "model directory") from None
-    if memo not in _DIR_DIGESTS:
-        h = xxhash.xxh3_128()
-        for p, (rel, _, _) in zip(files, stats, strict=True):
-            found = digests[p.absolute()]
-            if found is None:
-                raise InputError(f"model directory {path}: {rel} went away while it was read; "
-                                 "rerun once the directory is complete")
-            h.update(f"{rel}\0{found.digest}\n".encode())
-        _DIR_DIGESTS[memo] = h.hexdigest()[:16]
-    return _DIR_DIGESTS[memo]
+    h = xxhash.xxh3_128()
+    for p in files:
+        rel = p.relative_to(path).as_posix()
+        found = digests[p.absolute()]
+        if found is None:
+            raise InputError(f"model directory {path}: {rel} went away while it was read; "
+                             "rerun once the directory is complete")
+        h.update(f"{rel}\0{found.digest}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def model_identity(backend: str, model: str, *, images: bool, work_dir: Path) -> str:
