@@ -140,6 +140,22 @@ NEGATION_WORDS = _words(
     "wasnt werent hasnt havent hadnt cannot cant wont wouldnt couldnt shouldnt aint"
 )
 """Words that make a sentence negative (an edit touching one is a negation edit)."""
+_APOSTROPHES = "'\u2019\u2018`"
+
+
+def negation_word(word: str) -> str | None:
+    """The ``NEGATION_WORDS`` entry that ``word`` spells, with or without apostrophes ("isn't",
+    "isn\u2019t" and "isnt" are "isnt"; a split "n't" is "not"), or None. Every negation lookup
+    (the distractor rules' and the positional reader's) goes through here, so a model's
+    "doesn't" is the rules' "doesnt"."""
+    if word in NEGATION_WORDS:
+        return word
+    bare = word.translate({ord(c): None for c in _APOSTROPHES})
+    if bare == "nt":
+        return "not"
+    return bare if bare != word and bare in NEGATION_WORDS else None
+
+
 # The negations followed by a verb in its base form ("doesnt have", "cant see").
 BASE_FORM_NEGATIONS = _words("doesnt dont didnt cannot cant wont wouldnt couldnt shouldnt")
 # The negation words whose scope is the noun phrase right after them ("no black jacket", "without

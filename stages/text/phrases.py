@@ -62,7 +62,6 @@ from stages.text.lexicon import (
     FUNCTION_WORDS,
     ING_NOUN_VERBS,
     ING_NOUNS,
-    NEGATION_WORDS,
     NP_NEGATION_WORDS,
     NUMBERS,
     OTHER_COLOR_WORDS,
@@ -72,6 +71,7 @@ from stages.text.lexicon import (
     PRO_FORMS,
     RELATIVES,
     SPATIAL_WORDS,
+    negation_word,
 )
 from stages.text.morphology import lemmas, noun_number, verb_forms
 from stages.text.positional import asserted_position
@@ -311,7 +311,6 @@ def clause_ids(tokens: Sequence[str]) -> list[int]:
     return out
 
 
-_APOSTROPHES = "'\u2019\u2018`"
 # Skipped between a verbal negator and what it negates ("is not even", "isnt being").
 _NEGATION_FILLER = frozenset(
     {"be", "being", "been", "even", "really", "currently", "actually", "also", "yet", "always",
@@ -320,18 +319,6 @@ _NEGATION_FILLER = frozenset(
 _PARTICLES = frozenset(
     {"down", "up", "out", "off", "around", "away", "alone", "together", "there", "here", "back"})
 _POSITION_FILLER = ARTICLES | frozenset(POSITION_FORMS) | {"far", "very", "extreme", "most"}
-
-
-def negation_word(word: str) -> str | None:
-    """The ``NEGATION_WORDS`` entry that ``word`` spells, with or without apostrophes ("isn't",
-    "isn\u2019t" and "isnt" are "isnt"; a split "n't" is "not"), or None. Every negation lookup
-    goes through here, so a model's "doesn't" is the rules' "doesnt"."""
-    if word in NEGATION_WORDS:
-        return word
-    bare = word.translate({ord(c): None for c in _APOSTROPHES})
-    if bare == "nt":
-        return "not"
-    return bare if bare != word and bare in NEGATION_WORDS else None
 
 
 def is_negator(tokens: Sequence[str], j: int) -> bool:

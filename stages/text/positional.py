@@ -75,7 +75,8 @@ Negation
 --------
 
 A negator (``not``, ``never``, ``neither``, ``nor`` and the contracted forms ``isnt``, ``arent``,
-``doesnt``, ... with or without the apostrophe; the ``NEGATION_WORDS`` of the lexicon without
+``doesnt``, ... with or without the apostrophe, read by ``lexicon.negation_word`` as the
+distractor rules read them; the ``NEGATION_WORDS`` of the lexicon without
 "no", "without", "none", "nothing", "nobody", which negate nouns, not places) negates a
 positional word when only place filler lies between them (``_NEGATION_BRIDGE``: "on", "in",
 "at", "to", "the", "far", "is", "located", "one", other positional forms, ...; at most
@@ -138,7 +139,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from stages.text.lexicon import HOUR_WORDS, NEGATION_WORDS, POSITION_FORMS, PREPOSITIONS
+from stages.text.lexicon import (
+    HOUR_WORDS,
+    NEGATION_WORDS,
+    POSITION_FORMS,
+    PREPOSITIONS,
+    negation_word,
+)
 
 __all__ = [
     "CANONICAL",
@@ -209,8 +216,9 @@ _RIGHT_NOUN_CONTEXT = (frozenset(WORD_FORMS) - _HORIZONTAL_FORMS) | frozenset(
 )  # fmt: skip
 
 # -- negation (see the module docstring) ------------------------------------------------------
-_NEGATORS = (NEGATION_WORDS - {"no", "without", "none", "nothing", "nobody"}) | {
-    "neither", "aint", "nt"}  # "nt": REFER's "isn't" split as "is" + "n't"
+# read through lexicon.negation_word, as the distractor rules read them: "isn't", "isnt" and
+# REFER's split "n't" (as "not") are all negators
+_NEGATORS = NEGATION_WORDS - {"no", "without", "none", "nothing", "nobody"}
 _NEGATION_REACH = 6
 _NEGATION_BRIDGE = frozenset(WORD_FORMS) | frozenset(
     {
@@ -273,7 +281,6 @@ _LEFT_VERB_CUES = frozenset({"only", "last"})
 _LEFT_NOUN_CONTEXT = _RIGHT_NOUN_CONTEXT | frozenset(WORD_FORMS) | PREPOSITIONS | _LEFT_VERB_CUES
 _AXIS = {"left": 0, "right": 0, "top": 1, "bottom": 1}
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-_OPPOSITE = OPPOSITE
 
 _APOSTROPHES = "'\u2019\u2018"
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
@@ -336,7 +343,7 @@ def _negator_at(pieces: Sequence[str], i: int) -> int:
     posture = False
     for j in range(i - 1, max(i - 1 - _NEGATION_REACH, -1), -1):
         p = pieces[j].replace("'", "").replace("\u2019", "")
-        if p in _NEGATORS:
+        if negation_word(p) in _NEGATORS:
             return _AMBIGUOUS if posture else j
         if p in _NEGATION_POSTURE:
             posture = True
@@ -448,7 +455,7 @@ def positional_words(tokens: Sequence[str]) -> list[str]:
         if neg >= 0:
             if len(negated_axes[neg]) > 1:
                 continue  # "not top left": the complement of one quadrant; no words say that
-            word = _OPPOSITE[word]
+            word = OPPOSITE[word]
         found[_AXIS[word]][weak].add(word)
     bits = 0
     for strong, weak in found:
