@@ -445,8 +445,7 @@ class _Accumulator:
         import pyarrow as pa
 
         sent_ids = np.asarray(neg.column("sent_id").to_numpy(), dtype=np.int64)
-        train = _lookup(self.ann.train_sent_ids, np.ones(len(self.ann.train_sent_ids), bool),
-                        sent_ids, False).astype(bool)
+        train = np.isin(sent_ids, self.ann.train_sent_ids)
         self.skipped += int((~train).sum())
         if not train.all():
             neg = neg.filter(pa.array(train))
